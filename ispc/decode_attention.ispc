@@ -1,0 +1,259 @@
+// Paged decode attention on the CPU: one new query token per request against that request's
+// paged KV cache, as NEO offloads it (docs/architecture.md fixes the layout).
+//
+// Design: SIMD lanes run along head_dim, so one K or V row is a handful of contiguous vector
+// loads, converted to fp32 once and reused by every query head of its GQA group. Softmax is online
+// at block granularity: per (block, KV head) the group's scores go to a small L1-resident buffer,
+// the running max/sum are rescaled once, and probabilities are folded into the fp32 accumulators
+// while the V rows are read. Each K and V byte therefore crosses the memory bus exactly once, in
+// the order it lies in memory (a block-layer is read head by head, K then V).
+//
+// The caller (neod/cython/decode.c) cuts the batch into work items of whole blocks, balanced by
+// KV bytes across threads; an item that covers a whole request writes the final output, a piece
+// of a longer request writes an fp32 partial that neod_merge_partials folds in by log-sum-exp.
+// Nothing here allocates or holds static state: every buffer is sized by the caller.
+
+#include "decode_attention.isph"
+
+// Vectors in the longest supported row (head_dim 128); sizes the register arrays below.
+#define MAX_ROW_VECTORS (128 / TARGET_WIDTH)
+
+// ---- element conversion ---------------------------------------------------------------------
+
+// bf16 -> fp32 is a 16-bit shift; fp16 -> fp32 uses the hardware conversion where the target has it.
+template <int BF16>
+static inline varying float load_row(const uniform uint16 * uniform row, uniform int col) {
+    if (BF16) {
+        varying uint32 bits = row[col + programIndex];
+        return floatbits(bits << 16);
+    } else {
+        const uniform float16 * uniform h = (const uniform float16 * uniform)row;
+        return (float)h[col + programIndex];
+    }
+}
+
+// fp32 -> bf16 with round-to-nearest-even; NaN stays a (quiet) NaN instead of rounding to inf.
+static inline varying uint16 to_bf16(varying float x) {
+    varying uint32 bits = intbits(x);
+    varying uint32 rounded = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16;
+    if (x != x) {
+        rounded = (bits >> 16) | 0x40;
+    }
+    return (uint16)rounded;
+}
+
+template <int BF16>
+static inline void store_row(uniform uint16 * uniform row, uniform int col, varying float x) {
+    if (BF16) {
+        row[col + programIndex] = to_bf16(x);
+    } else {
+        uniform float16 * uniform h = (uniform float16 * uniform)row;
+        h[col + programIndex] = (float16)x;
+    }
+}
+
+// ---- one work item: request `b`, blocks [block_begin, block_end) of its table ----------------
+
+// D (head_dim) is a compile-time constant so that a K/V row lives in D / programCount registers.
+template <int BF16, int D>
+static void attend(const uniform NeodDecodeArgs * uniform a, const uniform NeodWorkItem * uniform item,
+                   const uniform NeodScratch * uniform scr, uniform float out_partial[],
+                   uniform float lse_partial[]) {
+    uniform const int NC = D / programCount;
+    uniform const int b = item->request;
+    uniform const int hq = a->num_q_heads;
+    uniform const int hkv = a->num_kv_heads;
+    uniform const int group = hq / hkv;
+    uniform const int bs = a->block_size;
+    uniform const int seq_len = a->seq_lens[b];
+    uniform const int64 head_stride = (uniform int64)bs * D;         // one (block, K|V, head) tile
+    uniform const int64 block_stride = 2 * (uniform int64)hkv * head_stride;
+    const uniform uint16 * uniform kv = (const uniform uint16 * uniform)a->kv;
+    const uniform uint16 * uniform q = (const uniform uint16 * uniform)a->q + (uniform int64)b * hq * D;
+    const uniform int32 * uniform table = a->block_tables + (uniform int64)b * a->max_blocks;
+    uniform float * uniform qf = scr->q;       // [hq, D] scaled query
+    uniform float * uniform acc = scr->acc;    // [hq, D] unnormalised output
+    uniform float * uniform m = scr->max;      // [hq] running max of scores
+    uniform float * uniform l = scr->sum;      // [hq] running sum of exp(score - max)
+    uniform float * uniform s = scr->scores;   // [group, bs] scores, then probabilities
+
+    for (uniform int h = 0; h < hq; h++) {
+        for (uniform int c = 0; c < NC; c++) {
+            uniform int col = c * programCount;
+            qf[h * D + col + programIndex] = load_row<BF16>(q + h * D, col) * a->scale;
+            acc[h * D + col + programIndex] = 0.0f;
+        }
+        m[h] = -floatbits(0x7f800000);
+        l[h] = 0.0f;
+    }
+
+    for (uniform int j = item->block_begin; j < item->block_end; j++) {
+        uniform const int64 block = table[j];
+        uniform const int num_tokens = min(bs, seq_len - j * bs);
+        const uniform uint16 * uniform k_block = kv + block * block_stride;
+        const uniform uint16 * uniform v_block = k_block + hkv * head_stride;
+        for (uniform int kh = 0; kh < hkv; kh++) {
+            const uniform uint16 * uniform k_tile = k_block + kh * head_stride;
+            const uniform uint16 * uniform v_tile = v_block + kh * head_stride;
+            uniform float * uniform qg = qf + kh * group * D;
+            uniform float * uniform accg = acc + kh * group * D;
+
+            // Scores of the group's query heads against this tile's keys.
+            for (uniform int t = 0; t < num_tokens; t++) {
+                varying float k[MAX_ROW_VECTORS];
+                for (uniform int c = 0; c < NC; c++) {
+                    k[c] = load_row<BF16>(k_tile + t * D, c * programCount);
+                }
+                for (uniform int g = 0; g < group; g++) {
+                    varying float dot = qg[g * D + programIndex] * k[0];
+                    for (uniform int c = 1; c < NC; c++) {
+                        dot += qg[g * D + c * programCount + programIndex] * k[c];
+                    }
+                    s[g * bs + t] = reduce_add(dot);
+                }
+            }
+
+            // Online softmax, rescaled once per tile: probabilities overwrite the scores.
+            for (uniform int g = 0; g < group; g++) {
+                uniform float * uniform sg = s + g * bs;
+                varying float vmax = -floatbits(0x7f800000);
+                foreach (t = 0 ... num_tokens) {
+                    vmax = max(vmax, sg[t]);
+                }
+                uniform const int head = kh * group + g;
+                uniform const float m_old = m[head];
+                uniform const float m_new = max(m_old, reduce_max(vmax));
+                varying float vsum = 0.0f;
+                foreach (t = 0 ... num_tokens) {
+                    varying float p = exp(sg[t] - m_new);
+                    sg[t] = p;
+                    vsum += p;
+                }
+                uniform const float alpha = exp(m_old - m_new);
+                if (alpha != 1.0f) {
+                    for (uniform int c = 0; c < NC; c++) {
+                        accg[g * D + c * programCount + programIndex] *= alpha;
+                    }
+                }
+                l[head] = l[head] * alpha + reduce_add(vsum);
+                m[head] = m_new;
+            }
+
+            // Probability-weighted values.
+            for (uniform int t = 0; t < num_tokens; t++) {
+                varying float v[MAX_ROW_VECTORS];
+                for (uniform int c = 0; c < NC; c++) {
+                    v[c] = load_row<BF16>(v_tile + t * D, c * programCount);
+                }
+                for (uniform int g = 0; g < group; g++) {
+                    uniform const float p = s[g * bs + t];
+                    for (uniform int c = 0; c < NC; c++) {
+                        accg[g * D + c * programCount + programIndex] += p * v[c];
+                    }
+                }
+            }
+        }
+    }
+
+    // Normalise; a whole request goes straight to the output in the KV dtype.
+    uniform bool whole = item->partial < 0;
+    uniform uint16 * uniform out = (uniform uint16 * uniform)a->out + (uniform int64)b * hq * D;
+    for (uniform int h = 0; h < hq; h++) {
+        uniform const float inv = 1.0f / l[h];
+        uniform const float lse = m[h] + log(l[h]);
+        for (uniform int c = 0; c < NC; c++) {
+            uniform int col = c * programCount;
+            varying float o = acc[h * D + col + programIndex] * inv;
+            if (whole) {
+                store_row<BF16>(out + h * D, col, o);
+            } else {
+                out_partial[((uniform int64)item->partial * hq + h) * D + col + programIndex] = o;
+            }
+        }
+        if (whole) {
+            if (a->lse != NULL) {
+                a->lse[(uniform int64)b * hq + h] = lse;
+            }
+        } else {
+            lse_partial[(uniform int64)item->partial * hq + h] = lse;
+        }
+    }
+}
+
+export void neod_attend(const uniform NeodDecodeArgs * uniform args,
+                        const uniform NeodWorkItem * uniform item,
+                        const uniform NeodScratch * uniform scratch, uniform float out_partial[],
+                        uniform float lse_partial[]) {
+    uniform bool bf16 = args->dtype == NEOD_DTYPE_BF16;
+    if (args->head_dim == 128) {
+        if (bf16) attend<1, 128>(args, item, scratch, out_partial, lse_partial);
+        else attend<0, 128>(args, item, scratch, out_partial, lse_partial);
+    } else {
+        if (bf16) attend<1, 64>(args, item, scratch, out_partial, lse_partial);
+        else attend<0, 64>(args, item, scratch, out_partial, lse_partial);
+    }
+}
+
+// ---- flash-decoding merge: partials [first, first + count) of request `b` ---------------------
+
+template <int BF16>
+static void merge(const uniform NeodDecodeArgs * uniform a, uniform int b, uniform int first,
+                  uniform int count, const uniform float out_partial[],
+                  const uniform float lse_partial[]) {
+    uniform const int hq = a->num_q_heads;
+    uniform const int d = a->head_dim;
+    uniform uint16 * uniform out = (uniform uint16 * uniform)a->out + (uniform int64)b * hq * d;
+    for (uniform int h = 0; h < hq; h++) {
+        uniform float lse_max = -floatbits(0x7f800000);
+        for (uniform int p = first; p < first + count; p++) {
+            lse_max = max(lse_max, lse_partial[(uniform int64)p * hq + h]);
+        }
+        uniform float total = 0.0f;
+        for (uniform int p = first; p < first + count; p++) {
+            total += exp(lse_partial[(uniform int64)p * hq + h] - lse_max);
+        }
+        uniform const float inv_total = 1.0f / total;
+        for (uniform int col = 0; col < d; col += programCount) {
+            varying float o = 0.0f;
+            for (uniform int p = first; p < first + count; p++) {
+                uniform float w = exp(lse_partial[(uniform int64)p * hq + h] - lse_max) * inv_total;
+                o += w * out_partial[((uniform int64)p * hq + h) * d + col + programIndex];
+            }
+            store_row<BF16>(out + h * d, col, o);
+        }
+        if (a->lse != NULL) {
+            a->lse[(uniform int64)b * hq + h] = lse_max + log(total);
+        }
+    }
+}
+
+export void neod_merge_partials(const uniform NeodDecodeArgs * uniform args, uniform int request,
+                                uniform int first, uniform int count,
+                                const uniform float out_partial[],
+                                const uniform float lse_partial[]) {
+    if (args->dtype == NEOD_DTYPE_BF16) {
+        merge<1>(args, request, first, count, out_partial, lse_partial);
+    } else {
+        merge<0>(args, request, first, count, out_partial, lse_partial);
+    }
+}
+
+// ---- memory-read bandwidth probe ------------------------------------------------------------
+
+// Sums `count` floats with four independent accumulators so that the adds never limit the rate:
+// the result only keeps the loads alive; its value is meaningless.
+export uniform float neod_read_sum(const uniform float data[], uniform int64 count) {
+    varying float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+    uniform int64 step = 4 * programCount;
+    uniform int64 end = count - count % step;
+    for (uniform int64 i = 0; i < end; i += step) {
+        s0 += data[i + programIndex];
+        s1 += data[i + programCount + programIndex];
+        s2 += data[i + 2 * programCount + programIndex];
+        s3 += data[i + 3 * programCount + programIndex];
+    }
+    foreach (i = end ... count) {
+        s0 += data[i];
+    }
+    return reduce_add((s0 + s1) + (s2 + s3));
+}

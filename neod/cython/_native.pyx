@@ -1,0 +1,154 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Binding of the pinned thread pool and the ISPC decode-attention driver.
+
+Thin on purpose: callers (neod.kernels.cpu_attention, neod.cpu) validate tensors and pass raw
+pointers and sizes. This layer checks what the C code relies on, serializes calls from several
+Python threads with one lock (the pool runs one batch at a time), and releases the GIL while the
+workers run, so the calling thread blocks without stopping the interpreter.
+"""
+
+import threading
+
+from libc.stdint cimport int32_t, int64_t, uintptr_t
+from libc.stdlib cimport free, malloc
+
+DTYPE_FP16 = NEOD_DTYPE_FP16
+DTYPE_BF16 = NEOD_DTYPE_BF16
+HEAD_DIMS = (64, 128)
+
+
+cdef class NativePool:
+    cdef neod_pool *_pool
+    cdef object _lock
+    cdef tuple _cores
+
+    def __cinit__(self, cores):
+        cdef char err[256]
+        cdef int i
+        cdef int num_threads = len(cores)
+        cdef int *c_cores
+        self._lock = threading.Lock()
+        self._cores = tuple(int(core) for core in cores)
+        if num_threads < 1:
+            raise ValueError("a pool needs at least one core")
+        c_cores = <int *>malloc(num_threads * sizeof(int))
+        if c_cores == NULL:
+            raise MemoryError()
+        for i in range(num_threads):
+            c_cores[i] = self._cores[i]
+        err[0] = 0
+        with nogil:
+            self._pool = neod_pool_create(c_cores, num_threads, err, sizeof(err))
+        free(c_cores)
+        if self._pool == NULL:
+            raise OSError(err.decode(errors="replace"))
+
+    def __dealloc__(self):
+        if self._pool != NULL:
+            neod_pool_destroy(self._pool)
+            self._pool = NULL
+
+    @property
+    def cores(self):
+        return self._cores
+
+    @property
+    def closed(self):
+        return self._pool == NULL
+
+    def close(self):
+        cdef neod_pool *pool
+        with self._lock:
+            pool = self._pool
+            self._pool = NULL
+            with nogil:
+                neod_pool_destroy(pool)
+
+    def thread_ids(self):
+        cdef long tids[1024]
+        with self._lock:
+            self._check_open()
+            if len(self._cores) > 1024:
+                raise ValueError("more than 1024 workers")
+            neod_pool_thread_ids(self._pool, tids)
+            return [tids[i] for i in range(len(self._cores))]
+
+    cdef _check_open(self):
+        if self._pool == NULL:
+            raise RuntimeError("the CPU pool is closed")
+
+    def decode(self, uintptr_t q, uintptr_t kv, uintptr_t block_tables, uintptr_t seq_lens,
+               uintptr_t k_new, uintptr_t v_new, uintptr_t out, uintptr_t lse,
+               int64_t num_blocks, int batch, int num_q_heads, int num_kv_heads, int head_dim,
+               int block_size, int max_blocks, int dtype, float scale):
+        cdef NeodDecodeArgs args
+        cdef char err[512]
+        cdef int rc = 0
+        if q == 0 or kv == 0 or block_tables == 0 or seq_lens == 0 or out == 0:
+            raise ValueError("q, kv, block_tables, seq_lens and out must be non-null")
+        if (k_new == 0) != (v_new == 0):
+            raise ValueError("k_new and v_new must be given together")
+        if head_dim not in HEAD_DIMS:
+            raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
+        if dtype != NEOD_DTYPE_FP16 and dtype != NEOD_DTYPE_BF16:
+            raise ValueError(f"unknown dtype code {dtype}")
+        if (batch < 0 or num_blocks < 1 or block_size < 1 or max_blocks < 1 or num_kv_heads < 1
+                or num_q_heads < num_kv_heads or num_q_heads % num_kv_heads != 0):
+            raise ValueError("inconsistent sizes: batch >= 0, num_blocks, block_size, max_blocks "
+                             ">= 1, and num_q_heads a multiple of num_kv_heads are required")
+        args.q = <const void *>q
+        args.kv = <void *>kv
+        args.block_tables = <const int32_t *>block_tables
+        args.seq_lens = <const int32_t *>seq_lens
+        args.k_new = <const void *>k_new
+        args.v_new = <const void *>v_new
+        args.out = <void *>out
+        args.lse = <float *>lse
+        args.num_blocks = num_blocks
+        args.batch = batch
+        args.num_q_heads = num_q_heads
+        args.num_kv_heads = num_kv_heads
+        args.head_dim = head_dim
+        args.block_size = block_size
+        args.max_blocks = max_blocks
+        args.dtype = <NeodDtype>dtype
+        args.scale = scale
+        err[0] = 0
+        with self._lock:
+            self._check_open()
+            with nogil:
+                rc = neod_decode(self._pool, &args, err, sizeof(err))
+        if rc == -1:
+            raise ValueError(err.decode(errors="replace"))
+        if rc != 0:
+            raise MemoryError("out of memory for the CPU attention workspace")
+
+    def probe_read_bandwidth(self, size_t nbytes, thread_counts, int repeats):
+        cdef int n = len(thread_counts)
+        cdef int i
+        cdef int rc = 0
+        cdef int *counts
+        cdef double *rates
+        if repeats < 1 or n < 1 or nbytes < 4096:
+            raise ValueError("need repeats >= 1, at least one thread count and >= 4096 bytes")
+        counts = <int *>malloc(n * sizeof(int))
+        rates = <double *>malloc(n * sizeof(double))
+        if counts == NULL or rates == NULL:
+            free(counts)
+            free(rates)
+            raise MemoryError()
+        try:
+            for i in range(n):
+                counts[i] = thread_counts[i]
+            with self._lock:
+                self._check_open()
+                with nogil:
+                    rc = neod_probe_read_bandwidth(self._pool, nbytes, counts, n, repeats, rates)
+            if rc == -1:
+                raise ValueError(f"thread counts must be in [1, {len(self._cores)}]")
+            if rc != 0:
+                raise MemoryError(f"cannot allocate a {nbytes}-byte probe buffer")
+            return [rates[i] for i in range(n)]
+        finally:
+            free(counts)
+            free(rates)

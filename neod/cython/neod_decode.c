@@ -1,0 +1,264 @@
+/* Decode attention and read-bandwidth probe on the pinned pool: see neod_decode.h.
+ *
+ * Work split: the batch's KV blocks (every block holds all KV heads of a layer, so blocks are KV
+ * bytes) are dealt out in equal contiguous shares, walking the requests in order; a request that
+ * straddles a share boundary becomes several pieces. Pieces of one request are merged by
+ * log-sum-exp by whichever worker finishes the last one (an atomic countdown), so the workers never
+ * wait for each other. At most 2 * (workers - 1) pieces are partial, which bounds every buffer. */
+#define _GNU_SOURCE
+#include "neod_decode.h"
+
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* A share smaller than this many blocks costs more in hand-off and merging than it saves. */
+#define MIN_BLOCKS_PER_WORKER 4
+
+typedef struct {
+    int request;
+    int first_partial;
+    int num_partials;
+    atomic_int remaining;
+} split_request;
+
+typedef struct {
+    neod_pool *pool;
+    const struct NeodDecodeArgs *args;
+    const struct NeodWorkItem *items;
+    const int *item_split;   /* [num_items] index into splits, or -1 for a whole request */
+    const int *thread_first; /* worker t owns items [thread_first[t], thread_first[t + 1]) */
+    split_request *splits;
+    float *partial_out;      /* [num_partials, num_q_heads, head_dim] */
+    float *partial_lse;      /* [num_partials, num_q_heads] */
+    size_t scratch_floats;
+    atomic_int out_of_memory;
+} decode_job;
+
+static size_t pad16(size_t n) { return (n + 15) & ~(size_t)15; }
+
+/* Bump allocation inside the workspace; every region starts 64-byte aligned. */
+static void *take(char **cursor, size_t bytes) {
+    void *p = *cursor;
+    *cursor += (bytes + 63) & ~(size_t)63;
+    return p;
+}
+
+/* Writes request b's new K and V (every KV head) at position seq_len - 1. */
+static void append_new_kv(const struct NeodDecodeArgs *a, int b) {
+    int pos = a->seq_lens[b] - 1;
+    int64_t block = a->block_tables[(int64_t)b * a->max_blocks + pos / a->block_size];
+    int64_t slot = pos % a->block_size;
+    int64_t d = a->head_dim, hkv = a->num_kv_heads;
+    int64_t tile = (int64_t)a->block_size * d;
+    uint16_t *kv = a->kv;
+    const uint16_t *k_new = (const uint16_t *)a->k_new + (int64_t)b * hkv * d;
+    const uint16_t *v_new = (const uint16_t *)a->v_new + (int64_t)b * hkv * d;
+    for (int64_t h = 0; h < hkv; h++) {
+        memcpy(kv + ((block * 2 + 0) * hkv + h) * tile + slot * d, k_new + h * d, d * 2);
+        memcpy(kv + ((block * 2 + 1) * hkv + h) * tile + slot * d, v_new + h * d, d * 2);
+    }
+}
+
+static void decode_task(void *ctx, int t) {
+    decode_job *job = ctx;
+    const struct NeodDecodeArgs *a = job->args;
+    int first = job->thread_first[t], last = job->thread_first[t + 1];
+    if (first == last) return;
+    float *mem = neod_pool_scratch(job->pool, t, job->scratch_floats * sizeof(float));
+    if (mem == NULL) {
+        atomic_store(&job->out_of_memory, 1);
+        return;
+    }
+    size_t qd = pad16((size_t)a->num_q_heads * a->head_dim), h = pad16(a->num_q_heads);
+    struct NeodScratch scratch = {mem, mem + qd, mem + 2 * qd, mem + 2 * qd + h, mem + 2 * qd + 2 * h};
+    int append = a->k_new != NULL && a->v_new != NULL;
+    for (int i = first; i < last; i++) {
+        const struct NeodWorkItem *item = &job->items[i];
+        int last_block = (a->seq_lens[item->request] - 1) / a->block_size;
+        if (append && item->block_begin <= last_block && last_block < item->block_end)
+            append_new_kv(a, item->request);
+        neod_attend(a, item, &scratch, job->partial_out, job->partial_lse);
+        int s = job->item_split[i];
+        if (s >= 0 &&
+            atomic_fetch_sub_explicit(&job->splits[s].remaining, 1, memory_order_acq_rel) == 1) {
+            split_request *sp = &job->splits[s];
+            neod_merge_partials(a, sp->request, sp->first_partial, sp->num_partials,
+                                job->partial_out, job->partial_lse);
+        }
+    }
+}
+
+/* Checks every seq_len and every block id the batch will touch; returns its total block count. */
+static int64_t validate(const struct NeodDecodeArgs *a, char *err, size_t err_len) {
+    int64_t total = 0;
+    int64_t capacity = (int64_t)a->max_blocks * a->block_size;
+    for (int b = 0; b < a->batch; b++) {
+        int64_t len = a->seq_lens[b];
+        if (len < 1 || len > capacity) {
+            snprintf(err, err_len, "seq_lens[%d] = %lld is outside [1, %lld] (max_blocks * block_size)",
+                     b, (long long)len, (long long)capacity);
+            return -1;
+        }
+        int64_t num = (len + a->block_size - 1) / a->block_size;
+        const int32_t *row = a->block_tables + (int64_t)b * a->max_blocks;
+        for (int64_t j = 0; j < num; j++) {
+            if (row[j] < 0 || row[j] >= a->num_blocks) {
+                snprintf(err, err_len, "block_tables[%d, %lld] = %d is not a block id in [0, %lld)",
+                         b, (long long)j, row[j], (long long)a->num_blocks);
+                return -1;
+            }
+        }
+        total += num;
+    }
+    return total;
+}
+
+int neod_decode(neod_pool *pool, const struct NeodDecodeArgs *a, char *err, size_t err_len) {
+    if (a->batch == 0) return 0;
+    int64_t total = validate(a, err, err_len);
+    if (total < 0) return -1;
+
+    int64_t workers = total / MIN_BLOCKS_PER_WORKER;
+    int pool_size = neod_pool_size(pool);
+    if (workers < 1) workers = 1;
+    if (workers > pool_size) workers = pool_size;
+    size_t max_items = (size_t)a->batch + (size_t)workers;
+    size_t max_partials = 2 * (size_t)workers;
+    size_t hq = a->num_q_heads, d = a->head_dim;
+
+    size_t bytes = 0;
+    size_t sizes[] = {max_partials * hq * d * sizeof(float), max_partials * hq * sizeof(float),
+                      max_items * sizeof(struct NeodWorkItem), max_items * sizeof(int),
+                      ((size_t)pool_size + 1) * sizeof(int), (size_t)workers * sizeof(split_request)};
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) bytes += (sizes[i] + 63) & ~(size_t)63;
+    char *cursor = neod_pool_workspace(pool, bytes);
+    if (cursor == NULL) return -2;
+    float *partial_out = take(&cursor, sizes[0]);
+    float *partial_lse = take(&cursor, sizes[1]);
+    struct NeodWorkItem *items = take(&cursor, sizes[2]);
+    int *item_split = take(&cursor, sizes[3]);
+    int *thread_first = take(&cursor, sizes[4]);
+    split_request *splits = take(&cursor, sizes[5]);
+
+    /* Deal the blocks out: worker t takes total / workers blocks (plus one for the first
+     * total % workers workers), continuing where worker t - 1 stopped. */
+    int num_items = 0, b = 0;
+    int64_t pos = 0;
+    for (int t = 0; t < pool_size; t++) {
+        thread_first[t] = num_items;
+        int64_t quota = t < workers ? total / workers + (t < total % workers) : 0;
+        while (quota > 0) {
+            int64_t num = (a->seq_lens[b] + a->block_size - 1) / a->block_size;
+            int64_t n = num - pos < quota ? num - pos : quota;
+            items[num_items] = (struct NeodWorkItem){b, (int32_t)pos, (int32_t)(pos + n), -1};
+            item_split[num_items] = -1;
+            num_items++;
+            pos += n;
+            quota -= n;
+            if (pos == num) {
+                b++;
+                pos = 0;
+            }
+        }
+    }
+    thread_first[pool_size] = num_items;
+
+    /* Consecutive items of one request are its pieces: give them consecutive partial slots. */
+    int num_splits = 0, num_partials = 0;
+    for (int i = 0; i < num_items;) {
+        int j = i + 1;
+        while (j < num_items && items[j].request == items[i].request) j++;
+        if (j - i > 1) {
+            split_request *sp = &splits[num_splits];
+            sp->request = items[i].request;
+            sp->first_partial = num_partials;
+            sp->num_partials = j - i;
+            atomic_init(&sp->remaining, j - i);
+            for (int k = i; k < j; k++) {
+                items[k].partial = num_partials++;
+                item_split[k] = num_splits;
+            }
+            num_splits++;
+        }
+        i = j;
+    }
+
+    decode_job job = {
+        .pool = pool,
+        .args = a,
+        .items = items,
+        .item_split = item_split,
+        .thread_first = thread_first,
+        .splits = splits,
+        .partial_out = partial_out,
+        .partial_lse = partial_lse,
+        .scratch_floats = 2 * pad16(hq * d) + 2 * pad16(hq) +
+                          pad16(hq / (size_t)a->num_kv_heads * (size_t)a->block_size),
+    };
+    atomic_init(&job.out_of_memory, 0);
+    neod_pool_run(pool, decode_task, &job);
+    return atomic_load(&job.out_of_memory) ? -2 : 0;
+}
+
+/* ---- read-bandwidth probe ------------------------------------------------------------------ */
+
+typedef struct {
+    float *data;
+    size_t count;
+    int num_workers; /* workers [0, num_workers) each take one even slice of the buffer */
+    int touch;       /* write the slice (first touch) instead of reading it */
+    float *sinks;    /* one per worker, 64 bytes apart: keeps the sums alive, no false sharing */
+} probe_job;
+
+static void probe_task(void *ctx, int t) {
+    probe_job *job = ctx;
+    if (t >= job->num_workers) return;
+    size_t per = job->count / (size_t)job->num_workers;
+    size_t begin = per * (size_t)t;
+    size_t count = t == job->num_workers - 1 ? job->count - begin : per;
+    if (job->touch)
+        memset(job->data + begin, 0x3f, count * sizeof(float));
+    else
+        job->sinks[16 * t] = neod_read_sum(job->data + begin, (int64_t)count);
+}
+
+static double seconds_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+int neod_probe_read_bandwidth(neod_pool *pool, size_t bytes, const int *thread_counts,
+                              int num_counts, int repeats, double *rates) {
+    int pool_size = neod_pool_size(pool);
+    for (int i = 0; i < num_counts; i++)
+        if (thread_counts[i] < 1 || thread_counts[i] > pool_size) return -1;
+    size_t count = bytes / sizeof(float);
+    float *data = aligned_alloc(64, (count * sizeof(float) + 63) & ~(size_t)63);
+    float *sinks = aligned_alloc(64, (size_t)pool_size * 16 * sizeof(float));
+    if (data == NULL || sinks == NULL) {
+        free(data);
+        free(sinks);
+        return -2;
+    }
+    probe_job job = {data, count, pool_size, 1, sinks};
+    neod_pool_run(pool, probe_task, &job);
+    job.touch = 0;
+    for (int i = 0; i < num_counts; i++) {
+        job.num_workers = thread_counts[i];
+        double best = 0.0;
+        for (int r = 0; r < repeats; r++) {
+            double start = seconds_now();
+            neod_pool_run(pool, probe_task, &job);
+            double rate = (double)(count * sizeof(float)) / (seconds_now() - start);
+            if (rate > best) best = rate;
+        }
+        rates[i] = best;
+    }
+    free(sinks);
+    free(data);
+    return 0;
+}

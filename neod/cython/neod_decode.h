@@ -1,0 +1,29 @@
+/* Paged decode attention and the memory-read probe, run on a neod_pool.
+ *
+ * neod_decode plans the batch in the calling thread (validation, and a split of the KV blocks into
+ * equal shares per worker, cutting long requests into pieces), then runs it on the pool: each
+ * worker appends the new K/V of the requests whose last block it owns, attends its pieces, and the
+ * worker that finishes the last piece of a split request merges its partials. No barrier, no
+ * serial phase. */
+#ifndef NEOD_DECODE_H
+#define NEOD_DECODE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "decode_attention_ispc.h"
+#include "neod_pool.h"
+
+/* Returns 0 on success; -1 with a message in err if the arguments are invalid (nothing written),
+ * -2 if out of memory. */
+int neod_decode(neod_pool *pool, const struct NeodDecodeArgs *args, char *err, size_t err_len);
+
+/* Memory-read bandwidth with 1..pool-size readers: for each thread_counts[i], the first
+ * thread_counts[i] workers read a `bytes`-long buffer split evenly among them, `repeats` times;
+ * rates[i] gets the best rate in bytes per second. The buffer is first touched by all workers (so
+ * its pages spread like the KV pool's) and freed before return. Returns 0, -1 on a thread count
+ * outside [1, pool size], -2 if out of memory. */
+int neod_probe_read_bandwidth(neod_pool *pool, size_t bytes, const int *thread_counts,
+                              int num_counts, int repeats, double *rates);
+
+#endif

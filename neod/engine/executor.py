@@ -1,0 +1,205 @@
+"""One iteration's forward pass over the model's layer stages, sequential or pipelined.
+
+Each sub-batch is a `_Flight` moving through the layers. Per layer it runs `pre` (norm, QKV, rope) and the
+GPU attention of its GPU rows on the compute stream; the Q/K/V of its CPU rows leave on the device-to-host
+stream as soon as `pre` is done; the host runs their attention on the pinned CPU pool; the output returns on
+the host-to-device stream; `post` (O projection, MLP) waits for it on the GPU, never on the host.
+
+With two sub-batches the host issues the GPU work of one sub-batch before it blocks in the CPU attention of
+the other, so the devices overlap (design.md, Pipelining):
+
+    GPU:  post(i) b0 + pre(i+1) b0 + attn(i+1) b0 | post(i) b1 + pre(i+1) b1 | ...
+    CPU:  attention(i) of b1                      | attention(i+1) of b0's CPU rows
+
+With one sub-batch the same loop is the sequential mode: its CPU rows overlap its own GPU attention.
+On a CPU-only host the streams are absent and every copy is synchronous; the order of work is the same.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from neod.engine.batch import SubBatch
+from neod.kernels import ops
+from neod.model.attention import gpu_attention
+
+
+@dataclass
+class _HostBuffers:
+    """Staging for one sub-batch; pinned on a GPU host so the copies are asynchronous."""
+
+    q: torch.Tensor  # [max_rows, Hq, D]
+    k: torch.Tensor  # [max_rows, Hkv, D]
+    v: torch.Tensor  # [max_rows, Hkv, D]
+    o: torch.Tensor  # [max_rows, Hq, D]
+    prefill_k: torch.Tensor  # [max_tokens, Hkv, D]
+    prefill_v: torch.Tensor  # [max_tokens, Hkv, D]
+
+    @classmethod
+    def allocate(cls, max_rows: int, max_tokens: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, pin: bool) -> _HostBuffers:
+        def buf(rows: int, heads: int) -> torch.Tensor:
+            return torch.empty((rows, heads, head_dim), dtype=dtype, pin_memory=pin)
+        return cls(buf(max_rows, num_heads), buf(max_rows, num_kv_heads), buf(max_rows, num_kv_heads),
+                   buf(max_rows, num_heads), buf(max_tokens, num_kv_heads), buf(max_tokens, num_kv_heads))
+
+
+@dataclass
+class _Flight:
+    batch: SubBatch
+    buffers: _HostBuffers
+    hidden: torch.Tensor  # [T, H]
+    residual: torch.Tensor | None = None
+    attn_out: torch.Tensor | None = None  # [T, Hq * D]
+    qkv_on_host: torch.cuda.Event | None = None
+    out_on_device: torch.cuda.Event | None = None
+
+    @property
+    def has_cpu_work(self) -> bool:
+        b = self.batch
+        return b.num_cpu_decodes > 0 or b.cpu_prefill_rows[1] > b.cpu_prefill_rows[0]
+
+
+class Executor:
+    def __init__(self, model, gpu_pool: torch.Tensor, cpu_pool: torch.Tensor | None, cpu_attention,
+                 max_rows: int, max_tokens: int) -> None:
+        cfg = model.config
+        self.model = model
+        self.gpu_pool = gpu_pool  # [L, N_gpu, 2, Hkv, bs, D]
+        self.cpu_pool = cpu_pool  # [L, N_cpu, 2, Hkv, bs, D] (pinned on a GPU host) or None
+        self.cpu_attention = cpu_attention
+        self.num_layers = cfg.num_hidden_layers
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = cfg.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.device = gpu_pool.device
+        on_gpu = self.device.type == "cuda"
+        self.d2h = torch.cuda.Stream(self.device) if on_gpu else None
+        self.h2d = torch.cuda.Stream(self.device) if on_gpu else None
+        self._pending_swaps: list[torch.cuda.Event] = []
+        self.cpu_busy_s = 0.0  # host time spent inside CPU attention, for the utilisation statistic
+        self._buffers = [
+            _HostBuffers.allocate(max_rows, max_tokens, cfg.num_attention_heads, cfg.num_key_value_heads,
+                                  cfg.head_dim, gpu_pool.dtype, pin=on_gpu)
+            for _ in range(2)
+        ] if cpu_pool is not None else []
+
+    # ---- swaps -------------------------------------------------------------------------------------
+    def swap(self, src_pool: torch.Tensor, dst_pool: torch.Tensor, pairs: list[tuple[int, int]],
+             to_host: bool) -> None:
+        """Copy whole blocks (all layers) between pools before this iteration's compute."""
+        if not pairs:
+            return
+        block_pairs = torch.tensor(pairs, dtype=torch.int64)
+        stream = self.d2h if to_host else self.h2d
+        if stream is None:
+            ops.swap_blocks(src_pool, dst_pool, block_pairs)
+            return
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            ops.swap_blocks(src_pool, dst_pool, block_pairs, stream=stream)
+            event = torch.cuda.Event()
+            event.record(stream)
+        self._pending_swaps.append(event)
+
+    # ---- stages ------------------------------------------------------------------------------------
+    def _pre(self, f: _Flight, layer: int) -> None:
+        b = f.batch
+        q, k, v, f.residual = self.model.layer_pre(layer, f.hidden, f.residual, b.positions)
+        if f.has_cpu_work:
+            self._qkv_to_host(f, q, k, v)
+        f.attn_out = torch.empty((b.num_tokens, self.num_heads * self.head_dim), dtype=q.dtype,
+                                 device=self.device)
+        g = b.num_gpu_rows
+        if g:
+            f.attn_out[:g] = gpu_attention(q[:g], k[:g], v[:g], self.gpu_pool[layer], b.gpu_meta, self.scale)
+
+    def _qkv_to_host(self, f: _Flight, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        b, buf = f.batch, f.buffers
+        c, n = b.cpu_decode_start, b.num_cpu_decodes
+        p0, p1 = b.cpu_prefill_rows
+        copies = [(buf.q[:n], q[c:]), (buf.k[:n], k[c:]), (buf.v[:n], v[c:]),
+                  (buf.prefill_k[: p1 - p0], k[p0:p1]), (buf.prefill_v[: p1 - p0], v[p0:p1])]
+        if self.d2h is None:
+            for dst, src in copies:
+                dst.copy_(src)
+            return
+        self.d2h.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.d2h):
+            for dst, src in copies:
+                if src.numel():
+                    src.record_stream(self.d2h)
+                    dst.copy_(src, non_blocking=True)
+            f.qkv_on_host = torch.cuda.Event()
+            f.qkv_on_host.record(self.d2h)
+
+    def _cpu(self, f: _Flight, layer: int) -> None:
+        """Host work of one layer for one sub-batch: store CPU-bound prefill KV, run CPU decode attention."""
+        if not f.has_cpu_work:
+            return
+        for event in self._pending_swaps:
+            event.synchronize()
+        self._pending_swaps.clear()
+        if f.qkv_on_host is not None:
+            f.qkv_on_host.synchronize()
+        b, buf = f.batch, f.buffers
+        kv_layer = self.cpu_pool[layer]
+        p0, p1 = b.cpu_prefill_rows
+        if p1 > p0:
+            ops.store_kv_(buf.prefill_k[: p1 - p0], buf.prefill_v[: p1 - p0], kv_layer, b.cpu_prefill_slots)
+        n = b.num_cpu_decodes
+        if not n:
+            return
+        if f.out_on_device is not None:
+            f.out_on_device.synchronize()  # the previous layer's output has left buf.o
+        start = time.perf_counter()
+        self.cpu_attention.decode(buf.q[:n], kv_layer, b.cpu_block_tables, b.cpu_seq_lens, buf.o[:n],
+                                  k_new=buf.k[:n], v_new=buf.v[:n], scale=self.scale)
+        self.cpu_busy_s += time.perf_counter() - start
+        rows = f.attn_out[b.cpu_decode_start:]
+        if self.h2d is None:
+            rows.copy_(buf.o[:n].view(n, -1))
+            return
+        with torch.cuda.stream(self.h2d):
+            f.attn_out.record_stream(self.h2d)
+            rows.copy_(buf.o[:n].view(n, -1), non_blocking=True)
+            f.out_on_device = torch.cuda.Event()
+            f.out_on_device.record(self.h2d)
+
+    def _post(self, f: _Flight, layer: int) -> None:
+        if f.out_on_device is not None and f.batch.num_cpu_decodes:
+            torch.cuda.current_stream(self.device).wait_event(f.out_on_device)
+        f.hidden, f.residual = self.model.layer_post(layer, f.attn_out, f.residual)
+
+    # ---- the iteration -----------------------------------------------------------------------------
+    def run(self, batches: list[SubBatch]) -> list[torch.Tensor]:
+        """Forward one or two sub-batches; returns fp32 logits [num seqs, vocab] per sub-batch."""
+        flights = [_Flight(b, self._buffers[i] if self._buffers else None, self.model.embed(b.input_ids))
+                   for i, b in enumerate(batches)]
+        compute = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        if compute is not None:
+            for event in self._pending_swaps:
+                compute.wait_event(event)
+        f0 = flights[0]
+        f1 = flights[1] if len(flights) > 1 else None
+        last = self.num_layers - 1
+        self._pre(f0, 0)
+        if f1 is not None:
+            self._pre(f1, 0)
+        self._cpu(f0, 0)
+        for i in range(self.num_layers):
+            self._post(f0, i)
+            if i < last:
+                self._pre(f0, i + 1)
+            if f1 is not None:
+                self._cpu(f1, i)
+                self._post(f1, i)
+                if i < last:
+                    self._pre(f1, i + 1)
+            if i < last:
+                self._cpu(f0, i + 1)
+        self._pending_swaps.clear()
+        return [self.model.final(f.hidden, f.residual, f.batch.sample_indices) for f in flights]

@@ -1,0 +1,192 @@
+"""Measures this host's stage costs with the real model, pools and kernels, for the scheduler's predictor.
+
+Every point times the code the engine really runs (the model's layer stages, the attention entry points,
+the pinned CPU pool, the staging copies), per layer, after a warm-up, as the median of a few repetitions.
+CPU attention is timed while a host-to-device copy of the same order as the pipelined mode's traffic runs,
+so memory-bandwidth contention is in the table rather than assumed away. The grid is small and geometric:
+profiling a new host takes a minute or two, and the result is cached under a key of everything it depends on.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from neod.cache.pool import KVLayout
+from neod.kernels import ops
+from neod.sched import Profile, TableCostModel, profile_key
+from neod.sched.profile import load_profile, save_profile
+
+logger = logging.getLogger(__name__)
+
+KERNEL_VERSION = "1"  # bump when a kernel changes enough to invalidate stored profiles
+REPEATS = 5
+
+
+def _ladder(top: int, start: int = 1) -> list[int]:
+    """1, 2, 4, 8, ... up to top, with top itself last."""
+    values, v = [], start
+    while v < top:
+        values.append(v)
+        v *= 2
+    return values + [top]
+
+
+class _Timer:
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        fn()  # warm-up (kernel selection, allocator)
+        samples = []
+        for _ in range(REPEATS):
+            if self.cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if self.cuda:
+                torch.cuda.synchronize()
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples)
+
+
+class Profiler:
+    def __init__(self, model: Any, layout: KVLayout, executor: Any, max_tokens: int, max_rows: int,
+                 max_model_len: int) -> None:
+        self.model = model
+        self.cfg = model.config
+        self.layout = layout
+        self.executor = executor
+        self.device = model.device
+        self.max_tokens = max_tokens
+        self.max_rows = max_rows
+        self.max_model_len = max_model_len
+        self.time = _Timer(self.device)
+
+    def _hidden(self, num_tokens: int) -> torch.Tensor:
+        return torch.randn(num_tokens, self.cfg.hidden_size, device=self.device, dtype=self.model.dtype) * 0.1
+
+    def linear(self) -> dict[int, float]:
+        """pre + post projections of one layer for a sub-batch of T tokens."""
+        table = {}
+        for t in _ladder(self.max_tokens):
+            hidden, positions = self._hidden(t), torch.arange(t, device=self.device) % self.max_model_len
+            attn = torch.randn(t, self.cfg.q_size, device=self.device, dtype=self.model.dtype) * 0.1
+
+            def run() -> None:
+                _, _, _, residual = self.model.layer_pre(0, hidden, None, positions)
+                self.model.layer_post(0, attn, residual)
+            table[t] = self.time(run)
+        return table
+
+    def prefill_attention(self) -> dict[int, float]:
+        """Causal attention of one prompt of S tokens, one layer."""
+        cfg, table = self.cfg, {}
+        for s in _ladder(min(self.max_tokens, self.max_model_len), start=16):
+            q = torch.randn(s, cfg.num_attention_heads, cfg.head_dim, device=self.device, dtype=self.model.dtype)
+            k = torch.randn(s, cfg.num_key_value_heads, cfg.head_dim, device=self.device, dtype=self.model.dtype)
+            cu = torch.tensor([0, s], dtype=torch.int32, device=self.device)
+            table[s] = self.time(lambda: ops.prefill_attention(q, k, k, cu, s, cfg.head_dim ** -0.5))
+        return table
+
+    def _decode_inputs(self, pool: torch.Tensor, num_seqs: int, ctx: int) -> tuple[torch.Tensor, ...]:
+        """num_seqs requests sharing ctx context tokens, laid over the pool's first blocks."""
+        bs, num_blocks = self.layout.block_size, pool.shape[1]
+        per_seq = max(1, ctx // num_seqs)
+        blocks_per_seq = -(-per_seq // bs)
+        ids = torch.arange(num_seqs * blocks_per_seq, dtype=torch.int32) % num_blocks
+        tables = ids.view(num_seqs, blocks_per_seq)
+        lens = torch.full((num_seqs,), per_seq, dtype=torch.int32)
+        q = torch.randn(num_seqs, self.cfg.num_attention_heads, self.cfg.head_dim, dtype=pool.dtype)
+        return q, tables, lens
+
+    def _decode_grid(self, capacity_tokens: int) -> list[tuple[int, int]]:
+        points = []
+        for b in _ladder(self.max_rows):
+            for ctx in _ladder(min(capacity_tokens, b * self.max_model_len), start=max(b, 16)):
+                points.append((b, ctx))
+        return points
+
+    def gpu_decode(self) -> dict[tuple[int, int], float]:
+        pool = self.executor.gpu_pool
+        table = {}
+        for b, ctx in self._decode_grid(pool.shape[1] * self.layout.block_size):
+            q, tables, lens = self._decode_inputs(pool, b, ctx)
+            q, tables, lens = q.to(self.device), tables.to(self.device), lens.to(self.device)
+            table[(b, ctx)] = self.time(
+                lambda: ops.paged_decode_attention(q, pool[0], tables, lens, self.cfg.head_dim ** -0.5))
+        return table
+
+    def cpu_decode(self) -> dict[tuple[int, int], float]:
+        """CPU attention while a host-to-device copy competes for memory bandwidth (on a GPU host)."""
+        pool, attention = self.executor.cpu_pool, self.executor.cpu_attention
+        table = {}
+        contention = None
+        if self.device.type == "cuda":
+            src = torch.empty(64 << 20, dtype=torch.uint8, pin_memory=True)
+            dst = torch.empty_like(src, device=self.device)
+            stream = torch.cuda.Stream(self.device)
+
+            def contention() -> None:
+                with torch.cuda.stream(stream):
+                    dst.copy_(src, non_blocking=True)
+        for b, ctx in self._decode_grid(pool.shape[1] * self.layout.block_size):
+            q, tables, lens = self._decode_inputs(pool, b, ctx)
+            out = torch.empty_like(q)
+
+            def run() -> None:
+                if contention is not None:
+                    contention()
+                attention.decode(q, pool[0], tables, lens, out)
+            table[(b, ctx)] = self.time(run)
+        return table
+
+    def transfer(self) -> dict[int, float]:
+        """Q/K/V of B CPU-decoded rows to the host and their output back, one layer."""
+        cfg, table = self.cfg, {}
+        if self.device.type != "cuda":
+            return {b: 0.0 for b in _ladder(self.max_rows)}
+        width_out, width_in = cfg.q_size + 2 * cfg.kv_size, cfg.q_size
+        for b in _ladder(self.max_rows):
+            dev_in = torch.empty(b, width_out, device=self.device, dtype=self.model.dtype)
+            host_in = torch.empty(b, width_out, dtype=self.model.dtype, pin_memory=True)
+            host_out = torch.empty(b, width_in, dtype=self.model.dtype, pin_memory=True)
+            dev_out = torch.empty(b, width_in, device=self.device, dtype=self.model.dtype)
+
+            def run() -> None:
+                host_in.copy_(dev_in, non_blocking=True)
+                dev_out.copy_(host_out, non_blocking=True)
+            table[b] = self.time(run)
+        return table
+
+    def overhead(self) -> dict[int, float]:
+        """Per-iteration work outside the layers: embedding, final norm, LM head, for B sequences."""
+        table = {}
+        for b in _ladder(self.max_rows):
+            ids = torch.zeros(b, dtype=torch.int64, device=self.device)
+            rows = torch.arange(b, device=self.device)
+
+            def run() -> None:
+                hidden = self.model.embed(ids)
+                self.model.final(hidden, torch.zeros_like(hidden), rows)
+            table[b] = self.time(run)
+        return table
+
+    def run(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        tables = {"linear": self.linear(), "prefill_attention": self.prefill_attention(),
+                  "gpu_decode": self.gpu_decode(), "overhead": self.overhead(), "transfer": self.transfer()}
+        if self.executor.cpu_pool is not None:
+            tables["cpu_decode"] = self.cpu_decode()
+        logger.info("profiled this host in %.1f s", time.perf_counter() - start)
+        return tables
+
+
+def load_or_profile(cfg: Any, model: Any, name: str, layout: KVLayout, executor: Any, threads: int) -> TableCostModel:
+    """The stored profile for exactly this setup, or a fresh one measured now and stored."""
+    raise NotImplementedError

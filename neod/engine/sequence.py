@@ -1,0 +1,61 @@
+"""Per-request engine state.
+
+A sequence is counters plus the ids of the KV blocks it holds on its one residence device. Prefill, decode,
+swap and recompute all fall out of `num_computed_tokens` versus `len(token_ids)`: after a preemption the
+counter drops to zero and the whole history is prefilled again.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from neod.engine.request import FinishReason, SamplingParams
+from neod.sched import Residence, SeqView
+
+
+class Sequence:
+    def __init__(self, seq_id: int, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 max_model_len: int, generator: torch.Generator | None) -> None:
+        self.seq_id = seq_id  # doubles as the FCFS arrival order
+        self.request_id = request_id
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.max_total_tokens = min(self.num_prompt_tokens + params.max_tokens, max_model_len)
+        self.generator = generator
+        self.residence = Residence.WAITING
+        self.block_ids: list[int] = []
+        self.num_computed_tokens = 0
+        self.last_progress_step = 0
+        self.num_emitted_tokens = 0  # output tokens already reported to the caller
+        self.finish_reason: FinishReason | None = None
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.num_computed_tokens == 0
+
+    def tokens_to_compute(self) -> int:
+        """Tokens this sequence feeds to the model in its next step: the whole history, or the last token."""
+        return len(self.token_ids) if self.is_prefill else 1
+
+    def blocks_needed(self, block_size: int) -> int:
+        """Blocks that must be held once this step's tokens are stored."""
+        num_tokens = self.num_computed_tokens + self.tokens_to_compute()
+        return -(-num_tokens // block_size)
+
+    def view(self) -> SeqView:
+        return SeqView(
+            seq_id=self.seq_id,
+            arrival=self.seq_id,
+            # For a waiting sequence the "prompt" is all it must prefill: after a recompute that includes
+            # the tokens it generated before.
+            num_prompt_tokens=len(self.token_ids) if self.is_prefill else self.num_prompt_tokens,
+            num_computed_tokens=self.num_computed_tokens,
+            max_total_tokens=self.max_total_tokens,
+            residence=self.residence,
+            last_progress_step=self.last_progress_step,
+        )

@@ -1,0 +1,182 @@
+"""Engine behaviour on the tiny model, on CPU: batching, stop conditions, errors, block accounting, and
+NEO mode against GPU-only mode (identical greedy tokens)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from neod.config import load_config
+from neod.engine import Engine
+from neod.engine.request import FinishReason, RequestOutput, SamplingParams
+from neod.model.attention import AttentionMetadata
+from neod.cache.pool import KVLayout, allocate_pool
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def make_engine(tmp_path, **overrides) -> Engine:
+    base = {"model.device": "cpu", "model.preset": "tiny", "scheduler.max_batch_size": 16,
+            "scheduler.max_tokens_in_batch": 1024, "cpu.threads": 2, "profile.dir": str(tmp_path / "profiles")}
+    base.update(overrides)
+    return Engine(load_config(None, env={}, overrides=base))
+
+
+def run_all(engine: Engine, max_steps: int = 2000) -> dict[str, list[RequestOutput]]:
+    outputs: dict[str, list[RequestOutput]] = {}
+    for _ in range(max_steps):
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+        if not engine.has_unfinished():
+            return outputs
+    raise AssertionError("requests did not finish")
+
+
+def tokens_of(outs: list[RequestOutput]) -> list[int]:
+    return [t for o in outs for t in o.new_token_ids]
+
+
+def assert_all_free(engine: Engine) -> None:
+    assert engine.gpu_blocks.num_free == engine.gpu_blocks.num_blocks
+    assert engine.cpu_blocks.num_free == engine.cpu_blocks.num_blocks
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(256) for _ in range(rng.randrange(1, 60))] for _ in range(n)]
+
+
+def reference_greedy(engine: Engine, prompt: list[int], max_tokens: int) -> list[int]:
+    """One request alone through model.forward over a private pool: what batching must not change."""
+    model = engine.rt.model
+    cfg = model.config
+    layout = KVLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 16, model.dtype)
+    pool = allocate_pool(layout, 64, torch.device("cpu"))
+    blocks = list(range(63, -1, -1))  # reversed ids: a non-trivial block table
+    tokens = list(prompt)
+    for step in range(max_tokens):
+        n = len(tokens)
+        if step == 0:
+            ids, pos = torch.tensor(tokens), torch.arange(n)
+            slots = torch.tensor([blocks[t // 16] * 16 + t % 16 for t in range(n)])
+            meta = AttentionMetadata(n, torch.tensor([0, n], dtype=torch.int32), n, slots,
+                                     torch.zeros((0, 1), dtype=torch.int32), torch.zeros(0, dtype=torch.int32))
+        else:
+            ids, pos = torch.tensor(tokens[-1:]), torch.tensor([n - 1])
+            slots = torch.tensor([blocks[(n - 1) // 16] * 16 + (n - 1) % 16])
+            table = torch.tensor([blocks[: -(-n // 16)]], dtype=torch.int32)
+            meta = AttentionMetadata(0, torch.zeros(1, dtype=torch.int32), 0, slots, table,
+                                     torch.tensor([n], dtype=torch.int32))
+        logits = model.forward(ids, pos, meta, pool, torch.tensor([ids.numel() - 1]))
+        tokens.append(int(logits[0].argmax()))
+    return tokens[len(prompt):]
+
+
+def test_batched_greedy_matches_single_request_forward(tmp_path):
+    engine = make_engine(tmp_path, **{"scheduler.policy": "gpu-only"})
+    ps = prompts(6)
+    for i, p in enumerate(ps):
+        engine.add_request(f"r{i}", p, GREEDY)
+    outs = run_all(engine)
+    for i, p in enumerate(ps):
+        assert tokens_of(outs[f"r{i}"]) == reference_greedy(engine, p, GREEDY.max_tokens)
+        assert outs[f"r{i}"][-1].finish_reason == FinishReason.LENGTH
+    assert_all_free(engine)
+
+
+@pytest.mark.parametrize("policy", ["neo", "auto"])
+def test_neo_mode_greedy_equals_gpu_only(tmp_path, policy):
+    """A GPU pool of 32 blocks forces swaps and CPU placement; tokens must not change."""
+    small = {"cache.gpu_kv_gib": 32 * 16 * 1024 / 2**30, "cache.cpu_kv_gib": 0.01}
+    ps = prompts(24, seed=1)
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    results = {}
+    for mode in ("gpu-only", policy):
+        engine = make_engine(tmp_path, **{"scheduler.policy": mode}, **small)
+        for i, p in enumerate(ps):
+            engine.add_request(f"r{i}", p, params)
+        seen_cpu = False
+        outs: dict[str, list[RequestOutput]] = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                outs.setdefault(out.request_id, []).append(out)
+            seen_cpu |= engine.stats()["decoding_cpu"] > 0
+        results[mode] = {k: tokens_of(v) for k, v in outs.items()}
+        assert_all_free(engine)
+        if mode == "neo":
+            assert seen_cpu, "the small GPU pool should have pushed requests to the CPU"
+    assert results["gpu-only"] == results[policy]
+
+
+def test_stop_conditions_and_finish_reasons(tmp_path):
+    engine = make_engine(tmp_path, **{"scheduler.policy": "gpu-only"})
+    p = prompts(1, seed=3)[0]
+    free_run = reference_greedy(engine, p, 8)
+    stop_at = free_run[3]
+    engine.add_request("stop", p, SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=(stop_at,)))
+    engine.add_request("len", p, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+    outs = run_all(engine)
+    assert tokens_of(outs["stop"]) == free_run[: free_run.index(stop_at) + 1]
+    assert outs["stop"][-1].finish_reason == FinishReason.STOP
+    assert tokens_of(outs["len"]) == free_run[:5]
+    assert outs["len"][-1].finish_reason == FinishReason.LENGTH
+    assert [o.finished for o in outs["len"]] == [False] * 4 + [True]
+    assert_all_free(engine)
+
+
+def test_bad_requests_get_errors_and_nothing_else_breaks(tmp_path):
+    engine = make_engine(tmp_path)
+    engine.add_request("empty", [], GREEDY)
+    engine.add_request("vocab", [1, 2, 10**6], GREEDY)
+    engine.add_request("long", [1] * 5000, GREEDY)
+    engine.add_request("ok", [1, 2, 3], GREEDY)
+    engine.add_request("ok", [4, 5], GREEDY)
+    outs = run_all(engine)
+    for rid, text in (("empty", "empty"), ("vocab", "token ids"), ("long", "prompt_too_long")):
+        assert outs[rid][-1].finish_reason == FinishReason.ERROR and text in outs[rid][-1].error
+    finals = [o for o in outs["ok"] if o.finished]
+    assert len(finals) == 2  # one error for the duplicate id, one normal end
+    assert {o.finish_reason for o in finals} == {FinishReason.ERROR, FinishReason.LENGTH}
+    assert len(tokens_of(outs["ok"])) == GREEDY.max_tokens
+    assert_all_free(engine)
+
+
+def test_abort_frees_blocks_and_ends_once(tmp_path):
+    engine = make_engine(tmp_path)
+    engine.add_request("a", [5] * 40, SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True))
+    engine.add_request("b", [6] * 10, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    engine.step()
+    engine.step()
+    assert engine.gpu_blocks.num_used > 0
+    engine.abort_request("a")
+    engine.abort_request("missing")
+    outs = run_all(engine)
+    assert outs["a"][-1].finish_reason == FinishReason.ABORT
+    assert sum(o.finished for o in outs["a"]) == 1
+    assert outs["b"][-1].finish_reason == FinishReason.LENGTH
+    assert_all_free(engine)
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(tmp_path):
+    params = SamplingParams(max_tokens=10, temperature=0.8, top_k=50, top_p=0.9, seed=1234, ignore_eos=True)
+    engine = make_engine(tmp_path)
+    engine.add_request("alone", [7, 8, 9], params)
+    alone = tokens_of(run_all(engine)["alone"])
+    for i, p in enumerate(prompts(5, seed=9)):
+        engine.add_request(f"x{i}", p, SamplingParams(max_tokens=10, temperature=1.0, ignore_eos=True))
+    engine.add_request("batched", [7, 8, 9], params)
+    assert tokens_of(run_all(engine)["batched"]) == alone
+    assert len(set(alone)) > 1
+
+
+def test_tune_validates_and_applies(tmp_path):
+    engine = make_engine(tmp_path, **{"scheduler.policy": "neo"})
+    assert engine.tune(policy="gpu-only", max_batch_size=8)["max_batch_size"] == 8
+    assert engine.stats()["policy"] == "gpu-only"
+    with pytest.raises(ValueError, match="policy"):
+        engine.tune(policy="fast")
+    with pytest.raises(ValueError, match="unknown"):
+        engine.tune(speed=3)
+    assert engine.stats()["max_batch_size"] == 8
