@@ -5,8 +5,8 @@
  * head of its tile against that KV head, so under GQA each K/V row is read from memory once per
  * group rather than once per query head. Within the block a K/V row of D elements is read by
  * D/8 threads with 16-byte loads (a warp covers 2 or 4 consecutive tokens, always inside one
- * block, so its loads are contiguous); each thread keeps UNROLL rows' K and V in flight before
- * using the first. Scores use the exp2 domain (q pre-scaled by scale * log2 e), with an online
+ * block, so its loads are contiguous); each thread loads a tile of UNROLL rows' K and V, and the
+ * next tile's loads are issued before the current tile is used (a register double buffer). Scores use the exp2 domain (q pre-scaled by scale * log2 e), with an online
  * softmax rescaled once per tile of UNROLL rows, and fp32 accumulation throughout.
  *
  * Long contexts with few requests would leave most SMs idle, so the KV range of a request is cut
@@ -69,8 +69,8 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodePara
   const SplitPlan plan = plan_splits(seq_len, p.max_splits);
   if (split >= plan.num_splits) return;
 
-  const int64_t head_row = static_cast<int64_t>(req) * p.num_q_heads + q_head0;
-  T* out = static_cast<T*>(p.out) + head_row * HEAD_DIM;
+  const int64_t head_row = static_cast<int64_t>(req) * p.num_q_heads + q_head0;  // in partials
+  T* out = static_cast<T*>(p.out) + req * p.out_stride + q_head0 * HEAD_DIM;
   if (seq_len <= 0) {  // nothing to attend to (padding entries): zeros
     for (int i = threadIdx.x; i < GROUP_TILE * HEAD_DIM; i += kThreads) out[i] = from_float<T>(0.f);
     return;
@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodePara
   const int row = lane / THREADS_PER_ROW;
 
   float q[GROUP_TILE][VEC];
-  const T* q_ptr = static_cast<const T*>(p.q) + head_row * HEAD_DIM + col;
+  const T* q_ptr = static_cast<const T*>(p.q) + req * p.q_stride + q_head0 * HEAD_DIM + col;
 #pragma unroll
   for (int g = 0; g < GROUP_TILE; ++g) {
     load_float<T, VEC>(q_ptr + g * HEAD_DIM, q[g]);
@@ -106,23 +106,36 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodePara
   const int64_t block_stride = 2ll * p.num_kv_heads * HEAD_STRIDE;
   const int64_t v_offset = static_cast<int64_t>(p.num_kv_heads) * HEAD_STRIDE;
 
+  // Rows of the tile starting at `base`; rows at or past `end` read as zeros.
+  const auto load_tile = [&](int base, Vec<T, VEC>(&k)[UNROLL], Vec<T, VEC>(&v)[UNROLL]) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int token = base + u * ROWS_PER_STEP + warp * ROWS_PER_WARP + row;
+      if (token < end) {
+        const int64_t block = table[token / BLOCK_SIZE];
+        const T* ptr = kv + block * block_stride + (token % BLOCK_SIZE) * HEAD_DIM;
+        k[u] = *reinterpret_cast<const Vec<T, VEC>*>(ptr);
+        v[u] = *reinterpret_cast<const Vec<T, VEC>*>(ptr + v_offset);
+      } else {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) k[u].v[i] = v[u].v[i] = from_float<T>(0.f);
+      }
+    }
+  };
+
+  // Software pipeline: the next tile's loads are in flight while this tile is computed.
+  Vec<T, VEC> k_next[UNROLL], v_next[UNROLL];
+  load_tile(start, k_next, v_next);
   for (int base = start; base < end; base += TILE) {
     Vec<T, VEC> k_raw[UNROLL], v_raw[UNROLL];
     bool valid[UNROLL];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
-      const int token = base + u * ROWS_PER_STEP + warp * ROWS_PER_WARP + row;
-      valid[u] = token < end;
-      if (valid[u]) {
-        const int64_t block = table[token / BLOCK_SIZE];
-        const T* ptr = kv + block * block_stride + (token % BLOCK_SIZE) * HEAD_DIM;
-        k_raw[u] = *reinterpret_cast<const Vec<T, VEC>*>(ptr);
-        v_raw[u] = *reinterpret_cast<const Vec<T, VEC>*>(ptr + v_offset);
-      } else {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) k_raw[u].v[i] = v_raw[u].v[i] = from_float<T>(0.f);
-      }
+      k_raw[u] = k_next[u];
+      v_raw[u] = v_next[u];
+      valid[u] = base + u * ROWS_PER_STEP + warp * ROWS_PER_WARP + row < end;
     }
+    if (base + TILE < end) load_tile(base + TILE, k_next, v_next);
 
     float s[UNROLL][GROUP_TILE];
 #pragma unroll
@@ -241,7 +254,8 @@ __global__ void __launch_bounds__(HEAD_DIM) merge_splits_kernel(const DecodePara
     weight_sum += w;
     o += w * part[s * HEAD_DIM];
   }
-  static_cast<T*>(p.out)[head_row * HEAD_DIM + threadIdx.x] = from_float<T>(o / weight_sum);
+  T* out = static_cast<T*>(p.out) + req * p.out_stride + head * HEAD_DIM;
+  out[threadIdx.x] = from_float<T>(o / weight_sum);
 }
 
 template <typename T, int HEAD_DIM, int BLOCK_SIZE, int GROUP_TILE>
@@ -302,7 +316,8 @@ extern "C" int64_t neod_paged_decode_workspace_bytes(int64_t batch, int64_t num_
   return batch * num_q_heads * max_splits * (head_dim + 1) * static_cast<int64_t>(sizeof(float));
 }
 
-extern "C" int neod_paged_decode_attention(void* out, const void* q, const void* kv_layer,
+extern "C" int neod_paged_decode_attention(void* out, int64_t out_stride, const void* q,
+                                           int64_t q_stride, const void* kv_layer,
                                            const int32_t* block_tables,
                                            int64_t block_table_stride, const int32_t* seq_lens,
                                            int64_t batch, int64_t num_q_heads,
@@ -313,7 +328,7 @@ extern "C" int neod_paged_decode_attention(void* out, const void* q, const void*
   if (batch < 0 || batch > 65535 || num_kv_heads <= 0 || num_q_heads <= 0 ||
       num_q_heads % num_kv_heads != 0 || num_q_heads > 65535 || max_splits < 1 ||
       max_splits > neod::kMaxSplits || !neod::aligned16(q) || !neod::aligned16(out) ||
-      !neod::aligned16(kv_layer)) {
+      !neod::aligned16(kv_layer) || q_stride % 8 != 0 || out_stride % 8 != 0) {
     return NEOD_ERR_INVALID_ARGUMENT;
   }
   if (batch == 0) return NEOD_OK;
@@ -325,7 +340,9 @@ extern "C" int neod_paged_decode_attention(void* out, const void* q, const void*
   float* partial_out = static_cast<float*>(workspace);
   neod::DecodeParams p{};
   p.out = out;
+  p.out_stride = out_stride;
   p.q = q;
+  p.q_stride = q_stride;
   p.kv_layer = kv_layer;
   p.block_tables = block_tables;
   p.block_table_stride = block_table_stride;

@@ -40,57 +40,62 @@ NEOD_API const char* neod_cuda_error_string(int status);
 
 /* residual[t] += x[t]; x[t] = rmsnorm(residual[t]) * weight. x, residual [T, H]; weight [H] of
  * dtype x or fp32 (weight_dtype). */
-NEOD_API int neod_fused_add_rms_norm(void* x, int64_t x_stride, void* residual, int64_t residual_stride,
-                            const void* weight, int weight_dtype, int64_t num_tokens,
-                            int64_t hidden, float eps, int dtype, cudaStream_t stream);
+NEOD_API int neod_fused_add_rms_norm(void* x, int64_t x_stride, void* residual,
+                                     int64_t residual_stride, const void* weight, int weight_dtype,
+                                     int64_t num_tokens, int64_t hidden, float eps, int dtype,
+                                     cudaStream_t stream);
 
 /* out[t] = rmsnorm(x[t]) * weight. */
 NEOD_API int neod_rms_norm(void* out, int64_t out_stride, const void* x, int64_t x_stride,
-                  const void* weight, int weight_dtype, int64_t num_tokens, int64_t hidden,
-                  float eps, int dtype, cudaStream_t stream);
+                           const void* weight, int weight_dtype, int64_t num_tokens, int64_t hidden,
+                           float eps, int dtype, cudaStream_t stream);
 
 /* In-place rotate-half RoPE. q [T, Hq, D], k [T, Hkv, D] with heads contiguous and a token
  * stride; positions [T] int64; cos_sin [max_pos, D] fp32 (cos | sin). */
 NEOD_API int neod_rotary_embedding(const int64_t* positions, void* q, int64_t q_stride, void* k,
-                          int64_t k_stride, const float* cos_sin, int64_t num_tokens,
-                          int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
-                          int dtype, cudaStream_t stream);
+                                   int64_t k_stride, const float* cos_sin, int64_t num_tokens,
+                                   int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
+                                   int dtype, cudaStream_t stream);
 
 /* out [T, I] = silu(x[:, :I]) * x[:, I:], x [T, 2I] with a row stride. */
 NEOD_API int neod_silu_and_mul(void* out, const void* x, int64_t x_stride, int64_t num_tokens,
-                      int64_t inter, int dtype, cudaStream_t stream);
+                               int64_t inter, int dtype, cudaStream_t stream);
 
 /* kv_layer [num_blocks, 2, Hkv, block_size, D]; k, v [T, Hkv, D] with a token stride;
  * slot_ids [T] int64, -1 = skip. */
 NEOD_API int neod_store_kv(const void* k, int64_t k_stride, const void* v, int64_t v_stride,
-                  void* kv_layer, const int64_t* slot_ids, int64_t num_tokens,
-                  int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int dtype,
-                  cudaStream_t stream);
+                           void* kv_layer, const int64_t* slot_ids, int64_t num_tokens,
+                           int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int dtype,
+                           cudaStream_t stream);
 
 /* How many KV splits a decode batch should use (1 = no split, no workspace); a pure function of
  * its arguments, so callers may cache it. max_seq_len may be an upper bound. */
 NEOD_API int neod_paged_decode_max_splits(int64_t batch, int64_t num_q_heads, int64_t num_kv_heads,
-                                 int64_t max_seq_len, int64_t num_sms);
+                                          int64_t max_seq_len, int64_t num_sms);
 
 /* Bytes of workspace neod_paged_decode_attention needs for max_splits > 1. */
-NEOD_API int64_t neod_paged_decode_workspace_bytes(int64_t batch, int64_t num_q_heads, int64_t head_dim,
-                                          int64_t max_splits);
+NEOD_API int64_t neod_paged_decode_workspace_bytes(int64_t batch, int64_t num_q_heads,
+                                                   int64_t head_dim, int64_t max_splits);
 
-/* out, q [B, Hq, D] contiguous; kv_layer [num_blocks, 2, Hkv, block_size, D];
- * block_tables [B, >= max_blocks] int32 with row stride; seq_lens [B] int32. */
-NEOD_API int neod_paged_decode_attention(void* out, const void* q, const void* kv_layer,
-                                const int32_t* block_tables, int64_t block_table_stride,
-                                const int32_t* seq_lens, int64_t batch, int64_t num_q_heads,
-                                int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-                                float scale, int64_t max_splits, void* workspace,
-                                int64_t workspace_bytes, int dtype, cudaStream_t stream);
+/* out, q [B, Hq, D] with heads contiguous and a request stride; kv_layer
+ * [num_blocks, 2, Hkv, block_size, D]; block_tables [B, >= max_blocks] int32 with a row stride;
+ * seq_lens [B] int32. */
+NEOD_API int neod_paged_decode_attention(void* out, int64_t out_stride, const void* q,
+                                         int64_t q_stride, const void* kv_layer,
+                                         const int32_t* block_tables, int64_t block_table_stride,
+                                         const int32_t* seq_lens, int64_t batch,
+                                         int64_t num_q_heads, int64_t num_kv_heads,
+                                         int64_t head_dim, int64_t block_size, float scale,
+                                         int64_t max_splits, void* workspace,
+                                         int64_t workspace_bytes, int dtype, cudaStream_t stream);
 
 /* Copy block-layers: for each layer id l in layers and each (src, dst) pair in pairs,
  * dst + l * dst_layer_bytes + dst * chunk_bytes <- src + l * src_layer_bytes + src * chunk_bytes.
  * NEOD_SWAP_MEMCPY reads pairs/layers on the host; NEOD_SWAP_KERNEL reads them on the device. */
-NEOD_API int neod_swap_blocks(const void* src, int64_t src_layer_bytes, void* dst, int64_t dst_layer_bytes,
-                     int64_t chunk_bytes, const int64_t* pairs, int64_t num_pairs,
-                     const int64_t* layers, int64_t num_layers, int method, cudaStream_t stream);
+NEOD_API int neod_swap_blocks(const void* src, int64_t src_layer_bytes, void* dst,
+                              int64_t dst_layer_bytes, int64_t chunk_bytes, const int64_t* pairs,
+                              int64_t num_pairs, const int64_t* layers, int64_t num_layers,
+                              int method, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

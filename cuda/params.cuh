@@ -57,8 +57,10 @@ struct StoreKVParams {
 };
 
 struct DecodeParams {
-  void* out;                  // [B, Hq, D]
-  const void* q;              // [B, Hq, D]
+  void* out;                  // [B, Hq, D], heads contiguous
+  int64_t out_stride;         // between requests
+  const void* q;              // [B, Hq, D], heads contiguous
+  int64_t q_stride;
   const void* kv_layer;       // [num_blocks, 2, Hkv, block_size, D]
   const int32_t* block_tables;  // [B, block_table_stride]
   int64_t block_table_stride;

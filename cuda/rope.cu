@@ -47,9 +47,10 @@ template <typename T>
 int launch(const RopeParams& p, cudaStream_t stream) {
   constexpr int V = kVec16<T>;
   const int half = p.head_dim / 2;
-  // 16-byte accesses to x and to the fp32 table need whole, aligned vectors in both.
-  const bool vectorised = half % V == 0 && aligned16(p.q) && aligned16(p.k) &&
-                          aligned16(p.cos_sin) && p.q_stride % V == 0 && p.k_stride % V == 0;
+  // Vector accesses need whole, aligned vectors: 16 bytes of x, V floats of the table.
+  const bool table_aligned = reinterpret_cast<uintptr_t>(p.cos_sin) % (V * sizeof(float)) == 0;
+  const bool vectorised = half % V == 0 && aligned16(p.q) && aligned16(p.k) && table_aligned &&
+                          p.q_stride % V == 0 && p.k_stride % V == 0;
   const dim3 grid(static_cast<unsigned>(p.num_tokens));
   if (vectorised) {
     rotary_kernel<T, V><<<grid, kThreads, 0, stream>>>(p);

@@ -48,12 +48,31 @@ __global__ void __launch_bounds__(kThreads) swap_kernel(const SwapParams p) {
   }
 }
 
-int swap_with_kernel(const SwapParams& p, int64_t num_layers, cudaStream_t stream) {
+// The address at which the device reaches `ptr`: itself for device memory, the mapped alias for
+// pinned host memory, nullptr for memory the device cannot reach (pageable host memory).
+const void* device_alias(const void* ptr) {
+  cudaPointerAttributes attr;
+  if (cudaPointerGetAttributes(&attr, ptr) != cudaSuccess) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  switch (attr.type) {
+    case cudaMemoryTypeDevice:
+    case cudaMemoryTypeManaged: return ptr;
+    case cudaMemoryTypeHost: return attr.devicePointer;
+    default: return nullptr;
+  }
+}
+
+int swap_with_kernel(SwapParams p, int64_t num_layers, cudaStream_t stream) {
   if (p.chunk_bytes % 16 != 0 || !aligned16(p.src) || !aligned16(p.dst) ||
       p.src_layer_bytes % 16 != 0 || p.dst_layer_bytes % 16 != 0 || num_layers > 65535 ||
       p.num_pairs > INT32_MAX) {
     return NEOD_ERR_UNSUPPORTED;
   }
+  p.src = static_cast<const char*>(device_alias(p.src));
+  p.dst = static_cast<char*>(const_cast<void*>(device_alias(p.dst)));
+  if (p.src == nullptr || p.dst == nullptr) return NEOD_ERR_INVALID_ARGUMENT;
   const dim3 grid(static_cast<unsigned>(p.num_pairs), static_cast<unsigned>(num_layers));
   swap_kernel<<<grid, kThreads, 0, stream>>>(p);
   return launch_status();

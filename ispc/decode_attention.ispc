@@ -15,7 +15,7 @@
 
 #include "decode_attention.isph"
 
-// Vectors in the longest supported row (head_dim 128); sizes the register arrays below.
+// Vectors in the longest supported row (head_dim 128); sizes the key-row register array.
 #define MAX_ROW_VECTORS (128 / TARGET_WIDTH)
 
 // ---- element conversion ---------------------------------------------------------------------
@@ -52,19 +52,126 @@ static inline void store_row(uniform uint16 * uniform row, uniform int col, vary
     }
 }
 
+// ---- building blocks ------------------------------------------------------------------------
+
+// In place over rows [0, programCount) of `rows` (one vector each): lane i of row 0 becomes the
+// sum of all lanes of row i. A transposing tree of programCount - 1 shuffle pairs, instead of one
+// horizontal reduction per row.
+static inline unmasked void transpose_sum(uniform float rows[]) {
+    // shuffle(a, b, i) indexes the concatenation [a | b]: lane i of `even` picks lane 2i of it.
+    varying int32 even = 2 * programIndex;
+    varying int32 odd = even + 1;
+    for (uniform int n = programCount / 2; n >= 1; n /= 2) {
+        for (uniform int i = 0; i < n; i++) {
+            varying float a = rows[(2 * i) * programCount + programIndex];
+            varying float b = rows[(2 * i + 1) * programCount + programIndex];
+            rows[i * programCount + programIndex] = shuffle(a, b, even) + shuffle(a, b, odd);
+        }
+    }
+}
+
+// Converts rows [0, num_rows) of a (block, K|V, head) tile to fp32 rows of `tile`.
+template <int BF16, int D>
+static inline unmasked void load_tile(const uniform uint16 * uniform src, uniform int num_rows,
+                                      uniform float tile[]) {
+    for (uniform int t = 0; t < num_rows; t++) {
+        for (uniform int c = 0; c < D / programCount; c++) {
+            tile[t * D + c * programCount + programIndex] =
+                load_row<BF16>(src + t * D, c * programCount);
+        }
+    }
+}
+
+// Prefetches `count` 16-bit elements at `p` into L1, one cache line at a time.
+static inline void prefetch_tile(const uniform uint16 * uniform p, uniform int64 count) {
+    for (uniform int64 i = 0; i < count; i += 32) {
+        prefetch_l1(p + i);
+    }
+}
+
+// acc[0, 8 vectors) += sum over t < num_tokens of p[t] * rows[t * stride + (0, 8 vectors)].
+// Named accumulators, not an array: LLVM keeps them in registers (an array stays in memory), and
+// eight independent FMA chains cover the FMA latency.
+static inline unmasked void accumulate8(uniform float acc[], const uniform float rows[],
+                                        const uniform float p[], uniform int num_tokens,
+                                        uniform int stride) {
+    uniform const int W = programCount;
+    varying float o0 = acc[programIndex], o1 = acc[W + programIndex];
+    varying float o2 = acc[2 * W + programIndex], o3 = acc[3 * W + programIndex];
+    varying float o4 = acc[4 * W + programIndex], o5 = acc[5 * W + programIndex];
+    varying float o6 = acc[6 * W + programIndex], o7 = acc[7 * W + programIndex];
+    for (uniform int t = 0; t < num_tokens; t++) {
+        const uniform float * uniform r = rows + t * stride;
+        uniform const float w = p[t];
+        o0 += w * r[programIndex];
+        o1 += w * r[W + programIndex];
+        o2 += w * r[2 * W + programIndex];
+        o3 += w * r[3 * W + programIndex];
+        o4 += w * r[4 * W + programIndex];
+        o5 += w * r[5 * W + programIndex];
+        o6 += w * r[6 * W + programIndex];
+        o7 += w * r[7 * W + programIndex];
+    }
+    acc[programIndex] = o0;
+    acc[W + programIndex] = o1;
+    acc[2 * W + programIndex] = o2;
+    acc[3 * W + programIndex] = o3;
+    acc[4 * W + programIndex] = o4;
+    acc[5 * W + programIndex] = o5;
+    acc[6 * W + programIndex] = o6;
+    acc[7 * W + programIndex] = o7;
+}
+
+// The same for 4-vector rows, with even and odd tokens in separate accumulators (8 chains).
+static inline unmasked void accumulate4(uniform float acc[], const uniform float rows[],
+                                        const uniform float p[], uniform int num_tokens,
+                                        uniform int stride) {
+    uniform const int W = programCount;
+    varying float e0 = acc[programIndex], e1 = acc[W + programIndex];
+    varying float e2 = acc[2 * W + programIndex], e3 = acc[3 * W + programIndex];
+    varying float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
+    uniform int t = 0;
+    for (; t + 1 < num_tokens; t += 2) {
+        const uniform float * uniform r = rows + t * stride;
+        uniform const float we = p[t], wd = p[t + 1];
+        e0 += we * r[programIndex];
+        e1 += we * r[W + programIndex];
+        e2 += we * r[2 * W + programIndex];
+        e3 += we * r[3 * W + programIndex];
+        d0 += wd * r[stride + programIndex];
+        d1 += wd * r[stride + W + programIndex];
+        d2 += wd * r[stride + 2 * W + programIndex];
+        d3 += wd * r[stride + 3 * W + programIndex];
+    }
+    if (t < num_tokens) {
+        const uniform float * uniform r = rows + t * stride;
+        uniform const float we = p[t];
+        e0 += we * r[programIndex];
+        e1 += we * r[W + programIndex];
+        e2 += we * r[2 * W + programIndex];
+        e3 += we * r[3 * W + programIndex];
+    }
+    acc[programIndex] = e0 + d0;
+    acc[W + programIndex] = e1 + d1;
+    acc[2 * W + programIndex] = e2 + d2;
+    acc[3 * W + programIndex] = e3 + d3;
+}
+
 // ---- one work item: request `b`, blocks [block_begin, block_end) of its table ----------------
 
-// D (head_dim) is a compile-time constant so that a K/V row lives in D / programCount registers.
+// D (head_dim) is a compile-time constant so that the loops over a row unroll into registers.
 template <int BF16, int D>
-static void attend(const uniform NeodDecodeArgs * uniform a, const uniform NeodWorkItem * uniform item,
-                   const uniform NeodScratch * uniform scr, uniform float out_partial[],
-                   uniform float lse_partial[]) {
-    uniform const int NC = D / programCount;
+static unmasked void attend(const uniform NeodDecodeArgs * uniform a,
+                            const uniform NeodWorkItem * uniform item,
+                            const uniform NeodScratch * uniform scr, uniform float out_partial[],
+                            uniform float lse_partial[]) {
+    uniform const int NC = D / programCount;           // vectors per row
     uniform const int b = item->request;
     uniform const int hq = a->num_q_heads;
     uniform const int hkv = a->num_kv_heads;
     uniform const int group = hq / hkv;
     uniform const int bs = a->block_size;
+    uniform const int bs_padded = (bs + 15) & ~15;    // see NeodScratch
     uniform const int seq_len = a->seq_lens[b];
     uniform const int64 head_stride = (uniform int64)bs * D;         // one (block, K|V, head) tile
     uniform const int64 block_stride = 2 * (uniform int64)hkv * head_stride;
@@ -75,7 +182,9 @@ static void attend(const uniform NeodDecodeArgs * uniform a, const uniform NeodW
     uniform float * uniform acc = scr->acc;    // [hq, D] unnormalised output
     uniform float * uniform m = scr->max;      // [hq] running max of scores
     uniform float * uniform l = scr->sum;      // [hq] running sum of exp(score - max)
-    uniform float * uniform s = scr->scores;   // [group, bs] scores, then probabilities
+    uniform float * uniform s = scr->scores;   // [group, bs_padded] scores, then probabilities
+    uniform float * uniform part = scr->part;  // [group, bs_padded, programCount] partial dots
+    uniform float * uniform tile = scr->tile;  // [bs_padded, D] fp32 copy of a V tile
 
     for (uniform int h = 0; h < hq; h++) {
         for (uniform int c = 0; c < NC; c++) {
@@ -90,43 +199,65 @@ static void attend(const uniform NeodDecodeArgs * uniform a, const uniform NeodW
     for (uniform int j = item->block_begin; j < item->block_end; j++) {
         uniform const int64 block = table[j];
         uniform const int num_tokens = min(bs, seq_len - j * bs);
+        uniform const int num_padded = (num_tokens + programCount - 1) & ~(programCount - 1);
         const uniform uint16 * uniform k_block = kv + block * block_stride;
         const uniform uint16 * uniform v_block = k_block + hkv * head_stride;
+        // The next block's first tiles, prefetched while this block's last head is processed.
+        const uniform uint16 * uniform k_next = j + 1 < item->block_end
+            ? kv + (uniform int64)table[j + 1] * block_stride : NULL;
         for (uniform int kh = 0; kh < hkv; kh++) {
             const uniform uint16 * uniform k_tile = k_block + kh * head_stride;
-            const uniform uint16 * uniform v_tile = v_block + kh * head_stride;
+            // Each 4 KiB tile starts a new page, where hardware prefetchers lose the stream: fetch
+            // the next head's K and V tiles while this one is computed.
+            if (kh + 1 < hkv) {
+                prefetch_tile(k_tile + head_stride, head_stride);
+                prefetch_tile(v_block + (kh + 1) * head_stride, head_stride);
+            } else if (k_next != NULL) {
+                prefetch_tile(k_next, head_stride);
+                prefetch_tile(k_next + hkv * head_stride, head_stride);
+            }
             uniform float * uniform qg = qf + kh * group * D;
             uniform float * uniform accg = acc + kh * group * D;
 
-            // Scores of the group's query heads against this tile's keys.
+            // Partial dot products: each key row is converted once and used by the whole group;
+            // two accumulators per dot halve the FMA dependency chain.
             for (uniform int t = 0; t < num_tokens; t++) {
                 varying float k[MAX_ROW_VECTORS];
                 for (uniform int c = 0; c < NC; c++) {
                     k[c] = load_row<BF16>(k_tile + t * D, c * programCount);
                 }
                 for (uniform int g = 0; g < group; g++) {
-                    varying float dot = qg[g * D + programIndex] * k[0];
-                    for (uniform int c = 1; c < NC; c++) {
-                        dot += qg[g * D + c * programCount + programIndex] * k[c];
+                    uniform float * uniform qh = qg + g * D;
+                    varying float even = qh[programIndex] * k[0];
+                    varying float odd = qh[programCount + programIndex] * k[1];
+                    for (uniform int c = 2; c < NC; c += 2) {
+                        even += qh[c * programCount + programIndex] * k[c];
+                        odd += qh[(c + 1) * programCount + programIndex] * k[c + 1];
                     }
-                    s[g * bs + t] = reduce_add(dot);
+                    part[(g * bs_padded + t) * programCount + programIndex] = even + odd;
                 }
             }
 
-            // Online softmax, rescaled once per tile: probabilities overwrite the scores.
+            // Scores, programCount tokens at a time, then the online softmax, rescaled once per
+            // tile; probabilities overwrite the scores.
             for (uniform int g = 0; g < group; g++) {
-                uniform float * uniform sg = s + g * bs;
+                uniform float * uniform sg = s + g * bs_padded;
                 varying float vmax = -floatbits(0x7f800000);
-                foreach (t = 0 ... num_tokens) {
-                    vmax = max(vmax, sg[t]);
+                for (uniform int t0 = 0; t0 < num_padded; t0 += programCount) {
+                    uniform float * uniform rows = part + (g * bs_padded + t0) * programCount;
+                    transpose_sum(rows);
+                    varying float score = t0 + programIndex < num_tokens
+                        ? rows[programIndex] : -floatbits(0x7f800000);
+                    sg[t0 + programIndex] = score;
+                    vmax = max(vmax, score);
                 }
                 uniform const int head = kh * group + g;
                 uniform const float m_old = m[head];
                 uniform const float m_new = max(m_old, reduce_max(vmax));
                 varying float vsum = 0.0f;
-                foreach (t = 0 ... num_tokens) {
-                    varying float p = exp(sg[t] - m_new);
-                    sg[t] = p;
+                for (uniform int t0 = 0; t0 < num_padded; t0 += programCount) {
+                    varying float p = exp(sg[t0 + programIndex] - m_new);
+                    sg[t0 + programIndex] = p;
                     vsum += p;
                 }
                 uniform const float alpha = exp(m_old - m_new);
@@ -139,16 +270,16 @@ static void attend(const uniform NeodDecodeArgs * uniform a, const uniform NeodW
                 m[head] = m_new;
             }
 
-            // Probability-weighted values.
-            for (uniform int t = 0; t < num_tokens; t++) {
-                varying float v[MAX_ROW_VECTORS];
-                for (uniform int c = 0; c < NC; c++) {
-                    v[c] = load_row<BF16>(v_tile + t * D, c * programCount);
-                }
-                for (uniform int g = 0; g < group; g++) {
-                    uniform const float p = s[g * bs + t];
-                    for (uniform int c = 0; c < NC; c++) {
-                        accg[g * D + c * programCount + programIndex] += p * v[c];
+            // Probability-weighted values: the tile is converted once, then each query head keeps
+            // its accumulators in registers across the tile's tokens.
+            load_tile<BF16, D>(v_block + kh * head_stride, num_tokens, tile);
+            for (uniform int g = 0; g < group; g++) {
+                if (NC == 4) {
+                    accumulate4(accg + g * D, tile, s + g * bs_padded, num_tokens, D);
+                } else {
+                    for (uniform int c0 = 0; c0 < NC; c0 += 8) {
+                        accumulate8(accg + g * D + c0 * programCount, tile + c0 * programCount,
+                                    s + g * bs_padded, num_tokens, D);
                     }
                 }
             }
@@ -197,7 +328,7 @@ export void neod_attend(const uniform NeodDecodeArgs * uniform args,
 // ---- flash-decoding merge: partials [first, first + count) of request `b` ---------------------
 
 template <int BF16>
-static void merge(const uniform NeodDecodeArgs * uniform a, uniform int b, uniform int first,
+static unmasked void merge(const uniform NeodDecodeArgs * uniform a, uniform int b, uniform int first,
                   uniform int count, const uniform float out_partial[],
                   const uniform float lse_partial[]) {
     uniform const int hq = a->num_q_heads;

@@ -1,4 +1,4 @@
-"""neod's configuration: one frozen tree, loaded once from TOML, then environment, then CLI overrides.
+"""neod's configuration: one frozen tree, from TOML, then the environment, then CLI overrides.
 
 Every key is declared once below with its default, its allowed values and a one-line doc; the same
 declaration validates TOML values, environment strings and CLI strings, so an error always names the
@@ -51,7 +51,7 @@ def _describe(meta: Mapping[str, Any], kind: type) -> str:
     if meta["pattern"] is not None:
         return meta["allowed"]
     lo, hi = meta["lo"], meta["hi"]
-    name = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[kind]
+    name = {int: "an integer", float: "a number", str: "a string"}[kind]
     if lo is not None and hi is not None:
         return f"{name} in {'(' if meta['lo_open'] else '['}{lo}, {hi}]"
     if lo is not None:
@@ -98,7 +98,8 @@ class ModelConfig(_Section):
                        allowed="auto, cpu, cuda or cuda:N")
     seed: int = _key(0, "seed of random weights and of sampling without a per-request seed", lo=0)
     max_model_len: int = _key(0, "context length; 0 = the model's max_position_embeddings", lo=0)
-    tokenizer: str = _key("", "tokenizer.json path; empty = <path>/tokenizer.json, byte-level for presets")
+    tokenizer: str = _key("", "tokenizer.json path; empty = <path>/tokenizer.json, "
+                              "byte-level for presets")
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,7 @@ class Config:
 
 
 def describe_keys() -> list[tuple[str, str, Any, str]]:
-    """(section, key, default, doc) for every key, in declaration order: the source of etc/neod.toml."""
+    """(section, key, default, doc) for every key, in declaration order (etc/neod.toml's source)."""
     return [(name, f.name, f.default, f.metadata["doc"])
             for name, cls in _SECTIONS.items() for f in fields(cls)]
 
@@ -197,13 +198,6 @@ def _parse_text(section: str, name: str, text: str) -> Any:
     if kind is str:
         return text
     try:
-        if kind is bool:
-            lowered = text.strip().lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(text)
         return kind(text.strip())
     except ValueError:
         raise ConfigError(f"[{section}] {name}: {text!r} is not allowed; expected "
@@ -214,10 +208,12 @@ def _split_key(dotted: str, origin: str) -> tuple[str, str]:
     section, _, name = dotted.partition(".")
     cls = _SECTIONS.get(section)
     if cls is None:
-        raise ConfigError(f"{origin}: unknown section {section!r}; sections: {', '.join(_SECTIONS)}")
+        raise ConfigError(f"{origin}: unknown section {section!r}; "
+                          f"sections: {', '.join(_SECTIONS)}")
     names = [f.name for f in fields(cls)]
     if name not in names:
-        raise ConfigError(f"{origin}: unknown key {name!r} in [{section}]; keys: {', '.join(names)}")
+        raise ConfigError(f"{origin}: unknown key {name!r} in [{section}]; "
+                          f"keys: {', '.join(names)}")
     return section, name
 
 
@@ -289,7 +285,8 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None,
     """File < environment < overrides; `path=None` reads no file. Raises ConfigError."""
     env = os.environ if env is None else env
     layers = [(f"config file {path}", _read_file(Path(path)) if path is not None else {}),
-              ("the environment", _read_env(env)), ("a command-line override", _read_overrides(overrides))]
+              ("the environment", _read_env(env)),
+              ("a command-line override", _read_overrides(overrides))]
     sections = {}
     for name, cls in _SECTIONS.items():
         merged: dict[str, Any] = {}
@@ -312,7 +309,7 @@ def _coerce_floats(cls: type[_Section], values: dict[str, Any]) -> dict[str, Any
 
 
 def with_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
-    """A copy of `cfg` with typed `section.key` values replaced (validated like any other source)."""
+    """A copy of `cfg` with typed `section.key` values replaced (validated like any source)."""
     changes = _read_overrides(overrides)
     return replace(cfg, **{name: replace(getattr(cfg, name), **_coerce_floats(_SECTIONS[name], v))
                            for name, v in changes.items()})
@@ -339,7 +336,7 @@ def control_endpoint_candidates(cfg: Config, env: Mapping[str, str] | None = Non
     configured = cfg.server.control_endpoint
     first = expand_endpoint(configured, env)
     service = configured.replace("{runtime_dir}", "/run/neod")
-    return [first] if service == first or service == configured else [first, service]
+    return [first] if service in (first, configured) else [first, service]
 
 
 def profile_dir(cfg: Config, env: Mapping[str, str] | None = None) -> Path:

@@ -23,7 +23,7 @@ MAX_STOP_CHARS = 256
 MAX_PRIORITY = 1000
 
 
-class ErrorCode(str, enum.Enum):
+class ErrorCode(enum.StrEnum):
     BAD_REQUEST = "bad_request"  # malformed message or field; fix the request
     PROMPT_TOO_LONG = "prompt_too_long"  # shorten the prompt (the message gives the limit)
     OVERLOADED = "overloaded"  # queue or per-client limit reached; retry later or elsewhere
@@ -58,7 +58,7 @@ class _Fields:
     def __init__(self, obj: dict[str, Any], request_id: str | None) -> None:
         self.obj = obj
         self.request_id = request_id
-        self.used = {"v", "type"}
+        self.used = {"v", "type"} if request_id is None else {"v", "type", "id"}
 
     def take(self, name: str, default: Any) -> Any:
         self.used.add(name)
@@ -136,7 +136,8 @@ def _parse_object(frame: bytes) -> dict[str, Any]:
 def _request_id(obj: dict[str, Any]) -> str:
     rid = obj.get("id")
     if not isinstance(rid, str) or not 1 <= len(rid) <= MAX_ID_CHARS:
-        raise _bad(f"field 'id' must be a string of 1 to {MAX_ID_CHARS} characters; got {_show(rid)}")
+        raise _bad(f"field 'id' must be a string of 1 to {MAX_ID_CHARS} characters; "
+                   f"got {_show(rid)}")
     return rid
 
 
@@ -167,7 +168,8 @@ class Generate:
         prompt = f.string("prompt", None, 1 << 30)
         token_ids = f.int_list("prompt_token_ids", 0, 2**31 - 1, 1 << 24)
         if (prompt is None) == (token_ids is None):
-            raise _bad("give exactly one of 'prompt' (text) and 'prompt_token_ids' (list of ints)", rid)
+            raise _bad("give exactly one of 'prompt' (text) and 'prompt_token_ids' "
+                       "(list of ints)", rid)
         if token_ids is not None and not token_ids:
             raise _bad("field 'prompt_token_ids' must not be empty", rid)
         stop = f.take("stop", ())
@@ -215,9 +217,7 @@ class Cancel:
     @classmethod
     def from_wire(cls, obj: dict[str, Any]) -> Cancel:
         rid = _request_id(obj)
-        f = _Fields(obj, rid)
-        f.used.add("id")
-        f.finish()
+        _Fields(obj, rid).finish()
         return cls(rid)
 
     def to_wire(self) -> dict[str, Any]:
@@ -329,7 +329,7 @@ def encode(message: Any) -> bytes:
 
 
 def decode_event(frame: bytes) -> Event:
-    """Parse one daemon event (client side); raises ProtocolError if the daemon is not speaking v1."""
+    """Parse one daemon event (client side); ProtocolError if the daemon does not speak v1."""
     obj = _parse_object(frame)
     kind = obj.pop("type")
     obj.pop("v")
@@ -371,10 +371,11 @@ def decode_control(frame: bytes) -> ControlRequest:
         policy = f.string("policy", None, 32)
         if policy is not None and policy not in POLICIES:
             raise f.fail("policy", "one of " + ", ".join(POLICIES), policy)
-        for name, value in (("policy", policy),
-                            ("max_batch_size", f.integer("max_batch_size", None, 1, 1 << 20)),
-                            ("max_tokens_in_batch", f.integer("max_tokens_in_batch", None, 1, 1 << 24)),
-                            ("cpu_threads", f.integer("cpu_threads", None, 0, 4096))):
+        knobs = (("policy", policy),
+                 ("max_batch_size", f.integer("max_batch_size", None, 1, 1 << 20)),
+                 ("max_tokens_in_batch", f.integer("max_tokens_in_batch", None, 1, 1 << 24)),
+                 ("cpu_threads", f.integer("cpu_threads", None, 0, 4096)))
+        for name, value in knobs:
             if value is not None:
                 args[name] = value
         if not args:

@@ -55,7 +55,7 @@ class ByteTokenizer:
     vocab_size = 258
 
     def encode(self, text: str) -> list[int]:
-        return [BYTE_BOS, *text.encode("utf-8", errors="surrogatepass")]
+        return [BYTE_BOS, *text.encode("utf-8")]  # orjson never yields lone surrogates
 
     def detokenizer(self, prompt_token_ids: list[int]) -> ByteDetokenizer:
         return ByteDetokenizer()

@@ -180,3 +180,46 @@ def test_tune_validates_and_applies(tmp_path):
     with pytest.raises(ValueError, match="unknown"):
         engine.tune(speed=3)
     assert engine.stats()["max_batch_size"] == 8
+
+
+class ScriptedScheduler:
+    """Drives every data path on purpose: CPU prefills, swaps both ways every few steps, CPU decodes in both
+    sub-batches of a pipelined iteration, GPU decodes beside them."""
+
+    def schedule(self, waiting, running, cache, limits, step):
+        from neod.sched import Plan, Residence
+
+        plan = Plan(pipelined=True)
+        for s in waiting:
+            (plan.prefill_cpu if s.seq_id % 3 == 2 else plan.prefill_gpu).append(s.seq_id)
+        for s in running:
+            sid, on_gpu = s.seq_id, s.residence == Residence.GPU
+            if on_gpu and step % 4 == 2 and sid % 2 == 1:
+                plan.swap_out.append(sid)
+                on_gpu = False
+            elif not on_gpu and step % 4 == 0 and sid % 2 == 0:
+                plan.swap_in.append(sid)
+                on_gpu = True
+            if on_gpu:
+                plan.decode_gpu.append(sid)
+            else:
+                (plan.decode_cpu_b0 if sid % 4 < 2 else plan.decode_cpu_b1).append(sid)
+        return plan
+
+
+def test_pipelined_swaps_and_cpu_prefills_keep_greedy_tokens(tmp_path):
+    ps = prompts(10, seed=5)
+    params = SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True)
+    engine = make_engine(tmp_path, **{"scheduler.policy": "gpu-only"})
+    for i, p in enumerate(ps):
+        engine.add_request(f"r{i}", p, params)
+    expected = {k: tokens_of(v) for k, v in run_all(engine).items()}
+
+    engine = make_engine(tmp_path, **{"scheduler.policy": "neo", "cache.cpu_kv_gib": 0.01})
+    engine.rt.scheduler = ScriptedScheduler()
+    for i, p in enumerate(ps):
+        engine.add_request(f"r{i}", p, params)
+    got = {k: tokens_of(v) for k, v in run_all(engine).items()}
+    assert got == expected
+    assert engine.stats()["iterations"]["pipelined"] > 0
+    assert_all_free(engine)

@@ -1,9 +1,12 @@
-"""ModelConfig parsing and validation, the shape presets, and the RoPE table against transformers."""
+"""ModelConfig parsing and validation, the shape presets, and the RoPE table vs transformers."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,7 +104,9 @@ def test_transformers5_rope_parameters_layout(tmp_path) -> None:
 
 
 def test_legacy_type_key_and_dtype_aliases() -> None:
-    raw = dict(LLAMA2_7B_JSON, rope_scaling={"type": "linear", "factor": 4.0}, torch_dtype="torch.bfloat16")
+    raw = dict(
+        LLAMA2_7B_JSON, rope_scaling={"type": "linear", "factor": 4.0}, torch_dtype="torch.bfloat16"
+    )
     cfg = ModelConfig.from_dict(raw)
     assert cfg.rope_scaling == RopeScaling(rope_type="linear", factor=4.0)
     assert cfg.torch_dtype == "bfloat16"
@@ -116,11 +121,21 @@ def test_legacy_type_key_and_dtype_aliases() -> None:
         ({"rms_norm_eps": 0}, "rms_norm_eps"),
         ({"rope_theta": "big"}, "rope_theta"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not supported"),
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0}}, "low_freq_factor"),
+        (
+            {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0}},
+            "low_freq_factor",
+        ),
         ({"rope_scaling": {"rope_type": "linear"}}, "'factor'"),
         ({"rope_scaling": {"rope_type": "linear", "factor": -1.0}}, "rope_scaling.factor"),
         (
-            {"rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 1}},
+            {
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8,
+                    "low_freq_factor": 4,
+                    "high_freq_factor": 1,
+                }
+            },
             "high_freq_factor",
         ),
         ({"rope_scaling": "llama3"}, "rope_scaling must be an object"),
@@ -168,7 +183,12 @@ def test_config_is_frozen() -> None:
 
 @pytest.mark.parametrize(
     ("name", "billions"),
-    [("llama-3.2-1b", 1.236), ("llama-2-7b", 6.738), ("llama-3.1-8b", 8.030), ("llama-3.1-70b", 70.554)],
+    [
+        ("llama-3.2-1b", 1.236),
+        ("llama-2-7b", 6.738),
+        ("llama-3.1-8b", 8.030),
+        ("llama-3.1-70b", 70.554),
+    ],
 )
 def test_preset_parameter_counts(name: str, billions: float) -> None:
     assert get_preset(name).num_params / 1e9 == pytest.approx(billions, abs=5e-4)
@@ -211,8 +231,20 @@ def _hf_config(cfg: ModelConfig) -> LlamaConfig:
     [
         None,
         RopeScaling(rope_type="linear", factor=4.0),
-        RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192),
-        RopeScaling("llama3", factor=32.0, low_freq_factor=2.0, high_freq_factor=8.0, original_max_position_embeddings=64),
+        RopeScaling(
+            "llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+        RopeScaling(
+            "llama3",
+            factor=32.0,
+            low_freq_factor=2.0,
+            high_freq_factor=8.0,
+            original_max_position_embeddings=64,
+        ),
     ],
 )
 def test_rope_table_equals_transformers(scaling: RopeScaling | None) -> None:
@@ -234,4 +266,16 @@ def test_scaling_changes_the_table() -> None:
     scaled = build_cos_sin_cache(base, max_positions=64)
     plain = build_cos_sin_cache(replace(base, rope_scaling=None), max_positions=64)
     assert not torch.equal(scaled, plain)
-    assert torch.equal(scaled[:, :8], plain[:, :8])  # short wavelengths are left alone by llama3 scaling
+    assert torch.equal(
+        scaled[:, :8], plain[:, :8]
+    )  # short wavelengths are left alone by llama3 scaling
+
+
+def test_config_and_presets_import_without_torch() -> None:
+    """The engine sizes pools and the server reads EOS ids from the config without tensors."""
+    code = "import sys, neod.model.config, neod.model.presets; print('torch' in sys.modules)"
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
+    )
+    assert result.stdout.strip() == "False"

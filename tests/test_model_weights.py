@@ -1,4 +1,4 @@
-"""Weight loading from safetensors checkpoints (single, sharded, broken) and random initialisation."""
+"""Weight loading from safetensors checkpoints (single, sharded, broken) and random init."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from neod.model.config import ModelConfig
 from neod.model.weights import (
     ModelWeights,
     WeightsError,
+    checkpoint_tensors,
     load_weights,
     random_weights,
     resolve_dtype,
@@ -53,29 +54,12 @@ def _config_json(cfg: ModelConfig) -> dict:
 
 def _hf_tensors(weights: ModelWeights, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The checkpoint a Hugging Face export of these weights holds (q/k/v and gate/up unfused)."""
-    q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
-    tensors = {"model.embed_tokens.weight": weights.embed, "model.norm.weight": weights.final_norm}
-    if not cfg.tie_word_embeddings:
-        tensors["lm_head.weight"] = weights.lm_head
-    for n, layer in enumerate(weights.layers):
-        p = f"model.layers.{n}."
-        tensors.update(
-            {
-                p + "input_layernorm.weight": layer.input_norm,
-                p + "self_attn.q_proj.weight": layer.qkv[:q],
-                p + "self_attn.k_proj.weight": layer.qkv[q : q + kv],
-                p + "self_attn.v_proj.weight": layer.qkv[q + kv :],
-                p + "self_attn.o_proj.weight": layer.o_proj,
-                p + "post_attention_layernorm.weight": layer.post_norm,
-                p + "mlp.gate_proj.weight": layer.gate_up[:inter],
-                p + "mlp.up_proj.weight": layer.gate_up[inter:],
-                p + "mlp.down_proj.weight": layer.down,
-            }
-        )
-    return {name: t.contiguous().clone() for name, t in tensors.items()}
+    return {name: t.contiguous().clone() for name, t in checkpoint_tensors(cfg, weights).items()}
 
 
-def _write(folder: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], num_shards: int = 1) -> None:
+def _write(
+    folder: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], num_shards: int = 1
+) -> None:
     (folder / "config.json").write_text(json.dumps(_config_json(cfg)))
     if num_shards == 1:
         save_file(tensors, folder / "model.safetensors")
@@ -87,13 +71,22 @@ def _write(folder: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], num
         part = names[shard::num_shards]
         save_file({n: tensors[n] for n in part}, folder / file)
         weight_map.update(dict.fromkeys(part, file))
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
 
 
 def _flat(weights: ModelWeights) -> list[torch.Tensor]:
     out = [weights.embed, weights.final_norm, weights.lm_head]
     for layer in weights.layers:
-        out += [layer.input_norm, layer.qkv, layer.o_proj, layer.post_norm, layer.gate_up, layer.down]
+        out += [
+            layer.input_norm,
+            layer.qkv,
+            layer.o_proj,
+            layer.post_norm,
+            layer.gate_up,
+            layer.down,
+        ]
     return out
 
 
@@ -124,7 +117,9 @@ def test_tied_embeddings_ignore_lm_head(tmp_path: Path, caplog) -> None:
     cfg = replace(CFG, tie_word_embeddings=True)
     source = random_weights(cfg, "cpu", torch.float32, seed=5)
     tensors = _hf_tensors(source, cfg)
-    tensors["lm_head.weight"] = torch.zeros(cfg.vocab_size, cfg.hidden_size)  # some exports keep a copy
+    tensors["lm_head.weight"] = torch.zeros(
+        cfg.vocab_size, cfg.hidden_size
+    )  # some exports keep a copy
     _write(tmp_path, cfg, tensors)
     with caplog.at_level(logging.WARNING, logger="neod.model.weights"):
         loaded = load_weights(tmp_path, cfg, "cpu", torch.float32)
@@ -145,7 +140,9 @@ def test_unexpected_tensors_are_reported_and_rope_tables_skipped(tmp_path: Path,
     assert "q_norm" in caplog.text
 
 
-@pytest.mark.parametrize("missing", ["model.layers.1.mlp.up_proj.weight", "lm_head.weight", "model.norm.weight"])
+@pytest.mark.parametrize(
+    "missing", ["model.layers.1.mlp.up_proj.weight", "lm_head.weight", "model.norm.weight"]
+)
 def test_missing_tensor_is_named(tmp_path: Path, missing: str) -> None:
     tensors = _hf_tensors(random_weights(CFG, "cpu", torch.float32), CFG)
     del tensors[missing]
@@ -158,7 +155,9 @@ def test_shape_mismatch_is_named(tmp_path: Path) -> None:
     tensors = _hf_tensors(random_weights(CFG, "cpu", torch.float32), CFG)
     tensors["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(8, CFG.hidden_size)
     _write(tmp_path, CFG, tensors)
-    with pytest.raises(WeightsError, match=r"'model.layers.0.self_attn.k_proj.weight'.*\[8, 32\].*\[16, 32\]"):
+    with pytest.raises(
+        WeightsError, match=r"'model.layers.0.self_attn.k_proj.weight'.*\[8, 32\].*\[16, 32\]"
+    ):
         load_weights(tmp_path, CFG, "cpu", torch.float32)
 
 

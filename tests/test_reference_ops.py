@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
-from neod.kernels import ops, reference
+from neod.kernels import cuda_ops, ops, reference
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -120,9 +122,11 @@ def test_store_kv_writes_slots_and_skips_minus_one(dtype, block_size):
     num_blocks, num_kv_heads, head_dim, num_tokens = 9, 2, 64, 13
     kv_layer = _random_kv_layer(g, num_blocks, num_kv_heads, block_size, head_dim, dtype)
     before = kv_layer.clone()
-    slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens]
-    # block boundaries and a skipped token
-    slots[0], slots[1], slots[2] = block_size - 1, block_size, -1
+    # distinct slots, block boundaries and a skipped token
+    edges = torch.tensor([block_size - 1, block_size])
+    perm = torch.randperm(num_blocks * block_size, generator=g)
+    perm = perm[~torch.isin(perm, edges)]
+    slots = torch.cat((edges, torch.tensor([-1]), perm[: num_tokens - 3]))
     k = torch.randn(num_tokens, num_kv_heads, head_dim, generator=g).to(dtype)
     v = torch.randn(num_tokens, num_kv_heads, head_dim, generator=g).to(dtype)
     reference.store_kv_(k, v, kv_layer, slots)
@@ -255,3 +259,25 @@ def test_ops_dispatch_to_reference_on_cpu():
     assert torch.equal(ops.silu_and_mul(x), reference.silu_and_mul(x))
     weight = torch.randn(64, generator=g)
     assert torch.equal(ops.rms_norm(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6))
+
+
+def _c_letter(c_type: str) -> str:
+    c_type = c_type.replace("const ", "").strip()
+    if c_type == "char*":
+        return "s"
+    if "*" in c_type or c_type == "cudaStream_t":
+        return "p"
+    return {"int": "i", "int64_t": "l", "float": "f"}[c_type]
+
+
+def test_ctypes_signatures_match_the_c_header():
+    """The ctypes declarations in cuda_ops must match cuda/neod_cuda.h (checked without a GPU)."""
+    header = (Path(__file__).resolve().parents[1] / "cuda" / "neod_cuda.h").read_text()
+    declared = {}
+    for ret, name, args in re.findall(r"NEOD_API\s+([\w\s*]+?)\s*(neod_\w+)\(([^)]*)\);", header):
+        params = [] if args.strip() == "void" else [a.strip() for a in args.split(",")]
+        letters = "".join(
+            _c_letter(p.rsplit(" ", 1)[0] + ("*" if "*" in p else "")) for p in params
+        )
+        declared[name] = f"{_c_letter(ret)}:{letters}"
+    assert declared == cuda_ops._SIGNATURES

@@ -39,6 +39,14 @@ typedef struct {
 
 static size_t pad16(size_t n) { return (n + 15) & ~(size_t)15; }
 
+/* Floats of per-worker scratch (struct NeodScratch, each array 64-byte aligned); a block's rows are
+ * padded to 16, the widest SIMD target's lane count. */
+static size_t scratch_floats(const struct NeodDecodeArgs *a) {
+    size_t hq = a->num_q_heads, bs = pad16(a->block_size);
+    size_t scores = hq / (size_t)a->num_kv_heads * bs; /* a multiple of 16 */
+    return 2 * pad16(hq * a->head_dim) + 2 * pad16(hq) + 17 * scores + bs * a->head_dim;
+}
+
 /* Bump allocation inside the workspace; every region starts 64-byte aligned. */
 static void *take(char **cursor, size_t bytes) {
     void *p = *cursor;
@@ -73,7 +81,10 @@ static void decode_task(void *ctx, int t) {
         return;
     }
     size_t qd = pad16((size_t)a->num_q_heads * a->head_dim), h = pad16(a->num_q_heads);
-    struct NeodScratch scratch = {mem, mem + qd, mem + 2 * qd, mem + 2 * qd + h, mem + 2 * qd + 2 * h};
+    size_t scores = (size_t)(a->num_q_heads / a->num_kv_heads) * pad16(a->block_size);
+    float *s = mem + 2 * qd + 2 * h;
+    struct NeodScratch scratch = {mem, mem + qd, mem + 2 * qd, mem + 2 * qd + h,
+                                  s, s + scores, s + 17 * scores};
     int append = a->k_new != NULL && a->v_new != NULL;
     for (int i = first; i < last; i++) {
         const struct NeodWorkItem *item = &job->items[i];
@@ -195,8 +206,7 @@ int neod_decode(neod_pool *pool, const struct NeodDecodeArgs *a, char *err, size
         .splits = splits,
         .partial_out = partial_out,
         .partial_lse = partial_lse,
-        .scratch_floats = 2 * pad16(hq * d) + 2 * pad16(hq) +
-                          pad16(hq / (size_t)a->num_kv_heads * (size_t)a->block_size),
+        .scratch_floats = scratch_floats(a),
     };
     atomic_init(&job.out_of_memory, 0);
     neod_pool_run(pool, decode_task, &job);

@@ -71,7 +71,7 @@ class Engine:
         plan = self.rt.scheduler.schedule(
             [s.view() for s in self.waiting], [s.view() for s in self.running.values()],
             self._cache_view(), self.limits, self.step_index)
-        batches, order = self._apply(plan)
+        batches, order = self._apply(plan, outputs)
         if order:
             start = time.perf_counter()
             cpu_busy_before = self.rt.executor.cpu_busy_s
@@ -202,9 +202,18 @@ class Engine:
         seq.block_ids, seq.residence = new_ids, to
         return pairs
 
-    def _apply(self, plan: Plan) -> tuple[list[SubBatch], list[Sequence]]:
+    def _apply(self, plan: Plan, out: list[RequestOutput]) -> tuple[list[SubBatch], list[Sequence]]:
         """Carry out the plan's block moves and allocations (order: preempt, swap out, swap in, allocate)."""
         rt = self.rt
+        for sid in plan.unservable:
+            seq = self.running.get(sid) or next(s for s in self.waiting if s.seq_id == sid)
+            if seq.residence == Residence.WAITING:
+                self.waiting.remove(seq)
+                self._finish(seq, FinishReason.ERROR, out, error=(
+                    f"prompt_too_long: {len(seq.token_ids)} tokens cannot fit in the KV cache or the token budget "
+                    "under the current limits"))
+            else:
+                self._finish(seq, FinishReason.LENGTH, out)
         for sid in plan.preempt:
             seq = self.running.pop(sid)
             self._release(seq)

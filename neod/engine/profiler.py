@@ -10,6 +10,7 @@ profiling a new host takes a minute or two, and the result is cached under a key
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -19,8 +20,7 @@ import torch
 
 from neod.cache.pool import KVLayout
 from neod.kernels import ops
-from neod.sched import Profile, TableCostModel, profile_key
-from neod.sched.profile import load_profile, save_profile
+from neod.sched import Profile, Table1D, Table2D, TableCostModel, load_profile, profile_key, profile_path, save_profile
 
 logger = logging.getLogger(__name__)
 
@@ -177,16 +177,70 @@ class Profiler:
             table[b] = self.time(run)
         return table
 
-    def run(self) -> dict[str, Any]:
+    def swap(self) -> dict[int, float]:
+        """Blocks of one layer between the pools (device to host; the other direction costs the same)."""
+        pool, host = self.executor.gpu_pool, self.executor.cpu_pool
+        if host is None or self.device.type != "cuda":
+            return {n: 0.0 for n in _ladder(256)}
+        table = {}
+        for n in _ladder(min(256, pool.shape[1], host.shape[1])):
+            pairs = torch.stack([torch.arange(n), torch.arange(n)], dim=1)
+            table[n] = self.time(lambda: ops.swap_blocks(pool, host, pairs, layers=[0]))
+        return table
+
+    def run(self, key) -> Profile:
         start = time.perf_counter()
-        tables = {"linear": self.linear(), "prefill_attention": self.prefill_attention(),
-                  "gpu_decode": self.gpu_decode(), "overhead": self.overhead(), "transfer": self.transfer()}
-        if self.executor.cpu_pool is not None:
-            tables["cpu_decode"] = self.cpu_decode()
+        with torch.inference_mode():
+            profile = Profile(
+                key=key,
+                linear=Table1D.from_points(self.linear()),
+                prefill_attn=Table1D.from_points(self.prefill_attention()),
+                gpu_decode_attn=Table2D.from_points(self.gpu_decode()),
+                transfer=Table1D.from_points(self.transfer()),
+                swap=Table1D.from_points(self.swap()),
+                iteration_overhead=Table1D.from_points(self.overhead()),
+                cpu_decode_attn=None if self.executor.cpu_pool is None else Table2D.from_points(self.cpu_decode()),
+                meta={"measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                      "duration_s": round(time.perf_counter() - start, 2)},
+            )
         logger.info("profiled this host in %.1f s", time.perf_counter() - start)
-        return tables
+        return profile
 
 
-def load_or_profile(cfg: Any, model: Any, name: str, layout: KVLayout, executor: Any, threads: int) -> TableCostModel:
+def host_key(model: Any, layout: KVLayout, threads: int) -> Any:
+    """Everything a profile depends on: another model, GPU, CPU, pool size or kernel gets a new profile."""
+    import platform
+
+    cfg = model.config
+    gpu = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "none"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    shape = {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+             "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
+             "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+             "vocab_size": cfg.vocab_size}
+    return profile_key(shape, str(layout.dtype).removeprefix("torch."), 1, gpu, f"{cpu} x{os.cpu_count()}",
+                       threads, KERNEL_VERSION, layout.block_size)
+
+
+def load_or_profile(cfg: Any, model: Any, layout: KVLayout, executor: Any, threads: int, max_model_len: int,
+                    refresh: bool = False) -> TableCostModel:
     """The stored profile for exactly this setup, or a fresh one measured now and stored."""
-    raise NotImplementedError
+    from neod.config import profile_dir
+
+    key = host_key(model, layout, threads)
+    path = profile_path(profile_dir(cfg), key)
+    profile = None if refresh else load_profile(path, key)
+    if profile is None:
+        logger.info("profiling this host for %s (no stored profile at %s)", key.fingerprint()[:16], path)
+        profiler = Profiler(model, layout, executor, cfg.scheduler.max_tokens_in_batch,
+                            cfg.scheduler.max_batch_size, max_model_len)
+        profile = profiler.run(key)
+        save_profile(profile, path)
+    else:
+        logger.info("profile reused path=%s", path)
+    return TableCostModel(profile)

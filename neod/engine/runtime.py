@@ -129,7 +129,7 @@ def build_runtime(cfg: Any) -> EngineRuntime:
                 num_gpu, 0 if cpu_pool is None else cpu_pool.shape[1], layout.block_size, layout.bytes_per_token,
                 threads)
     executor = Executor(model, gpu_pool, cpu_pool, cpu_attention, max_rows, max_tokens)
-    cost_model = load_or_profile(cfg, model, name, layout, executor, threads)
+    cost_model = load_or_profile(cfg, model, layout, executor, threads, max_model_len)
     return EngineRuntime(
         device=device, model=model, model_name=name, layout=layout, vocab_size=mc.vocab_size,
         eos_token_ids=tuple(mc.eos_token_ids), max_model_len=max_model_len, max_rows=max_rows,

@@ -1,4 +1,4 @@
-"""Attention of one batch on the model's device: KV store, prefill attention, paged decode attention.
+"""Attention of one batch on the model's device: KV store, prefill and paged decode attention.
 
 A batch's tokens are ordered `[prefill tokens (packed prompts) | decode tokens]`, so each kind of
 attention works on one contiguous row range and no gather is needed. The metadata is plain data
@@ -19,7 +19,8 @@ class AttentionMetadata:
     num_prefill_tokens: int  # rows [0, num_prefill_tokens) are packed prompts
     cu_seqlens: torch.Tensor  # [P + 1] int32: prompt p owns rows [cu_seqlens[p], cu_seqlens[p + 1])
     max_seqlen: int  # longest prompt in the batch (0 without prefills)
-    slot_ids: torch.Tensor  # [T] int64: KV slot of each row (block_id * block_size + offset), -1 = don't store
+    # [T] int64: each row's KV slot (block_id * block_size + offset); -1 = don't store
+    slot_ids: torch.Tensor
     block_tables: torch.Tensor  # [B, max_blocks] int32: the decode rows' block tables
     seq_lens: torch.Tensor  # [B] int32: the decode rows' lengths, the new token included
 
@@ -30,11 +31,15 @@ class AttentionMetadata:
         _check(self.seq_lens, "seq_lens", 1, torch.int32)
         if self.block_tables.shape[0] != self.seq_lens.shape[0]:
             raise ValueError(
-                f"block_tables has {self.block_tables.shape[0]} rows but seq_lens has {self.seq_lens.shape[0]}"
+                f"block_tables has {self.block_tables.shape[0]} rows "
+                f"but seq_lens has {self.seq_lens.shape[0]}"
             )
-        if self.num_prefill_tokens < 0 or (self.num_prefill_tokens > 0 and self.cu_seqlens.shape[0] < 2):
+        if self.num_prefill_tokens < 0 or (
+            self.num_prefill_tokens > 0 and self.cu_seqlens.shape[0] < 2
+        ):
             raise ValueError(
-                f"num_prefill_tokens={self.num_prefill_tokens} needs cu_seqlens with at least one prompt"
+                f"num_prefill_tokens={self.num_prefill_tokens} needs cu_seqlens "
+                "with at least one prompt"
             )
 
     @property
@@ -59,11 +64,13 @@ def gpu_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """Store the batch's K/V in the paged cache, then attend: causal within prompts, paged for decodes."""
+    """Store the batch's K/V in the paged cache, then attend (causal within prompts; paged)."""
     # q: [T, Hq, D]; k, v: [T, Hkv, D]; kv_layer: [num_blocks, 2, Hkv, block_size, D] -> [T, Hq * D]
     num_tokens, num_q_heads, head_dim = q.shape
     if num_tokens != meta.num_tokens:
-        raise ValueError(f"batch has {num_tokens} rows but the metadata describes {meta.num_tokens}")
+        raise ValueError(
+            f"batch has {num_tokens} rows but the metadata describes {meta.num_tokens}"
+        )
     if num_tokens == 0:
         return q.new_empty((0, num_q_heads * head_dim))
     ops.store_kv_(k, v, kv_layer, meta.slot_ids)
@@ -74,7 +81,12 @@ def gpu_attention(
     out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     if num_prefill > 0:
         out[:num_prefill] = ops.prefill_attention(
-            q[:num_prefill], k[:num_prefill], v[:num_prefill], meta.cu_seqlens, meta.max_seqlen, scale
+            q[:num_prefill],
+            k[:num_prefill],
+            v[:num_prefill],
+            meta.cu_seqlens,
+            meta.max_seqlen,
+            scale,
         )
     # Decode rows read their K/V, the new token's included, back from the pool.
     ops.paged_decode_attention(

@@ -1,9 +1,9 @@
 """Llama-family model configuration, parsed from a Hugging Face `config.json`.
 
-`ModelConfig` is frozen and validated once, when built, so that the loader, the model and the engine
-never re-check shapes. It reads both the classic layout (`rope_theta` plus `rope_scaling`, Llama 2 /
-3 / 3.1 / 3.2 checkpoints) and the newer `rope_parameters` layout that transformers 5 writes. The module
-imports no torch: the engine can size pools from it without touching tensors.
+`ModelConfig` is frozen and validated once, when built, so that the loader, the model and the
+engine never re-check shapes. It reads both the classic layout (`rope_theta` plus `rope_scaling`,
+Llama 2 / 3 / 3.1 / 3.2 checkpoints) and the newer `rope_parameters` layout that transformers 5
+writes. The module imports no torch: the engine can size pools from it without touching tensors.
 """
 
 from __future__ import annotations
@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
-_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+_DTYPE_ALIASES = {
+    "fp32": "float32",
+    "float": "float32",
+    "fp16": "float16",
+    "half": "float16",
+    "bf16": "bfloat16",
+}
 
 
 class ModelConfigError(ValueError):
@@ -23,7 +29,7 @@ class ModelConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling. `llama3` rescales low frequencies (Llama 3.1/3.2); `linear` divides all."""
+    """RoPE frequency scaling: `llama3` slows low frequencies (Llama 3.1/3.2), `linear` all."""
 
     rope_type: str  # "llama3" or "linear"
     factor: float
@@ -34,9 +40,15 @@ class RopeScaling:
     def __post_init__(self) -> None:
         if self.rope_type not in ("llama3", "linear"):
             raise ModelConfigError(
-                f"rope_scaling.rope_type {self.rope_type!r} is not supported (supported: 'llama3', 'linear')"
+                f"rope_scaling.rope_type {self.rope_type!r} is not supported "
+                "(supported: 'llama3', 'linear')"
             )
-        _require(_is_number(self.factor) and self.factor > 0, "rope_scaling.factor", "a number > 0", self.factor)
+        _require(
+            _is_number(self.factor) and self.factor > 0,
+            "rope_scaling.factor",
+            "a number > 0",
+            self.factor,
+        )
         if self.rope_type == "llama3":
             _require(
                 _is_number(self.low_freq_factor) and self.low_freq_factor > 0,
@@ -51,7 +63,8 @@ class RopeScaling:
                 self.high_freq_factor,
             )
             _require(
-                _is_int(self.original_max_position_embeddings) and self.original_max_position_embeddings > 0,
+                _is_int(self.original_max_position_embeddings)
+                and self.original_max_position_embeddings > 0,
                 "rope_scaling.original_max_position_embeddings",
                 "an integer > 0",
                 self.original_max_position_embeddings,
@@ -95,10 +108,33 @@ class ModelConfig:
             f"a divisor of num_attention_heads ({self.num_attention_heads})",
             self.num_key_value_heads,
         )
-        _require(self.head_dim % 2 == 0, "head_dim", "an even integer (rotary embedding)", self.head_dim)
-        _require(_is_number(self.rms_norm_eps) and self.rms_norm_eps > 0, "rms_norm_eps", "a number > 0", self.rms_norm_eps)
-        _require(_is_number(self.rope_theta) and self.rope_theta > 0, "rope_theta", "a number > 0", self.rope_theta)
-        _require(isinstance(self.tie_word_embeddings, bool), "tie_word_embeddings", "a boolean", self.tie_word_embeddings)
+        _require(
+            self.head_dim % 2 == 0, "head_dim", "an even integer (rotary embedding)", self.head_dim
+        )
+        _require(
+            _is_number(self.rms_norm_eps) and self.rms_norm_eps > 0,
+            "rms_norm_eps",
+            "a number > 0",
+            self.rms_norm_eps,
+        )
+        _require(
+            _is_number(self.rope_theta) and self.rope_theta > 0,
+            "rope_theta",
+            "a number > 0",
+            self.rope_theta,
+        )
+        _require(
+            self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling),
+            "rope_scaling",
+            "None or a RopeScaling",
+            self.rope_scaling,
+        )
+        _require(
+            isinstance(self.tie_word_embeddings, bool),
+            "tie_word_embeddings",
+            "a boolean",
+            self.tie_word_embeddings,
+        )
         if self.bos_token_id is not None:
             _require(
                 _is_int(self.bos_token_id) and 0 <= self.bos_token_id < self.vocab_size,
@@ -113,7 +149,12 @@ class ModelConfig:
             f"integers in [0, vocab_size={self.vocab_size})",
             self.eos_token_ids,
         )
-        _require(self.torch_dtype in SUPPORTED_DTYPES, "torch_dtype", f"one of {SUPPORTED_DTYPES}", self.torch_dtype)
+        _require(
+            self.torch_dtype in SUPPORTED_DTYPES,
+            "torch_dtype",
+            f"one of {SUPPORTED_DTYPES}",
+            self.torch_dtype,
+        )
 
     @property
     def q_size(self) -> int:
@@ -142,14 +183,26 @@ class ModelConfig:
             raise ModelConfigError(f"config.json must hold a JSON object, got {type(raw).__name__}")
         model_type = raw.get("model_type", "llama")
         if model_type != "llama":
-            raise ModelConfigError(f"model_type {model_type!r} is not supported (supported: 'llama')")
+            raise ModelConfigError(
+                f"model_type {model_type!r} is not supported (supported: 'llama')"
+            )
         hidden_act = raw.get("hidden_act", "silu")
         if hidden_act != "silu":
-            raise ModelConfigError(f"hidden_act {hidden_act!r} is not supported (supported: 'silu')")
+            raise ModelConfigError(
+                f"hidden_act {hidden_act!r} is not supported (supported: 'silu')"
+            )
         for flag in ("attention_bias", "mlp_bias"):
             if raw.get(flag, False):
-                raise ModelConfigError(f"{flag}=true is not supported (Llama projections have no bias)")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+                raise ModelConfigError(
+                    f"{flag}=true is not supported (Llama projections have no bias)"
+                )
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        ):
             if name not in raw:
                 raise ModelConfigError(f"config.json lacks the required field {name!r}")
 
@@ -158,7 +211,10 @@ class ModelConfig:
         head_dim = raw.get("head_dim")
         if head_dim is None:
             _require(
-                _is_int(num_heads) and num_heads > 0 and _is_int(hidden_size) and hidden_size % num_heads == 0,
+                _is_int(num_heads)
+                and num_heads > 0
+                and _is_int(hidden_size)
+                and hidden_size % num_heads == 0,
                 "hidden_size",
                 f"a multiple of num_attention_heads ({num_heads}) when head_dim is absent",
                 hidden_size,
@@ -216,9 +272,13 @@ def _parse_rope(raw: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         missing = [k for k in ("low_freq_factor", "high_freq_factor") if k not in params]
         if missing:
             raise ModelConfigError(f"rope_scaling of type 'llama3' lacks the field {missing[0]!r}")
-        original = params.get("original_max_position_embeddings", raw.get("max_position_embeddings"))
+        original = params.get(
+            "original_max_position_embeddings", raw.get("max_position_embeddings")
+        )
         if original is None:
-            raise ModelConfigError("rope_scaling of type 'llama3' lacks 'original_max_position_embeddings'")
+            raise ModelConfigError(
+                "rope_scaling of type 'llama3' lacks 'original_max_position_embeddings'"
+            )
         return rope_theta, RopeScaling(
             rope_type="llama3",
             factor=params["factor"],
@@ -226,7 +286,9 @@ def _parse_rope(raw: dict[str, Any]) -> tuple[float, RopeScaling | None]:
             high_freq_factor=params["high_freq_factor"],
             original_max_position_embeddings=original,
         )
-    raise ModelConfigError(f"rope_scaling.rope_type {rope_type!r} is not supported (supported: 'llama3', 'linear')")
+    raise ModelConfigError(
+        f"rope_scaling.rope_type {rope_type!r} is not supported (supported: 'llama3', 'linear')"
+    )
 
 
 def _parse_eos(value: Any) -> tuple[int, ...]:

@@ -2,10 +2,10 @@
 
 Each layer is cut at attention: `layer_pre` (norm, fused QKV GEMM, rotary) and `layer_post` (O
 projection, norm, fused gate/up GEMM, SiLU-and-mul, down projection). The engine runs attention in
-between, on the GPU through `gpu_attention` or on the CPU for offloaded requests, and may interleave
-the stages of two sub-batches. The residual add is folded into the next norm (fused add+RMSNorm), so a
-stage hands on `(hidden, residual)` rather than their sum. The model holds weights only: no request
-state and no KV cache.
+between, on the GPU through `gpu_attention` or on the CPU for offloaded requests, and may
+interleave the stages of two sub-batches. The residual add is folded into the next norm (fused
+add+RMSNorm), so a stage hands on `(hidden, residual)` rather than their sum. The model holds
+weights only: no request state and no KV cache.
 """
 
 from __future__ import annotations
@@ -21,15 +21,19 @@ from neod.model.config import ModelConfig
 from neod.model.rope import build_cos_sin_cache
 from neod.model.weights import ModelWeights, load_weights, random_weights, resolve_dtype
 
+
 class LlamaModel:
-    def __init__(self, config: ModelConfig, weights: ModelWeights, max_positions: int | None = None) -> None:
+    def __init__(
+        self, config: ModelConfig, weights: ModelWeights, max_positions: int | None = None
+    ) -> None:
         self.config = config
         self.weights = weights
         self.num_layers = config.num_hidden_layers
         self.scale = config.head_dim**-0.5
         self._split = (config.q_size, config.kv_size, config.kv_size)
         self._eps = config.rms_norm_eps
-        self.cos_sin = build_cos_sin_cache(config, max_positions, weights.device)  # [max_positions, D] fp32
+        # [max_positions, D] fp32: cos | sin, RoPE scaling included
+        self.cos_sin = build_cos_sin_cache(config, max_positions, weights.device)
 
     @classmethod
     def from_pretrained(
@@ -41,7 +45,9 @@ class LlamaModel:
     ) -> LlamaModel:
         """Load a local Hugging Face Llama folder; dtype defaults to the checkpoint's."""
         config = ModelConfig.from_pretrained(model_dir)
-        weights = load_weights(model_dir, config, device, resolve_dtype(dtype or config.torch_dtype))
+        weights = load_weights(
+            model_dir, config, device, resolve_dtype(dtype or config.torch_dtype)
+        )
         return cls(config, weights, max_positions)
 
     @classmethod
@@ -79,7 +85,8 @@ class LlamaModel:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Norm (adding the previous layer's output to the residual), QKV GEMM and rotary embedding.
 
-        q, k and v are views of one fused GEMM output: rows are strided, each head's D values contiguous.
+        q, k and v are views of one fused GEMM output: rows are strided, each head's D values
+        contiguous.
         """
         # hidden: [T, H]; residual: [T, H] or None (first layer); positions: [T] int64
         # -> q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], residual [T, H]
@@ -101,8 +108,9 @@ class LlamaModel:
     def layer_post(
         self, i: int, attn_out: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """O projection, residual add + norm, then the MLP; returns the MLP output and the residual."""
-        # attn_out: [T, Hq * D]; residual: [T, H] (updated in place) -> hidden [T, H], residual [T, H]
+        """O projection, residual add + norm, then the MLP; returns MLP output and residual."""
+        # attn_out: [T, Hq * D]; residual: [T, H], updated in place
+        # -> hidden [T, H], residual [T, H]
         layer = self.weights.layers[i]
         hidden = F.linear(attn_out, layer.o_proj)
         ops.fused_add_rms_norm_(hidden, residual, layer.post_norm, self._eps)
@@ -110,7 +118,10 @@ class LlamaModel:
         return F.linear(ops.silu_and_mul(gate_up), layer.down), residual
 
     def final(
-        self, hidden: torch.Tensor, residual: torch.Tensor, sample_indices: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor,
+        sample_indices: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """fp32 logits of the selected rows only (all rows when sample_indices is None).
 
@@ -154,5 +165,6 @@ class LlamaModel:
         ):
             raise ValueError(
                 f"kv_pool shape {list(kv_pool.shape)} does not fit the model: expected "
-                f"[{cfg.num_hidden_layers}, num_blocks, 2, {cfg.num_key_value_heads}, block_size, {cfg.head_dim}]"
+                f"[{cfg.num_hidden_layers}, num_blocks, 2, {cfg.num_key_value_heads}, "
+                f"block_size, {cfg.head_dim}]"
             )

@@ -1,8 +1,9 @@
 """Named model shapes for random weights: benchmarks and tests need no download.
 
-The real shapes copy the published `config.json` of each model (rope scaling included), so that memory,
-KV sizing and kernel timings on random weights match the real model. `tiny` is the built-in demo model:
-its vocabulary starts with the server's byte-level tokenizer (ids 0-255 are bytes, 256 BOS, 257 EOS).
+The real shapes copy the published `config.json` of each model (rope scaling included), so that
+memory, KV sizing and kernel timings on random weights match the real model. `tiny` is the built-in
+demo model: its vocabulary starts with the server's byte-level tokenizer (ids 0-255 are bytes, 256
+BOS, 257 EOS).
 """
 
 from __future__ import annotations
@@ -114,4 +115,6 @@ def get_preset(name: str) -> ModelConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}") from None
+        raise ValueError(
+            f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}"
+        ) from None

@@ -2,8 +2,9 @@
 
 Both paths allocate the final (fused) tensors once on the target device and fill them in place, so
 peak memory is the model itself: q/k/v land in row slices of one QKV matrix and gate/up in one
-gate_up matrix, which turns three (two) GEMMs per layer into one. Loading checks every expected tensor
-and its shape before reading any data, so a bad checkpoint fails in seconds with the tensor's name.
+gate_up matrix, which turns three (two) GEMMs per layer into one. Loading checks every expected
+tensor and its shape before reading any data, so a bad checkpoint fails in seconds with the
+tensor's name.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-# Tensors some checkpoints carry that the model recomputes (old Llama 2 exports keep the RoPE table).
+# Tensors some checkpoints carry that the model recomputes (old Llama 2 exports keep RoPE tables).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _PROGRESS_STEP = 0.1  # log a progress line every 10% of the bytes
 # Random-init gains (see random_weights): sharper-than-unit attention and a strong residual branch.
@@ -75,7 +76,9 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     return dtype
 
 
-def allocate_weights(config: ModelConfig, device: torch.device | str, dtype: torch.dtype) -> ModelWeights:
+def allocate_weights(
+    config: ModelConfig, device: torch.device | str, dtype: torch.dtype
+) -> ModelWeights:
     """Uninitialised weights of the config's shape on the device."""
     h, i = config.hidden_size, config.intermediate_size
 
@@ -103,13 +106,13 @@ def random_weights(
 ) -> ModelWeights:
     """Seeded random weights, generated on the device (same seed and device: same weights).
 
-    Projections get std gain/sqrt(fan_in), so attention scores and MLP activations are O(1); the two
-    projections writing into the residual stream are further scaled by 1/sqrt(2 * num_layers), so the
-    context's share of the final hidden state is comparable to the current token's unit-variance
-    embedding. Measured on greedy decodes of the tiny preset: 64 tokens hold ~50 distinct ids and none
-    of 16 seed/prompt pairs falls into a one-token loop, where std 0.02 everywhere (the usual training
-    init) cycles through 2-10 ids. Tied embeddings of unit variance repeat the last token forever;
-    at 0.5/sqrt(H) ~30 of 64 ids are distinct.
+    Projections get std gain/sqrt(fan_in), so attention scores and MLP activations are O(1); the
+    two projections writing into the residual stream are further scaled by 1/sqrt(2 * num_layers),
+    so the context's share of the final hidden state is comparable to the current token's
+    unit-variance embedding. Measured on greedy decodes of the tiny preset: 64 tokens hold ~50
+    distinct ids and none of 16 seed/prompt pairs falls into a one-token loop, where std 0.02
+    everywhere (the usual training init) cycles through 2-10 ids. Tied embeddings of unit variance
+    repeat the last token forever; at 0.5/sqrt(H) ~30 of 64 ids are distinct.
     """
     started = time.perf_counter()
     weights = allocate_weights(config, device, dtype)
@@ -147,8 +150,11 @@ def random_weights(
     return weights
 
 
-def _destinations(config: ModelConfig, weights: ModelWeights) -> dict[str, torch.Tensor]:
-    """Checkpoint tensor name -> the (view of the) model tensor it fills."""
+def checkpoint_tensors(config: ModelConfig, weights: ModelWeights) -> dict[str, torch.Tensor]:
+    """Hugging Face checkpoint name -> view of the fused tensor it fills (no lm_head when tied).
+
+    Read rather than written, the views are the unfused tensors an HF export of the model holds.
+    """
     q, kv, i = config.q_size, config.kv_size, config.intermediate_size
     dests = {"model.embed_tokens.weight": weights.embed, "model.norm.weight": weights.final_norm}
     if not config.tie_word_embeddings:
@@ -184,7 +190,7 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
     if not single.is_file():
         raise WeightsError(f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir}")
     with safe_open(single, framework="pt") as f:
-        return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+        return dict.fromkeys(f.keys(), single)
 
 
 def load_weights(
@@ -194,31 +200,41 @@ def load_weights(
     model_dir = Path(model_dir)
     started = time.perf_counter()
     files = checkpoint_files(model_dir)
-    weights = allocate_weights(config, device, dtype)
-    dests = _destinations(config, weights)
-    for name in dests:
+    # Validate against shapes on the meta device: a bad checkpoint fails before any allocation.
+    expected = checkpoint_tensors(config, allocate_weights(config, "meta", dtype))
+    for name in expected:
         if name not in files:
             raise WeightsError(f"checkpoint in {model_dir} lacks tensor {name!r}")
-    unexpected = sorted(n for n in files if n not in dests and not n.endswith(_IGNORED_SUFFIXES))
+    unexpected = sorted(n for n in files if n not in expected and not n.endswith(_IGNORED_SUFFIXES))
     if config.tie_word_embeddings and "lm_head.weight" in unexpected:
         unexpected.remove("lm_head.weight")  # tied: the embedding matrix serves as the LM head
     if unexpected:
-        logger.warning("ignoring %d unexpected tensors in %s, e.g. %s", len(unexpected), model_dir, unexpected[:3])
+        logger.warning(
+            "ignoring %d unexpected tensors in %s, e.g. %s",
+            len(unexpected),
+            model_dir,
+            unexpected[:3],
+        )
 
     by_file: dict[Path, list[str]] = {}
-    for name in dests:
+    for name in expected:
         by_file.setdefault(files[name], []).append(name)
     for path, names in by_file.items():
         if not path.is_file():
-            raise WeightsError(f"shard {path.name} listed in {INDEX_FILE} is missing from {model_dir}")
+            raise WeightsError(
+                f"shard {path.name} listed in {INDEX_FILE} is missing from {model_dir}"
+            )
         with safe_open(path, framework="pt") as f:
             for name in names:
                 shape = tuple(f.get_slice(name).get_shape())
-                if shape != tuple(dests[name].shape):
+                if shape != tuple(expected[name].shape):
                     raise WeightsError(
                         f"tensor {name!r} in {path.name} has shape {list(shape)}, "
-                        f"the config expects {list(dests[name].shape)}"
+                        f"the config expects {list(expected[name].shape)}"
                     )
+
+    weights = allocate_weights(config, device, dtype)
+    dests = checkpoint_tensors(config, weights)
 
     total_bytes = sum(t.numel() * t.element_size() for t in dests.values())
     loaded_bytes = 0
@@ -238,6 +254,10 @@ def load_weights(
                         total_bytes / 2**30,
                         time.perf_counter() - started,
                     )
-                    next_report = (math.floor(loaded_bytes / total_bytes / _PROGRESS_STEP) + 1) * _PROGRESS_STEP
-    logger.info("loaded %d tensors from %s in %.1f s", len(dests), model_dir, time.perf_counter() - started)
+                    next_report = (
+                        math.floor(loaded_bytes / total_bytes / _PROGRESS_STEP) + 1
+                    ) * _PROGRESS_STEP
+    logger.info(
+        "loaded %d tensors from %s in %.1f s", len(dests), model_dir, time.perf_counter() - started
+    )
     return weights

@@ -1,4 +1,4 @@
-"""The engine thread: the only thread that calls `engine.step()`, so socket I/O never waits on a step.
+"""The engine thread: the only caller of `engine.step()`, so socket I/O never waits on a step.
 
 The event loop hands work over through a lock-protected inbox (submissions, aborts, calls such as
 `stats`/`tune`) and gets outputs back through `deliver`, which it points at
@@ -58,10 +58,13 @@ class _Pending:
 
 
 class EngineRunner:
-    def __init__(self, engine: EngineLike, deliver: Callable[[list[RequestOutput]], None],
+    def __init__(self, engine: EngineLike,
+                 deliver: Callable[[list[RequestOutput], list[tuple[str, float]]], None],
                  on_fatal: Callable[[str], None], window: int) -> None:
         self.engine = engine
-        self._deliver = deliver  # called on the engine thread
+        # Called on the engine thread with the outputs and the (request id, monotonic time) of
+        # the requests handed to the engine since the last call.
+        self._deliver = deliver
         self._on_fatal = on_fatal  # called on the engine thread, once, before the thread exits
         self._window = window
         self._cond = threading.Condition()
@@ -70,6 +73,7 @@ class EngineRunner:
         self._aborts: list[str] = []
         self._calls: list[tuple[Callable[[EngineLike], Any], concurrent.futures.Future]] = []
         self._not_started: set[str] = set()
+        self._admitted: list[tuple[str, float]] = []
         self._arrival = itertools.count()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="neod-engine", daemon=True)
@@ -137,12 +141,14 @@ class EngineRunner:
             calls, self._calls = self._calls, []
             aborts, self._aborts = self._aborts, []
             admits = []
+            now = time.monotonic()
             while self._admissible():
                 item = heapq.heappop(self._heap)
                 if item.cancelled:
                     continue
                 del self._pending[item.request_id]
                 self._not_started.add(item.request_id)
+                self._admitted.append((item.request_id, now))
                 admits.append(item)
             return calls, aborts, admits
 
@@ -183,8 +189,12 @@ class EngineRunner:
                 if out.new_token_ids or out.finished:
                     self._not_started.discard(out.request_id)
             if outputs:
-                self._deliver(outputs)
+                self._flush(outputs)
             self.last_beat = time.monotonic()
+
+    def _flush(self, outputs: list[RequestOutput]) -> None:
+        admitted, self._admitted = self._admitted, []
+        self._deliver(outputs, admitted)
 
     def _abort(self, request_ids: list[str]) -> list[RequestOutput]:
         """Abort in the engine; requests still in neod's heap end here with a synthetic output."""
@@ -200,7 +210,7 @@ class EngineRunner:
         return outputs
 
     def _recover(self, message: str, failures: int, outputs: list[RequestOutput]) -> bool:
-        """Fail the engine's requests and go on; give up after repeated failures or a failed cleanup."""
+        """Fail the engine's requests and go on; give up on repeated failures or failed cleanup."""
         fatal = failures >= MAX_CONSECUTIVE_STEP_FAILURES
         try:
             outputs += self.engine.fail_all(message)
@@ -210,6 +220,6 @@ class EngineRunner:
         if not fatal:
             return True
         self.failed = True
-        self._deliver(outputs)
+        self._flush(outputs)
         self._on_fatal(f"{message}; {failures} consecutive failure(s), the engine is unusable")
         return False

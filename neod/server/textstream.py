@@ -20,7 +20,7 @@ class OutputText:
         self.stopped_by: str | None = None
 
     def feed(self, token_ids: list[int]) -> str:
-        """Text that may be sent now; after a stop match, `stopped_by` is set and nothing follows."""
+        """Text that may be sent now; after a stop match `stopped_by` is set and nothing follows."""
         if self.stopped_by is not None:
             return ""
         self._pending += self._detok.step(token_ids)

@@ -51,8 +51,8 @@ def _prepare_ipc(endpoint: str) -> Path:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     mode = path.parent.stat().st_mode
     if mode & (stat.S_IWGRP | stat.S_IWOTH):
-        logger.warning("event=ipc_dir_writable dir=%s mode=%o: other users could replace the socket",
-                       path.parent, stat.S_IMODE(mode))
+        logger.warning("event=ipc_dir_writable dir=%s mode=%o: other users could replace the "
+                       "socket", path.parent, stat.S_IMODE(mode))
     if path.exists():
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -113,8 +113,9 @@ def bind_router(ctx: zmq.Context, endpoint: str, server: ServerConfig, role: str
                 sock.curve_server = True
                 sock.curve_publickey, sock.curve_secretkey = public, secret
             elif _tcp_host(endpoint) not in _LOOPBACK_HOSTS:
-                logger.warning("event=plain_tcp_exposed role=%s endpoint=%s: anyone who can reach "
-                               "it can submit work; set [server] curve_secret_key_file", role, endpoint)
+                logger.warning("event=plain_tcp_exposed role=%s endpoint=%s: anyone who can "
+                               "reach it can submit work; set [server] curve_secret_key_file",
+                               role, endpoint)
         else:
             ipc_path = _prepare_ipc(endpoint)
         sock.bind(endpoint)

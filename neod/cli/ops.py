@@ -1,0 +1,148 @@
+"""neoctl's operations commands: status, tune, drain, resume, ping."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import typer
+
+from neod.cli.ctl import Ctl, echo_json, fail
+from neod.client import DaemonUnavailable, RequestError
+
+_SHOWN_ENGINE_KEYS = {"model", "device", "dtype", "policy", "mode", "max_batch_size",
+                      "max_tokens_in_batch", "max_model_len", "waiting", "decoding_gpu",
+                      "decoding_cpu", "kv_gpu", "kv_cpu", "cpu_pool"}
+
+
+def _pct(p: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:g}" for k, v in p.items()) if p else "-"
+
+
+def _kv(usage: dict[str, Any] | None) -> str:
+    if not usage or not usage.get("blocks_total"):
+        return "none"
+    used, total = usage.get("blocks_used", 0), usage["blocks_total"]
+    return f"{used}/{total} blocks ({100.0 * used / total:.1f}%)"
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(int(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h{m:02d}m{s:02d}s" if hours else f"{m}m{s:02d}s"
+
+
+def render_status(result: dict[str, Any]) -> str:
+    srv, eng = result.get("server", {}), result.get("engine", {})
+    lines = [f"neod {srv.get('version', '?')}  {srv.get('state', '?')}  pid {result.get('pid')}  "
+             f"up {_duration(srv.get('uptime_s', 0))}  intake {srv.get('intake_endpoint')}"]
+    if "error" in eng:
+        lines.append(f"engine    ERROR: {eng['error']}")
+    elif "model" in eng:
+        lines += [
+            f"model     {eng.get('model')} on {eng.get('device')} ({eng.get('dtype', '?')}), "
+            f"context {eng.get('max_model_len')}",
+            f"policy    {eng.get('policy')}" + (f"  mode {eng['mode']}" if "mode" in eng else "")
+            + f"  max_batch_size {eng.get('max_batch_size')}  max_tokens_in_batch "
+              f"{eng.get('max_tokens_in_batch')}",
+            f"requests  active {srv.get('active_requests')}  waiting {srv.get('waiting_requests')} "
+            f"(engine queue {eng.get('waiting')}, held by neod {srv.get('held_by_neod')})  "
+            f"decoding on GPU {eng.get('decoding_gpu')}, on CPU {eng.get('decoding_cpu')}",
+            f"KV        GPU {_kv(eng.get('kv_gpu'))}   CPU {_kv(eng.get('kv_cpu'))}",
+        ]
+        pool = eng.get("cpu_pool") or {}
+        bandwidth = pool.get("read_bandwidth_gbps")
+        lines.append(f"CPU pool  {pool.get('threads', 0)} threads"
+                     + (f", {bandwidth:g} GB/s read bandwidth" if bandwidth else ""))
+    else:
+        lines.append(f"engine    {eng.get('state', 'not ready')}")
+    lines += [
+        f"rate      {srv.get('tokens_per_s', 0):g} tokens/s   producers {srv.get('producers')}",
+        f"TTFT ms   {_pct(srv.get('ttft_ms', {}))}",
+        f"TPOT ms   {_pct(srv.get('tpot_ms', {}))}",
+        f"queue ms  {_pct(srv.get('queue_ms', {}))}",
+        "counts    " + ("  ".join(f"{k}={v}" for k, v in srv.get("counts", {}).items()) or "-"),
+    ]
+    for key in sorted(set(eng) - _SHOWN_ENGINE_KEYS - {"error", "state"}):
+        lines.append(f"{key:<9} {eng[key]}")
+    return "\n".join(lines)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def status(ctx: typer.Context,
+               json: bool = typer.Option(False, "--json", help="print the raw JSON")) -> None:
+        """Model, devices, policy, queues, KV usage, CPU pool, throughput and latency."""
+        result = ctx.obj.call("status")
+        echo_json(result) if json else typer.echo(render_status(result))
+
+    @app.command()
+    def tune(ctx: typer.Context,
+             policy: str | None = typer.Option(None, help="auto, gpu-only or neo"),
+             max_batch_size: int | None = typer.Option(None, help="most requests per iteration"),
+             max_tokens_in_batch: int | None = typer.Option(None, help="most tokens per iteration"),
+             cpu_threads: int | None = typer.Option(None, help="CPU attention threads"),
+             json: bool = typer.Option(False, "--json", help="print the raw JSON")) -> None:
+        """Change scheduling knobs live; the daemon validates them and reports what it applied."""
+        knobs = {k: v for k, v in (("policy", policy), ("max_batch_size", max_batch_size),
+                                   ("max_tokens_in_batch", max_tokens_in_batch),
+                                   ("cpu_threads", cpu_threads)) if v is not None}
+        if not knobs:
+            fail("give at least one of --policy, --max-batch-size, --max-tokens-in-batch, "
+                 "--cpu-threads", 2)
+        result = ctx.obj.call("tune", **knobs)
+        if json:
+            echo_json(result)
+        else:
+            typer.echo("applied: " + "  ".join(f"{k}={v}" for k, v in result["applied"].items()))
+
+    @app.command()
+    def drain(ctx: typer.Context,
+              exit_: bool = typer.Option(False, "--exit", help="shut the daemon down afterwards "
+                                         "(in-flight requests get the grace period)"),
+              wait: bool = typer.Option(False, "--wait", help="return once nothing is in flight"),
+              json: bool = typer.Option(False, "--json", help="print the raw JSON")) -> None:
+        """Stop accepting requests and let in-flight ones finish (`neoctl resume` undoes it)."""
+        obj: Ctl = ctx.obj
+        result = obj.call("drain", exit=exit_)
+        echo_json(result) if json else typer.echo(
+            f"draining: {result['active_requests']} request(s) in flight"
+            + (f"; the daemon exits once they finish (at most {result['grace_period_s']:g}s)"
+               if exit_ else ""))
+        if wait:
+            _wait_idle(obj, exit_)
+
+    @app.command()
+    def resume(ctx: typer.Context,
+               json: bool = typer.Option(False, "--json", help="print the raw JSON")) -> None:
+        """Accept requests again after `neoctl drain` (not after `drain --exit`)."""
+        result = ctx.obj.call("resume")
+        echo_json(result) if json else typer.echo(f"state: {result['state']}")
+
+    @app.command()
+    def ping(ctx: typer.Context,
+             json: bool = typer.Option(False, "--json", help="print the raw JSON")) -> None:
+        """Check that the daemon answers on its control endpoint."""
+        start = time.monotonic()
+        result = ctx.obj.call("ping")
+        result["rtt_ms"] = round((time.monotonic() - start) * 1000, 2)
+        echo_json(result) if json else typer.echo(
+            f"neod {result['version']} pid {result['pid']} {result['state']}, "
+            f"{result['rtt_ms']:g} ms")
+
+
+def _wait_idle(obj: Ctl, exiting: bool) -> None:
+    """Poll until nothing is in flight (or, when exiting, until the daemon is gone)."""
+    with obj.control_client() as client:
+        while True:
+            try:
+                srv = client.call("status", timeout_s=obj.timeout_s)["server"]
+            except (DaemonUnavailable, RequestError):
+                if exiting:
+                    typer.echo("neod has exited")
+                    return
+                raise
+            if srv["active_requests"] == 0 and not exiting:
+                typer.echo("drained: nothing in flight")
+                return
+            time.sleep(0.5)

@@ -1,0 +1,179 @@
+"""The cost model the scheduler is given, and the iteration-time formulas built on it.
+
+The scheduler never measures anything: it asks an injected `CostModel` (a profiled table in
+production, a zero or scripted model in tests) for per-layer stage times and combines them with the
+formulas below, which follow the order in which the engine issues work (docs/scheduler.md derives
+them):
+
+  sequential  layer = max(lin(b) + max(gpu_attn(b), cpu(b)),  copy)
+  pipelined   layer = max(max(lin(b0), cpu(b1)) + max(lin(b1) + gpu_attn(b0), cpu(b0)),  copy)
+  iteration   = num_layers * layer + overhead(all sequences)
+
+with cpu(b) = cpu_attn(b) + transfer(b) when b has CPU decodes (their QKV must reach the host and
+the output come back before the post-projection), and copy = the PCIe time of this layer's transfers
+and block swaps, which share the copy engines and so bound the layer from below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+
+class CostModel(Protocol):
+    """Seconds per layer unless noted; zero work costs zero."""
+
+    def linear_s(self, num_tokens: int) -> float:
+        """Pre- and post-projections of a sub-batch of num_tokens rows."""
+
+    def prefill_attn_s(self, prompt_lens: Sequence[int]) -> float:
+        """Causal attention of these prompts, packed in one call."""
+
+    def gpu_decode_attn_s(self, num_seqs: int, num_ctx_tokens: int) -> float:
+        """Paged decode attention on the GPU."""
+
+    def cpu_decode_attn_s(self, num_seqs: int, num_ctx_tokens: int) -> float:
+        """Paged decode attention on the CPU pool, measured while host-device copies run."""
+
+    def transfer_s(self, num_cpu_seqs: int) -> float:
+        """QKV of CPU-decoded rows to the host plus their attention output back."""
+
+    def swap_s(self, num_blocks: int) -> float:
+        """One layer of num_blocks KV blocks between the pools."""
+
+    def iteration_overhead_s(self, num_seqs: int) -> float:
+        """Per iteration: embedding, LM head, sampling, host bookkeeping."""
+
+
+class ZeroCostModel:
+    """Everything is free: plans then depend only on memory and budgets (tests, dry runs)."""
+
+    def linear_s(self, num_tokens: int) -> float:
+        return 0.0
+
+    def prefill_attn_s(self, prompt_lens: Sequence[int]) -> float:
+        return 0.0
+
+    def gpu_decode_attn_s(self, num_seqs: int, num_ctx_tokens: int) -> float:
+        return 0.0
+
+    def cpu_decode_attn_s(self, num_seqs: int, num_ctx_tokens: int) -> float:
+        return 0.0
+
+    def transfer_s(self, num_cpu_seqs: int) -> float:
+        return 0.0
+
+    def swap_s(self, num_blocks: int) -> float:
+        return 0.0
+
+    def iteration_overhead_s(self, num_seqs: int) -> float:
+        return 0.0
+
+
+@dataclass(frozen=True)
+class BatchLoad:
+    """What one sub-batch asks of each device (prefill attention pre-costed, to be amortised)."""
+
+    num_tokens: int = 0  # rows through the projections: prompt tokens plus one per decode
+    prefill_attn_s: float = 0.0  # per layer
+    num_seqs: int = 0  # prefills and decodes
+    num_gpu_seqs: int = 0  # GPU decodes
+    gpu_ctx_tokens: int = 0
+    num_cpu_seqs: int = 0  # CPU decodes
+    cpu_ctx_tokens: int = 0
+
+    def plus_gpu_decodes(self, num_seqs: int, ctx_tokens: int) -> BatchLoad:
+        return replace(
+            self,
+            num_tokens=self.num_tokens + num_seqs,
+            num_seqs=self.num_seqs + num_seqs,
+            num_gpu_seqs=self.num_gpu_seqs + num_seqs,
+            gpu_ctx_tokens=self.gpu_ctx_tokens + ctx_tokens,
+        )
+
+    def plus_cpu_decodes(self, num_seqs: int, ctx_tokens: int) -> BatchLoad:
+        return replace(
+            self,
+            num_tokens=self.num_tokens + num_seqs,
+            num_seqs=self.num_seqs + num_seqs,
+            num_cpu_seqs=self.num_cpu_seqs + num_seqs,
+            cpu_ctx_tokens=self.cpu_ctx_tokens + ctx_tokens,
+        )
+
+
+def linear_s(cost: CostModel, num_tokens: int) -> float:
+    return cost.linear_s(num_tokens) if num_tokens else 0.0
+
+
+def gpu_attn_s(cost: CostModel, b: BatchLoad) -> float:
+    return b.prefill_attn_s + (
+        cost.gpu_decode_attn_s(b.num_gpu_seqs, b.gpu_ctx_tokens) if b.num_gpu_seqs else 0.0
+    )
+
+
+def cpu_path_s(cost: CostModel, b: BatchLoad) -> float:
+    """Host side of one layer: attention plus the copies it waits for."""
+    if not b.num_cpu_seqs:
+        return 0.0
+    return cost.cpu_decode_attn_s(b.num_cpu_seqs, b.cpu_ctx_tokens) + cost.transfer_s(
+        b.num_cpu_seqs
+    )
+
+
+def copy_s(cost: CostModel, loads: Sequence[BatchLoad], swap_blocks: int) -> float:
+    total = sum(cost.transfer_s(b.num_cpu_seqs) for b in loads if b.num_cpu_seqs)
+    return total + (cost.swap_s(swap_blocks) if swap_blocks else 0.0)
+
+
+def sequential_layer_s(lin: float, gpu_attn: float, cpu: float, copy: float) -> float:
+    return max(lin + max(gpu_attn, cpu), copy)
+
+
+def pipelined_layer_s(
+    lin0: float, lin1: float, gpu_attn0: float, cpu0: float, cpu1: float, copy: float
+) -> float:
+    """Stage A: the GPU runs b0's projections while the CPU attends b1; stage B: b1's projections
+    and b0's GPU attention while the CPU attends b0's CPU decodes."""
+    return max(max(lin0, cpu1) + max(lin1 + gpu_attn0, cpu0), copy)
+
+
+def sequential_s(cost: CostModel, num_layers: int, b: BatchLoad, swap_blocks: int) -> float:
+    if not b.num_seqs:
+        return 0.0
+    layer = sequential_layer_s(
+        linear_s(cost, b.num_tokens),
+        gpu_attn_s(cost, b),
+        cpu_path_s(cost, b),
+        copy_s(cost, (b,), swap_blocks),
+    )
+    return num_layers * layer + cost.iteration_overhead_s(b.num_seqs)
+
+
+def pipelined_s(
+    cost: CostModel, num_layers: int, b0: BatchLoad, b1: BatchLoad, swap_blocks: int
+) -> float:
+    if not b0.num_seqs + b1.num_seqs:
+        return 0.0
+    layer = pipelined_layer_s(
+        linear_s(cost, b0.num_tokens),
+        linear_s(cost, b1.num_tokens),
+        gpu_attn_s(cost, b0),
+        cpu_path_s(cost, b0),
+        cpu_path_s(cost, b1),
+        copy_s(cost, (b0, b1), swap_blocks),
+    )
+    return num_layers * layer + cost.iteration_overhead_s(b0.num_seqs + b1.num_seqs)
+
+
+def rate_beats(
+    tokens_a: float, time_a: float, tokens_b: float, time_b: float, margin: float = 0.0
+) -> bool:
+    """Whether plan a beats plan b's tokens/s by more than margin; zero time is infinitely fast."""
+    if time_a <= 0.0 and time_b <= 0.0:
+        return tokens_a > tokens_b
+    if time_a <= 0.0:
+        return tokens_a > 0
+    if time_b <= 0.0:
+        return tokens_b == 0 and tokens_a > 0
+    return tokens_a * time_b > (1.0 + margin) * tokens_b * time_a

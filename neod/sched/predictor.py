@@ -1,0 +1,53 @@
+"""The production cost model: this host's measured profile, interpolated.
+
+Batched prefill attention is priced as one prompt doing the same causal work (sqrt of the sum of
+squared lengths): the table is measured one prompt at a time, and summing per-prompt times would
+charge every prompt the kernel's fixed cost again.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from neod.sched.profile import Profile
+
+
+class TableCostModel:
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        self._linear = profile.linear
+        self._prefill = profile.prefill_attn
+        self._gpu_decode = profile.gpu_decode_attn
+        self._cpu_decode = profile.cpu_decode_attn
+        self._transfer = profile.transfer
+        self._swap = profile.swap
+        self._overhead = profile.iteration_overhead
+
+    def linear_s(self, num_tokens: int) -> float:
+        return self._linear(num_tokens)
+
+    def prefill_attn_s(self, prompt_lens: Sequence[int]) -> float:
+        return self._prefill(math.sqrt(sum(n * n for n in prompt_lens)))
+
+    def gpu_decode_attn_s(self, num_seqs: int, num_ctx_tokens: int) -> float:
+        return self._gpu_decode(num_seqs, num_ctx_tokens)
+
+    def cpu_decode_attn_s(self, num_seqs: int, num_ctx_tokens: int) -> float:
+        if self._cpu_decode is None:
+            if num_seqs <= 0:
+                return 0.0
+            raise LookupError(
+                "this profile has no CPU attention table: it was measured without a host KV pool; "
+                "profile again with one (neoctl profile) before offloading"
+            )
+        return self._cpu_decode(num_seqs, num_ctx_tokens)
+
+    def transfer_s(self, num_cpu_seqs: int) -> float:
+        return self._transfer(num_cpu_seqs)
+
+    def swap_s(self, num_blocks: int) -> float:
+        return self._swap(num_blocks)
+
+    def iteration_overhead_s(self, num_seqs: int) -> float:
+        return self._overhead(num_seqs)

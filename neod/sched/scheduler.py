@@ -1,0 +1,410 @@
+"""NEO's load-aware scheduler: state in, plan out, once per iteration.
+
+One pass, in this order (docs/scheduler.md has the reasoning and the guarantees):
+
+1. Drop what can never run (a prompt over the token budget, KV larger than any usable pool).
+2. Decode slots: aged sequences first (any device, stalest first), then GPU decodes in FCFS order.
+3. Memory: CPU decodes' growth is reserved; when the GPU cannot hold its decodes' growth, the newest
+   GPU sequences leave it: swapped to the CPU when the policy offloads (NEO), else preempted for
+   recompute.
+4. Swap-in, oldest first, only when nothing was swapped out and GPU use stays under the lower
+   threshold (hysteresis).
+5. Prefills in FCFS order: on the GPU if it has room, else on the CPU when the policy offloads and
+   the CPU keeps up with the requests it already holds. A prompt that does not fit is skipped, so it
+   never blocks the queue; once it has waited `wait_age_limit` steps nothing younger is admitted
+   until it is in.
+6. CPU decodes and the mode: `split.split_cpu_decodes` over the fixed GPU work.
+
+Policy `auto` offloads only when the predictor says decoding with the CPU's help beats decoding on
+the GPU alone, both rated on the same sequences (running, swap victims, prompts the GPU cannot
+take).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+from neod.sched.cost import BatchLoad, CostModel, rate_beats, sequential_s
+from neod.sched.plan import Plan
+from neod.sched.split import CpuCandidate, split_cpu_decodes
+from neod.sched.views import CacheView, Limits, Residence, SeqView, blocks_for
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        cost_model: CostModel,
+        num_layers: int,
+        *,
+        swap_in_frac: float = 0.95,
+        age_limit: int = 4,
+        wait_age_limit: int = 16,
+        gpu_watermark_frac: float = 0.01,
+        auto_margin: float = 0.03,
+    ) -> None:
+        """age_limit: a running sequence idle for this many steps is forced into the batch;
+        wait_age_limit: a prompt waiting this long is no longer overtaken by younger ones;
+        gpu_watermark_frac: share of GPU blocks a prefill leaves free while decodes run (they grow);
+        auto_margin: how much faster offloading must be predicted before policy auto uses it."""
+        if num_layers < 1 or not 0.0 < swap_in_frac <= 1.0 or age_limit < 1 or wait_age_limit < 1:
+            raise ValueError("num_layers, age limits must be >= 1 and swap_in_frac in (0, 1]")
+        self.cost = cost_model
+        self.num_layers = num_layers
+        self.swap_in_frac = swap_in_frac
+        self.age_limit = age_limit
+        self.wait_age_limit = wait_age_limit
+        self.gpu_watermark_frac = gpu_watermark_frac
+        self.auto_margin = auto_margin
+
+    def schedule(
+        self,
+        waiting: Sequence[SeqView],
+        running: Sequence[SeqView],
+        cache: CacheView,
+        limits: Limits,
+        step: int,
+    ) -> Plan:
+        return _Pass(self, waiting, running, cache, limits, step).run()
+
+
+class _Pass:
+    """The working state of one schedule() call."""
+
+    def __init__(
+        self,
+        sched: Scheduler,
+        waiting: Sequence[SeqView],
+        running: Sequence[SeqView],
+        cache: CacheView,
+        limits: Limits,
+        step: int,
+    ) -> None:
+        self.sched, self.cache, self.limits, self.step = sched, cache, limits, step
+        self.bs = cache.block_size
+        self.offloads = limits.policy != "gpu-only"
+        self.gpu_free, self.cpu_free = cache.num_free_gpu_blocks, cache.num_free_cpu_blocks
+        self.slots, self.tokens = limits.max_batch_size, limits.max_tokens_in_batch
+        self.plan = Plan()
+        self.waiting = sorted(waiting, key=lambda s: s.arrival)
+        self.gpu = sorted(
+            (s for s in running if s.residence == Residence.GPU), key=lambda s: s.arrival
+        )
+        self.cpu = sorted(
+            (s for s in running if s.residence == Residence.CPU), key=lambda s: s.arrival
+        )
+        self.slotted: set[int] = set()  # running sequences holding a decode slot
+        self.decoders: list[SeqView] = []  # GPU decodes
+        self.cpu_cands: list[SeqView] = []  # may decode on the CPU this iteration
+        # auto: whether offloading is predicted to pay, judged once on the incoming state
+        self.offload_pays = False
+        self.cpu_keeps_up: bool | None = None
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    def _take(self, num_tokens: int) -> bool:
+        if self.slots < 1 or self.tokens < num_tokens:
+            return False
+        self.slots -= 1
+        self.tokens -= num_tokens
+        return True
+
+    def _refund(self, s: SeqView) -> None:
+        if s.seq_id in self.slotted:
+            self.slotted.discard(s.seq_id)
+            self.slots += 1
+            self.tokens += 1
+
+    def _growth(self, s: SeqView) -> int:
+        return s.decode_blocks(self.bs) - s.held_blocks(self.bs)
+
+    def _capacity(self) -> int:
+        gpu = self.cache.num_gpu_blocks
+        return max(gpu, self.cache.num_cpu_blocks) if self.offloads else gpu
+
+    def _recomputable(self, s: SeqView) -> bool:
+        n = s.num_computed_tokens + 1
+        return n <= self.limits.max_tokens_in_batch and blocks_for(n, self.bs) <= self._capacity()
+
+    def _may_offload(self, num_blocks: int) -> bool:
+        if not self.offloads:
+            return False
+        # The GPU can never hold a sequence larger than its pool: the CPU is then its only home.
+        return (
+            self.limits.policy == "neo"
+            or num_blocks > self.cache.num_gpu_blocks
+            or self.offload_pays
+        )
+
+    def _unservable(self, s: SeqView, why: str) -> None:
+        logger.warning("seq %d cannot be served: %s", s.seq_id, why)
+        self.plan.unservable.append(s.seq_id)
+
+    # ---- the pass --------------------------------------------------------------------------------
+    def run(self) -> Plan:
+        self._drop_unservable()
+        if self.limits.policy == "auto":
+            self.offload_pays = self._offload_pays()
+        self._assign_slots()
+        if self.offloads:
+            self._reserve_cpu_growth()
+        self._make_gpu_room()
+        if self.offloads:
+            if not self.plan.swap_out:
+                self._swap_in(math.floor(self.sched.swap_in_frac * self.cache.num_gpu_blocks))
+            admit = True
+        else:
+            admit = self._leave_cpu()
+        if admit:
+            self._admit_prefills()
+        self._split()
+        return self.plan
+
+    def _drop_unservable(self) -> None:
+        cap, max_tokens = self._capacity(), self.limits.max_tokens_in_batch
+        for group in (self.gpu, self.cpu):
+            for s in [s for s in group if s.decode_blocks(self.bs) > cap]:
+                self._unservable(
+                    s,
+                    f"its KV needs {s.decode_blocks(self.bs)} blocks, the largest pool "
+                    f"policy {self.limits.policy} may use has {cap}",
+                )
+                group.remove(s)
+        keep = []
+        for w in self.waiting:
+            if w.num_prompt_tokens > max_tokens:
+                self._unservable(
+                    w,
+                    f"{w.num_prompt_tokens} tokens to prefill exceed max_tokens_in_batch "
+                    f"{max_tokens}",
+                )
+            elif blocks_for(w.num_prompt_tokens, self.bs) > cap:
+                self._unservable(
+                    w, f"its prompt needs more than the {cap} blocks of the largest usable pool"
+                )
+            else:
+                keep.append(w)
+        self.waiting = keep
+
+    def _assign_slots(self) -> None:
+        limit = self.sched.age_limit
+        aged = [
+            s
+            for s in (*self.gpu, *(self.cpu if self.offloads else ()))
+            if self.step - s.last_progress_step >= limit
+        ]
+        for s in sorted(aged, key=lambda s: (s.last_progress_step, s.arrival)):
+            if self._take(1):
+                self.slotted.add(s.seq_id)
+        for s in self.gpu:
+            if s.seq_id in self.slotted or self._take(1):
+                self.slotted.add(s.seq_id)
+                self.decoders.append(s)
+
+    def _victims(self, group: list[SeqView]) -> list[SeqView]:
+        """Newest first; those that would have to be failed after all that can be moved."""
+        newest_first = group[::-1]
+        return [s for s in newest_first if self._recomputable(s)] + [
+            s for s in newest_first if not self._recomputable(s)
+        ]
+
+    def _reserve_cpu_growth(self) -> None:
+        self.cpu_cands = list(self.cpu)
+        growth = sum(self._growth(s) for s in self.cpu)
+        for v in self._victims(self.cpu):
+            if growth <= self.cpu_free:
+                break
+            self._evict(v)
+            self.cpu.remove(v)
+            self.cpu_cands.remove(v)
+            self.cpu_free += v.held_blocks(self.bs)
+            growth -= self._growth(v)
+        self.cpu_free -= growth
+
+    def _evict(self, v: SeqView) -> None:
+        """Preempt v for recompute, or fail it when its context can no longer be recomputed."""
+        self._refund(v)
+        if self._recomputable(v):
+            self.plan.preempt.append(v.seq_id)
+        else:
+            self._unservable(v, "evicted under memory pressure and too long to recompute")
+
+    def _make_gpu_room(self) -> None:
+        growth = sum(self._growth(s) for s in self.decoders)
+        for v in self._victims(self.gpu):
+            if growth <= self.gpu_free:
+                break
+            if v in self.decoders:
+                growth -= self._growth(v)
+                self.decoders.remove(v)
+            need = v.decode_blocks(self.bs)
+            if need <= self.cpu_free and self._may_offload(need):
+                self.plan.swap_out.append(v.seq_id)
+                self.cpu_free -= (
+                    need  # its KV plus this iteration's token, should it decode on the CPU
+                )
+                self.cpu_cands.append(v)
+                self._refund(v)
+            else:
+                self._evict(v)
+            self.gpu.remove(v)
+            self.gpu_free += v.held_blocks(self.bs)
+        self.gpu_free -= growth
+
+    def _swap_in(self, threshold: int) -> None:
+        used = self.cache.num_gpu_blocks - self.gpu_free
+        for s in list(self.cpu_cands):
+            need = s.decode_blocks(self.bs)
+            if used + need > threshold:
+                continue
+            used += need
+            self.gpu_free -= need
+            self.cpu_free += (
+                need  # its blocks and the growth reserved for it become free on the CPU
+            )
+            self.plan.swap_in.append(s.seq_id)
+            self.cpu_cands.remove(s)
+            if s.seq_id in self.slotted or self._take(1):
+                self.slotted.add(s.seq_id)
+                self.decoders.append(s)
+
+    def _leave_cpu(self) -> bool:
+        """gpu-only: bring CPU requests home or preempt them; False while one must still wait."""
+        settled = True
+        for s in self.cpu:
+            need = s.decode_blocks(self.bs)
+            if need <= self.gpu_free:
+                self.gpu_free -= need
+                self.cpu_free += s.held_blocks(self.bs)
+                self.plan.swap_in.append(s.seq_id)
+                if self._take(1):
+                    self.slotted.add(s.seq_id)
+                    self.decoders.append(s)
+            elif self._recomputable(s):
+                self.plan.preempt.append(s.seq_id)
+                self.cpu_free += s.held_blocks(self.bs)
+            else:
+                settled = False  # admitting prompts now would take the room it waits for
+        return settled
+
+    def _admit_prefills(self) -> None:
+        cache = self.cache
+        watermark = (
+            math.ceil(self.sched.gpu_watermark_frac * cache.num_gpu_blocks) if self.decoders else 0
+        )
+        cpu_reserve = min(
+            cache.num_gpu_blocks, cache.num_cpu_blocks // 2
+        )  # room for later swap-outs
+        for w in self.waiting:
+            if self.slots < 1 or self.tokens < 1:
+                break
+            need = blocks_for(w.num_prompt_tokens, self.bs)
+            if self.tokens >= w.num_prompt_tokens:
+                if need + watermark <= self.gpu_free:
+                    self._take(w.num_prompt_tokens)
+                    self.gpu_free -= need
+                    self.plan.prefill_gpu.append(w.seq_id)
+                    continue
+                reserve = min(cpu_reserve, max(0, cache.num_cpu_blocks - need))
+                if (
+                    need + reserve <= self.cpu_free
+                    and self._may_offload(need)
+                    and self._cpu_keeps_up()
+                ):
+                    self._take(w.num_prompt_tokens)
+                    self.cpu_free -= need
+                    self.plan.prefill_cpu.append(w.seq_id)
+                    continue
+            if self.step - w.last_progress_step >= self.sched.wait_age_limit:
+                break  # it has waited long enough: nothing younger overtakes it
+
+    def _gpu_load(self, prefills: Sequence[SeqView] = ()) -> BatchLoad:
+        lens = [w.num_prompt_tokens for w in prefills]
+        prefill_s = self.sched.cost.prefill_attn_s(lens) if lens else 0.0
+        base = BatchLoad(num_tokens=sum(lens), prefill_attn_s=prefill_s, num_seqs=len(lens))
+        return base.plus_gpu_decodes(
+            len(self.decoders), sum(s.decode_ctx_tokens for s in self.decoders)
+        )
+
+    def _cpu_keeps_up(self) -> bool:
+        """Whether the best split decodes every CPU request now; if not, more would only queue."""
+        if self.cpu_keeps_up is None:
+            cands = [CpuCandidate(s.seq_id, s.decode_ctx_tokens) for s in self.cpu_cands]
+            split = split_cpu_decodes(
+                self.sched.cost,
+                self.sched.num_layers,
+                self._gpu_load(),
+                (),
+                cands,
+                min(self.slots, self.tokens),
+                0,
+            )
+            self.cpu_keeps_up = split.num_left_out == 0
+        return self.cpu_keeps_up
+
+    def _offload_pays(self) -> bool:
+        """auto: would decoding with the CPU beat the GPU alone, on the same sequences?"""
+        bs, budget = self.bs, self.limits.max_batch_size
+        on_gpu = self.gpu[:budget]
+        free = self.cache.num_free_gpu_blocks - sum(self._growth(s) for s in on_gpu)
+        cands: list[CpuCandidate] = []
+        while free < 0 and on_gpu:  # the GPU decodes that would have to leave
+            v = on_gpu.pop()
+            free += v.decode_blocks(bs)
+            cands.append(CpuCandidate(v.seq_id, v.decode_ctx_tokens))
+        load = BatchLoad().plus_gpu_decodes(len(on_gpu), sum(s.decode_ctx_tokens for s in on_gpu))
+        cpu_room = self.cache.num_free_cpu_blocks
+        for (
+            w
+        ) in self.waiting:  # the prompts: on the GPU while it has room, else candidates for the CPU
+            if load.num_seqs + len(cands) >= budget:
+                break
+            need = blocks_for(w.num_prompt_tokens, bs)
+            if need <= free:
+                free -= need
+                load = load.plus_gpu_decodes(1, w.num_prompt_tokens + 1)
+            elif need <= cpu_room:
+                cpu_room -= need
+                cands.append(CpuCandidate(w.seq_id, w.num_prompt_tokens + 1))
+        if not cands:
+            return False
+        cands += [CpuCandidate(s.seq_id, s.decode_ctx_tokens) for s in self.cpu]
+        cost, layers = self.sched.cost, self.sched.num_layers
+        split = split_cpu_decodes(cost, layers, load, (), cands, max(0, budget - load.num_seqs), 0)
+        return rate_beats(
+            split.num_tokens_out,
+            split.iter_s,
+            load.num_seqs,
+            sequential_s(cost, layers, load, 0),
+            self.sched.auto_margin,
+        )
+
+    def _split(self) -> None:
+        plan, bs = self.plan, self.bs
+        waiting = {w.seq_id: w for w in self.waiting}
+        prefills = [waiting[i] for i in (*plan.prefill_gpu, *plan.prefill_cpu)]
+        forced = [s for s in self.cpu_cands if s.seq_id in self.slotted]
+        optional = sorted(
+            (s for s in self.cpu_cands if s.seq_id not in self.slotted),
+            key=lambda s: (s.last_progress_step, s.arrival),
+        )
+        moved = {s.seq_id: s for s in (*self.gpu, *self.cpu, *self.cpu_cands)}
+        swap_blocks = sum(moved[i].held_blocks(bs) for i in (*plan.swap_out, *plan.swap_in))
+        swap_blocks += sum(blocks_for(waiting[i].num_prompt_tokens, bs) for i in plan.prefill_cpu)
+        split = split_cpu_decodes(
+            self.sched.cost,
+            self.sched.num_layers,
+            self._gpu_load(prefills),
+            [CpuCandidate(s.seq_id, s.decode_ctx_tokens) for s in forced],
+            [CpuCandidate(s.seq_id, s.decode_ctx_tokens) for s in optional],
+            min(self.slots, self.tokens),
+            swap_blocks,
+        )
+        order = {s.seq_id: s.arrival for s in self.cpu_cands}
+        plan.decode_gpu = [s.seq_id for s in sorted(self.decoders, key=lambda s: s.arrival)]
+        plan.decode_cpu_b0 = sorted(split.b0_ids, key=order.__getitem__)
+        plan.decode_cpu_b1 = sorted(split.b1_ids, key=order.__getitem__)
+        plan.pipelined = split.pipelined
+        plan.predicted_iter_s = split.iter_s

@@ -1,0 +1,293 @@
+"""Scheduler decisions one iteration at a time: the iteration-time formulas, the mode and split
+choice, the auto policy's offloading decision, hysteresis, budgets, policy switches, and the plan
+checker itself."""
+
+from __future__ import annotations
+
+import pytest
+
+from neod.sched import (
+    BatchLoad,
+    CacheView,
+    Limits,
+    Plan,
+    Residence,
+    Scheduler,
+    SeqView,
+    ZeroCostModel,
+    check_plan,
+    pipelined_s,
+    sequential_s,
+)
+from neod.sched.cost import rate_beats
+from neod.sched.split import CpuCandidate, split_cpu_decodes
+
+
+class FlatCost:
+    """Hand-checkable costs: a constant per stage, per sequence for CPU attention and transfers."""
+
+    def __init__(
+        self,
+        lin=1.0,
+        gpu_attn=0.5,
+        cpu_per_seq=0.3,
+        transfer_per_seq=0.1,
+        swap_per_block=0.05,
+        overhead=0.2,
+    ):
+        self.lin, self.gpu_attn, self.cpu_per_seq = lin, gpu_attn, cpu_per_seq
+        self.transfer_per_seq, self.swap_per_block, self.overhead = (
+            transfer_per_seq,
+            swap_per_block,
+            overhead,
+        )
+
+    def linear_s(self, num_tokens):
+        return self.lin if num_tokens else 0.0
+
+    def prefill_attn_s(self, prompt_lens):
+        return 0.1 * len(prompt_lens)
+
+    def gpu_decode_attn_s(self, num_seqs, num_ctx_tokens):
+        return self.gpu_attn if num_seqs else 0.0
+
+    def cpu_decode_attn_s(self, num_seqs, num_ctx_tokens):
+        return self.cpu_per_seq * num_seqs
+
+    def transfer_s(self, num_cpu_seqs):
+        return self.transfer_per_seq * num_cpu_seqs
+
+    def swap_s(self, num_blocks):
+        return self.swap_per_block * num_blocks
+
+    def iteration_overhead_s(self, num_seqs):
+        return self.overhead if num_seqs else 0.0
+
+
+def gpu(sid, computed, last=0):
+    return SeqView(sid, sid, computed, computed, computed + 1000, Residence.GPU, last)
+
+
+def cpu(sid, computed, last=0):
+    return SeqView(sid, sid, computed, computed, computed + 1000, Residence.CPU, last)
+
+
+def wait(sid, prompt, last=0):
+    return SeqView(sid, sid, prompt, 0, prompt + 1000, Residence.WAITING, last)
+
+
+def test_sequential_formula():
+    b = BatchLoad().plus_gpu_decodes(2, 100).plus_cpu_decodes(3, 300)
+    # layer = lin + max(gpu attn 0.5, cpu 0.9 + transfer 0.3) = 2.2; copy = 0.3 + 4 * 0.05 = 0.5
+    assert sequential_s(FlatCost(), 2, b, 4) == pytest.approx(2 * 2.2 + 0.2)
+    # The copy engines bound the layer when the swaps dominate.
+    assert sequential_s(FlatCost(swap_per_block=1.0), 2, b, 4) == pytest.approx(2 * 4.3 + 0.2)
+
+
+def test_pipelined_formula():
+    b0 = BatchLoad().plus_gpu_decodes(2, 100).plus_cpu_decodes(1, 50)
+    b1 = BatchLoad().plus_cpu_decodes(3, 300)
+    # stage A = max(lin b0 1.0, cpu b1 0.9 + 0.3) = 1.2
+    # stage B = max(lin b1 1.0 + gpu 0.5, cpu b0 0.3 + 0.1) = 1.5
+    assert pipelined_s(FlatCost(), 2, b0, b1, 0) == pytest.approx(2 * (1.2 + 1.5) + 0.2)
+    assert pipelined_s(FlatCost(), 2, BatchLoad(), BatchLoad(), 0) == 0.0
+
+
+def test_rate_comparison_handles_free_plans():
+    assert rate_beats(2, 1.0, 1, 1.0) and not rate_beats(1, 1.0, 2, 1.0)
+    assert rate_beats(1, 0.0, 5, 1.0) and not rate_beats(5, 1.0, 1, 0.0)
+    assert rate_beats(3, 0.0, 2, 0.0) and not rate_beats(2, 0.0, 2, 0.0)
+    assert not rate_beats(103, 1.0, 100, 1.0, margin=0.05) and rate_beats(
+        106, 1.0, 100, 1.0, margin=0.05
+    )
+
+
+def cands(n, ctx=100, start=100):
+    return [CpuCandidate(start + i, ctx) for i in range(n)]
+
+
+def test_split_pipelines_when_cpu_work_hides_behind_projections():
+    # Each CPU decode costs 0.25 per layer; 4 hide under one sub-batch's projections (1.0).
+    cost = FlatCost(lin=1.0, gpu_attn=0.0, cpu_per_seq=0.2, transfer_per_seq=0.05, overhead=0.0)
+    base = BatchLoad().plus_gpu_decodes(2, 200)
+    split = split_cpu_decodes(cost, 1, base, (), cands(8), 8, 0)
+    assert split.pipelined and len(split.b0_ids) + len(split.b1_ids) == 8
+    assert split.iter_s == pytest.approx(2.0)  # both sub-batches' projections, CPU fully hidden
+    # With one CPU request a second weight pass does not pay: sequential, request included.
+    one = split_cpu_decodes(cost, 1, base, (), cands(1), 1, 0)
+    assert not one.pipelined and one.b0_ids == [100]
+
+
+def test_split_leaves_out_cpu_work_that_lowers_the_rate_but_keeps_forced():
+    cost = FlatCost(lin=1.0, gpu_attn=0.0, cpu_per_seq=5.0, overhead=0.0)
+    base = BatchLoad().plus_gpu_decodes(4, 400)
+    split = split_cpu_decodes(cost, 1, base, (), cands(3), 3, 0)
+    assert not split.pipelined and not split.b0_ids and split.num_left_out == 3
+    forced = split_cpu_decodes(cost, 1, base, cands(1, start=7), cands(3), 3, 0)
+    assert forced.b0_ids + forced.b1_ids == [7] and forced.num_left_out == 3
+
+
+def test_split_respects_the_slot_limit_and_prunes_longer_candidates():
+    cost = FlatCost(lin=1.0, gpu_attn=0.0, cpu_per_seq=0.0, transfer_per_seq=0.0, overhead=0.0)
+    split = split_cpu_decodes(cost, 1, BatchLoad().plus_gpu_decodes(1, 10), (), cands(10), 4, 0)
+    assert len(split.b0_ids) + len(split.b1_ids) == 4 and split.num_left_out == 6
+
+
+def test_pcie_cost_decides_against_offloading():
+    # Two GPU requests fill the GPU (no growth this step); eight CPU requests, none aged.
+    running = [gpu(0, 60), gpu(1, 60)] + [cpu(i, 60) for i in range(2, 10)]
+    state = {
+        "waiting": [],
+        "running": running,
+        "cache": CacheView(16, 10, 2, 100, 68),
+        "limits": Limits(16, 256, "neo"),
+        "step": 1,
+    }
+    cheap = Scheduler(FlatCost(lin=1.0, gpu_attn=0.0, cpu_per_seq=0.2, transfer_per_seq=0.01), 1)
+    plan = cheap.schedule(**state)
+    assert plan.pipelined and len(plan.decode_cpu_b0) + len(plan.decode_cpu_b1) == 8
+    assert plan.predicted_iter_s == pytest.approx(2.2)
+    dear = Scheduler(FlatCost(lin=1.0, gpu_attn=0.0, cpu_per_seq=0.2, transfer_per_seq=3.0), 1)
+    plan = dear.schedule(**state)
+    assert (
+        not plan.pipelined and not plan.decode_cpu_b0
+    )  # all four are idle this step (not aged yet)
+
+
+@pytest.mark.parametrize("cpu_per_seq, offloads", [(0.01, True), (50.0, False)])
+def test_auto_offloads_only_when_the_predictor_says_it_pays(cpu_per_seq, offloads):
+    # The GPU is full (10 blocks of 16) with two requests about to need a new block each.
+    running = [gpu(0, 80), gpu(1, 80)]
+    cache = CacheView(16, 10, 0, 100, 100)
+    sched = Scheduler(
+        FlatCost(lin=1.0, gpu_attn=0.0, cpu_per_seq=cpu_per_seq, transfer_per_seq=0.0), 4
+    )
+    plan = sched.schedule([wait(2, 40), wait(3, 40)], running, cache, Limits(16, 512, "auto"), 1)
+    assert (
+        check_plan(plan, [wait(2, 40), wait(3, 40)], running, cache, Limits(16, 512, "auto")) == []
+    )
+    if offloads:
+        assert plan.swap_out == [1] and plan.prefill_cpu and not plan.preempt
+    else:
+        assert plan.preempt == [1] and not plan.swap_out and not plan.prefill_cpu
+    assert plan.decode_gpu == [0]
+
+
+def test_gpu_only_preempts_newest_and_never_touches_the_cpu():
+    running = [gpu(0, 80), gpu(1, 80)]
+    cache = CacheView(16, 10, 0, 100, 100)
+    plan = Scheduler(ZeroCostModel(), 4).schedule(
+        [wait(2, 40)], running, cache, Limits(16, 512, "gpu-only"), 1
+    )
+    assert plan.preempt == [1] and plan.decode_gpu == [0]
+    assert not (plan.swap_out or plan.prefill_cpu or plan.decode_cpu_b0 or plan.decode_cpu_b1)
+
+
+def test_swap_in_waits_for_the_lower_threshold():
+    sched = Scheduler(ZeroCostModel(), 4, swap_in_frac=0.9)
+    # 100 GPU blocks, 85 in use, the CPU request needs 6: 91% > 90%, it stays; with 84 in use it
+    # comes in (90%).
+    stays = sched.schedule(
+        [],
+        [gpu(0, 85 * 16 - 1), cpu(1, 80)],
+        CacheView(16, 100, 15, 100, 94),
+        Limits(16, 4096, "neo"),
+        1,
+    )
+    assert not stays.swap_in and stays.decode_cpu_b0 == [1]
+    comes = sched.schedule(
+        [],
+        [gpu(0, 84 * 16 - 1), cpu(1, 80)],
+        CacheView(16, 100, 16, 100, 94),
+        Limits(16, 4096, "neo"),
+        1,
+    )
+    assert comes.swap_in == [1] and comes.decode_gpu == [0, 1]
+
+
+def test_budget_is_filled_exactly():
+    waiting = [wait(i, 10) for i in range(5)]
+    cache = CacheView(16, 100, 100, 0, 0)
+    sched = Scheduler(ZeroCostModel(), 4)
+    assert sched.schedule(waiting, [], cache, Limits(3, 4096, "gpu-only"), 1).prefill_gpu == [
+        0,
+        1,
+        2,
+    ]
+    assert sched.schedule(waiting, [], cache, Limits(16, 30, "gpu-only"), 1).prefill_gpu == [
+        0,
+        1,
+        2,
+    ]
+    assert sched.schedule(waiting, [], cache, Limits(16, 29, "gpu-only"), 1).prefill_gpu == [0, 1]
+
+
+def test_aged_cpu_requests_take_slots_before_gpu_decodes():
+    running = [gpu(0, 10, last=9), gpu(1, 10, last=9), cpu(2, 10, last=2)]
+    plan = Scheduler(FlatCost(cpu_per_seq=100.0), 4, age_limit=4).schedule(
+        [], running, CacheView(16, 10, 1, 10, 9), Limits(2, 64, "neo"), 10
+    )
+    assert plan.decode_cpu_b0 == [2] and plan.decode_gpu == [0]
+
+
+def test_switch_to_gpu_only_brings_cpu_requests_home_or_preempts_them():
+    # 10 GPU blocks, 1 in use: seq 1 (2 blocks) fits, seq 2 (7) no longer does, seq 3 (19) never.
+    running = [gpu(0, 16), cpu(1, 30), cpu(2, 100), cpu(3, 300)]
+    cache = CacheView(16, 10, 9, 100, 72)
+    plan = Scheduler(ZeroCostModel(), 4).schedule(
+        [], running, cache, Limits(16, 4096, "gpu-only"), 5
+    )
+    assert plan.swap_in == [1] and plan.preempt == [2] and plan.unservable == [3]
+    assert plan.decode_gpu == [0, 1]
+    assert check_plan(plan, [], running, cache, Limits(16, 4096, "gpu-only")) == []
+
+
+def test_swap_out_frees_blocks_for_older_decodes_in_the_same_iteration():
+    running = [gpu(0, 32), gpu(1, 32), gpu(2, 32)]  # all three need a third block; none is free
+    cache = CacheView(16, 6, 0, 20, 20)
+    plan = Scheduler(ZeroCostModel(), 4).schedule([], running, cache, Limits(16, 512, "neo"), 1)
+    assert plan.swap_out == [2] and plan.decode_gpu == [0, 1] and plan.decode_cpu_b0 == [2]
+    assert check_plan(plan, [], running, cache, Limits(16, 512, "neo")) == []
+
+
+def test_check_plan_reports_violations():
+    running = [gpu(0, 16), cpu(1, 16)]
+    waiting = [wait(2, 40)]
+    cache = CacheView(16, 4, 1, 4, 1)
+    limits = Limits(2, 64, "neo")
+    assert (
+        check_plan(Plan(decode_gpu=[0], decode_cpu_b0=[1]), waiting, running, cache, limits) == []
+    )
+    assert any(
+        "short" in e for e in check_plan(Plan(prefill_gpu=[2]), waiting, running, cache, limits)
+    )
+    assert any(
+        "max_batch_size" in e
+        for e in check_plan(
+            Plan(decode_gpu=[0], decode_cpu_b0=[1], prefill_cpu=[2]),
+            waiting,
+            running,
+            cache,
+            Limits(2, 640, "neo"),
+        )
+    )
+    assert any(
+        "elsewhere" in e for e in check_plan(Plan(decode_gpu=[1]), waiting, running, cache, limits)
+    )
+    assert any(
+        "twice" in e
+        for e in check_plan(Plan(decode_gpu=[0], preempt=[0]), waiting, running, cache, limits)
+    )
+    assert any(
+        "pipelined" in e
+        for e in check_plan(Plan(decode_cpu_b1=[1]), waiting, running, cache, limits)
+    )
+    assert any(
+        "gpu-only" in e
+        for e in check_plan(
+            Plan(decode_cpu_b0=[1]), waiting, running, cache, Limits(2, 64, "gpu-only")
+        )
+    )
+    assert any(
+        "unknown" in e for e in check_plan(Plan(decode_gpu=[9]), waiting, running, cache, limits)
+    )
