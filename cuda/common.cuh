@@ -105,7 +105,7 @@ inline int launch_status() {
 
 }  // namespace neod
 
-// Runs the body (the variadic argument) with `scalar_t` bound to the C++ type of a NEOD_DTYPE_* code.
+// Runs the body (the variadic argument) with `scalar_t` bound to the type of a NEOD_DTYPE_* code.
 #define NEOD_DISPATCH_FLOAT(dtype, ...)                      \
   switch (dtype) {                                            \
     case NEOD_DTYPE_FLOAT32: {                                \

@@ -3,11 +3,13 @@
  *
  * Design. A thread block owns (request, KV head, head tile, KV split) and computes every query
  * head of its tile against that KV head, so under GQA each K/V row is read from memory once per
- * group rather than once per query head. Within the block a K/V row of D elements is read by
- * D/8 threads with 16-byte loads (a warp covers 2 or 4 consecutive tokens, always inside one
- * block, so its loads are contiguous); each thread loads a tile of UNROLL rows' K and V, and the
- * next tile's loads are issued before the current tile is used (a register double buffer). Scores use the exp2 domain (q pre-scaled by scale * log2 e), with an online
- * softmax rescaled once per tile of UNROLL rows, and fp32 accumulation throughout.
+ * group rather than once per query head. K/V tiles stream into shared memory through a
+ * kStages-deep cp.async pipeline, so several tiles are in flight while one is computed without
+ * holding registers (a register double buffer measured slower: it cut occupancy). Within the
+ * block a K/V row of D elements is read by D/8 threads as 16-byte vectors (a warp covers 2 or 4
+ * consecutive tokens, always inside one block, so its copies are contiguous). Scores use the exp2
+ * domain (q pre-scaled by scale * log2 e), with an online softmax rescaled once per UNROLL rows,
+ * and fp32 accumulation throughout. Measured variants and numbers: docs/perf.md, "GPU kernels".
  *
  * Long contexts with few requests would leave most SMs idle, so the KV range of a request is cut
  * into splits (chosen per request on the device from its own length and a host-chosen maximum);
@@ -22,10 +24,37 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kMinChunk = 256;    // tokens per split at least: below this a split costs more than it saves
+constexpr int kMinChunk = 256;    // minimum tokens per split: shorter ones cost more than they save
 constexpr int kSplitAlign = 64;   // split boundaries are multiples of this many tokens
 constexpr int kMaxSplits = 128;
 constexpr int kBlocksPerSm = 3;   // thread blocks per SM the split count aims for
+constexpr int kStages = 4;        // shared-memory pipeline depth: K/V tiles per block in flight
+
+// 16-byte global -> shared copy that bypasses registers (sm_80+); fill = false writes zeros.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool fill) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(fill ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
+}
+
+template <typename T, int HEAD_DIM, int GROUP_TILE, int UNROLL>
+constexpr int tile_rows() {
+  return kWarps * (32 / (HEAD_DIM / kVec16<T>)) * UNROLL;
+}
+
+// Dynamic shared memory of one block: kStages K/V tiles, reused for the final cross-warp merge.
+template <typename T, int HEAD_DIM, int GROUP_TILE, int UNROLL>
+constexpr int decode_smem_bytes() {
+  constexpr int pipeline = kStages * 2 * tile_rows<T, HEAD_DIM, GROUP_TILE, UNROLL>() * HEAD_DIM *
+                           static_cast<int>(sizeof(T));
+  constexpr int merge = kWarps * GROUP_TILE * (HEAD_DIM + 2) * static_cast<int>(sizeof(float));
+  return pipeline > merge ? pipeline : merge;
+}
 
 struct SplitPlan {
   int num_splits;
@@ -102,40 +131,57 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodePara
   }
 
   const int32_t* table = p.block_tables + req * p.block_table_stride;
-  const T* kv = static_cast<const T*>(p.kv_layer) + static_cast<int64_t>(kv_head) * HEAD_STRIDE + col;
+  const T* kv = static_cast<const T*>(p.kv_layer) + static_cast<int64_t>(kv_head) * HEAD_STRIDE;
   const int64_t block_stride = 2ll * p.num_kv_heads * HEAD_STRIDE;
   const int64_t v_offset = static_cast<int64_t>(p.num_kv_heads) * HEAD_STRIDE;
 
-  // Rows of the tile starting at `base`; rows at or past `end` read as zeros.
-  const auto load_tile = [&](int base, Vec<T, VEC>(&k)[UNROLL], Vec<T, VEC>(&v)[UNROLL]) {
+  // Shared-memory pipeline: tile t (TILE rows of K then TILE rows of V) goes to stage t % kStages;
+  // kStages - 1 tiles are in flight while one is computed, without holding registers.
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* stages = reinterpret_cast<T*>(smem);
+  constexpr int STAGE_ELEMS = 2 * TILE * HEAD_DIM;
+  const int num_tiles = (end - start + TILE - 1) / TILE;
+  const auto issue = [&](int tile) {
+    if (tile < num_tiles) {
+      T* dst = stages + (tile % kStages) * STAGE_ELEMS;
+      const int base = start + tile * TILE;
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int token = base + u * ROWS_PER_STEP + warp * ROWS_PER_WARP + row;
-      if (token < end) {
-        const int64_t block = table[token / BLOCK_SIZE];
-        const T* ptr = kv + block * block_stride + (token % BLOCK_SIZE) * HEAD_DIM;
-        k[u] = *reinterpret_cast<const Vec<T, VEC>*>(ptr);
-        v[u] = *reinterpret_cast<const Vec<T, VEC>*>(ptr + v_offset);
-      } else {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) k[u].v[i] = v[u].v[i] = from_float<T>(0.f);
+      for (int j = 0; j < 2 * UNROLL; ++j) {  // 2 * TILE * THREADS_PER_ROW chunks of 16 bytes
+        const int chunk = j * kThreads + threadIdx.x;
+        const int which = chunk / (TILE * THREADS_PER_ROW);  // 0: K, 1: V
+        const int r = (chunk / THREADS_PER_ROW) % TILE;
+        const int c = (chunk % THREADS_PER_ROW) * VEC;
+        const int token = base + r;
+        const bool inside = token < end;
+        const T* src = kv;
+        if (inside) {
+          src += table[token / BLOCK_SIZE] * block_stride + which * v_offset +
+                 (token % BLOCK_SIZE) * HEAD_DIM + c;
+        }
+        cp_async16(dst + (which * TILE + r) * HEAD_DIM + c, src, inside);
       }
     }
+    cp_async_commit();  // empty groups past the end keep the wait count uniform
   };
 
-  // Software pipeline: the next tile's loads are in flight while this tile is computed.
-  Vec<T, VEC> k_next[UNROLL], v_next[UNROLL];
-  load_tile(start, k_next, v_next);
-  for (int base = start; base < end; base += TILE) {
+#pragma unroll
+  for (int t = 0; t < kStages - 1; ++t) issue(t);
+  for (int t = 0; t < num_tiles; ++t) {
+    issue(t + kStages - 1);
+    cp_async_wait<kStages - 1>();
+    __syncthreads();
+    const T* k_tile = stages + (t % kStages) * STAGE_ELEMS;
+    const T* v_tile = k_tile + TILE * HEAD_DIM;
+    const int base = start + t * TILE;
     Vec<T, VEC> k_raw[UNROLL], v_raw[UNROLL];
     bool valid[UNROLL];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
-      k_raw[u] = k_next[u];
-      v_raw[u] = v_next[u];
-      valid[u] = base + u * ROWS_PER_STEP + warp * ROWS_PER_WARP + row < end;
+      const int r = u * ROWS_PER_STEP + warp * ROWS_PER_WARP + row;
+      valid[u] = base + r < end;
+      k_raw[u] = *reinterpret_cast<const Vec<T, VEC>*>(k_tile + r * HEAD_DIM + col);
+      v_raw[u] = *reinterpret_cast<const Vec<T, VEC>*>(v_tile + r * HEAD_DIM + col);
     }
-    if (base + TILE < end) load_tile(base + TILE, k_next, v_next);
 
     float s[UNROLL][GROUP_TILE];
 #pragma unroll
@@ -172,7 +218,9 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodePara
       }
       m[g] = m_new;
     }
+    __syncthreads();  // every warp is done with this stage before it is refilled
   }
+  cp_async_wait<0>();  // only empty groups remain, but leave none pending before reusing smem
 
   // Merge the row groups of a warp: lanes `THREADS_PER_ROW` apart hold the same columns.
 #pragma unroll
@@ -195,9 +243,11 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const DecodePara
   }
 
   // Merge the warps through shared memory.
-  __shared__ float warp_m[kWarps][GROUP_TILE];
-  __shared__ float warp_l[kWarps][GROUP_TILE];
-  __shared__ float warp_acc[kWarps][GROUP_TILE][HEAD_DIM];
+  auto& warp_acc = *reinterpret_cast<float(*)[kWarps][GROUP_TILE][HEAD_DIM]>(smem);
+  auto& warp_m = *reinterpret_cast<float(*)[kWarps][GROUP_TILE]>(
+      smem + sizeof(float) * kWarps * GROUP_TILE * HEAD_DIM);
+  auto& warp_l = *reinterpret_cast<float(*)[kWarps][GROUP_TILE]>(
+      smem + sizeof(float) * kWarps * GROUP_TILE * (HEAD_DIM + 1));
   if (row == 0) {
 #pragma unroll
     for (int g = 0; g < GROUP_TILE; ++g) {
@@ -260,10 +310,13 @@ __global__ void __launch_bounds__(HEAD_DIM) merge_splits_kernel(const DecodePara
 
 template <typename T, int HEAD_DIM, int BLOCK_SIZE, int GROUP_TILE>
 int launch(const DecodeParams& p, int64_t batch, cudaStream_t stream) {
-  constexpr int UNROLL = GROUP_TILE >= 8 ? 2 : 4;  // bounds registers: q and acc grow with the tile
+  constexpr int UNROLL = 2;  // rows per thread and tile; 4 was slower (registers, occupancy)
   const dim3 grid(static_cast<unsigned>(p.num_kv_heads * (p.group / GROUP_TILE)),
                   static_cast<unsigned>(batch), static_cast<unsigned>(p.max_splits));
-  paged_decode_kernel<T, HEAD_DIM, BLOCK_SIZE, GROUP_TILE, UNROLL><<<grid, kThreads, 0, stream>>>(p);
+  constexpr int smem_bytes = decode_smem_bytes<T, HEAD_DIM, GROUP_TILE, UNROLL>();
+  static_assert(smem_bytes <= 48 * 1024, "above the default dynamic shared memory limit");
+  paged_decode_kernel<T, HEAD_DIM, BLOCK_SIZE, GROUP_TILE, UNROLL>
+      <<<grid, kThreads, smem_bytes, stream>>>(p);
   if (p.max_splits > 1) {
     const dim3 merge_grid(static_cast<unsigned>(p.num_q_heads), static_cast<unsigned>(batch));
     merge_splits_kernel<T, HEAD_DIM><<<merge_grid, HEAD_DIM, 0, stream>>>(p);
@@ -354,5 +407,6 @@ extern "C" int neod_paged_decode_attention(void* out, int64_t out_stride, const 
   p.group = static_cast<int>(num_q_heads / num_kv_heads);
   p.max_splits = static_cast<int>(max_splits);
   p.scale_log2 = scale * 1.4426950408889634f;
-  NEOD_DISPATCH_HALF(dtype, return neod::dispatch_shape<scalar_t>(p, batch, head_dim, block_size, stream););
+  NEOD_DISPATCH_HALF(
+      dtype, return neod::dispatch_shape<scalar_t>(p, batch, head_dim, block_size, stream););
 }

@@ -71,12 +71,12 @@ extern "C" int neod_store_kv(const void* k, int64_t k_stride, const void* v, int
   const uint64_t bits = static_cast<uint64_t>(row_bytes | k_stride_bytes | v_stride_bytes) |
                         reinterpret_cast<uintptr_t>(k) | reinterpret_cast<uintptr_t>(v) |
                         reinterpret_cast<uintptr_t>(kv_layer);
-  const neod::StoreKVParams p{k,        0,          v,
-                              0,        kv_layer,   slot_ids,
-                              num_tokens, static_cast<int>(num_kv_heads), 0,
-                              static_cast<int>(block_size)};
-  if (bits % 16 == 0) return neod::launch<uint4>(p, row_bytes, k_stride_bytes, v_stride_bytes, stream);
-  if (bits % 8 == 0) return neod::launch<uint2>(p, row_bytes, k_stride_bytes, v_stride_bytes, stream);
-  if (bits % 4 == 0) return neod::launch<uint32_t>(p, row_bytes, k_stride_bytes, v_stride_bytes, stream);
-  return neod::launch<uint16_t>(p, row_bytes, k_stride_bytes, v_stride_bytes, stream);
+  // row_units and the strides are filled in per copy unit by launch()
+  const neod::StoreKVParams p{k, 0, v, 0, kv_layer, slot_ids, num_tokens,
+                              static_cast<int>(num_kv_heads), 0, static_cast<int>(block_size)};
+  const int64_t rb = row_bytes, ks = k_stride_bytes, vs = v_stride_bytes;
+  if (bits % 16 == 0) return neod::launch<uint4>(p, rb, ks, vs, stream);
+  if (bits % 8 == 0) return neod::launch<uint2>(p, rb, ks, vs, stream);
+  if (bits % 4 == 0) return neod::launch<uint32_t>(p, rb, ks, vs, stream);
+  return neod::launch<uint16_t>(p, rb, ks, vs, stream);
 }

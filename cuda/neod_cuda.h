@@ -73,7 +73,8 @@ NEOD_API int neod_store_kv(const void* k, int64_t k_stride, const void* v, int64
 NEOD_API int neod_paged_decode_max_splits(int64_t batch, int64_t num_q_heads, int64_t num_kv_heads,
                                           int64_t max_seq_len, int64_t num_sms);
 
-/* Bytes of workspace neod_paged_decode_attention needs for max_splits > 1. */
+/* Bytes of workspace neod_paged_decode_attention needs (0, and workspace may be NULL, when
+ * max_splits == 1). */
 NEOD_API int64_t neod_paged_decode_workspace_bytes(int64_t batch, int64_t num_q_heads,
                                                    int64_t head_dim, int64_t max_splits);
 

@@ -82,13 +82,6 @@ static inline unmasked void load_tile(const uniform uint16 * uniform src, unifor
     }
 }
 
-// Prefetches `count` 16-bit elements at `p` into L1, one cache line at a time.
-static inline void prefetch_tile(const uniform uint16 * uniform p, uniform int64 count) {
-    for (uniform int64 i = 0; i < count; i += 32) {
-        prefetch_l1(p + i);
-    }
-}
-
 // acc[0, 8 vectors) += sum over t < num_tokens of p[t] * rows[t * stride + (0, 8 vectors)].
 // Named accumulators, not an array: LLVM keeps them in registers (an array stays in memory), and
 // eight independent FMA chains cover the FMA latency.
@@ -182,7 +175,7 @@ static unmasked void attend(const uniform NeodDecodeArgs * uniform a,
     uniform float * uniform acc = scr->acc;    // [hq, D] unnormalised output
     uniform float * uniform m = scr->max;      // [hq] running max of scores
     uniform float * uniform l = scr->sum;      // [hq] running sum of exp(score - max)
-    uniform float * uniform s = scr->scores;   // [group, bs_padded] scores, then probabilities
+    uniform float * uniform s = scr->scores;   // [hq, bs_padded] scores, then probabilities
     uniform float * uniform part = scr->part;  // [group, bs_padded, programCount] partial dots
     uniform float * uniform tile = scr->tile;  // [bs_padded, D] fp32 copy of a V tile
 
@@ -202,20 +195,8 @@ static unmasked void attend(const uniform NeodDecodeArgs * uniform a,
         uniform const int num_padded = (num_tokens + programCount - 1) & ~(programCount - 1);
         const uniform uint16 * uniform k_block = kv + block * block_stride;
         const uniform uint16 * uniform v_block = k_block + hkv * head_stride;
-        // The next block's first tiles, prefetched while this block's last head is processed.
-        const uniform uint16 * uniform k_next = j + 1 < item->block_end
-            ? kv + (uniform int64)table[j + 1] * block_stride : NULL;
         for (uniform int kh = 0; kh < hkv; kh++) {
             const uniform uint16 * uniform k_tile = k_block + kh * head_stride;
-            // Each 4 KiB tile starts a new page, where hardware prefetchers lose the stream: fetch
-            // the next head's K and V tiles while this one is computed.
-            if (kh + 1 < hkv) {
-                prefetch_tile(k_tile + head_stride, head_stride);
-                prefetch_tile(v_block + (kh + 1) * head_stride, head_stride);
-            } else if (k_next != NULL) {
-                prefetch_tile(k_next, head_stride);
-                prefetch_tile(k_next + hkv * head_stride, head_stride);
-            }
             uniform float * uniform qg = qf + kh * group * D;
             uniform float * uniform accg = acc + kh * group * D;
 
@@ -241,7 +222,7 @@ static unmasked void attend(const uniform NeodDecodeArgs * uniform a,
             // Scores, programCount tokens at a time, then the online softmax, rescaled once per
             // tile; probabilities overwrite the scores.
             for (uniform int g = 0; g < group; g++) {
-                uniform float * uniform sg = s + g * bs_padded;
+                uniform float * uniform sg = s + (kh * group + g) * bs_padded;
                 varying float vmax = -floatbits(0x7f800000);
                 for (uniform int t0 = 0; t0 < num_padded; t0 += programCount) {
                     uniform float * uniform rows = part + (g * bs_padded + t0) * programCount;
@@ -270,16 +251,19 @@ static unmasked void attend(const uniform NeodDecodeArgs * uniform a,
                 m[head] = m_new;
             }
 
-            // Probability-weighted values: the tile is converted once, then each query head keeps
-            // its accumulators in registers across the tile's tokens.
+        }
+
+        // Probability-weighted values, head by head in memory order: each tile is converted once,
+        // then each query head keeps its accumulators in registers across the tile's tokens.
+        for (uniform int kh = 0; kh < hkv; kh++) {
             load_tile<BF16, D>(v_block + kh * head_stride, num_tokens, tile);
-            for (uniform int g = 0; g < group; g++) {
+            for (uniform int h = kh * group; h < (kh + 1) * group; h++) {
                 if (NC == 4) {
-                    accumulate4(accg + g * D, tile, s + g * bs_padded, num_tokens, D);
+                    accumulate4(acc + h * D, tile, s + h * bs_padded, num_tokens, D);
                 } else {
                     for (uniform int c0 = 0; c0 < NC; c0 += 8) {
-                        accumulate8(accg + g * D + c0 * programCount, tile + c0 * programCount,
-                                    s + g * bs_padded, num_tokens, D);
+                        accumulate8(acc + h * D + c0 * programCount, tile + c0 * programCount,
+                                    s + h * bs_padded, num_tokens, D);
                     }
                 }
             }

@@ -30,7 +30,6 @@ import os
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -287,7 +286,9 @@ class Client:
 
 
 class Stream:
-    """Deltas of one request, in order; `final` is set once iteration ends normally."""
+    """Deltas of one request, in order, as an iterator: iteration may stop and resume, and ends
+    after the `final` event (then set) or raises RequestError / RequestTimeout. Iterate to the end
+    or `cancel()`: events of an unfinished stream stay buffered in its client."""
 
     def __init__(self, client: Client, tracker: _Tracker) -> None:
         self._client = client
@@ -303,18 +304,25 @@ class Stream:
     def text(self) -> str:
         return "".join(self._tracker.text_parts)
 
-    def __iter__(self) -> Iterator[Delta]:
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> Delta:
         tracker, client = self._tracker, self._client
         try:
             while not tracker.done:
                 delta = tracker.feed(client._next(tracker.id, client.timeout_s))
                 if delta is not None:
-                    yield delta
+                    return delta
         except RequestTimeout:
             client.cancel(tracker.id)
-            raise
-        finally:
             client._forget(tracker.id)
+            raise
+        except RequestError:
+            client._forget(tracker.id)
+            raise
+        client._forget(tracker.id)
+        raise StopIteration
 
     def cancel(self) -> None:
         self._client.cancel(self.id)
@@ -427,6 +435,8 @@ class AsyncClient:
 
 
 class AsyncStream:
+    """The asyncio counterpart of `Stream`."""
+
     def __init__(self, client: AsyncClient, tracker: _Tracker) -> None:
         self._client = client
         self._tracker = tracker
@@ -441,18 +451,25 @@ class AsyncStream:
     def text(self) -> str:
         return "".join(self._tracker.text_parts)
 
-    async def __aiter__(self) -> AsyncIterator[Delta]:
+    def __aiter__(self) -> AsyncStream:
+        return self
+
+    async def __anext__(self) -> Delta:
         tracker, client = self._tracker, self._client
         try:
             while not tracker.done:
                 delta = tracker.feed(await client._next(tracker.id))
                 if delta is not None:
-                    yield delta
+                    return delta
         except (RequestTimeout, asyncio.CancelledError):
+            client._queues.pop(tracker.id, None)
             await client.cancel(tracker.id)
             raise
-        finally:
+        except RequestError:
             client._queues.pop(tracker.id, None)
+            raise
+        client._queues.pop(tracker.id, None)
+        raise StopAsyncIteration
 
     async def cancel(self) -> None:
         await self._client.cancel(self.id)

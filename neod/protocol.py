@@ -359,7 +359,17 @@ CONTROL_COMMANDS = ("status", "tune", "drain", "resume", "ping")
 
 
 def decode_control(frame: bytes) -> ControlRequest:
+    """Parse one neoctl command; a ProtocolError carries the command's `req` in `request_id`."""
     obj = _parse_object(frame)
+    req = obj.get("req") if isinstance(obj.get("req"), str) else None
+    try:
+        return _control_fields(obj)
+    except ProtocolError as exc:
+        exc.request_id = req
+        raise
+
+
+def _control_fields(obj: dict[str, Any]) -> ControlRequest:
     command = obj["type"]
     if command not in CONTROL_COMMANDS:
         raise _bad(f"unknown control command {_show(command)}; expected one of "
@@ -375,9 +385,7 @@ def decode_control(frame: bytes) -> ControlRequest:
                  ("max_batch_size", f.integer("max_batch_size", None, 1, 1 << 20)),
                  ("max_tokens_in_batch", f.integer("max_tokens_in_batch", None, 1, 1 << 24)),
                  ("cpu_threads", f.integer("cpu_threads", None, 0, 4096)))
-        for name, value in knobs:
-            if value is not None:
-                args[name] = value
+        args = {name: value for name, value in knobs if value is not None}
         if not args:
             raise _bad(f"tune needs at least one of {', '.join(_TUNE_KNOBS)}")
     elif command == "drain":

@@ -58,7 +58,8 @@ def test_precedence_file_then_env_then_overrides(tmp_path: Path) -> None:
 
 
 def test_typed_overrides_and_with_overrides() -> None:
-    cfg = load_config(None, env={}, overrides={"model.device": "cpu", "server.max_queued_requests": 7})
+    cfg = load_config(None, env={},
+                      overrides={"model.device": "cpu", "server.max_queued_requests": 7})
     assert cfg.model.device == "cpu" and cfg.server.max_queued_requests == 7
     again = with_overrides(cfg, {"server.grace_period_s": 1})
     assert again.server.grace_period_s == 1.0 and again.model.device == "cpu"
@@ -67,12 +68,13 @@ def test_typed_overrides_and_with_overrides() -> None:
 @pytest.mark.parametrize("override, fragment", [
     ("scheduler.policy=fast", "[scheduler] policy: 'fast' is not allowed; expected one of auto, "
                               "gpu-only, neo"),
-    ("model.device=gpu0", "[model] device: 'gpu0' is not allowed; expected auto, cpu, cuda or cuda:N"),
+    ("model.device=gpu0", "[model] device: 'gpu0' is not allowed; expected auto, cpu, cuda or "
+                          "cuda:N"),
     ("cache.block_size=8", "expected one of 16, 32"),
     ("cache.gpu_memory_utilization=0", "expected a number in (0.0, 1.0]"),
     ("server.grace_period_s=-1", "[server] grace_period_s"),
-    ("scheduler.max_batch_size=ten", "[scheduler] max_batch_size: 'ten' is not allowed; expected an "
-                                     "integer >= 1"),
+    ("scheduler.max_batch_size=ten", "[scheduler] max_batch_size: 'ten' is not allowed; expected "
+                                     "an integer >= 1"),
     ("server.intake_endpoint=http://x", "expected tcp://HOST:PORT or ipc://PATH"),
     ("server.log_format=xml", "one of text, json"),
     ("model.dtype=int8", "auto, bfloat16, float16, float32"),
@@ -87,7 +89,8 @@ def test_bad_values_name_the_key_and_allowed_values(override: str, fragment: str
 def test_unknown_keys_are_errors_everywhere(tmp_path: Path) -> None:
     path = tmp_path / "neod.toml"
     path.write_text("[scheduler]\nmax_batch = 3\n")
-    with pytest.raises(ConfigError, match=r"unknown key 'max_batch' in \[scheduler\]; keys: policy"):
+    with pytest.raises(ConfigError,
+                       match=r"unknown key 'max_batch' in \[scheduler\]; keys: policy"):
         load_config(path, env={})
     path.write_text("[schedule]\npolicy = 'neo'\n")
     with pytest.raises(ConfigError, match="unknown section 'schedule'"):

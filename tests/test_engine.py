@@ -74,6 +74,41 @@ def reference_greedy(engine: Engine, prompt: list[int], max_tokens: int) -> list
     return tokens[len(prompt):]
 
 
+def next_token_logits(engine: Engine, tokens: list[int]) -> torch.Tensor:
+    """Logits after `tokens`, from one causal prefill of the whole sequence (no cache involved)."""
+    n = len(tokens)
+    model = engine.rt.model
+    cfg = model.config
+    layout = KVLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 16, model.dtype)
+    pool = allocate_pool(layout, 1, torch.device("cpu"))
+    meta = AttentionMetadata(n, torch.tensor([0, n], dtype=torch.int32), n, torch.full((n,), -1),
+                             torch.zeros((0, 1), dtype=torch.int32), torch.zeros(0, dtype=torch.int32))
+    return model.forward(torch.tensor(tokens), torch.arange(n), meta, pool, torch.tensor([n - 1]))[0]
+
+
+def assert_greedy_equal(engine: Engine, prompts_by_id: dict[str, list[int]], expected: dict[str, list[int]],
+                        got: dict[str, list[int]], max_diverged_share: float = 0.1) -> None:
+    """Greedy tokens must be identical, except where two tokens tie to within float rounding.
+
+    The two runs sum attention in different orders (GPU kernel vs CPU kernel, decode vs recompute), so a
+    near-tie may flip; a flip on a clear choice, or many flips, is a bug. After a legitimate flip the
+    histories differ and the rest of that request is not compared.
+    """
+    assert expected.keys() == got.keys()
+    diverged = 0
+    for rid, want in expected.items():
+        have = got[rid]
+        assert len(have) == len(want), f"{rid}: {len(have)} tokens, expected {len(want)}"
+        if have == want:
+            continue
+        j = next(i for i, (a, b) in enumerate(zip(want, have)) if a != b)
+        logits = next_token_logits(engine, prompts_by_id[rid] + want[:j])
+        gap = abs(float(logits[want[j]] - logits[have[j]]))
+        assert gap < 1e-2 * float(logits.abs().max()), f"{rid}: token {j} differs on a clear choice (gap {gap})"
+        diverged += 1
+    assert diverged <= max_diverged_share * len(expected), f"{diverged} of {len(expected)} requests diverged"
+
+
 def test_batched_greedy_matches_single_request_forward(tmp_path):
     engine = make_engine(tmp_path, **{"scheduler.policy": "gpu-only"})
     ps = prompts(6)
@@ -88,8 +123,11 @@ def test_batched_greedy_matches_single_request_forward(tmp_path):
 
 @pytest.mark.parametrize("policy", ["neo", "auto"])
 def test_neo_mode_greedy_equals_gpu_only(tmp_path, policy):
-    """A GPU pool of 32 blocks forces swaps and CPU placement; tokens must not change."""
-    small = {"cache.gpu_kv_gib": 32 * 16 * 1024 / 2**30, "cache.cpu_kv_gib": 0.01}
+    """A GPU pool of 32 blocks forces swaps and CPU placement; tokens must not change.
+
+    fp16, not bf16: a random model's top logits lie within ~1e-3 of each other, and bf16's 8-bit mantissa
+    turns the different summation orders of the two attention kernels into flipped near-ties."""
+    small = {"cache.gpu_kv_gib": 32 * 16 * 1024 / 2**30, "cache.cpu_kv_gib": 0.01, "model.dtype": "float16"}
     ps = prompts(24, seed=1)
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     results = {}
@@ -107,7 +145,7 @@ def test_neo_mode_greedy_equals_gpu_only(tmp_path, policy):
         assert_all_free(engine)
         if mode == "neo":
             assert seen_cpu, "the small GPU pool should have pushed requests to the CPU"
-    assert results["gpu-only"] == results[policy]
+    assert_greedy_equal(engine, {f"r{i}": p for i, p in enumerate(ps)}, results["gpu-only"], results[policy])
 
 
 def test_stop_conditions_and_finish_reasons(tmp_path):
@@ -210,16 +248,16 @@ class ScriptedScheduler:
 def test_pipelined_swaps_and_cpu_prefills_keep_greedy_tokens(tmp_path):
     ps = prompts(10, seed=5)
     params = SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True)
-    engine = make_engine(tmp_path, **{"scheduler.policy": "gpu-only"})
+    engine = make_engine(tmp_path, **{"scheduler.policy": "gpu-only", "model.dtype": "float16"})
     for i, p in enumerate(ps):
         engine.add_request(f"r{i}", p, params)
     expected = {k: tokens_of(v) for k, v in run_all(engine).items()}
 
-    engine = make_engine(tmp_path, **{"scheduler.policy": "neo", "cache.cpu_kv_gib": 0.01})
+    engine = make_engine(tmp_path, **{"scheduler.policy": "neo", "cache.cpu_kv_gib": 0.01, "model.dtype": "float16"})
     engine.rt.scheduler = ScriptedScheduler()
     for i, p in enumerate(ps):
         engine.add_request(f"r{i}", p, params)
     got = {k: tokens_of(v) for k, v in run_all(engine).items()}
-    assert got == expected
+    assert_greedy_equal(engine, {f"r{i}": p for i, p in enumerate(ps)}, expected, got)
     assert engine.stats()["iterations"]["pipelined"] > 0
     assert_all_free(engine)

@@ -7,9 +7,22 @@ import math
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_profile import make_profile
 
-from neod.sched import Table1D, Table2D, TableCostModel
+from neod.sched import Profile, Table1D, Table2D, TableCostModel, profile_key
+
+
+def make_profile() -> Profile:
+    decode = {(b, n): 1e-6 * b + 1e-9 * n for b in (1, 4, 16) for n in (16 * b, 256 * b, 4096 * b)}
+    return Profile(
+        key=profile_key({"num_layers": 2}, "bfloat16", 1, "gpu", "cpu", 4, "1", 16),
+        linear=Table1D.from_points({1: 40e-6, 64: 42e-6, 512: 60e-6, 4096: 300e-6}),
+        prefill_attn=Table1D.from_points({16: 5e-6, 256: 20e-6, 4096: 900e-6}),
+        gpu_decode_attn=Table2D.from_points(decode),
+        cpu_decode_attn=Table2D.from_points({k: 40 * v for k, v in decode.items()}),
+        transfer=Table1D.from_points({1: 8e-6, 256: 40e-6}),
+        swap=Table1D.from_points({1: 3e-6, 1024: 600e-6}),
+        iteration_overhead=Table1D.from_points({1: 200e-6, 256: 900e-6}),
+    )
 
 
 def test_1d_interpolates_clamps_below_and_extrapolates_above():

@@ -125,8 +125,10 @@ def test_control_messages() -> None:
     assert decode_control(encode_control("status", "q3")).args == {}
     with pytest.raises(ProtocolError, match="tune needs at least one of"):
         decode_control(encode_control("tune", "q"))
-    with pytest.raises(ProtocolError, match="field 'policy' must be one of auto, gpu-only, neo"):
-        decode_control(encode_control("tune", "q", policy="fast"))
+    with pytest.raises(ProtocolError, match="field 'policy' must be one of auto, gpu-only, neo") \
+            as err:
+        decode_control(encode_control("tune", "q7", policy="fast"))
+    assert err.value.request_id == "q7"  # so the refusal reaches the right caller
     with pytest.raises(ProtocolError, match="field 'max_batch_size' must be an integer"):
         decode_control(encode_control("tune", "q", max_batch_size=0))
     with pytest.raises(ProtocolError, match="unknown control command 'generate'"):

@@ -1,5 +1,6 @@
-"""The advisor on roofline cost models of the benchmark hosts: it must reproduce the issue's estimates
-(offloading pays on a memory-starved GPU, never when the GPU has room) and never predict a loss."""
+"""The advisor on roofline cost models of the benchmark hosts: it must reproduce the issue's
+estimates (offloading pays on a memory-starved GPU, never when the GPU has room) and never predict
+a loss."""
 
 from __future__ import annotations
 
@@ -29,7 +30,10 @@ class RooflineCost:
         self.params_per_token = self.layer_weight_bytes // 2
 
     def linear_s(self, n):
-        return max(self.layer_weight_bytes / self.gpu_bw, 2 * self.params_per_token * n / 700e12) + 8e-6
+        return (
+            max(self.layer_weight_bytes / self.gpu_bw, 2 * self.params_per_token * n / 700e12)
+            + 8e-6
+        )
 
     def prefill_attn_s(self, lens):
         return sum(n * n for n in lens) * 4 * 8192 / 500e12 + 5e-6
@@ -50,16 +54,38 @@ class RooflineCost:
         return self.lm_head_bytes / self.gpu_bw + 1e-3
 
 
-LLAMA_8B_H100 = dict(hidden=4096, intermediate=14336, num_heads=32, num_kv_heads=8, vocab=128256,
-                     gpu_bw=3.0e12, cpu_bw=85e9)
-LLAMA_70B_H200 = dict(hidden=8192, intermediate=28672, num_heads=64, num_kv_heads=8, vocab=128256,
-                      gpu_bw=3.4e12, cpu_bw=94e9)
+LLAMA_8B_H100 = {
+    "hidden": 4096,
+    "intermediate": 14336,
+    "num_heads": 32,
+    "num_kv_heads": 8,
+    "vocab": 128256,
+    "gpu_bw": 3.0e12,
+    "cpu_bw": 85e9,
+}
+LLAMA_70B_H200 = {
+    "hidden": 8192,
+    "intermediate": 28672,
+    "num_heads": 64,
+    "num_kv_heads": 8,
+    "vocab": 128256,
+    "gpu_bw": 3.4e12,
+    "cpu_bw": 94e9,
+}
 
 
 def predict(shape, layers, gpu_kv_gib, output_len=200):
     cost = RooflineCost(**shape)
-    return predict_workload(cost, layers, layers * cost.kv_token_bytes, int(gpu_kv_gib * GIB), 100 * GIB,
-                            1000, output_len, Limits(512, 16384, "auto"))
+    return predict_workload(
+        cost,
+        layers,
+        layers * cost.kv_token_bytes,
+        int(gpu_kv_gib * GIB),
+        100 * GIB,
+        1000,
+        output_len,
+        Limits(512, 16384, "auto"),
+    )
 
 
 def test_memory_starved_8b_gains_from_offloading():
@@ -94,8 +120,9 @@ def test_neo_is_never_predicted_slower(output_len):
 
 def test_without_host_memory_nothing_is_offloaded():
     cost = RooflineCost(**LLAMA_8B_H100)
-    result = predict_workload(cost, 32, 32 * cost.kv_token_bytes, GIB // 2, 0, 1000, 200,
-                              Limits(256, 8192, "auto"))
+    result = predict_workload(
+        cost, 32, 32 * cost.kv_token_bytes, GIB // 2, 0, 1000, 200, Limits(256, 8192, "auto")
+    )
     assert result["neo"]["cpu_batch"] == 0 and result["mode"] == "gpu-only"
     assert result["neo"]["cpu_bound"] == "host memory"
 

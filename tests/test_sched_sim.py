@@ -9,6 +9,7 @@ failures.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -16,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from neod.sched import (
+    BatchLoad,
     CacheView,
     Limits,
     Plan,
@@ -25,6 +27,8 @@ from neod.sched import (
     ZeroCostModel,
     blocks_for,
     check_plan,
+    pipelined_s,
+    sequential_s,
 )
 
 
@@ -122,6 +126,7 @@ class Sim:
         self.done: dict[int, SimSeq] = {}
         self.step = 0
         self.plans: list[Plan] = []
+        self.views: list[tuple[list[SeqView], list[SeqView]]] = []
         self.admissions: list[int] = []
         self.cpu_used_ever = False
         self.max_running_gap = 0
@@ -158,6 +163,7 @@ class Sim:
         errors = check_plan(plan, waiting, running, cache, self.limits)
         assert not errors, (errors, plan)
         self.plans.append(plan)
+        self.views.append((waiting, running))
         for sid in plan.unservable:
             self.seqs[sid].unservable = True
             self.finish(self.seqs[sid])
@@ -215,23 +221,27 @@ def step_bound(reqs: list[Req], age_limit: int) -> int:
 
 
 @st.composite
-def workloads(draw, policies=("auto", "gpu-only", "neo"), ample_budget: bool = False):
+def workloads(draw, policies=("auto", "gpu-only", "neo"), ample_budget=False, crowded=False):
+    """crowded: many requests, a small GPU and a large CPU pool, where offloading and pipelining
+    happen often."""
     block_size = draw(st.sampled_from([1, 2, 4, 16]))
     max_len = draw(st.integers(4, 64))
-    num_gpu = draw(
-        st.integers(blocks_for(max_len, block_size), 4 * blocks_for(max_len, block_size))
+    per_seq = blocks_for(max_len, block_size)
+    num_gpu = draw(st.integers(per_seq, (2 if crowded else 4) * per_seq))
+    num_cpu = draw(
+        st.integers(10 * per_seq, 40 * per_seq) if crowded else st.integers(0, 6 * per_seq)
     )
-    num_cpu = draw(st.integers(0, 6 * blocks_for(max_len, block_size)))
     policy = draw(st.sampled_from(policies))
     reqs = []
-    for _ in range(draw(st.integers(1, 12))):
+    for _ in range(draw(st.integers(10, 40) if crowded else st.integers(1, 12))):
         prompt = draw(st.integers(1, max_len - 1))
         reqs.append(Req(draw(st.integers(1, 20)), prompt, draw(st.integers(1, max_len - prompt))))
     if ample_budget:
         limits = Limits(len(reqs), len(reqs) + max_len, policy)
     else:
         limits = Limits(draw(st.integers(1, 8)), draw(st.integers(max_len, 4 * max_len)), policy)
-    cost = COSTS[draw(st.sampled_from(sorted(COSTS)))]
+    names = ["balanced", "cheap-cpu"] if crowded else sorted(COSTS)
+    cost = COSTS[draw(st.sampled_from(names))]
     return num_gpu, num_cpu, block_size, limits, reqs, cost
 
 
@@ -252,6 +262,45 @@ def test_every_plan_valid_and_every_request_finishes(case):
     assert all(s.num_tokens == s.max_total for s in sim.done.values())
     if limits.policy == "gpu-only":
         assert not sim.cpu_used_ever
+
+
+@FAST
+@given(workloads(policies=("auto", "neo"), crowded=True))
+def test_crowded_offloading_stays_valid_and_predictions_match_the_plans(case):
+    num_gpu, num_cpu, bs, limits, reqs, cost = case
+    sched = Scheduler(cost, num_layers=4)
+    sim = Sim(sched, num_gpu, num_cpu, bs, limits, reqs)
+    sim.run(step_bound(reqs, sched.age_limit))
+    assert len(sim.done) == len(reqs) and not any(s.unservable for s in sim.done.values())
+    for step, (plan, (waiting, running)) in enumerate(zip(sim.plans, sim.views, strict=True), 1):
+        predicted = replay_prediction(plan, waiting, running, cost, bs)
+        assert plan.predicted_iter_s == pytest.approx(predicted)
+        # Unless an aged request forced it, CPU work is only ever taken where it raises the rate.
+        aged = [v for v in running if step - v.last_progress_step >= sched.age_limit]
+        if not any(v.residence == Residence.CPU for v in aged) and plan.num_seqs:
+            bare = dataclasses.replace(plan, decode_cpu_b0=[], decode_cpu_b1=[], pipelined=False)
+            bare_s = replay_prediction(bare, waiting, running, cost, bs)
+            assert plan.num_seqs * bare_s >= bare.num_seqs * predicted * (1 - 1e-9)
+
+
+def replay_prediction(plan: Plan, waiting, running, cost, bs: int) -> float:
+    """The plan's iteration time from the public formulas, rebuilt from the plan alone."""
+    views = {v.seq_id: v for v in (*waiting, *running)}
+    prompts = [views[i].num_prompt_tokens for i in (*plan.prefill_gpu, *plan.prefill_cpu)]
+    base = BatchLoad(sum(prompts), cost.prefill_attn_s(prompts) if prompts else 0.0, len(prompts))
+    gpu = [views[i] for i in plan.decode_gpu]
+    b0 = base.plus_gpu_decodes(len(gpu), sum(v.decode_ctx_tokens for v in gpu))
+    for ids, into in ((plan.decode_cpu_b0, "b0"), (plan.decode_cpu_b1, "b1")):
+        ctx = sum(views[i].decode_ctx_tokens for i in ids)
+        if into == "b0":
+            b0 = b0.plus_cpu_decodes(len(ids), ctx)
+        else:
+            b1 = BatchLoad().plus_cpu_decodes(len(ids), ctx)
+    swap = sum(views[i].held_blocks(bs) for i in (*plan.swap_out, *plan.swap_in))
+    swap += sum(blocks_for(views[i].num_prompt_tokens, bs) for i in plan.prefill_cpu)
+    if plan.pipelined:
+        return pipelined_s(cost, 4, b0, b1, swap)
+    return sequential_s(cost, 4, b0, swap)
 
 
 @FAST
@@ -358,7 +407,7 @@ def test_cpu_requests_progress_even_when_the_cpu_never_pays():
     # The CPU request outgrows the GPU (30 blocks): only the CPU, which never pays here, can run it.
     sched = Scheduler(COSTS["slow-cpu"], 4, age_limit=5)
     sim = Sim(sched, 30, 200, 4, Limits(16, 512, "auto"), [Req(1, 8, 16) for _ in range(4)])
-    sim.seqs[99] = SimSeq(99, 100, 140, 101, computed=100, residence=Residence.CPU, last_progress=0)
+    sim.seqs[99] = SimSeq(99, 120, 160, 121, computed=120, residence=Residence.CPU, last_progress=0)
     sim.run(2000)
     assert 99 in sim.done
     assert sim.max_running_gap <= 5

@@ -113,24 +113,27 @@ def test_split_pipelines_when_cpu_work_hides_behind_projections():
     split = split_cpu_decodes(cost, 1, base, (), cands(8), 8, 0)
     assert split.pipelined and len(split.b0_ids) + len(split.b1_ids) == 8
     assert split.iter_s == pytest.approx(2.0)  # both sub-batches' projections, CPU fully hidden
-    # With one CPU request a second weight pass does not pay: sequential, request included.
+    # With one CPU request a second weight pass does not pay, and running it sequentially would
+    # stretch the GPU's iteration by 25%: it waits, unless the operator allows that much stretch.
     one = split_cpu_decodes(cost, 1, base, (), cands(1), 1, 0)
-    assert not one.pipelined and one.b0_ids == [100]
+    assert not one.pipelined and one.b0_ids == [] and one.num_tokens_out == 2
+    lax = split_cpu_decodes(cost, 1, base, (), cands(1), 1, 0, stretch=0.3)
+    assert not lax.pipelined and lax.b0_ids == [100] and lax.iter_s == pytest.approx(1.25)
 
 
 def test_split_leaves_out_cpu_work_that_lowers_the_rate_but_keeps_forced():
     cost = FlatCost(lin=1.0, gpu_attn=0.0, cpu_per_seq=5.0, overhead=0.0)
     base = BatchLoad().plus_gpu_decodes(4, 400)
     split = split_cpu_decodes(cost, 1, base, (), cands(3), 3, 0)
-    assert not split.pipelined and not split.b0_ids and split.num_left_out == 3
+    assert not split.pipelined and not split.b0_ids and split.num_tokens_out == 4
     forced = split_cpu_decodes(cost, 1, base, cands(1, start=7), cands(3), 3, 0)
-    assert forced.b0_ids + forced.b1_ids == [7] and forced.num_left_out == 3
+    assert forced.b0_ids + forced.b1_ids == [7] and forced.num_tokens_out == 5
 
 
 def test_split_respects_the_slot_limit_and_prunes_longer_candidates():
     cost = FlatCost(lin=1.0, gpu_attn=0.0, cpu_per_seq=0.0, transfer_per_seq=0.0, overhead=0.0)
     split = split_cpu_decodes(cost, 1, BatchLoad().plus_gpu_decodes(1, 10), (), cands(10), 4, 0)
-    assert len(split.b0_ids) + len(split.b1_ids) == 4 and split.num_left_out == 6
+    assert len(split.b0_ids) + len(split.b1_ids) == 4 and split.num_tokens_out == 5
 
 
 def test_pcie_cost_decides_against_offloading():

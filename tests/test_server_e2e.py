@@ -35,7 +35,7 @@ def daemon_config(tmp: Path, **server: object) -> Config:
     overrides = {"model.device": "cpu", "model.preset": "tiny", "scheduler.max_batch_size": 32,
                  "server.intake_endpoint": f"tcp://127.0.0.1:{free_port()}",
                  "server.control_endpoint": f"ipc://{tmp}/control.sock",
-                 "server.max_new_tokens": 4000}
+                 "server.max_new_tokens": 4000, "server.max_prompt_tokens": 256}
     overrides.update({f"server.{k}": v for k, v in server.items()})
     return load_config(None, env={}, overrides=overrides)
 
@@ -230,7 +230,8 @@ frame_fields = st.dictionaries(
               st.lists(st.integers(-1, 600), max_size=4)), max_size=6)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.one_of(st.binary(max_size=40),
                  frame_fields.map(lambda f: orjson.dumps({"v": 1, "type": "generate", **f}))))
 def test_fuzzed_frames_never_hurt_the_daemon(daemon: EmbeddedDaemon, frame: bytes) -> None:

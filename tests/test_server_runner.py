@@ -112,7 +112,7 @@ PARAMS = SamplingParams(max_tokens=2)
 
 def make(engine: ScriptedEngine, window: int = 8) -> tuple[EngineRunner, Collector]:
     sink = Collector()
-    return EngineRunner(engine, sink.deliver, sink.on_fatal, window), sink
+    return EngineRunner(lambda: engine, sink.deliver, sink.on_fatal, window), sink
 
 
 def test_every_request_finishes_once_and_window_orders_by_priority() -> None:
@@ -191,6 +191,42 @@ def test_repeated_step_failures_are_fatal_and_reported() -> None:
     assert runner.failed and "unusable" in sink.fatal[0]
     assert engine.fail_all_calls == MAX_CONSECUTIVE_STEP_FAILURES
     assert runner.stop(5.0)
+
+
+def test_the_engine_is_built_on_the_thread_that_steps_it() -> None:
+    threads = []
+
+    class Recording(ScriptedEngine):
+        def __init__(self) -> None:
+            threads.append(threading.get_ident())
+            super().__init__()
+
+        def step(self) -> list[RequestOutput]:
+            threads.append(threading.get_ident())
+            return super().step()
+
+    sink = Collector()
+    runner = EngineRunner(Recording, sink.deliver, sink.on_fatal, 8)
+    runner.submit("a", [1], PARAMS)
+    runner.start()
+    try:
+        assert runner.ready.result(5) == {"running": 0}
+        sink.wait_finished(1)
+    finally:
+        assert runner.stop(5.0)
+    assert len(set(threads)) == 1 and threads[0] != threading.get_ident()
+
+
+def test_a_failed_build_is_reported_through_ready() -> None:
+    def broken() -> ScriptedEngine:
+        raise RuntimeError("no CUDA device")
+
+    sink = Collector()
+    runner = EngineRunner(broken, sink.deliver, sink.on_fatal, 8)
+    runner.start()
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        runner.ready.result(5)
+    assert runner.stop(5.0) and runner.failed
 
 
 def test_idle_thread_sleeps_but_keeps_its_heartbeat() -> None:

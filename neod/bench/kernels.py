@@ -6,7 +6,7 @@ large pinned copy. Small ops are reported as device time per call and host time 
 (the cost NEO's host thread pays between CPU attention runs). Inputs rotate over several buffers
 larger than L2 so repeated calls do not measure the cache.
 
-    python -m neod.bench.kernels [--out results.json] [--quick]
+    python -m neod.bench.kernels [--out results.json] [--quick] [--only decode|swap|small]
 """
 
 from __future__ import annotations
@@ -51,6 +51,41 @@ def _time_ms(fn: Callable[[int], None], target_ms: float = 60.0, repeats: int = 
     return statistics.median(samples)
 
 
+def _graph_us(fn: Callable[[int], None], calls: int = 20, repeats: int = 10) -> float:
+    """Median device time per call without launch gaps: `calls` calls in a replayed CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(3):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(repeats):
+        start.record()
+        graph.replay()
+        stop.record()
+        stop.synchronize()
+        samples.append(start.elapsed_time(stop) * 1e3 / calls)
+    return statistics.median(samples)
+
+
+def _host_us(fn: Callable[[int], None], calls: int = 200) -> float:
+    """Host time to issue one call (Python, checks, launch), device work left queued."""
+    fn(0)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(calls):
+        fn(i)
+    host_us = (time.perf_counter() - t0) / calls * 1e6
+    torch.cuda.synchronize()
+    return host_us
+
+
 def copy_bandwidths(nbytes: int = GIB) -> dict[str, float]:
     """Device-to-device (read + write) and pinned host<->device copy bandwidth, GB/s."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=DEV).random_()
@@ -74,7 +109,6 @@ def decode_point(
     torch.cuda.empty_cache()  # the previous point's pool: avoid fragmenting the next one
     dtype = torch.bfloat16
     blocks_per_req = math.ceil(context / block_size)
-    block_bytes = 2 * num_kv_heads * block_size * head_dim * dtype.itemsize
     kv_bytes = batch * context * 2 * num_kv_heads * head_dim * dtype.itemsize
     rotations = max(1, min(8, math.ceil(ROTATE_BYTES / kv_bytes)))
     num_blocks = rotations * batch * blocks_per_req
@@ -92,8 +126,9 @@ def decode_point(
         r = i % rotations
         ops.paged_decode_attention(queries[r], kv_layer, tables[r], seq_lens, scale, out=out)
 
-    ms = _time_ms(run)
-    return {"time_us": ms * 1e3, "kv_gbps": kv_bytes / ms / 1e6, "block_bytes": block_bytes}
+    device_us = _graph_us(run)
+    host_us = _host_us(run, calls=50)
+    return {"device_us": device_us, "host_us": host_us, "kv_gbps": kv_bytes / device_us / 1e3}
 
 
 def swap_bandwidths() -> list[dict]:
@@ -151,56 +186,40 @@ def small_ops(num_tokens: int) -> dict[str, dict[str, float]]:
         "rotary_embedding_": lambda: ops.rotary_embedding_(positions, q, k, cos_sin),
         "silu_and_mul": lambda: ops.silu_and_mul(gate_up),
         "store_kv_": lambda: ops.store_kv_(k, v, kv_layer, slots),
+        "torch mul_ (baseline)": lambda: gate_up.mul_(1.0),  # a plain torch launch, for scale
     }
     results = {}
     for name, call in calls.items():
-        device_ms = _time_ms(lambda i, call=call: call())
-        torch.cuda.synchronize()
-        n = 200
-        t0 = time.perf_counter()
-        for _ in range(n):
-            call()
-        host_us = (time.perf_counter() - t0) / n * 1e6
-        torch.cuda.synchronize()
-        results[name] = {"device_us": device_ms * 1e3, "host_us": host_us}
+        results[name] = {
+            "device_us": _graph_us(lambda i, call=call: call()),
+            "host_us": _host_us(lambda i, call=call: call()),
+        }
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", help="write all results as JSON to this file")
-    parser.add_argument("--quick", action="store_true", help="a smaller grid")
-    args = parser.parse_args()
-    if not cuda_ops.available():
-        raise SystemExit(f"needs a GPU and {cuda_ops.library_path()} (scripts/build_cuda.sh)")
-    props = torch.cuda.get_device_properties(0)
-    results: dict = {"device": props.name, "sms": props.multi_processor_count}
-    results["copy"] = copy = copy_bandwidths()
-    print(
-        f"{props.name}: D2D copy {copy['d2d_gbps']:.0f} GB/s (read+write), pinned H2D "
-        f"{copy['h2d_gbps']:.1f} GB/s, D2H {copy['d2h_gbps']:.1f} GB/s"
-    )
-
-    batches = [1, 8, 32, 128] if args.quick else [1, 8, 32, 64, 128, 256]
-    contexts = [1024, 8192, 32768] if args.quick else [512, 2048, 8192, 32768]
+def _report_decode(results: dict, copy: dict[str, float], quick: bool) -> None:
+    batches = [1, 8, 32, 128] if quick else [1, 8, 32, 64, 128, 256]
+    contexts = [1024, 8192, 32768] if quick else [512, 2048, 8192, 32768]
     shapes = {"llama3-8b": (32, 8, 128), "llama3-70b": (64, 8, 128)}
     results["decode"] = []
-    print("\npaged decode attention, bf16, block 16: KV GB/s (% of D2D copy), us per call")
+    print("\npaged decode attention, bf16, block 16: KV GB/s (% of D2D copy) device us / host us")
     for model, (num_q_heads, num_kv_heads, head_dim) in shapes.items():
         for context in contexts:
             cells = []
             for batch in batches:
-                kv_bytes = batch * context * 2 * num_kv_heads * head_dim * 2
-                if kv_bytes > MAX_KV_BYTES:
+                if batch * context * 2 * num_kv_heads * head_dim * 2 > MAX_KV_BYTES:
                     continue
                 point = decode_point(batch, context, num_q_heads, num_kv_heads, head_dim, 16)
                 results["decode"].append(dict(model=model, batch=batch, context=context, **point))
                 pct = 100 * point["kv_gbps"] / copy["d2d_gbps"]
                 cells.append(
-                    f"B={batch} {point['kv_gbps']:.0f} ({pct:.0f}%) {point['time_us']:.0f}"
+                    f"B={batch} {point['kv_gbps']:.0f} ({pct:.0f}%) "
+                    f"{point['device_us']:.0f}/{point['host_us']:.0f}"
                 )
             print(f"  {model} ctx {context:>5}: " + " | ".join(cells))
 
+
+def _report_swap(results: dict, copy: dict[str, float]) -> None:
     results["swap"] = swap_bandwidths()
     print("\nswap, 512 block-layers x 32 layers of 64 KiB: GB/s")
     for row in results["swap"]:
@@ -208,6 +227,8 @@ def main() -> None:
         pinned = copy[f"{row['direction']}_gbps"]
         print(f"  {row['pattern']:>10} {row['direction']}: {cells} (one pinned copy: {pinned:.1f})")
 
+
+def _report_small_ops(results: dict) -> None:
     results["small_ops"] = {}
     print("\nsmall ops (Llama-3-8B sizes, bf16): device us / host us per call")
     for num_tokens in (1, 256, 4096):
@@ -215,6 +236,32 @@ def main() -> None:
         results["small_ops"][num_tokens] = row
         cells = ", ".join(f"{n} {r['device_us']:.1f}/{r['host_us']:.1f}" for n, r in row.items())
         print(f"  T={num_tokens:>4}: {cells}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", help="write all results as JSON to this file")
+    parser.add_argument("--quick", action="store_true", help="a smaller decode grid")
+    parser.add_argument(
+        "--only", choices=["decode", "swap", "small"], help="run one section (after the copies)"
+    )
+    args = parser.parse_args()
+    if not cuda_ops.available():
+        raise SystemExit(f"needs a GPU and {cuda_ops.library_path()} (scripts/build_cuda.sh)")
+    props = torch.cuda.get_device_properties(0)
+    results: dict = {"device": props.name, "sms": props.multi_processor_count}
+    results["library"] = str(cuda_ops.library_path())
+    results["copy"] = copy = copy_bandwidths()
+    print(
+        f"{props.name}: D2D copy {copy['d2d_gbps']:.0f} GB/s (read+write), pinned H2D "
+        f"{copy['h2d_gbps']:.1f} GB/s, D2H {copy['d2h_gbps']:.1f} GB/s"
+    )
+    if args.only in (None, "decode"):
+        _report_decode(results, copy, args.quick)
+    if args.only in (None, "swap"):
+        _report_swap(results, copy)
+    if args.only in (None, "small"):
+        _report_small_ops(results)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

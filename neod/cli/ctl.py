@@ -69,6 +69,7 @@ class Ctl:
     def control_client(self) -> ControlClient:
         try:
             return ControlClient(self.control_endpoint(), timeout_s=self.timeout_s,
+                                 connect_timeout_s=min(self.timeout_s, 3.0),
                                  curve_server_key_file=self.curve_server_key,
                                  curve_client_key_file=self.curve_client_key)
         except DaemonUnavailable as exc:
@@ -78,6 +79,7 @@ class Ctl:
         endpoint = self.intake or expand_endpoint(self.config().server.intake_endpoint, os.environ)
         try:
             return Client(endpoint, timeout_s=self.timeout_s,
+                          connect_timeout_s=min(self.timeout_s, 3.0),
                           curve_server_key_file=self.curve_server_key,
                           curve_client_key_file=self.curve_client_key)
         except DaemonUnavailable as exc:

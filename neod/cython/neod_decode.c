@@ -43,8 +43,8 @@ static size_t pad16(size_t n) { return (n + 15) & ~(size_t)15; }
  * padded to 16, the widest SIMD target's lane count. */
 static size_t scratch_floats(const struct NeodDecodeArgs *a) {
     size_t hq = a->num_q_heads, bs = pad16(a->block_size);
-    size_t scores = hq / (size_t)a->num_kv_heads * bs; /* a multiple of 16 */
-    return 2 * pad16(hq * a->head_dim) + 2 * pad16(hq) + 17 * scores + bs * a->head_dim;
+    size_t part = 16 * (hq / (size_t)a->num_kv_heads) * bs;
+    return 2 * pad16(hq * a->head_dim) + 2 * pad16(hq) + hq * bs + part + bs * a->head_dim;
 }
 
 /* Bump allocation inside the workspace; every region starts 64-byte aligned. */
@@ -81,10 +81,11 @@ static void decode_task(void *ctx, int t) {
         return;
     }
     size_t qd = pad16((size_t)a->num_q_heads * a->head_dim), h = pad16(a->num_q_heads);
-    size_t scores = (size_t)(a->num_q_heads / a->num_kv_heads) * pad16(a->block_size);
+    size_t scores = (size_t)a->num_q_heads * pad16(a->block_size);
+    size_t part = 16 * (size_t)(a->num_q_heads / a->num_kv_heads) * pad16(a->block_size);
     float *s = mem + 2 * qd + 2 * h;
     struct NeodScratch scratch = {mem, mem + qd, mem + 2 * qd, mem + 2 * qd + h,
-                                  s, s + scores, s + 17 * scores};
+                                  s, s + scores, s + scores + part};
     int append = a->k_new != NULL && a->v_new != NULL;
     for (int i = first; i < last; i++) {
         const struct NeodWorkItem *item = &job->items[i];

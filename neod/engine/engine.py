@@ -23,11 +23,9 @@ from neod.engine.runtime import EngineRuntime, build_runtime
 from neod.engine.sampler import sample
 from neod.engine.sequence import Sequence
 from neod.engine.stats import EngineStats
-from neod.sched import CacheView, Limits, Plan, Residence
+from neod.sched import POLICIES, CacheView, Limits, Plan, Residence
 
 logger = logging.getLogger(__name__)
-
-POLICIES = ("auto", "gpu-only", "neo")
 
 
 class Engine:
@@ -109,9 +107,9 @@ class Engine:
                              "(it started with policy gpu-only or cache.cpu_kv_gib too small); restart it")
         if not (isinstance(max_batch, int) and 1 <= max_batch <= self.rt.max_rows):
             raise ValueError(f"max_batch_size must be an integer in [1, {self.rt.max_rows}], got {max_batch!r}")
-        if not (isinstance(max_tokens, int) and self.rt.max_model_len <= max_tokens <= self.rt.max_tokens):
-            raise ValueError(f"max_tokens_in_batch must be an integer in [{self.rt.max_model_len}, "
-                             f"{self.rt.max_tokens}], got {max_tokens!r}")
+        if not (isinstance(max_tokens, int) and 1 <= max_tokens <= self.rt.max_tokens):
+            raise ValueError(f"max_tokens_in_batch must be an integer in [1, {self.rt.max_tokens}] (the staging "
+                             f"buffers were sized at start), got {max_tokens!r}")
         if threads is not None:
             self.rt.set_cpu_threads(threads)
         self.limits = Limits(max_batch_size=max_batch, max_tokens_in_batch=max_tokens, policy=policy)
@@ -164,6 +162,7 @@ class Engine:
             generator = torch.Generator(device=rt.device)
             generator.manual_seed(params.seed)
         seq = Sequence(self._next_seq_id, request_id, prompt, params, rt.max_model_len, generator)
+        seq.last_progress_step = self.step_index  # waiting time counts from admission (aging)
         self._next_seq_id += 1
         self._by_request[request_id] = seq
         self.waiting.append(seq)

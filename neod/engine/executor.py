@@ -8,8 +8,8 @@ the host-to-device stream; `post` (O projection, MLP) waits for it on the GPU, n
 With two sub-batches the host issues the GPU work of one sub-batch before it blocks in the CPU attention of
 the other, so the devices overlap (design.md, Pipelining):
 
-    GPU:  post(i) b0 + pre(i+1) b0 + attn(i+1) b0 | post(i) b1 + pre(i+1) b1 | ...
-    CPU:  attention(i) of b1                      | attention(i+1) of b0's CPU rows
+    GPU:  post(i) b0 + pre(i+1) b0 | post(i) b1 + pre(i+1) b1 + GPU attention(i+1) b0 | ...
+    CPU:  attention(i) of b1       | attention(i+1) of b0's CPU rows
 
 With one sub-batch the same loop is the sequential mode: its CPU rows overlap its own GPU attention.
 On a CPU-only host the streams are absent and every copy is synchronous; the order of work is the same.
@@ -54,6 +54,9 @@ class _Flight:
     hidden: torch.Tensor  # [T, H]
     residual: torch.Tensor | None = None
     attn_out: torch.Tensor | None = None  # [T, Hq * D]
+    q: torch.Tensor | None = None  # [T, Hq, D], between the projections and the GPU attention
+    k: torch.Tensor | None = None  # [T, Hkv, D]
+    v: torch.Tensor | None = None  # [T, Hkv, D]
     qkv_on_host: torch.cuda.Event | None = None
     out_on_device: torch.cuda.Event | None = None
 
@@ -107,15 +110,19 @@ class Executor:
 
     # ---- stages ------------------------------------------------------------------------------------
     def _pre(self, f: _Flight, layer: int) -> None:
+        """Projections of one layer; the CPU rows' Q/K/V leave for the host as soon as they exist."""
         b = f.batch
-        q, k, v, f.residual = self.model.layer_pre(layer, f.hidden, f.residual, b.positions)
+        f.q, f.k, f.v, f.residual = self.model.layer_pre(layer, f.hidden, f.residual, b.positions)
         if f.has_cpu_work:
-            self._qkv_to_host(f, q, k, v)
-        f.attn_out = torch.empty((b.num_tokens, self.num_heads * self.head_dim), dtype=q.dtype,
+            self._qkv_to_host(f, f.q, f.k, f.v)
+        f.attn_out = torch.empty((b.num_tokens, self.num_heads * self.head_dim), dtype=f.q.dtype,
                                  device=self.device)
-        g = b.num_gpu_rows
+
+    def _gpu_attention(self, f: _Flight, layer: int) -> None:
+        b, g = f.batch, f.batch.num_gpu_rows
         if g:
-            f.attn_out[:g] = gpu_attention(q[:g], k[:g], v[:g], self.gpu_pool[layer], b.gpu_meta, self.scale)
+            f.attn_out[:g] = gpu_attention(f.q[:g], f.k[:g], f.v[:g], self.gpu_pool[layer], b.gpu_meta, self.scale)
+        f.q = f.k = f.v = None
 
     def _qkv_to_host(self, f: _Flight, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         b, buf = f.batch, f.buffers
@@ -189,17 +196,22 @@ class Executor:
         self._pre(f0, 0)
         if f1 is not None:
             self._pre(f1, 0)
+        self._gpu_attention(f0, 0)
         self._cpu(f0, 0)
         for i in range(self.num_layers):
+            # Stage A. GPU: post(i) + pre(i+1) of b0. CPU: attention(i) of b1.
             self._post(f0, i)
             if i < last:
                 self._pre(f0, i + 1)
             if f1 is not None:
                 self._cpu(f1, i)
+            # Stage B. GPU: post(i) + pre(i+1) of b1, then GPU attention(i+1) of b0. CPU: b0's CPU rows.
+            if f1 is not None:
                 self._post(f1, i)
                 if i < last:
                     self._pre(f1, i + 1)
             if i < last:
+                self._gpu_attention(f0, i + 1)
                 self._cpu(f0, i + 1)
         self._pending_swaps.clear()
         return [self.model.final(f.hidden, f.residual, f.batch.sample_indices) for f in flights]

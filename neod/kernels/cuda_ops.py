@@ -117,7 +117,8 @@ def _call(op: str, fn: str, *args: object) -> None:
 
 
 def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
+    # The current cudaStream_t without building a torch.cuda.Stream object (a few us per call).
+    return torch._C._cuda_getCurrentRawStream(device.index)
 
 
 def _dtype_code(t: torch.Tensor, op: str) -> int:
@@ -286,11 +287,15 @@ def paged_decode_attention(
     max_len = block_tables.shape[1] * block_size  # an upper bound: reading seq_lens would sync
     splits = _max_splits(batch, num_q_heads, num_kv_heads, max_len, _num_sms(q.device.index))
     workspace_bytes = _lib().neod_paged_decode_workspace_bytes(batch, num_q_heads, head_dim, splits)
-    workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=q.device)
+    # split-KV partials; most batches need none, which saves an allocation on the hot path
+    workspace = (
+        torch.empty(workspace_bytes, dtype=torch.uint8, device=q.device) if splits > 1 else None
+    )
+    workspace_ptr = 0 if workspace is None else workspace.data_ptr()
     _call(op, "neod_paged_decode_attention", out.data_ptr(), out.stride(0), q.data_ptr(),
           q.stride(0), kv_layer.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
           seq_lens.data_ptr(), batch, num_q_heads, num_kv_heads, head_dim, block_size, scale,
-          splits, workspace.data_ptr(), workspace_bytes, _dtype_code(q, op),
+          splits, workspace_ptr, workspace_bytes, _dtype_code(q, op),
           _stream(q.device))  # fmt: skip
     return out
 

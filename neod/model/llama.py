@@ -33,6 +33,7 @@ class LlamaModel:
         self._split = (config.q_size, config.kv_size, config.kv_size)
         self._eps = config.rms_norm_eps
         # [max_positions, D] fp32: cos | sin, RoPE scaling included
+        self._lm_head_fp32: torch.Tensor | None = None
         self.cos_sin = build_cos_sin_cache(config, max_positions, weights.device)
 
     @classmethod
@@ -132,7 +133,20 @@ class LlamaModel:
             hidden = hidden.index_select(0, sample_indices)
             residual = residual.index_select(0, sample_indices)
         ops.fused_add_rms_norm_(hidden, residual, self.weights.final_norm, self._eps)
-        return F.linear(hidden, self.weights.lm_head).float()
+        return self._lm_head(hidden)
+
+    def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits accumulated and returned in fp32, never rounded to bf16/fp16: rounding would create exact
+        ties among the top tokens, and greedy decoding would then hinge on last-bit differences."""
+        # hidden: [B, H] -> [B, V] fp32
+        weight = self.weights.lm_head
+        if weight.dtype == torch.float32:
+            return F.linear(hidden, weight)
+        if hidden.is_cuda:
+            return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+        if self._lm_head_fp32 is None:
+            self._lm_head_fp32 = weight.float()  # CPU hosts serve small models: the copy is small
+        return F.linear(hidden.float(), self._lm_head_fp32)
 
     def forward(
         self,

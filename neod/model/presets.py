@@ -26,12 +26,12 @@ def _llama31_scaling(factor: float) -> RopeScaling:
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
         vocab_size=512,
-        hidden_size=128,
-        intermediate_size=384,
+        hidden_size=256,
+        intermediate_size=512,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=32,
+        head_dim=64,  # the smallest head size the CPU attention kernel is built for
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
         max_position_embeddings=4096,

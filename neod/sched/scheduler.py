@@ -3,32 +3,28 @@
 One pass, in this order (docs/scheduler.md has the reasoning and the guarantees):
 
 1. Drop what can never run (a prompt over the token budget, KV larger than any usable pool).
-2. Decode slots: aged sequences first (any device, stalest first), then GPU decodes in FCFS order.
-3. Memory: CPU decodes' growth is reserved; when the GPU cannot hold its decodes' growth, the newest
-   GPU sequences leave it: swapped to the CPU when the policy offloads (NEO), else preempted for
-   recompute.
-4. Swap-in, oldest first, only when nothing was swapped out and GPU use stays under the lower
+2. `outlook`: whether offloading pays (policy `auto`) and how many prompts the CPU can take on.
+3. Decode slots: aged sequences first (any device, stalest first), then GPU decodes in FCFS order.
+4. Memory: CPU decodes' growth is reserved; when the GPU cannot hold its decodes' growth, the newest
+   GPU sequences leave it: swapped to the CPU when the policy offloads, else preempted.
+5. Swap-in, oldest first, only when nothing was swapped out and GPU use stays under the lower
    threshold (hysteresis).
-5. Prefills in FCFS order: on the GPU if it has room, else on the CPU when the policy offloads and
-   the CPU keeps up with the requests it already holds. A prompt that does not fit is skipped, so it
-   never blocks the queue; once it has waited `wait_age_limit` steps nothing younger is admitted
-   until it is in.
-6. CPU decodes and the mode: `split.split_cpu_decodes` over the fixed GPU work.
-
-Policy `auto` offloads only when the predictor says decoding with the CPU's help beats decoding on
-the GPU alone, both rated on the same sequences (running, swap victims, prompts the GPU cannot
-take).
+6. Prefills in FCFS order: on the GPU if it has room, else on the CPU when the policy offloads and
+   the quota allows. A prompt that does not fit is skipped, so it never blocks the queue; once it
+   has waited `wait_age_limit` steps nothing younger is admitted until it is in.
+7. CPU decodes and the mode: `split.split_cpu_decodes` over the fixed GPU work.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
-from neod.sched.cost import BatchLoad, CostModel, rate_beats, sequential_s
+from neod.sched.cost import BatchLoad, CostModel
+from neod.sched.outlook import candidates, outlook
 from neod.sched.plan import Plan
-from neod.sched.split import CpuCandidate, split_cpu_decodes
+from neod.sched.split import CpuCandidate, DecodeSplit, split_cpu_decodes
 from neod.sched.views import CacheView, Limits, Residence, SeqView, blocks_for
 
 logger = logging.getLogger(__name__)
@@ -45,13 +41,19 @@ class Scheduler:
         wait_age_limit: int = 16,
         gpu_watermark_frac: float = 0.01,
         auto_margin: float = 0.03,
+        cpu_stretch: float = 0.1,
     ) -> None:
         """age_limit: a running sequence idle for this many steps is forced into the batch;
         wait_age_limit: a prompt waiting this long is no longer overtaken by younger ones;
         gpu_watermark_frac: share of GPU blocks a prefill leaves free while decodes run (they grow);
-        auto_margin: how much faster offloading must be predicted before policy auto uses it."""
-        if num_layers < 1 or not 0.0 < swap_in_frac <= 1.0 or age_limit < 1 or wait_age_limit < 1:
-            raise ValueError("num_layers, age limits must be >= 1 and swap_in_frac in (0, 1]")
+        auto_margin: how much faster offloading must be predicted before policy auto uses it;
+        cpu_stretch: how much CPU work may lengthen an iteration beyond its GPU work."""
+        if num_layers < 1 or age_limit < 1 or wait_age_limit < 1:
+            raise ValueError("num_layers, age_limit and wait_age_limit must be >= 1")
+        if not 0.0 < swap_in_frac <= 1.0 or not 0.0 <= gpu_watermark_frac < 1.0:
+            raise ValueError("swap_in_frac must be in (0, 1] and gpu_watermark_frac in [0, 1)")
+        if auto_margin < 0.0 or cpu_stretch < 0.0:
+            raise ValueError("auto_margin and cpu_stretch must be >= 0")
         self.cost = cost_model
         self.num_layers = num_layers
         self.swap_in_frac = swap_in_frac
@@ -59,6 +61,7 @@ class Scheduler:
         self.wait_age_limit = wait_age_limit
         self.gpu_watermark_frac = gpu_watermark_frac
         self.auto_margin = auto_margin
+        self.cpu_stretch = cpu_stretch
 
     def schedule(
         self,
@@ -101,7 +104,9 @@ class _Pass:
         self.cpu_cands: list[SeqView] = []  # may decode on the CPU this iteration
         # auto: whether offloading is predicted to pay, judged once on the incoming state
         self.offload_pays = False
-        self.cpu_keeps_up: bool | None = None
+        self.cpu_quota = 0  # prompts the CPU can take on this iteration
+        self.prefills: list[SeqView] = []  # admitted this iteration, on either device
+        self.swap_blocks = 0  # blocks copied between the pools this iteration, per layer
 
     # ---- helpers ---------------------------------------------------------------------------------
     def _take(self, num_tokens: int) -> bool:
@@ -118,7 +123,8 @@ class _Pass:
             self.tokens += 1
 
     def _growth(self, s: SeqView) -> int:
-        return s.decode_blocks(self.bs) - s.held_blocks(self.bs)
+        """1 when this iteration's token opens a new block."""
+        return 1 if s.num_computed_tokens % self.bs == 0 else 0
 
     def _capacity(self) -> int:
         gpu = self.cache.num_gpu_blocks
@@ -145,8 +151,10 @@ class _Pass:
     # ---- the pass --------------------------------------------------------------------------------
     def run(self) -> Plan:
         self._drop_unservable()
-        if self.limits.policy == "auto":
-            self.offload_pays = self._offload_pays()
+        if self.offloads:
+            self.offload_pays, self.cpu_quota = outlook(
+                self.sched, self.gpu, self.cpu, self.waiting, self.cache, self.limits
+            )
         self._assign_slots()
         if self.offloads:
             self._reserve_cpu_growth()
@@ -163,30 +171,24 @@ class _Pass:
         return self.plan
 
     def _drop_unservable(self) -> None:
-        cap, max_tokens = self._capacity(), self.limits.max_tokens_in_batch
+        cap, bs, max_tokens = self._capacity(), self.bs, self.limits.max_tokens_in_batch
         for group in (self.gpu, self.cpu):
-            for s in [s for s in group if s.decode_blocks(self.bs) > cap]:
-                self._unservable(
-                    s,
-                    f"its KV needs {s.decode_blocks(self.bs)} blocks, the largest pool "
-                    f"policy {self.limits.policy} may use has {cap}",
-                )
+            for s in [s for s in group if s.num_computed_tokens + 1 > cap * bs]:
+                self._unservable(s, f"its KV outgrows the largest pool it may use ({cap} blocks)")
                 group.remove(s)
-        keep = []
-        for w in self.waiting:
-            if w.num_prompt_tokens > max_tokens:
-                self._unservable(
-                    w,
-                    f"{w.num_prompt_tokens} tokens to prefill exceed max_tokens_in_batch "
-                    f"{max_tokens}",
-                )
-            elif blocks_for(w.num_prompt_tokens, self.bs) > cap:
-                self._unservable(
-                    w, f"its prompt needs more than the {cap} blocks of the largest usable pool"
-                )
-            else:
-                keep.append(w)
-        self.waiting = keep
+        limit = min(max_tokens, cap * bs)
+        if any(w.num_prompt_tokens > limit for w in self.waiting):
+            for w in self.waiting:
+                if w.num_prompt_tokens > max_tokens:
+                    why = (
+                        f"{w.num_prompt_tokens} tokens to prefill, max_tokens_in_batch {max_tokens}"
+                    )
+                    self._unservable(w, why)
+                elif w.num_prompt_tokens > limit:
+                    self._unservable(
+                        w, f"its prompt outgrows the largest usable pool ({cap} blocks)"
+                    )
+            self.waiting = [w for w in self.waiting if w.num_prompt_tokens <= limit]
 
     def _assign_slots(self) -> None:
         limit = self.sched.age_limit
@@ -203,12 +205,11 @@ class _Pass:
                 self.slotted.add(s.seq_id)
                 self.decoders.append(s)
 
-    def _victims(self, group: list[SeqView]) -> list[SeqView]:
+    def _victims(self, group: list[SeqView]) -> Iterator[SeqView]:
         """Newest first; those that would have to be failed after all that can be moved."""
         newest_first = group[::-1]
-        return [s for s in newest_first if self._recomputable(s)] + [
-            s for s in newest_first if not self._recomputable(s)
-        ]
+        yield from (s for s in newest_first if self._recomputable(s))
+        yield from (s for s in newest_first if not self._recomputable(s))
 
     def _reserve_cpu_growth(self) -> None:
         self.cpu_cands = list(self.cpu)
@@ -242,9 +243,9 @@ class _Pass:
             need = v.decode_blocks(self.bs)
             if need <= self.cpu_free and self._may_offload(need):
                 self.plan.swap_out.append(v.seq_id)
-                self.cpu_free -= (
-                    need  # its KV plus this iteration's token, should it decode on the CPU
-                )
+                self.swap_blocks += v.held_blocks(self.bs)
+                # Its KV, plus this iteration's token should it decode on the CPU.
+                self.cpu_free -= need
                 self.cpu_cands.append(v)
                 self._refund(v)
             else:
@@ -261,10 +262,9 @@ class _Pass:
                 continue
             used += need
             self.gpu_free -= need
-            self.cpu_free += (
-                need  # its blocks and the growth reserved for it become free on the CPU
-            )
+            self.cpu_free += need  # its blocks and the growth reserved for it
             self.plan.swap_in.append(s.seq_id)
+            self.swap_blocks += s.held_blocks(self.bs)
             self.cpu_cands.remove(s)
             if s.seq_id in self.slotted or self._take(1):
                 self.slotted.add(s.seq_id)
@@ -279,6 +279,7 @@ class _Pass:
                 self.gpu_free -= need
                 self.cpu_free += s.held_blocks(self.bs)
                 self.plan.swap_in.append(s.seq_id)
+                self.swap_blocks += s.held_blocks(self.bs)
                 if self._take(1):
                     self.slotted.add(s.seq_id)
                     self.decoders.append(s)
@@ -290,33 +291,34 @@ class _Pass:
         return settled
 
     def _admit_prefills(self) -> None:
-        cache = self.cache
+        cache, bs = self.cache, self.bs
         watermark = (
             math.ceil(self.sched.gpu_watermark_frac * cache.num_gpu_blocks) if self.decoders else 0
         )
-        cpu_reserve = min(
-            cache.num_gpu_blocks, cache.num_cpu_blocks // 2
-        )  # room for later swap-outs
+        cpu_reserve = min(cache.num_gpu_blocks, cache.num_cpu_blocks // 2)  # for later swap-outs
+        shortest_misfit = math.inf  # nothing frees up during the loop: longer prompts fail too
         for w in self.waiting:
             if self.slots < 1 or self.tokens < 1:
                 break
-            need = blocks_for(w.num_prompt_tokens, self.bs)
-            if self.tokens >= w.num_prompt_tokens:
+            n = w.num_prompt_tokens
+            if n < shortest_misfit and self.tokens >= n:
+                need = blocks_for(n, bs)
                 if need + watermark <= self.gpu_free:
-                    self._take(w.num_prompt_tokens)
+                    self._take(n)
                     self.gpu_free -= need
                     self.plan.prefill_gpu.append(w.seq_id)
+                    self.prefills.append(w)
                     continue
                 reserve = min(cpu_reserve, max(0, cache.num_cpu_blocks - need))
-                if (
-                    need + reserve <= self.cpu_free
-                    and self._may_offload(need)
-                    and self._cpu_keeps_up()
-                ):
-                    self._take(w.num_prompt_tokens)
+                if self.cpu_quota and need + reserve <= self.cpu_free and self._may_offload(need):
+                    self.cpu_quota -= 1
+                    self._take(n)
                     self.cpu_free -= need
                     self.plan.prefill_cpu.append(w.seq_id)
+                    self.prefills.append(w)
+                    self.swap_blocks += need  # its KV leaves the GPU layer by layer
                     continue
+                shortest_misfit = n
             if self.step - w.last_progress_step >= self.sched.wait_age_limit:
                 break  # it has waited long enough: nothing younger overtakes it
 
@@ -328,80 +330,37 @@ class _Pass:
             len(self.decoders), sum(s.decode_ctx_tokens for s in self.decoders)
         )
 
-    def _cpu_keeps_up(self) -> bool:
-        """Whether the best split decodes every CPU request now; if not, more would only queue."""
-        if self.cpu_keeps_up is None:
-            cands = [CpuCandidate(s.seq_id, s.decode_ctx_tokens) for s in self.cpu_cands]
-            split = split_cpu_decodes(
-                self.sched.cost,
-                self.sched.num_layers,
-                self._gpu_load(),
-                (),
-                cands,
-                min(self.slots, self.tokens),
-                0,
-            )
-            self.cpu_keeps_up = split.num_left_out == 0
-        return self.cpu_keeps_up
-
-    def _offload_pays(self) -> bool:
-        """auto: would decoding with the CPU beat the GPU alone, on the same sequences?"""
-        bs, budget = self.bs, self.limits.max_batch_size
-        on_gpu = self.gpu[:budget]
-        free = self.cache.num_free_gpu_blocks - sum(self._growth(s) for s in on_gpu)
-        cands: list[CpuCandidate] = []
-        while free < 0 and on_gpu:  # the GPU decodes that would have to leave
-            v = on_gpu.pop()
-            free += v.decode_blocks(bs)
-            cands.append(CpuCandidate(v.seq_id, v.decode_ctx_tokens))
-        load = BatchLoad().plus_gpu_decodes(len(on_gpu), sum(s.decode_ctx_tokens for s in on_gpu))
-        cpu_room = self.cache.num_free_cpu_blocks
-        for (
-            w
-        ) in self.waiting:  # the prompts: on the GPU while it has room, else candidates for the CPU
-            if load.num_seqs + len(cands) >= budget:
-                break
-            need = blocks_for(w.num_prompt_tokens, bs)
-            if need <= free:
-                free -= need
-                load = load.plus_gpu_decodes(1, w.num_prompt_tokens + 1)
-            elif need <= cpu_room:
-                cpu_room -= need
-                cands.append(CpuCandidate(w.seq_id, w.num_prompt_tokens + 1))
-        if not cands:
-            return False
-        cands += [CpuCandidate(s.seq_id, s.decode_ctx_tokens) for s in self.cpu]
-        cost, layers = self.sched.cost, self.sched.num_layers
-        split = split_cpu_decodes(cost, layers, load, (), cands, max(0, budget - load.num_seqs), 0)
-        return rate_beats(
-            split.num_tokens_out,
-            split.iter_s,
-            load.num_seqs,
-            sequential_s(cost, layers, load, 0),
-            self.sched.auto_margin,
+    def _best_split(
+        self,
+        base: BatchLoad,
+        forced: list[CpuCandidate],
+        optional: list[CpuCandidate],
+        swap_blocks: int,
+        max_optional: int | None = None,
+    ) -> DecodeSplit:
+        if max_optional is None:
+            max_optional = min(self.slots, self.tokens)
+        sched = self.sched
+        return split_cpu_decodes(
+            sched.cost,
+            sched.num_layers,
+            base,
+            forced,
+            optional,
+            max(0, max_optional),
+            swap_blocks,
+            sched.cpu_stretch,
         )
 
     def _split(self) -> None:
-        plan, bs = self.plan, self.bs
-        waiting = {w.seq_id: w for w in self.waiting}
-        prefills = [waiting[i] for i in (*plan.prefill_gpu, *plan.prefill_cpu)]
+        plan = self.plan
         forced = [s for s in self.cpu_cands if s.seq_id in self.slotted]
         optional = sorted(
             (s for s in self.cpu_cands if s.seq_id not in self.slotted),
             key=lambda s: (s.last_progress_step, s.arrival),
         )
-        moved = {s.seq_id: s for s in (*self.gpu, *self.cpu, *self.cpu_cands)}
-        swap_blocks = sum(moved[i].held_blocks(bs) for i in (*plan.swap_out, *plan.swap_in))
-        swap_blocks += sum(blocks_for(waiting[i].num_prompt_tokens, bs) for i in plan.prefill_cpu)
-        split = split_cpu_decodes(
-            self.sched.cost,
-            self.sched.num_layers,
-            self._gpu_load(prefills),
-            [CpuCandidate(s.seq_id, s.decode_ctx_tokens) for s in forced],
-            [CpuCandidate(s.seq_id, s.decode_ctx_tokens) for s in optional],
-            min(self.slots, self.tokens),
-            swap_blocks,
-        )
+        base = self._gpu_load(self.prefills)
+        split = self._best_split(base, candidates(forced), candidates(optional), self.swap_blocks)
         order = {s.seq_id: s.arrival for s in self.cpu_cands}
         plan.decode_gpu = [s.seq_id for s in sorted(self.decoders, key=lambda s: s.arrival)]
         plan.decode_cpu_b0 = sorted(split.b0_ids, key=order.__getitem__)

@@ -2,17 +2,21 @@
 
 The GPU work (prefills, GPU decodes) is fixed before this runs; only the CPU decodes vary, so every
 candidate plan is rated on the same requests and the rates compare honestly. Two candidates are
-built greedily:
+built greedily, a CPU decode at a time:
 
-- sequential: one batch; a CPU decode is added while it does not lower tokens per second;
-- pipelined: CPU decodes are dealt to the sub-batch with more slack, accepted while the CPU work
-  stays hidden under the GPU work it overlaps (NEO's balance rule, with transfers included) or while
-  it still raises the rate. b1 only ever holds CPU decodes.
+- sequential: one batch; the CPU attention overlaps the GPU attention of the same layer;
+- pipelined: each CPU decode goes to the sub-batch that keeps the most slack; b1 only ever holds
+  CPU decodes, b0 holds the GPU work.
 
-The faster one wins; ties go to sequential. Forced sequences (aged CPU requests) are in both
-candidates whatever they cost, so a CPU request always progresses, alone or not. A candidate at
-least as long as one already rejected is skipped without being costed: attention cost grows with
-context.
+A CPU decode is taken when its work hides under the GPU work it overlaps (NEO's balance rule, PCIe
+copies included), or when it raises tokens per second without stretching the candidate's GPU-bound
+time (the same candidate without CPU attention and copies) by more than `stretch`: the CPU may not
+set the pace for the GPU's requests. With no GPU work at all there is nothing to slow down, and CPU
+decodes are taken while they raise the rate. The faster candidate wins; ties go to sequential.
+
+Forced sequences (aged CPU requests) are in both candidates whatever they cost, so a CPU request
+always progresses, alone or not. A candidate at least as long as one already rejected is skipped
+without being costed: attention cost grows with context.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from neod.sched.cost import (
     sequential_layer_s,
 )
 
+Trial = tuple[float, float, float]  # a side's (projections, CPU path, transfer) seconds per layer
+
 
 @dataclass(frozen=True)
 class CpuCandidate:
@@ -45,44 +51,29 @@ class DecodeSplit:
     pipelined: bool
     iter_s: float
     num_tokens_out: int  # sequences that produce a token, GPU work included
-    num_left_out: int  # optional candidates not taken
 
 
 class _Side:
     """One sub-batch under construction, with its per-layer stage times kept current."""
 
-    __slots__ = (
-        "num_tokens",
-        "num_seqs",
-        "num_cpu",
-        "cpu_ctx",
-        "lin",
-        "gpu_attn",
-        "cpu",
-        "xfer",
-        "ids",
-    )
+    __slots__ = ("num_tokens", "num_seqs", "num_cpu", "cpu_ctx", "now", "gpu_attn", "ids")
 
     def __init__(self, cost: CostModel, load: BatchLoad) -> None:
         self.num_tokens, self.num_seqs = load.num_tokens, load.num_seqs
         self.num_cpu, self.cpu_ctx = 0, 0
-        self.lin = linear_s(cost, load.num_tokens)
+        self.now: Trial = (linear_s(cost, load.num_tokens), 0.0, 0.0)
         self.gpu_attn = gpu_attn_s(cost, load)
-        self.cpu = self.xfer = 0.0
         self.ids: list[int] = []
 
-    def trial(self, cost: CostModel, ctx_tokens: int) -> tuple[float, float, float]:
-        """(projections, CPU path, transfer) with one more CPU decode."""
+    def trial(self, cost: CostModel, ctx_tokens: int) -> Trial:
+        """The stage times with one more CPU decode."""
         n = self.num_cpu + 1
         xfer = cost.transfer_s(n)
-        return (
-            cost.linear_s(self.num_tokens + 1),
-            cost.cpu_decode_attn_s(n, self.cpu_ctx + ctx_tokens) + xfer,
-            xfer,
-        )
+        cpu = cost.cpu_decode_attn_s(n, self.cpu_ctx + ctx_tokens) + xfer
+        return cost.linear_s(self.num_tokens + 1), cpu, xfer
 
-    def commit(self, c: CpuCandidate, trial: tuple[float, float, float]) -> None:
-        self.lin, self.cpu, self.xfer = trial
+    def commit(self, c: CpuCandidate, trial: Trial) -> None:
+        self.now = trial
         self.num_tokens += 1
         self.num_seqs += 1
         self.num_cpu += 1
@@ -91,29 +82,37 @@ class _Side:
 
 
 class _Builder:
-    def __init__(self, cost: CostModel, num_layers: int, swap_blocks: int) -> None:
+    def __init__(self, cost: CostModel, num_layers: int, swap_blocks: int, stretch: float) -> None:
         self.cost = cost
         self.num_layers = num_layers
         self.swap = cost.swap_s(swap_blocks) if swap_blocks else 0.0
+        self.stretch = stretch
 
-    def seq_time(self, s: _Side, lin: float, cpu: float, xfer: float, num_seqs: int) -> float:
-        if not num_seqs:
-            return 0.0
-        layer = sequential_layer_s(lin, s.gpu_attn, cpu, xfer + self.swap)
-        return self.num_layers * layer + self.cost.iteration_overhead_s(num_seqs)
-
-    def pipe_time(
-        self,
-        s0: _Side,
-        s1: _Side,
-        t0: tuple[float, float, float],
-        t1: tuple[float, float, float],
-        num_seqs: int,
-    ) -> float:
-        layer = pipelined_layer_s(
-            t0[0], t1[0], s0.gpu_attn, t0[1], t1[1], t0[2] + t1[2] + self.swap
+    def _total(self, layer_s: float, num_seqs: int) -> float:
+        return (
+            self.num_layers * layer_s + self.cost.iteration_overhead_s(num_seqs)
+            if num_seqs
+            else 0.0
         )
-        return self.num_layers * layer + self.cost.iteration_overhead_s(num_seqs)
+
+    def seq_times(self, s: _Side, t: Trial, num_seqs: int) -> tuple[float, float]:
+        """(iteration, its GPU-bound part) of the sequential candidate."""
+        full = sequential_layer_s(t[0], s.gpu_attn, t[1], t[2] + self.swap)
+        ref = sequential_layer_s(t[0], s.gpu_attn, 0.0, self.swap)
+        return self._total(full, num_seqs), self._total(ref, num_seqs)
+
+    def pipe_times(self, s0: _Side, t0: Trial, t1: Trial, num_seqs: int) -> tuple[float, float]:
+        """(iteration, its GPU-bound part) of the pipelined candidate."""
+        full = pipelined_layer_s(t0[0], t1[0], s0.gpu_attn, t0[1], t1[1], t0[2] + t1[2] + self.swap)
+        ref = pipelined_layer_s(t0[0], t1[0], s0.gpu_attn, 0.0, 0.0, self.swap)
+        return self._total(full, num_seqs), self._total(ref, num_seqs)
+
+    def takes(self, gpu_work: bool, n: int, t: float, t_new: float, ref_new: float) -> bool:
+        if t_new <= ref_new * (1.0 + 1e-9):
+            return True  # hidden under the GPU work
+        if rate_beats(n, t, n + 1, t_new):
+            return False
+        return not gpu_work or t_new <= (1.0 + self.stretch) * ref_new
 
     def sequential(
         self,
@@ -125,7 +124,7 @@ class _Builder:
         s = _Side(self.cost, base)
         for c in forced:
             s.commit(c, s.trial(self.cost, c.ctx_tokens))
-        t = self.seq_time(s, s.lin, s.cpu, s.xfer, s.num_seqs)
+        t = self.seq_times(s, s.now, s.num_seqs)[0]
         taken, shortest_rejected = 0, math.inf
         for c in optional:
             if taken == max_optional:
@@ -133,13 +132,13 @@ class _Builder:
             if c.ctx_tokens >= shortest_rejected:
                 continue
             trial = s.trial(self.cost, c.ctx_tokens)
-            t_new = self.seq_time(s, *trial, s.num_seqs + 1)
-            if rate_beats(s.num_seqs, t, s.num_seqs + 1, t_new):
+            t_new, ref_new = self.seq_times(s, trial, s.num_seqs + 1)
+            if not self.takes(base.num_seqs > 0, s.num_seqs, t, t_new, ref_new):
                 shortest_rejected = c.ctx_tokens
                 continue
             s.commit(c, trial)
             t, taken = t_new, taken + 1
-        return DecodeSplit(s.ids, [], False, t, s.num_seqs, len(optional) - taken)
+        return DecodeSplit(s.ids, [], False, t, s.num_seqs)
 
     def pipelined(
         self,
@@ -152,48 +151,40 @@ class _Builder:
         for c in forced:
             side, trial, _, _ = self._best_side(s0, s1, c)
             side.commit(c, trial)
-        t = self.pipe_time(
-            s0, s1, (s0.lin, s0.cpu, s0.xfer), (s1.lin, s1.cpu, s1.xfer), s0.num_seqs + s1.num_seqs
-        )
+        t = self.pipe_times(s0, s0.now, s1.now, s0.num_seqs + s1.num_seqs)[0]
         taken, shortest_rejected = 0, math.inf
         for c in optional:
             if taken == max_optional:
                 break
             if c.ctx_tokens >= shortest_rejected:
                 continue
-            side, trial, hidden, t_new = self._best_side(s0, s1, c)
-            n = s0.num_seqs + s1.num_seqs
-            if not hidden and rate_beats(n, t, n + 1, t_new):
+            side, trial, t_new, ref_new = self._best_side(s0, s1, c)
+            if not self.takes(base.num_seqs > 0, s0.num_seqs + s1.num_seqs, t, t_new, ref_new):
                 shortest_rejected = c.ctx_tokens
                 continue
             side.commit(c, trial)
             t, taken = t_new, taken + 1
         if not s1.ids or not s0.num_seqs:
             return None
-        return DecodeSplit(
-            s0.ids, s1.ids, True, t, s0.num_seqs + s1.num_seqs, len(optional) - taken
-        )
+        return DecodeSplit(s0.ids, s1.ids, True, t, s0.num_seqs + s1.num_seqs)
 
     def _best_side(
         self, s0: _Side, s1: _Side, c: CpuCandidate
-    ) -> tuple[_Side, tuple[float, float, float], bool, float]:
-        """The sub-batch keeping most slack with c added: (side, trial, CPU hidden, new time)."""
-        now0, now1 = (s0.lin, s0.cpu, s0.xfer), (s1.lin, s1.cpu, s1.xfer)
+    ) -> tuple[_Side, Trial, float, float]:
+        """The sub-batch keeping most slack with c: (side, trial, iteration, its GPU-bound part)."""
         best = None
-        for side, other_now in ((s0, now1), (s1, now0)):
+        for side in (s0, s1):
             trial = side.trial(self.cost, c.ctx_tokens)
-            t0, t1 = (trial, other_now) if side is s0 else (other_now, trial)
+            t0, t1 = (trial, s1.now) if side is s0 else (s0.now, trial)
             slack_b1 = t0[0] - t1[1]  # b0's projections cover b1's CPU path
             slack_b0 = (
                 t1[0] + s0.gpu_attn - t0[1]
-            )  # b1's projections and b0's GPU attention cover b0's
-            stages = max(t0[0], t1[1]) + max(t1[0] + s0.gpu_attn, t0[1])
-            slack = min(slack_b0, slack_b1, stages - (t0[2] + t1[2] + self.swap))
+            )  # b1's projections, b0's GPU attention cover b0's
+            slack = min(slack_b0, slack_b1)
             if best is None or slack > best[0]:
                 best = (slack, side, trial, t0, t1)
-        slack, side, trial, t0, t1 = best
-        t_new = self.pipe_time(s0, s1, t0, t1, s0.num_seqs + s1.num_seqs + 1)
-        return side, trial, slack >= 0.0, t_new
+        _, side, trial, t0, t1 = best
+        return (side, trial, *self.pipe_times(s0, t0, t1, s0.num_seqs + s1.num_seqs + 1))
 
 
 def split_cpu_decodes(
@@ -204,13 +195,14 @@ def split_cpu_decodes(
     optional: Sequence[CpuCandidate],
     max_optional: int,
     swap_blocks: int,
+    stretch: float = 0.1,
 ) -> DecodeSplit:
     """Best plan for the CPU decodes around the fixed GPU work `base` (sub-batch 0's).
 
     forced are always decoded; optional are in priority order, at most max_optional of them are
     taken; swap_blocks are the blocks copied per layer this iteration (swaps, CPU-bound prefills).
     """
-    builder = _Builder(cost, num_layers, swap_blocks)
+    builder = _Builder(cost, num_layers, swap_blocks, stretch)
     seq = builder.sequential(base, forced, optional, max_optional)
     if not forced and not optional:
         return seq

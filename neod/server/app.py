@@ -11,6 +11,7 @@ period, the rest fail with `shutting_down`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import enum
 import itertools
@@ -73,6 +74,7 @@ class Server:
         self.runner: EngineRunner | None = None
         self.model_info: dict[str, Any] = {}
         self.exiting = False
+        self._engine_failed = False  # the exit status is 1 then, whoever started the shutdown
         self._ctx = zmq.Context()
         self._auth = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -115,17 +117,22 @@ class Server:
         handler.link = self._control
         self._control.start()
 
-    def attach_engine(self, engine: EngineLike, model_info: dict[str, Any]) -> None:
-        """Start serving: the engine thread, the intake reader, the watchdog and status timers."""
-        assert self._loop is not None and self._intake is not None
-        self.model_info = dict(model_info)
+    def start_engine(self, build: Callable[[], EngineLike]) -> concurrent.futures.Future:
+        """Build the engine on the thread that will step it; the future gives its stats()."""
+        assert self._loop is not None
         window = self.cfg.server.engine_window or self.cfg.scheduler.max_batch_size
         loop = self._loop
         self.runner = EngineRunner(
-            engine,
+            build,
             lambda outs, admitted: loop.call_soon_threadsafe(self._on_outputs, outs, admitted),
             lambda msg: loop.call_soon_threadsafe(self._on_engine_fatal, msg), window)
         self.runner.start()
+        return self.runner.ready
+
+    def open_intake(self, model_info: dict[str, Any]) -> None:
+        """Start serving once the engine is built: intake reader, watchdog and status timers."""
+        assert self._intake is not None
+        self.model_info = dict(model_info)
         self.state = State.SERVING
         self._intake.start()
         if self.notifier.watchdog_s > 0:
@@ -200,8 +207,9 @@ class Server:
         end = time.monotonic() + FLUSH_TIMEOUT_S
         while self._intake is not None and self._intake.backlog_size and time.monotonic() < end:
             await asyncio.sleep(0.01)
-        if self.runner is not None and not await asyncio.to_thread(self.runner.stop,
-                                                                   ENGINE_STOP_TIMEOUT_S):
+        # While the model still loads there is nothing to wait for: the thread dies with us.
+        if self.runner is not None and self.model_info and \
+                not await asyncio.to_thread(self.runner.stop, ENGINE_STOP_TIMEOUT_S):
             logger.error("event=engine_thread_stuck: it did not stop within %ss",
                          ENGINE_STOP_TIMEOUT_S)
         for link in (self._intake, self._control):
@@ -210,6 +218,7 @@ class Server:
         if self._auth is not None:
             self._auth.stop()
         self._ctx.term()
+        status = 1 if self._engine_failed else status
         logger.info("event=stopped status=%d", status)
         assert self._done is not None
         if not self._done.done():
@@ -421,6 +430,7 @@ class Server:
                                   t.tpot_ms if job.num_tokens > 1 else None)
 
     def _on_engine_fatal(self, message: str) -> None:
+        self._engine_failed = True
         logger.critical("event=engine_failed message=%r: failing all requests and exiting", message)
         for job in list(self._by_engine_id.values()):
             if not job.closed:

@@ -52,7 +52,7 @@ class ControlHandler:
             result = await self._commands[request.command](request.args)
             reply = encode_reply(req, result)
         except ProtocolError as exc:
-            reply = encode_reply(req, error=exc)
+            reply = encode_reply(req or exc.request_id or "", error=exc)
         except Exception as exc:
             logger.exception("event=control_failed")
             error = ProtocolError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
@@ -61,7 +61,7 @@ class ControlHandler:
 
     async def _on_engine(self, fn: Callable[[Any], Any], timeout_s: float, what: str) -> Any:
         runner = self.server.runner
-        if runner is None:
+        if runner is None or not self.server.model_info:
             raise ProtocolError(ErrorCode.OVERLOADED, f"cannot {what} yet: the daemon is "
                                                       f"{self.server.state.value}; retry shortly")
         try:
@@ -76,7 +76,7 @@ class ControlHandler:
     async def _status(self, args: dict[str, Any]) -> dict[str, Any]:
         server = self.server
         result: dict[str, Any] = {"pid": os.getpid(), "server": server.server_stats()}
-        if server.runner is None:
+        if not server.model_info:  # still loading
             result["engine"] = {"state": server.state.value}
             return result
         try:

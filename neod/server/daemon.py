@@ -2,18 +2,17 @@
 
 The sockets are bound before the model loads, so a taken port or a bad key file fails in a second
 rather than after minutes of loading; the control endpoint already answers `status` meanwhile,
-while intake messages wait in ZeroMQ's queue. The engine is built on a separate thread while the
-loop keeps systemd's start timeout extended (EXTEND_TIMEOUT_USEC); READY=1 is sent only once the
-engine exists, which means its model, KV pools and profile are ready.
+while intake messages wait in ZeroMQ's queue. The engine is built on its own thread (the one that
+will step it) while the loop keeps systemd's start timeout extended (EXTEND_TIMEOUT_USEC);
+READY=1 is sent only once the engine exists, which means its model, KV pools and profile are
+ready.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import signal
-import threading
 from collections.abc import Callable, Mapping
 
 from neod.config import Config
@@ -36,21 +35,6 @@ def _default_factory(cfg: Config) -> EngineLike:
     return Engine(cfg)
 
 
-def _build(factory: EngineFactory, cfg: Config) -> concurrent.futures.Future:
-    """Build the engine on a daemon thread, so a SIGTERM during a long load can still exit."""
-    future: concurrent.futures.Future = concurrent.futures.Future()
-
-    def work() -> None:
-        try:
-            engine = factory(cfg)
-            future.set_result((engine, engine.stats()))
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    threading.Thread(target=work, name="neod-load", daemon=True).start()
-    return future
-
-
 async def serve(cfg: Config, notifier: SystemdNotifier, env: Mapping[str, str] | None = None,
                 engine_factory: EngineFactory | None = None, handle_signals: bool = True,
                 on_ready: Callable[[Server], None] | None = None) -> int:
@@ -70,7 +54,8 @@ async def serve(cfg: Config, notifier: SystemdNotifier, env: Mapping[str, str] |
         logger.info("event=loading preset=%s path=%r device=%s tokenizer=%s", cfg.model.preset,
                     cfg.model.path, cfg.model.device, tokenizer.name)
         notifier.notify(STATUS="loading the model")
-        built = asyncio.wrap_future(_build(engine_factory or _default_factory, cfg))
+        factory = engine_factory or _default_factory
+        built = asyncio.wrap_future(server.start_engine(lambda: factory(cfg)))
         closed = asyncio.ensure_future(server.wait_closed())
         while not built.done():
             notifier.notify(EXTEND_TIMEOUT_USEC=EXTEND_BY_USEC)
@@ -79,8 +64,8 @@ async def serve(cfg: Config, notifier: SystemdNotifier, env: Mapping[str, str] |
             if closed.done():
                 logger.info("event=stopped_while_loading")
                 return closed.result()
-        engine, info = built.result()
-        server.attach_engine(engine, info)
+        info = built.result()
+        server.open_intake(info)
         notifier.notify(READY=1, STATUS=f"serving {info.get('model', cfg.model.preset)} on "
                                         f"{server.intake_endpoint}")
         logger.info("event=ready model=%s device=%s intake=%s control=%s max_model_len=%s",

@@ -1,4 +1,5 @@
-"""The engine thread: the only caller of `engine.step()`, so socket I/O never waits on a step.
+"""The engine thread: builds the engine and is the only caller of `engine.step()`, so socket I/O
+never waits on a step.
 
 The event loop hands work over through a lock-protected inbox (submissions, aborts, calls such as
 `stats`/`tune`) and gets outputs back through `deliver`, which it points at
@@ -7,6 +8,10 @@ fewer than `window` handed-over requests still await their first token: that kee
 meaningful without starving the engine's own batching. With nothing to do the thread sleeps on a
 condition variable (no polling) and still refreshes `last_beat` every second, which is what the
 systemd watchdog checks: a hung `step()` stops the beat.
+
+The engine is built on this same thread: on CPU hosts, tensors created on one thread and computed
+on another ran 5-20x slower (each OS thread that starts torch's OpenMP work gets its own team of
+spinning workers), and one owner thread is the engine's threading contract anyway.
 """
 
 from __future__ import annotations
@@ -58,10 +63,13 @@ class _Pending:
 
 
 class EngineRunner:
-    def __init__(self, engine: EngineLike,
+    def __init__(self, build: Callable[[], EngineLike],
                  deliver: Callable[[list[RequestOutput], list[tuple[str, float]]], None],
                  on_fatal: Callable[[str], None], window: int) -> None:
-        self.engine = engine
+        self._build = build
+        self.engine: EngineLike | None = None
+        # Set on the engine thread once the engine exists: its stats(), or the build's exception.
+        self.ready: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
         # Called on the engine thread with the outputs and the (request id, monotonic time) of
         # the requests handed to the engine since the last call.
         self._deliver = deliver
@@ -131,6 +139,7 @@ class EngineRunner:
         return bool(self._heap) and len(self._not_started) < self._window
 
     def _take_work(self) -> tuple[list, list[str], list[_Pending]] | None:
+        assert self.engine is not None
         with self._cond:
             while not (self._stopping or self._calls or self._aborts or self._admissible()
                        or self.engine.has_unfinished()):
@@ -154,7 +163,14 @@ class EngineRunner:
 
     def _run(self) -> None:
         try:
-            self._loop()
+            self.engine = self._build()
+            self.ready.set_result(self.engine.stats())
+        except BaseException as exc:
+            self.failed = True
+            self.ready.set_exception(exc)
+        try:
+            if self.engine is not None and not self.failed:
+                self._loop()
         finally:
             with self._cond:
                 calls, self._calls = self._calls, []
@@ -163,6 +179,7 @@ class EngineRunner:
                     future.set_exception(RuntimeError("the engine thread stopped"))
 
     def _loop(self) -> None:
+        assert self.engine is not None
         failures = 0
         while (work := self._take_work()) is not None:
             calls, aborts, admits = work
@@ -198,6 +215,7 @@ class EngineRunner:
 
     def _abort(self, request_ids: list[str]) -> list[RequestOutput]:
         """Abort in the engine; requests still in neod's heap end here with a synthetic output."""
+        assert self.engine is not None
         outputs = []
         for rid in request_ids:
             with self._cond:
@@ -211,6 +229,7 @@ class EngineRunner:
 
     def _recover(self, message: str, failures: int, outputs: list[RequestOutput]) -> bool:
         """Fail the engine's requests and go on; give up on repeated failures or failed cleanup."""
+        assert self.engine is not None
         fatal = failures >= MAX_CONSECUTIVE_STEP_FAILURES
         try:
             outputs += self.engine.fail_all(message)

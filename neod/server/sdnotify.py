@@ -1,8 +1,8 @@
 """sd_notify(3) without a dependency: datagrams to $NOTIFY_SOCKET (READY, STATUS, WATCHDOG, ...).
 
 Outside systemd (no NOTIFY_SOCKET) every call is a no-op, so the daemon code never branches on it.
-A name starting with '@' is an abstract socket. Send errors are logged once and otherwise ignored:
-notification is advisory and must never take the daemon down.
+A name starting with '@' is an abstract socket. Send errors (a full queue included) are logged
+once and otherwise ignored: notification is advisory and must never stall or stop the daemon.
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ class SystemdNotifier:
         self._warned = False
         self.watchdog_s = watchdog_usec / 1e6  # 0 = the unit has no WatchdogSec
         if self._address:
+            # Non-blocking: a notification that does not fit is dropped, never waited for (the
+            # event loop sends these, and a full receiver queue must not stall it).
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._sock.setblocking(False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> SystemdNotifier:

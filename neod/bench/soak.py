@@ -1,0 +1,186 @@
+"""Soak test: thousands of requests with random cancellations, deadlines and abandoned streams.
+
+    python -m neod.bench.soak --requests 5000 --concurrency 64
+
+Checks, and exits non-zero if any fails: every request ends in exactly one `final` or `error`,
+with only the error codes the workload can cause; nothing is left in flight; every KV block is
+free again; the daemon's memory stays bounded (RSS growth over the second half of the run).
+Without `--intake` it starts an embedded daemon (tiny model on the CPU unless configured
+otherwise); with `--intake/--control` it soaks a running daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import random
+import sys
+import tempfile
+import time
+from typing import Any
+
+import orjson
+import psutil
+
+from neod.client import AsyncClient, ControlClient, RequestError, RequestTimeout
+from neod.config import load_config
+
+ALLOWED_ERRORS = {"deadline_exceeded", "overloaded", "prompt_too_long"}
+
+
+async def abandoned_request(intake: str, rng: random.Random, outcomes: collections.Counter) -> None:
+    """A producer that vanishes mid-stream, without cancelling: the daemon must clean up."""
+    client = AsyncClient(intake, timeout_s=120)
+    try:
+        stream = await client.stream("abandon " * rng.randint(1, 20), max_tokens=64,
+                                     ignore_eos=True)
+        async for _ in stream:
+            break
+    finally:
+        await client.close()
+    outcomes["abandoned"] += 1
+
+
+async def one_request(client: AsyncClient, rng: random.Random, outcomes: collections.Counter,
+                      problems: list[str]) -> None:
+    """One random request: streamed or not, maybe cancelled, maybe with a short deadline."""
+    prompt = "".join(rng.choice("abcdefgh éü日本 \n") for _ in range(rng.randint(1, 200)))
+    params: dict[str, Any] = {"max_tokens": rng.randint(1, 64), "temperature": rng.random(),
+                              "ignore_eos": rng.random() < 0.5, "seed": rng.randint(0, 1000)}
+    if rng.random() < 0.1:
+        params["deadline_s"] = rng.uniform(0.01, 0.5)
+    if rng.random() < 0.1:
+        params["stop"] = [rng.choice("abcdefgh")]
+    cancel_after = rng.randint(0, 8) if rng.random() < 0.25 else None
+    try:
+        if cancel_after is None and rng.random() < 0.5:
+            result = await client.generate(prompt, **params)
+            outcomes[f"final_{result.finish_reason}"] += 1
+            return
+        stream = await client.stream(prompt, **params)
+        received = 0
+        async for delta in stream:
+            received += len(delta.token_ids)
+            if cancel_after is not None and received >= cancel_after:
+                await stream.cancel()
+                cancel_after = None
+        assert stream.final is not None
+        outcomes[f"final_{stream.final.finish_reason}"] += 1
+        if stream.final.usage.completion_tokens != received:
+            problems.append(f"{stream.id}: usage {stream.final.usage.completion_tokens} != "
+                            f"{received} tokens streamed")
+    except RequestError as exc:
+        outcomes[f"error_{exc.code}"] += 1
+        if exc.code not in ALLOWED_ERRORS:
+            problems.append(f"unexpected error {exc.code}: {exc.message}")
+    except RequestTimeout:
+        outcomes["timeout"] += 1
+        problems.append("a request got no answer within the client timeout")
+
+
+async def soak(intake: str, num_requests: int, concurrency: int, seed: int,
+               rss: Any) -> tuple[collections.Counter, list[str], list[int]]:
+    outcomes: collections.Counter = collections.Counter()
+    problems: list[str] = []
+    samples: list[int] = []
+    rng = random.Random(seed)
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(num_requests):
+        queue.put_nowait(i)
+
+    async def worker(k: int) -> None:
+        async with AsyncClient(intake, timeout_s=120) as client:
+            while not queue.empty():
+                i = queue.get_nowait()
+                request_rng = random.Random(rng.random() + k)
+                if request_rng.random() < 0.03:
+                    await abandoned_request(intake, request_rng, outcomes)
+                else:
+                    await one_request(client, request_rng, outcomes, problems)
+                if i % 100 == 0:
+                    samples.append(rss())
+
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    return outcomes, problems, samples
+
+
+def _own_rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def _unknown_rss() -> int:
+    return 0
+
+
+def wait_idle(control: str, timeout_s: float = 30.0) -> dict[str, Any]:
+    with ControlClient(control) as ctl:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = ctl.call("status")
+            if status["server"]["active_requests"] == 0 or time.monotonic() > deadline:
+                return status
+            time.sleep(0.1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--intake", help="soak a running daemon at this endpoint")
+    parser.add_argument("--control", help="its control endpoint (required with --intake)")
+    parser.add_argument("--set", action="append", default=[], help="config override for the "
+                        "embedded daemon, section.key=value")
+    parser.add_argument("--max-rss-growth-mib", type=float, default=64.0)
+    args = parser.parse_args(argv)
+
+    daemon = None
+    tmp = tempfile.TemporaryDirectory(prefix="neod-soak-")
+    if args.intake:
+        if not args.control:
+            parser.error("--control is required with --intake")
+        intake, control = args.intake, args.control
+        rss = _unknown_rss  # another process: its memory is not ours to read
+    else:
+        from neod.server.embedded import EmbeddedDaemon
+
+        cfg = load_config(None, env={}, overrides=[
+            "model.device=cpu", f"server.intake_endpoint=ipc://{tmp.name}/intake.sock",
+            f"server.control_endpoint=ipc://{tmp.name}/control.sock", *args.set])
+        daemon = EmbeddedDaemon(cfg).start()
+        intake, control = daemon.intake_endpoint, daemon.control_endpoint
+        rss = _own_rss
+
+    start = time.monotonic()
+    try:
+        outcomes, problems, samples = asyncio.run(
+            soak(intake, args.requests, args.concurrency, args.seed, rss))
+        status = wait_idle(control)
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        tmp.cleanup()
+    elapsed = time.monotonic() - start
+    total = sum(outcomes.values())
+    if total != args.requests:
+        problems.append(f"{total} outcomes for {args.requests} requests")
+    if status["server"]["active_requests"]:
+        problems.append(f"{status['server']['active_requests']} requests still in flight")
+    for pool in ("kv_gpu", "kv_cpu"):
+        used = status["engine"].get(pool, {}).get("blocks_used", 0)
+        if used:
+            problems.append(f"{used} {pool} blocks leaked")
+    half = samples[len(samples) // 2:]
+    growth_mib = (max(half) - min(half)) / 2**20 if half else 0.0
+    if growth_mib > args.max_rss_growth_mib:
+        problems.append(f"RSS grew {growth_mib:.0f} MiB over the second half of the run")
+    report = {"requests": args.requests, "elapsed_s": round(elapsed, 1),
+              "requests_per_s": round(args.requests / elapsed, 1), "outcomes": dict(outcomes),
+              "rss_growth_second_half_mib": round(growth_mib, 1), "problems": problems[:20]}
+    sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

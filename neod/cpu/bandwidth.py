@@ -1,0 +1,174 @@
+"""Memory-read bandwidth of this host, measured by the CPU attention pool itself, and the pool size
+it implies.
+
+Decode attention on the CPU is bound by memory bandwidth, so the pool should have the fewest
+threads that reach (nearly) the host's peak read rate: more threads only take cores from the
+GPU-driving thread, the tokenizer and I/O. The probe reads a buffer much larger than the last-level
+cache with 1..N pinned workers of the same native pool, pinned as the attention pool would be. It
+is cached on disk, keyed by CPU model, usable cores and memory size, so it runs once per host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from neod.cpu.topology import CpuTopology, pool_cores, read_topology
+
+logger = logging.getLogger(__name__)
+
+_MIB = 1 << 20
+PROBE_VERSION = 1  # bump when the probe changes what it measures: old cache entries are ignored
+
+
+@dataclass(frozen=True)
+class BandwidthProbe:
+    cores: tuple[int, ...]  # worker i was pinned to cores[i]
+    thread_counts: tuple[int, ...]
+    read_bytes_per_s: tuple[float, ...]  # best read rate with thread_counts[i] workers
+    buffer_bytes: int
+    measured_at: float  # unix time
+
+    @property
+    def peak_bytes_per_s(self) -> float:
+        return max(self.read_bytes_per_s)
+
+    def threads_for(self, fraction: float = 0.95) -> int:
+        """The fewest measured thread count that reaches `fraction` of the peak read rate."""
+        target = fraction * self.peak_bytes_per_s
+        return min(n for n, r in zip(self.thread_counts, self.read_bytes_per_s, strict=True)
+                   if r >= target)
+
+    def rate_for(self, num_threads: int) -> float:
+        """Read rate with `num_threads` workers, interpolated between measured counts."""
+        points = sorted(zip(self.thread_counts, self.read_bytes_per_s, strict=True))
+        if num_threads <= points[0][0]:
+            return points[0][1] * num_threads / points[0][0]
+        for (n0, r0), (n1, r1) in zip(points, points[1:], strict=False):
+            if num_threads <= n1:
+                return r0 + (r1 - r0) * (num_threads - n0) / (n1 - n0)
+        return points[-1][1]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "version": PROBE_VERSION}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> BandwidthProbe:
+        if data.get("version") != PROBE_VERSION:
+            raise ValueError(f"probe format {data.get('version')!r}, expected {PROBE_VERSION}")
+        return cls(
+            cores=tuple(int(c) for c in data["cores"]),
+            thread_counts=tuple(int(n) for n in data["thread_counts"]),
+            read_bytes_per_s=tuple(float(r) for r in data["read_bytes_per_s"]),
+            buffer_bytes=int(data["buffer_bytes"]),
+            measured_at=float(data["measured_at"]),
+        )
+
+
+def default_thread_counts(max_threads: int) -> list[int]:
+    """Every count up to 16, then powers of two and multiples of max_threads / 8, then the max."""
+    if max_threads <= 16:
+        return list(range(1, max_threads + 1))
+    counts = set(range(1, 9)) | {max_threads}
+    counts |= {1 << k for k in range(max_threads.bit_length()) if 1 << k <= max_threads}
+    step = max(1, max_threads // 8)
+    counts |= set(range(step, max_threads + 1, step))
+    return sorted(counts)
+
+
+def default_buffer_bytes(topology: CpuTopology) -> int:
+    """Eight times the last-level cache and at least 512 MiB, within a quarter of free memory."""
+    want = max(512 * _MIB, 8 * topology.llc_bytes)
+    return max(64 * _MIB, min(want, topology.available_bytes // 4))
+
+
+def probe_bandwidth(
+    num_threads: int | None = None,
+    *,
+    reserve_cores: int = 1,
+    buffer_bytes: int | None = None,
+    thread_counts: list[int] | None = None,
+    repeats: int = 3,
+    topology: CpuTopology | None = None,
+) -> BandwidthProbe:
+    """Read bandwidth with 1..num_threads pinned workers (default: every core but the reserved)."""
+    from neod.kernels.cpu_attention import CpuAttention
+
+    topo = topology or read_topology()
+    if num_threads is None:
+        num_threads = max(1, topo.num_physical_cores - reserve_cores)
+    cores = pool_cores(num_threads, reserve_cores, topo)
+    counts = thread_counts or default_thread_counts(num_threads)
+    nbytes = buffer_bytes or default_buffer_bytes(topo)
+    started = time.monotonic()
+    with CpuAttention(cores=cores) as pool:
+        rates = pool.probe_read_bandwidth(nbytes, counts, repeats)
+    logger.info(
+        "memory read bandwidth probe: %d..%d threads, peak %.1f GB/s, %.1f s",
+        counts[0],
+        counts[-1],
+        max(rates) / 1e9,
+        time.monotonic() - started,
+    )
+    return BandwidthProbe(tuple(cores), tuple(counts), tuple(rates), nbytes, time.time())
+
+
+def cache_dir(env: Mapping[str, str] | None = None) -> Path:
+    """systemd's CacheDirectory, else $XDG_CACHE_HOME/neod, else ~/.cache/neod."""
+    env = os.environ if env is None else env
+    if env.get("CACHE_DIRECTORY"):
+        return Path(env["CACHE_DIRECTORY"].split(":")[0])
+    base = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    return base / "neod"
+
+
+def cache_path(topology: CpuTopology, reserve_cores: int, directory: Path | None = None) -> Path:
+    key = json.dumps(
+        [topology.model_name, topology.allowed_cpus, topology.memory_bytes, reserve_cores]
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return (directory or cache_dir()) / f"membw-{digest}.json"
+
+
+def cached_probe(
+    reserve_cores: int = 1,
+    *,
+    refresh: bool = False,
+    directory: Path | None = None,
+    topology: CpuTopology | None = None,
+) -> BandwidthProbe:
+    """The probe for this host from the cache, measured (and saved) if absent or on refresh."""
+    topo = topology or read_topology()
+    path = cache_path(topo, reserve_cores, directory)
+    if not refresh:
+        try:
+            return BandwidthProbe.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("ignoring bandwidth cache %s: %s", path, exc)
+    probe = probe_bandwidth(reserve_cores=reserve_cores, topology=topo)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(probe.to_dict(), indent=1))
+        tmp.replace(path)
+    except OSError as exc:
+        logger.warning("cannot save the bandwidth probe to %s: %s", path, exc)
+    return probe
+
+
+def recommended_threads(reserve_cores: int = 1, fraction: float = 0.95) -> int:
+    """Pool size: the fewest threads reaching `fraction` of the host's peak read bandwidth, never
+    more than the physical cores left after `reserve_cores` (at least 1)."""
+    topo = read_topology()
+    limit = max(1, topo.num_physical_cores - reserve_cores)
+    if limit == 1:
+        return 1
+    return min(limit, cached_probe(reserve_cores, topology=topo).threads_for(fraction))

@@ -1,0 +1,85 @@
+"""Before a pass: would offloading pay, and how many new prompts can the CPU take on?
+
+Both answers come from one split over the incoming state, with as would-be CPU decodes: the requests
+already on the CPU, the GPU decodes that would have to leave, and the prompts the GPU cannot take.
+Policy `auto` offloads only when that beats the GPU alone, rated on the same sequences. The count of
+prompts the split takes is the CPU admission quota of the iteration: 0 once the CPU cannot keep up
+with the requests it holds, so prompts wait in the queue instead of starving on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from neod.sched.cost import BatchLoad, CostModel, rate_beats, sequential_s
+from neod.sched.split import CpuCandidate, split_cpu_decodes
+from neod.sched.views import CacheView, Limits, SeqView, blocks_for
+
+# Waiting prompts weighed as future CPU decodes: enough to fill any CPU's hidden capacity, few
+# enough to keep a pass well under a millisecond.
+MAX_PROMPTS = 128
+
+
+class _Knobs(Protocol):
+    cost: CostModel
+    num_layers: int
+    auto_margin: float
+    cpu_stretch: float
+
+
+def candidates(seqs: Sequence[SeqView]) -> list[CpuCandidate]:
+    return [CpuCandidate(s.seq_id, s.decode_ctx_tokens) for s in seqs]
+
+
+def outlook(
+    knobs: _Knobs,
+    gpu: Sequence[SeqView],
+    cpu: Sequence[SeqView],
+    waiting: Sequence[SeqView],
+    cache: CacheView,
+    limits: Limits,
+) -> tuple[bool, int]:
+    """(offloading beats the GPU alone, prompts the CPU would keep up with); inputs oldest first."""
+    bs, budget = cache.block_size, limits.max_batch_size
+    on_gpu = list(gpu[:budget])
+    growth = sum(1 for s in on_gpu if s.num_computed_tokens % bs == 0)
+    free = cache.num_free_gpu_blocks - growth
+    leaving = []
+    while free < 0 and on_gpu:
+        leaving.append(on_gpu.pop())
+        free += leaving[-1].decode_blocks(bs)
+    held = candidates(cpu) + candidates(leaving)
+    num_gpu, gpu_ctx = len(on_gpu), sum(s.decode_ctx_tokens for s in on_gpu)
+    prompts: list[CpuCandidate] = []
+    cpu_room = cache.num_free_cpu_blocks
+    for w in waiting:  # on the GPU while it has room, else future CPU decodes
+        if num_gpu + len(held) + len(prompts) >= budget or len(prompts) >= MAX_PROMPTS:
+            break
+        need = blocks_for(w.num_prompt_tokens, bs)
+        if need <= free:
+            free -= need
+            num_gpu, gpu_ctx = num_gpu + 1, gpu_ctx + w.num_prompt_tokens + 1
+        elif need <= cpu_room:
+            cpu_room -= need
+            prompts.append(CpuCandidate(w.seq_id, w.num_prompt_tokens + 1))
+    if not leaving and not prompts:
+        return False, 0
+    load = BatchLoad().plus_gpu_decodes(num_gpu, gpu_ctx)
+    split = split_cpu_decodes(
+        knobs.cost,
+        knobs.num_layers,
+        load,
+        (),
+        held + prompts,
+        max(0, budget - num_gpu),
+        0,
+        knobs.cpu_stretch,
+    )
+    taken = {*split.b0_ids, *split.b1_ids}
+    quota = 0
+    if all(c.seq_id in taken for c in held):
+        quota = sum(1 for c in prompts if c.seq_id in taken)
+    gpu_s = sequential_s(knobs.cost, knobs.num_layers, load, 0)
+    pays = rate_beats(split.num_tokens_out, split.iter_s, num_gpu, gpu_s, knobs.auto_margin)
+    return pays, quota

@@ -1,0 +1,133 @@
+"""neoctl and neod command lines, against a real daemon (real engine, tiny model, CPU)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+from typer.testing import CliRunner
+
+from neod.cli.ctl import app as neoctl
+from neod.cli.daemon import app as neod_app
+from neod.config import load_config
+from neod.server.embedded import EmbeddedDaemon
+
+runner = CliRunner()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("cli")
+    path = tmp / "neod.toml"
+    path.write_text(f'[model]\ndevice = "cpu"\n[scheduler]\nmax_batch_size = 16\n'
+                    f'[server]\nintake_endpoint = "tcp://127.0.0.1:{free_port()}"\n'
+                    f'control_endpoint = "ipc://{tmp}/control.sock"\n')
+    return path
+
+
+@pytest.fixture(scope="module")
+def daemon(config_file: Path):
+    with EmbeddedDaemon(load_config(config_file, env={})) as d:
+        yield d
+
+
+def ctl(config_file: Path, *args: str) -> tuple[int, str, str]:
+    result = runner.invoke(neoctl, ["--config", str(config_file), *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_status_human_and_json(daemon: EmbeddedDaemon, config_file: Path) -> None:
+    code, out, _ = ctl(config_file, "status")
+    assert code == 0
+    for label in ("serving", "model", "policy", "requests", "KV", "CPU pool", "TTFT ms", "TPOT ms"):
+        assert label in out, out
+    code, out, _ = ctl(config_file, "status", "--json")
+    data = orjson.loads(out)
+    assert code == 0 and data["server"]["state"] == "serving" and "model" in data["engine"]
+
+
+def test_tune_applies_and_validates(daemon: EmbeddedDaemon, config_file: Path) -> None:
+    code, out, _ = ctl(config_file, "tune", "--max-batch-size", "8")
+    assert code == 0 and "max_batch_size=8" in out
+    code, out, _ = ctl(config_file, "tune", "--max-batch-size", "16", "--json")
+    assert code == 0 and orjson.loads(out)["applied"]["max_batch_size"] == 16
+    code, _, err = ctl(config_file, "tune", "--policy", "fastest")
+    assert code == 1 and "neod refused 'tune'" in err and "policy" in err
+    code, _, err = ctl(config_file, "tune")
+    assert code == 2 and "give at least one of" in err
+
+
+def test_generate_streams_text(daemon: EmbeddedDaemon, config_file: Path) -> None:
+    code, out, err = ctl(config_file, "generate", "Hello", "--max-tokens", "5", "--ignore-eos")
+    assert code == 0 and "5 output tokens" in err
+    code, out, _ = ctl(config_file, "generate", "Hello", "--max-tokens", "4", "--ignore-eos",
+                       "--json")
+    events = [orjson.loads(line) for line in out.splitlines()]
+    assert code == 0 and events[0]["type"] == "accepted" and events[-1]["type"] == "final"
+    assert sum(len(e["token_ids"]) for e in events if e["type"] == "delta") == 4
+    code, _, err = ctl(config_file, "generate", "x", "--max-tokens", "0")
+    assert code == 1 and "bad_request" in err and "max_tokens" in err
+
+
+def test_drain_resume_and_ping(daemon: EmbeddedDaemon, config_file: Path) -> None:
+    code, out, _ = ctl(config_file, "drain", "--wait")
+    assert code == 0 and "draining" in out and "drained" in out
+    code, _, err = ctl(config_file, "generate", "x")
+    assert code == 1 and "shutting_down" in err
+    code, out, _ = ctl(config_file, "resume")
+    assert code == 0 and "serving" in out
+    code, out, _ = ctl(config_file, "ping", "--json")
+    assert code == 0 and orjson.loads(out)["state"] == "serving"
+
+
+def test_helpful_errors_without_a_daemon(tmp_path: Path) -> None:
+    path = tmp_path / "neod.toml"
+    path.write_text(f'[server]\ncontrol_endpoint = "ipc://{tmp_path}/none.sock"\n'
+                    f'intake_endpoint = "tcp://127.0.0.1:{free_port()}"\n')
+    code, _, err = ctl(path, "status")
+    assert code == 1 and f"no control socket at {tmp_path}/none.sock" in err
+    assert "systemctl start neod" in err
+    code, _, err = ctl(path, "--timeout", "0.5", "generate", "x")
+    assert code == 1 and "could not connect" in err
+    path.write_text("[server]\nnope = 1\n")
+    code, _, err = ctl(path, "status")
+    assert code == 2 and "unknown key 'nope'" in err
+
+
+def test_keys_writes_a_private_secret(tmp_path: Path) -> None:
+    result = runner.invoke(neoctl, ["keys", str(tmp_path / "k"), "--name", "producer"])
+    assert result.exit_code == 0
+    secret = tmp_path / "k" / "producer.key_secret"
+    assert (tmp_path / "k" / "producer.key").is_file()
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+
+
+def test_neod_check_config_and_errors(tmp_path: Path) -> None:
+    result = runner.invoke(neod_app, ["--check-config", "--preset", "llama-3.1-8b", "--set",
+                                      "scheduler.policy=neo"], env={"NEOD_CPU_THREADS": "3"})
+    assert result.exit_code == 0
+    cfg = orjson.loads(result.stdout)
+    assert cfg["model"]["preset"] == "llama-3.1-8b" and cfg["scheduler"]["policy"] == "neo"
+    assert cfg["cpu"]["threads"] == 3
+    result = runner.invoke(neod_app, ["--set", "scheduler.policy=fast"])
+    assert result.exit_code == 2
+    assert "[scheduler] policy: 'fast' is not allowed; expected one of auto, gpu-only, neo" in \
+        result.stderr
+
+
+def test_python_dash_m_neod() -> None:
+    out = subprocess.run([sys.executable, "-m", "neod", "--version"], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "NEOD_CONFIG": ""})
+    assert out.returncode == 0 and out.stdout.startswith("neod ")
