@@ -20,35 +20,45 @@
 
 // ---- element conversion ---------------------------------------------------------------------
 
-// bf16 -> fp32 is a 16-bit shift; fp16 -> fp32 uses the hardware conversion where the target has it.
+// Rows live in registers and scratch in "SIMD order", vector v of a row holding programCount of its
+// elements. For fp16 that is plain order (hardware conversion). For bf16 one 32-bit load gives two
+// vectors with no shuffle: the low halves of 2 * programCount elements (the even ones) shifted up,
+// and the high halves (the odd ones) masked, so vector 2c holds elements 2(c * programCount + i)
+// and vector 2c + 1 elements 2(c * programCount + i) + 1. Dot products and weighted sums of rows
+// do not depend on the order; store_pair puts elements back in place.
 template <int BF16>
-static inline varying float load_row(const uniform uint16 * uniform row, uniform int col) {
+static inline varying float load_row(const uniform uint16 * uniform row, uniform int v) {
     if (BF16) {
-        varying uint32 bits = row[col + programIndex];
-        return floatbits(bits << 16);
+        const uniform uint32 * uniform words = (const uniform uint32 * uniform)row;
+        varying uint32 w = words[(v >> 1) * programCount + programIndex];
+        return floatbits((v & 1) ? (w & 0xffff0000) : (w << 16));
     } else {
         const uniform float16 * uniform h = (const uniform float16 * uniform)row;
-        return (float)h[col + programIndex];
+        return (float)h[v * programCount + programIndex];
     }
 }
 
 // fp32 -> bf16 with round-to-nearest-even; NaN stays a (quiet) NaN instead of rounding to inf.
-static inline varying uint16 to_bf16(varying float x) {
+static inline varying uint32 to_bf16(varying float x) {
     varying uint32 bits = intbits(x);
     varying uint32 rounded = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16;
     if (x != x) {
         rounded = (bits >> 16) | 0x40;
     }
-    return (uint16)rounded;
+    return rounded;
 }
 
+// Stores vectors v and v + 1 (v even) of a row held in SIMD order, in the row's element order.
 template <int BF16>
-static inline void store_row(uniform uint16 * uniform row, uniform int col, varying float x) {
+static inline void store_pair(uniform uint16 * uniform row, uniform int v, varying float x0,
+                              varying float x1) {
     if (BF16) {
-        row[col + programIndex] = to_bf16(x);
+        uniform uint32 * uniform words = (uniform uint32 * uniform)row;
+        words[(v >> 1) * programCount + programIndex] = to_bf16(x0) | (to_bf16(x1) << 16);
     } else {
         uniform float16 * uniform h = (uniform float16 * uniform)row;
-        h[col + programIndex] = (float16)x;
+        h[v * programCount + programIndex] = (float16)x0;
+        h[(v + 1) * programCount + programIndex] = (float16)x1;
     }
 }
 
@@ -70,14 +80,26 @@ static inline unmasked void transpose_sum(uniform float rows[]) {
     }
 }
 
-// Converts rows [0, num_rows) of a (block, K|V, head) tile to fp32 rows of `tile`.
+// Prefetches one row of D 16-bit elements into L2 (a no-op for NULL). L2, not L1: the row is
+// used a whole tile later, and L1 holds the working set of the tile being computed.
+template <int D>
+static inline void prefetch_row(const uniform uint16 * uniform row) {
+    if (row != NULL) {
+        for (uniform int i = 0; i < D; i += 32) {
+            prefetch_l2(row + i);
+        }
+    }
+}
+
+// Converts rows [0, num_rows) of a (block, K|V, head) tile to fp32 rows of `tile`, prefetching
+// the same rows of `next`, the tile processed after this one.
 template <int BF16, int D>
 static inline unmasked void load_tile(const uniform uint16 * uniform src, uniform int num_rows,
-                                      uniform float tile[]) {
+                                      uniform float tile[], const uniform uint16 * uniform next) {
     for (uniform int t = 0; t < num_rows; t++) {
+        prefetch_row<D>(next == NULL ? NULL : next + t * D);
         for (uniform int c = 0; c < D / programCount; c++) {
-            tile[t * D + c * programCount + programIndex] =
-                load_row<BF16>(src + t * D, c * programCount);
+            tile[t * D + c * programCount + programIndex] = load_row<BF16>(src + t * D, c);
         }
     }
 }
@@ -175,95 +197,123 @@ static unmasked void attend(const uniform NeodDecodeArgs * uniform a,
     uniform float * uniform acc = scr->acc;    // [hq, D] unnormalised output
     uniform float * uniform m = scr->max;      // [hq] running max of scores
     uniform float * uniform l = scr->sum;      // [hq] running sum of exp(score - max)
-    uniform float * uniform s = scr->scores;   // [hq, bs_padded] scores, then probabilities
+    uniform const int chunk_blocks = scr->chunk_blocks;
+    uniform const int row = chunk_blocks * bs_padded;    // one head's scores over a chunk
+    uniform float * uniform s = scr->scores;   // [hq, row] scores, then probabilities
     uniform float * uniform part = scr->part;  // [group, bs_padded, programCount] partial dots
     uniform float * uniform tile = scr->tile;  // [bs_padded, D] fp32 copy of a V tile
 
     for (uniform int h = 0; h < hq; h++) {
         for (uniform int c = 0; c < NC; c++) {
             uniform int col = c * programCount;
-            qf[h * D + col + programIndex] = load_row<BF16>(q + h * D, col) * a->scale;
+            qf[h * D + col + programIndex] = load_row<BF16>(q + h * D, c) * a->scale;
             acc[h * D + col + programIndex] = 0.0f;
         }
         m[h] = -floatbits(0x7f800000);
         l[h] = 0.0f;
     }
 
-    for (uniform int j = item->block_begin; j < item->block_end; j++) {
-        uniform const int64 block = table[j];
-        uniform const int num_tokens = min(bs, seq_len - j * bs);
-        uniform const int num_padded = (num_tokens + programCount - 1) & ~(programCount - 1);
-        const uniform uint16 * uniform k_block = kv + block * block_stride;
-        const uniform uint16 * uniform v_block = k_block + hkv * head_stride;
-        for (uniform int kh = 0; kh < hkv; kh++) {
-            const uniform uint16 * uniform k_tile = k_block + kh * head_stride;
-            uniform float * uniform qg = qf + kh * group * D;
-            uniform float * uniform accg = acc + kh * group * D;
+    // Chunks of whole blocks: scores of the chunk's blocks (head by head, K tiles in memory order),
+    // one online-softmax step per query head for the whole chunk, then the chunk's V tiles.
+    for (uniform int j0 = item->block_begin; j0 < item->block_end; j0 += chunk_blocks) {
+        uniform const int j1 = min(j0 + chunk_blocks, item->block_end);
+        for (uniform int j = j0; j < j1; j++) {
+            uniform const int num_tokens = min(bs, seq_len - j * bs);
+            uniform const int num_padded = (num_tokens + programCount - 1) & ~(programCount - 1);
+            const uniform uint16 * uniform k_block = kv + (uniform int64)table[j] * block_stride;
+            for (uniform int kh = 0; kh < hkv; kh++) {
+                const uniform uint16 * uniform k_tile = k_block + kh * head_stride;
+                uniform float * uniform qg = qf + kh * group * D;
+                // Every tile is a fresh 4 KiB page, where hardware prefetchers stop: fetch the
+                // tile processed next (next head's K, next block's K, or the chunk's first V)
+                // a row at a time while this one is computed.
+                const uniform uint16 * uniform next = kh + 1 < hkv ? k_tile + head_stride
+                    : j + 1 < j1 ? kv + (uniform int64)table[j + 1] * block_stride
+                    : kv + (uniform int64)table[j0] * block_stride + hkv * head_stride;
 
-            // Partial dot products: each key row is converted once and used by the whole group;
-            // two accumulators per dot halve the FMA dependency chain.
-            for (uniform int t = 0; t < num_tokens; t++) {
-                varying float k[MAX_ROW_VECTORS];
-                for (uniform int c = 0; c < NC; c++) {
-                    k[c] = load_row<BF16>(k_tile + t * D, c * programCount);
-                }
-                for (uniform int g = 0; g < group; g++) {
-                    uniform float * uniform qh = qg + g * D;
-                    varying float even = qh[programIndex] * k[0];
-                    varying float odd = qh[programCount + programIndex] * k[1];
-                    for (uniform int c = 2; c < NC; c += 2) {
-                        even += qh[c * programCount + programIndex] * k[c];
-                        odd += qh[(c + 1) * programCount + programIndex] * k[c + 1];
-                    }
-                    part[(g * bs_padded + t) * programCount + programIndex] = even + odd;
-                }
-            }
-
-            // Scores, programCount tokens at a time, then the online softmax, rescaled once per
-            // tile; probabilities overwrite the scores.
-            for (uniform int g = 0; g < group; g++) {
-                uniform float * uniform sg = s + (kh * group + g) * bs_padded;
-                varying float vmax = -floatbits(0x7f800000);
-                for (uniform int t0 = 0; t0 < num_padded; t0 += programCount) {
-                    uniform float * uniform rows = part + (g * bs_padded + t0) * programCount;
-                    transpose_sum(rows);
-                    varying float score = t0 + programIndex < num_tokens
-                        ? rows[programIndex] : -floatbits(0x7f800000);
-                    sg[t0 + programIndex] = score;
-                    vmax = max(vmax, score);
-                }
-                uniform const int head = kh * group + g;
-                uniform const float m_old = m[head];
-                uniform const float m_new = max(m_old, reduce_max(vmax));
-                varying float vsum = 0.0f;
-                for (uniform int t0 = 0; t0 < num_padded; t0 += programCount) {
-                    varying float p = exp(sg[t0 + programIndex] - m_new);
-                    sg[t0 + programIndex] = p;
-                    vsum += p;
-                }
-                uniform const float alpha = exp(m_old - m_new);
-                if (alpha != 1.0f) {
+                // Partial dot products: each key row is converted once and used by the whole
+                // group; two accumulators per dot halve the FMA dependency chain.
+                for (uniform int t = 0; t < num_tokens; t++) {
+                    prefetch_row<D>(next + t * D);
+                    varying float k[MAX_ROW_VECTORS];
                     for (uniform int c = 0; c < NC; c++) {
-                        accg[g * D + c * programCount + programIndex] *= alpha;
+                        k[c] = load_row<BF16>(k_tile + t * D, c);
+                    }
+                    for (uniform int g = 0; g < group; g++) {
+                        uniform float * uniform qh = qg + g * D;
+                        varying float even = qh[programIndex] * k[0];
+                        varying float odd = qh[programCount + programIndex] * k[1];
+                        for (uniform int c = 2; c < NC; c += 2) {
+                            even += qh[c * programCount + programIndex] * k[c];
+                            odd += qh[(c + 1) * programCount + programIndex] * k[c + 1];
+                        }
+                        part[(g * bs_padded + t) * programCount + programIndex] = even + odd;
                     }
                 }
-                l[head] = l[head] * alpha + reduce_add(vsum);
-                m[head] = m_new;
-            }
 
+                // Scores, programCount tokens at a time; padding slots get -inf (weight 0).
+                for (uniform int g = 0; g < group; g++) {
+                    uniform float * uniform sg = s + (kh * group + g) * row + (j - j0) * bs_padded;
+                    for (uniform int t0 = 0; t0 < num_padded; t0 += programCount) {
+                        uniform float * uniform rows = part + (g * bs_padded + t0) * programCount;
+                        transpose_sum(rows);
+                        sg[t0 + programIndex] = t0 + programIndex < num_tokens
+                            ? rows[programIndex] : -floatbits(0x7f800000);
+                    }
+                    for (uniform int t0 = num_padded; t0 < bs_padded; t0 += programCount) {
+                        sg[t0 + programIndex] = -floatbits(0x7f800000);
+                    }
+                }
+            }
         }
 
-        // Probability-weighted values, head by head in memory order: each tile is converted once,
+        // Online softmax over the chunk: probabilities overwrite the scores, and each head's
+        // accumulator is rescaled once per chunk.
+        uniform const int chunk_len = (j1 - j0) * bs_padded;
+        for (uniform int h = 0; h < hq; h++) {
+            uniform float * uniform sh = s + h * row;
+            varying float vmax = -floatbits(0x7f800000);
+            for (uniform int t0 = 0; t0 < chunk_len; t0 += programCount) {
+                vmax = max(vmax, sh[t0 + programIndex]);
+            }
+            uniform const float m_old = m[h];
+            uniform const float m_new = max(m_old, reduce_max(vmax));
+            varying float vsum = 0.0f;
+            for (uniform int t0 = 0; t0 < chunk_len; t0 += programCount) {
+                varying float p = exp(sh[t0 + programIndex] - m_new);
+                sh[t0 + programIndex] = p;
+                vsum += p;
+            }
+            uniform const float alpha = exp(m_old - m_new);
+            if (alpha != 1.0f) {
+                for (uniform int c = 0; c < NC; c++) {
+                    acc[h * D + c * programCount + programIndex] *= alpha;
+                }
+            }
+            l[h] = l[h] * alpha + reduce_add(vsum);
+            m[h] = m_new;
+        }
+
+        // Probability-weighted values, V tiles in memory order: each tile is converted once,
         // then each query head keeps its accumulators in registers across the tile's tokens.
-        for (uniform int kh = 0; kh < hkv; kh++) {
-            load_tile<BF16, D>(v_block + kh * head_stride, num_tokens, tile);
-            for (uniform int h = kh * group; h < (kh + 1) * group; h++) {
-                if (NC == 4) {
-                    accumulate4(acc + h * D, tile, s + h * bs_padded, num_tokens, D);
-                } else {
-                    for (uniform int c0 = 0; c0 < NC; c0 += 8) {
-                        accumulate8(acc + h * D + c0 * programCount, tile + c0 * programCount,
-                                    s + h * bs_padded, num_tokens, D);
+        for (uniform int j = j0; j < j1; j++) {
+            uniform const int num_tokens = min(bs, seq_len - j * bs);
+            const uniform uint16 * uniform v_block =
+                kv + (uniform int64)table[j] * block_stride + hkv * head_stride;
+            for (uniform int kh = 0; kh < hkv; kh++) {
+                const uniform uint16 * uniform next = kh + 1 < hkv ? v_block + (kh + 1) * head_stride
+                    : j + 1 < j1 ? kv + (uniform int64)table[j + 1] * block_stride + hkv * head_stride
+                    : j1 < item->block_end ? kv + (uniform int64)table[j1] * block_stride : NULL;
+                load_tile<BF16, D>(v_block + kh * head_stride, num_tokens, tile, next);
+                for (uniform int h = kh * group; h < (kh + 1) * group; h++) {
+                    uniform float * uniform p = s + h * row + (j - j0) * bs_padded;
+                    if (NC == 4) {
+                        accumulate4(acc + h * D, tile, p, num_tokens, D);
+                    } else {
+                        for (uniform int c0 = 0; c0 < NC; c0 += 8) {
+                            accumulate8(acc + h * D + c0 * programCount,
+                                        tile + c0 * programCount, p, num_tokens, D);
+                        }
                     }
                 }
             }
@@ -276,13 +326,15 @@ static unmasked void attend(const uniform NeodDecodeArgs * uniform a,
     for (uniform int h = 0; h < hq; h++) {
         uniform const float inv = 1.0f / l[h];
         uniform const float lse = m[h] + log(l[h]);
-        for (uniform int c = 0; c < NC; c++) {
-            uniform int col = c * programCount;
-            varying float o = acc[h * D + col + programIndex] * inv;
+        uniform float * uniform partial = out_partial + ((uniform int64)item->partial * hq + h) * D;
+        for (uniform int c = 0; c < NC; c += 2) {
+            varying float o0 = acc[h * D + c * programCount + programIndex] * inv;
+            varying float o1 = acc[h * D + (c + 1) * programCount + programIndex] * inv;
             if (whole) {
-                store_row<BF16>(out + h * D, col, o);
-            } else {
-                out_partial[((uniform int64)item->partial * hq + h) * D + col + programIndex] = o;
+                store_pair<BF16>(out + h * D, c, o0, o1);
+            } else {  // partials stay in SIMD order: only merge reads them
+                partial[c * programCount + programIndex] = o0;
+                partial[(c + 1) * programCount + programIndex] = o1;
             }
         }
         if (whole) {
@@ -328,13 +380,15 @@ static unmasked void merge(const uniform NeodDecodeArgs * uniform a, uniform int
             total += exp(lse_partial[(uniform int64)p * hq + h] - lse_max);
         }
         uniform const float inv_total = 1.0f / total;
-        for (uniform int col = 0; col < d; col += programCount) {
-            varying float o = 0.0f;
+        for (uniform int v = 0; v < d / programCount; v += 2) {
+            varying float o0 = 0.0f, o1 = 0.0f;
             for (uniform int p = first; p < first + count; p++) {
                 uniform float w = exp(lse_partial[(uniform int64)p * hq + h] - lse_max) * inv_total;
-                o += w * out_partial[((uniform int64)p * hq + h) * d + col + programIndex];
+                const uniform float * uniform part = out_partial + ((uniform int64)p * hq + h) * d;
+                o0 += w * part[v * programCount + programIndex];
+                o1 += w * part[(v + 1) * programCount + programIndex];
             }
-            store_row<BF16>(out + h * d, col, o);
+            store_pair<BF16>(out + h * d, v, o0, o1);
         }
         if (a->lse != NULL) {
             a->lse[(uniform int64)b * hq + h] = lse_max + log(total);
@@ -356,19 +410,22 @@ export void neod_merge_partials(const uniform NeodDecodeArgs * uniform args, uni
 // ---- memory-read bandwidth probe ------------------------------------------------------------
 
 // Sums `count` floats with four independent accumulators so that the adds never limit the rate:
-// the result only keeps the loads alive; its value is meaningless.
+// the result only keeps the loads alive; its value is meaningless. Offsets past 2 GiB go into the
+// uniform pointer, never into a varying index (ISPC computes varying offsets in 32 bits).
 export uniform float neod_read_sum(const uniform float data[], uniform int64 count) {
     varying float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-    uniform int64 step = 4 * programCount;
-    uniform int64 end = count - count % step;
-    for (uniform int64 i = 0; i < end; i += step) {
-        s0 += data[i + programIndex];
-        s1 += data[i + programCount + programIndex];
-        s2 += data[i + 2 * programCount + programIndex];
-        s3 += data[i + 3 * programCount + programIndex];
+    uniform const int step = 4 * programCount;
+    const uniform float * uniform p = data;
+    const uniform float * uniform end = data + (count - count % step);
+    for (; p < end; p += step) {
+        s0 += p[programIndex];
+        s1 += p[programCount + programIndex];
+        s2 += p[2 * programCount + programIndex];
+        s3 += p[3 * programCount + programIndex];
     }
-    foreach (i = end ... count) {
-        s0 += data[i];
+    uniform const int tail = (uniform int)(count % step);
+    foreach (i = 0 ... tail) {
+        s0 += p[i];
     }
     return reduce_add((s0 + s1) + (s2 + s3));
 }

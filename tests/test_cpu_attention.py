@@ -143,6 +143,23 @@ def test_append_writes_exactly_the_new_slot(attn, block_size):
     check(batch, out, lse)
 
 
+def test_blocks_far_into_a_large_pool(attn):
+    # Block ids whose byte offsets pass 2 and 4 GiB: every offset must be computed in 64 bits.
+    # The pool is never touched outside the used blocks, so it costs no memory.
+    block_bytes = 2 * 2 * 16 * 128 * 2
+    num_blocks = (5 << 30) // block_bytes
+    kv = torch.empty(num_blocks, 2, 2, 16, 128, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(9)
+    ids = [num_blocks - 1, (2 << 30) // block_bytes, (4 << 30) // block_bytes + 3, 5]
+    kv[ids] = torch.randn(len(ids), 2, 2, 16, 128, generator=gen).to(torch.bfloat16)
+    batch = {"q": torch.randn(2, 8, 128, generator=gen).to(torch.bfloat16), "kv_layer": kv,
+             "block_tables": torch.tensor([ids[:3], [ids[3], ids[0], 0]], dtype=torch.int32),
+             "seq_lens": torch.tensor([40, 20], dtype=torch.int32)}
+    out, lse = poisoned_outputs(batch)
+    attn.decode(**batch, out=out, lse=lse)
+    check(batch, out, lse)
+
+
 def test_scale_and_optional_lse(attn):
     batch = make_batch([40, 250], num_kv_heads=1, group=8, head_dim=128, block_size=16,
                        dtype=torch.bfloat16, seed=3)

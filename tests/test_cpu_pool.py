@@ -166,5 +166,7 @@ def test_probe_reads_at_a_plausible_rate():
         assert len(rates) == len(counts)
         # Anything from a slow VM to a server socket: 0.5 GB/s .. 2 TB/s.
         assert all(5e8 < r < 2e12 for r in rates)
+        # A buffer past 2 GiB per reader (offsets beyond 32 bits).
+        assert pool.probe_read_bandwidth((9 << 30) // 4, [1], repeats=1)[0] > 5e8
         with pytest.raises(ValueError, match="thread counts"):
             pool.probe_read_bandwidth(64 << 20, [len(CPUS) + 1], repeats=1)

@@ -78,12 +78,15 @@ def next_token_logits(engine: Engine, tokens: list[int]) -> torch.Tensor:
     """Logits after `tokens`, from one causal prefill of the whole sequence (no cache involved)."""
     n = len(tokens)
     model = engine.rt.model
+    dev = model.device
     cfg = model.config
     layout = KVLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 16, model.dtype)
-    pool = allocate_pool(layout, 1, torch.device("cpu"))
-    meta = AttentionMetadata(n, torch.tensor([0, n], dtype=torch.int32), n, torch.full((n,), -1),
-                             torch.zeros((0, 1), dtype=torch.int32), torch.zeros(0, dtype=torch.int32))
-    return model.forward(torch.tensor(tokens), torch.arange(n), meta, pool, torch.tensor([n - 1]))[0]
+    pool = allocate_pool(layout, 1, dev)
+    meta = AttentionMetadata(n, torch.tensor([0, n], dtype=torch.int32, device=dev), n,
+                             torch.full((n,), -1, device=dev), torch.zeros((0, 1), dtype=torch.int32, device=dev),
+                             torch.zeros(0, dtype=torch.int32, device=dev))
+    return model.forward(torch.tensor(tokens, device=dev), torch.arange(n, device=dev), meta, pool,
+                         torch.tensor([n - 1], device=dev))[0].cpu()
 
 
 def assert_greedy_equal(engine: Engine, prompts_by_id: dict[str, list[int]], expected: dict[str, list[int]],

@@ -18,7 +18,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from neod.client import AsyncClient, Client, ControlClient, RequestError
+from neod.client import AsyncClient, Client, ControlClient, DaemonUnavailable, RequestError
 from neod.config import Config, load_config
 from neod.server.embedded import EmbeddedDaemon
 
@@ -338,3 +338,27 @@ def test_ids_are_unique_per_connection(daemon: EmbeddedDaemon) -> None:
     finally:
         raw.close()
     wait_idle(daemon)
+
+
+def test_curve_admits_only_authorized_producers(tmp_path: Path) -> None:
+    import zmq.auth
+
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    keys.mkdir()
+    allowed.mkdir()
+    server_public, server_secret = zmq.auth.create_certificates(str(keys), "neod")
+    client_public, client_secret = zmq.auth.create_certificates(str(keys), "producer")
+    _, stranger_secret = zmq.auth.create_certificates(str(keys), "stranger")
+    Path(client_public).rename(allowed / "producer.key")
+    cfg = daemon_config(tmp_path, curve_secret_key_file=server_secret,
+                        curve_authorized_keys_dir=str(allowed))
+    with EmbeddedDaemon(cfg) as d:
+        with Client(d.intake_endpoint, timeout_s=TIMEOUT_S, curve_server_key_file=server_public,
+                    curve_client_key_file=client_secret) as c:
+            assert c.generate("secret", max_tokens=2, ignore_eos=True).final.usage \
+                .completion_tokens == 2
+        for kwargs in ({"curve_server_key_file": server_public,
+                        "curve_client_key_file": stranger_secret}, {}):
+            with Client(d.intake_endpoint, connect_timeout_s=0.5, **kwargs) as c, \
+                    pytest.raises(DaemonUnavailable):
+                c.generate("let me in")

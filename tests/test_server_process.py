@@ -24,8 +24,11 @@ def start_neod(tmp: Path, grace_s: float, env: dict[str, str] | None = None) -> 
                       f'intake_endpoint = "ipc://{tmp}/intake.sock"\n'
                       f'control_endpoint = "ipc://{tmp}/control.sock"\n')
     log = (tmp / "neod.log").open("a")
+    # One torch thread: on a 2-core host two OpenMP workers next to the event loop, the test
+    # process and the engine thread oversubscribe the cores and slow each step 10-100x.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "neod", "--config", str(config)],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         assert proc.poll() is None, (tmp / "neod.log").read_text()

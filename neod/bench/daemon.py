@@ -2,7 +2,9 @@
 
     python -m neod.bench.daemon [--requests 300] [--burst 20000] [--producers 4]
 
-1. Engine TTFT: the engine alone, one request at a time (add_request, step until its first token).
+1. Engine TTFT: the engine alone, one request at a time (add_request, step until its first token),
+   run on the daemon's engine thread while the daemon is idle (the thread that built the engine:
+   on CPU hosts torch is much slower on any other thread).
 2. Daemon TTFT: the same requests through the daemon (ZeroMQ in, validation, tokenization, the
    engine thread, detokenization, ZeroMQ out), measured by a client from send to first delta, with
    the same engine. The difference of the two p50s is the daemon's added latency.
@@ -26,11 +28,11 @@ import orjson
 import zmq
 
 from neod.client import Client
-from neod.config import Config, load_config
+from neod.config import load_config
 from neod.engine.request import SamplingParams
 from neod.server.embedded import EmbeddedDaemon
 from neod.server.runner import EngineLike
-from neod.tokenizer import load_tokenizer
+from neod.tokenizer import Tokenizer, load_tokenizer
 
 
 def pct(values: list[float], p: float) -> float:
@@ -42,8 +44,7 @@ def prompts(n: int, chars: int) -> list[str]:
     return [f"{i:06d} " + "the quick brown fox jumps over the lazy dog "[:chars] for i in range(n)]
 
 
-def engine_ttft_ms(engine: EngineLike, cfg: Config, texts: list[str]) -> list[float]:
-    tokenizer = load_tokenizer(cfg.model)
+def engine_ttft_ms(engine: EngineLike, tokenizer: Tokenizer, texts: list[str]) -> list[float]:
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     samples = []
     for i, text in enumerate(texts):
@@ -72,18 +73,20 @@ def daemon_ttft_ms(intake: str, texts: list[str]) -> list[float]:
 
 
 class StepClock:
-    """Wraps the engine to record when each iteration starts (the engine thread's cadence)."""
+    """Wraps the engine to record when each iteration starts and ends."""
 
     def __init__(self, engine: EngineLike) -> None:
         self._engine = engine
-        self.starts: list[float] = []
+        self.spans: list[tuple[float, float]] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
     def step(self) -> list:
-        self.starts.append(time.perf_counter())
-        return self._engine.step()
+        start = time.perf_counter()
+        outputs = self._engine.step()
+        self.spans.append((start, time.perf_counter()))
+        return outputs
 
 
 def producer(endpoint: str, count: int, tag: int, result: Any) -> None:
@@ -126,8 +129,8 @@ def intake_burst(intake: str, total: int, num_producers: int) -> dict[str, float
     acked = max(start + ack for start, ack, _ in outcomes) - first
     done = max(start + end for start, _, end in outcomes) - first
     sent = total // num_producers * num_producers
-    return {"requests": sent, "acked_per_s": round(sent / acked), "served_per_s": round(sent / done),
-            "window": (first, first + done)}
+    return {"requests": sent, "acked_per_s": round(sent / acked),
+            "served_per_s": round(sent / done), "window": (first, first + done)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,18 +150,31 @@ def main(argv: list[str] | None = None) -> int:
             f"server.control_endpoint=ipc://{tmp}/control.sock",
             "server.max_queued_requests=1000000", "server.max_inflight_per_client=1000000",
             *args.set])
-        engine = StepClock(Engine(cfg))
+        clocks: list[StepClock] = []
+
+        def build(cfg_: Any) -> StepClock:
+            clocks.append(StepClock(Engine(cfg_)))
+            return clocks[0]
+
+        tokenizer = load_tokenizer(cfg.model)
         texts = prompts(args.requests, args.prompt_chars)
-        engine_ttft_ms(engine, cfg, texts[:20])  # warm-up
-        engine_ms = engine_ttft_ms(engine, cfg, texts)
-        with EmbeddedDaemon(cfg, lambda _: engine) as daemon:
+        with EmbeddedDaemon(cfg, build) as daemon:
+            runner = daemon.server.runner
+            assert runner is not None
+            runner.call(lambda e: engine_ttft_ms(e, tokenizer, texts[:20])).result()  # warm-up
+            engine_ms = runner.call(lambda e: engine_ttft_ms(e, tokenizer, texts)).result()
+            engine = clocks[0]
             daemon_ttft_ms(daemon.intake_endpoint, texts[:20])
             daemon_ms = daemon_ttft_ms(daemon.intake_endpoint, texts)
-            engine.starts.clear()
+            engine.spans.clear()
             burst = intake_burst(daemon.intake_endpoint, args.burst, args.producers)
         lo, hi = burst.pop("window")
-        starts = [t for t in engine.starts if lo <= t <= hi]
-        gaps_ms = [(b - a) * 1000 for a, b in zip(starts, starts[1:])]
+        spans = [(a, b) for a, b in engine.spans if lo <= a <= hi]
+        steps_ms = [(b - a) * 1000 for a, b in spans]
+        # Time the engine thread spent between two steps: handing outputs over, taking new work,
+        # and waiting for the GIL while the loop thread ingests the burst.
+        between_ms = [(nxt[0] - prev[1]) * 1000 for prev, nxt in zip(spans, spans[1:],
+                                                                       strict=False)]
     report = {
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
                    f"{multiprocessing.cpu_count()} cores, Python {platform.python_version()}",
@@ -169,9 +185,10 @@ def main(argv: list[str] | None = None) -> int:
                            "p99": pct(daemon_ms, 99)},
         "added_ms_p50": round(statistics.median(daemon_ms) - statistics.median(engine_ms), 3),
         "intake": burst,
-        "engine_iterations_during_burst": len(starts),
-        "engine_iteration_gap_ms": {"p50": pct(gaps_ms, 50) if gaps_ms else None,
-                                    "max": round(max(gaps_ms), 3) if gaps_ms else None},
+        "engine_iterations_during_burst": len(spans),
+        "engine_step_ms": {"p50": pct(steps_ms, 50), "max": round(max(steps_ms), 3)},
+        "engine_between_steps_ms": {"p50": pct(between_ms, 50), "p99": pct(between_ms, 99),
+                                    "max": round(max(between_ms), 3)},
     }
     sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0

@@ -21,6 +21,7 @@ import torch
 from neod.cache.pool import KVLayout, allocate_pool
 from neod.engine.batch import build_sub_batch
 from neod.engine.executor import Executor
+from neod.engine.graphs import DecodeGraphs
 from neod.engine.sequence import Sequence
 from neod.engine.request import SamplingParams
 from neod.model.llama import LlamaModel
@@ -92,6 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     pool = allocate_pool(layout, num_blocks, device)
     batches = [int(b) for b in args.batches.split(",")]
     executor = Executor(model, pool, None, None, max(batches), max(int(t) for t in args.prefill_tokens.split(",")))
+    max_ctx = max(int(c) for c in args.contexts.split(","))
+    graphs = DecodeGraphs(model, pool, max(batches), max_ctx + 16)
+    graphs.capture_all()
     report: dict[str, Any] = {"preset": args.preset, "gpu": torch.cuda.get_device_name(device),
                               "hbm_gbps": hbm / 1e9, "matmul_tflops": flops / 1e12,
                               "weight_gib": weight_bytes / GIB, "decode": [], "prefill": []}
@@ -107,15 +111,17 @@ def main(argv: list[str] | None = None) -> None:
             def step() -> None:
                 logits = executor.run([sub])[0]
                 torch.argmax(logits, dim=-1)
-            seconds = cuda_time(step)
+            executor.graphs = None
+            eager_s = cuda_time(step)
             host_start = time.perf_counter()
             step()
             host_s = time.perf_counter() - host_start
-            torch.cuda.synchronize()
+            executor.graphs = graphs
+            seconds = cuda_time(step)
             roofline = (weight_bytes + kv_bytes) / hbm
             report["decode"].append({"batch": b, "context": ctx, "fits": True, "step_ms": seconds * 1e3,
-                                     "roofline_ms": roofline * 1e3, "x_roofline": seconds / roofline,
-                                     "host_issue_ms": host_s * 1e3})
+                                     "eager_step_ms": eager_s * 1e3, "roofline_ms": roofline * 1e3,
+                                     "x_roofline": seconds / roofline, "eager_host_issue_ms": host_s * 1e3})
     for tokens in (int(t) for t in args.prefill_tokens.split(",")):
         prompt_len = min(tokens, 2048)
         seqs = make_seqs(tokens // prompt_len, prompt_len, 16, 0, config.vocab_size)
@@ -135,13 +141,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(f"{args.preset} on {report['gpu']}: weights {report['weight_gib']:.1f} GiB, HBM {report['hbm_gbps']:.0f} "
           f"GB/s (copy), bf16 matmul {report['matmul_tflops']:.0f} TFLOP/s")
-    print(f"{'batch':>6} {'ctx':>6} {'step ms':>8} {'roofline':>9} {'x':>6} {'host ms':>8}")
+    print(f"{'batch':>6} {'ctx':>6} {'graph ms':>8} {'roofline':>9} {'x':>6} {'eager ms':>9} {'eager host':>10}")
     for r in report["decode"]:
         if not r["fits"]:
             print(f"{r['batch']:6} {r['context']:6}   KV does not fit in GPU memory")
             continue
         print(f"{r['batch']:6} {r['context']:6} {r['step_ms']:8.2f} {r['roofline_ms']:9.2f} {r['x_roofline']:6.2f} "
-              f"{r['host_issue_ms']:8.2f}")
+              f"{r['eager_step_ms']:9.2f} {r['eager_host_issue_ms']:10.2f}")
     for r in report["prefill"]:
         print(f"prefill {r['tokens']} tokens ({r['prompts']} prompts): {r['tokens_per_s']:.0f} tok/s, "
               f"{r['achieved_tflops']:.0f} TFLOP/s = {100 * r['share_of_matmul_peak']:.0f}% of matmul peak")

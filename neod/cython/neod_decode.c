@@ -16,6 +16,8 @@
 
 /* A share smaller than this many blocks costs more in hand-off and merging than it saves. */
 #define MIN_BLOCKS_PER_WORKER 4
+/* Score slots per online-softmax step: amortizes the per-head rescale over several blocks. */
+#define CHUNK_TOKENS 64
 
 typedef struct {
     int request;
@@ -39,12 +41,19 @@ typedef struct {
 
 static size_t pad16(size_t n) { return (n + 15) & ~(size_t)15; }
 
-/* Floats of per-worker scratch (struct NeodScratch, each array 64-byte aligned); a block's rows are
- * padded to 16, the widest SIMD target's lane count. */
+/* Blocks per online-softmax step: at least CHUNK_TOKENS score slots (a block's slots are padded to
+ * 16, the widest SIMD target's lane count). */
+static int chunk_blocks(const struct NeodDecodeArgs *a) {
+    size_t bs = pad16(a->block_size);
+    return bs >= CHUNK_TOKENS ? 1 : (int)(CHUNK_TOKENS / bs);
+}
+
+/* Floats of per-worker scratch (struct NeodScratch, each array a multiple of 16 floats). */
 static size_t scratch_floats(const struct NeodDecodeArgs *a) {
     size_t hq = a->num_q_heads, bs = pad16(a->block_size);
     size_t part = 16 * (hq / (size_t)a->num_kv_heads) * bs;
-    return 2 * pad16(hq * a->head_dim) + 2 * pad16(hq) + hq * bs + part + bs * a->head_dim;
+    size_t scores = hq * bs * (size_t)chunk_blocks(a);
+    return 2 * pad16(hq * a->head_dim) + 2 * pad16(hq) + scores + part + bs * a->head_dim;
 }
 
 /* Bump allocation inside the workspace; every region starts 64-byte aligned. */
@@ -81,11 +90,11 @@ static void decode_task(void *ctx, int t) {
         return;
     }
     size_t qd = pad16((size_t)a->num_q_heads * a->head_dim), h = pad16(a->num_q_heads);
-    size_t scores = (size_t)a->num_q_heads * pad16(a->block_size);
+    size_t scores = (size_t)a->num_q_heads * pad16(a->block_size) * (size_t)chunk_blocks(a);
     size_t part = 16 * (size_t)(a->num_q_heads / a->num_kv_heads) * pad16(a->block_size);
     float *s = mem + 2 * qd + 2 * h;
-    struct NeodScratch scratch = {mem, mem + qd, mem + 2 * qd, mem + 2 * qd + h,
-                                  s, s + scores, s + scores + part};
+    struct NeodScratch scratch = {mem,           mem + qd, mem + 2 * qd, mem + 2 * qd + h, s,
+                                  s + scores, s + scores + part, chunk_blocks(a)};
     int append = a->k_new != NULL && a->v_new != NULL;
     for (int i = first; i < last; i++) {
         const struct NeodWorkItem *item = &job->items[i];

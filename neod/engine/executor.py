@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from neod.engine.batch import SubBatch
+from neod.engine.graphs import DecodeGraphs
 from neod.kernels import ops
 from neod.model.attention import gpu_attention
 
@@ -68,12 +69,13 @@ class _Flight:
 
 class Executor:
     def __init__(self, model, gpu_pool: torch.Tensor, cpu_pool: torch.Tensor | None, cpu_attention,
-                 max_rows: int, max_tokens: int) -> None:
+                 max_rows: int, max_tokens: int, graphs: DecodeGraphs | None = None) -> None:
         cfg = model.config
         self.model = model
         self.gpu_pool = gpu_pool  # [L, N_gpu, 2, Hkv, bs, D]
         self.cpu_pool = cpu_pool  # [L, N_cpu, 2, Hkv, bs, D] (pinned on a GPU host) or None
         self.cpu_attention = cpu_attention
+        self.graphs = graphs  # captured GPU decode steps; None on a CPU host
         self.num_layers = cfg.num_hidden_layers
         self.num_heads = cfg.num_attention_heads
         self.head_dim = cfg.head_dim
@@ -182,14 +184,18 @@ class Executor:
         f.hidden, f.residual = self.model.layer_post(layer, f.attn_out, f.residual)
 
     # ---- the iteration -----------------------------------------------------------------------------
+    @torch.inference_mode()
     def run(self, batches: list[SubBatch]) -> list[torch.Tensor]:
         """Forward one or two sub-batches; returns fp32 logits [num seqs, vocab] per sub-batch."""
-        flights = [_Flight(b, self._buffers[i] if self._buffers else None, self.model.embed(b.input_ids))
-                   for i, b in enumerate(batches)]
         compute = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         if compute is not None:
             for event in self._pending_swaps:
                 compute.wait_event(event)
+        if self.graphs is not None and len(batches) == 1 and self.graphs.accepts(batches[0]):
+            self._pending_swaps.clear()
+            return [self.graphs.run(batches[0])]
+        flights = [_Flight(b, self._buffers[i] if self._buffers else None, self.model.embed(b.input_ids))
+                   for i, b in enumerate(batches)]
         f0 = flights[0]
         f1 = flights[1] if len(flights) > 1 else None
         last = self.num_layers - 1

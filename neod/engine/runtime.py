@@ -15,6 +15,7 @@ import torch
 
 from neod.cache.pool import KVLayout, allocate_pool, gpu_pool_blocks, host_pool_blocks
 from neod.engine.executor import Executor
+from neod.engine.graphs import DecodeGraphs
 from neod.model.llama import LlamaModel
 from neod.model.presets import get_preset
 from neod.sched import Scheduler
@@ -130,6 +131,9 @@ def build_runtime(cfg: Any) -> EngineRuntime:
                 threads)
     executor = Executor(model, gpu_pool, cpu_pool, cpu_attention, max_rows, max_tokens)
     cost_model = load_or_profile(cfg, model, layout, executor, threads, max_model_len)
+    if device.type == "cuda":
+        executor.graphs = DecodeGraphs(model, gpu_pool, max_rows, max_model_len)
+        executor.graphs.capture_all()
     return EngineRuntime(
         device=device, model=model, model_name=name, layout=layout, vocab_size=mc.vocab_size,
         eos_token_ids=tuple(mc.eos_token_ids), max_model_len=max_model_len, max_rows=max_rows,

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Validates and times neod on a GPU host that has torch and a compiler but no ispc and no network
+# (the prebuilt build/ispc objects and build/libneod_cuda.so travel with the tree; docs/build.md).
+# Usage: scripts/gpu_check.sh OUTDIR [tests] [step] [cpu] [throughput ARGS...]
+set -uo pipefail
+out=${1:?usage: scripts/gpu_check.sh OUTDIR [tests] [step] [cpu] [throughput ARGS...]}
+shift
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+mkdir -p "$out"
+if ! NEOD_ISPC_OBJECTS=build/ispc python3 setup.py -q build_ext --inplace >"$out/build.log" 2>&1; then
+    tail -30 "$out/build.log"
+    exit 1
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+while [ $# -gt 0 ]; do
+    what=$1
+    shift
+    case $what in
+        tests)
+            python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_engine_gpu.py \
+                tests/test_cpu_attention.py 2>&1 | tee "$out/tests.log" | tail -15 ;;
+        step)
+            python3 -m neod.bench.engine_step --preset llama-3.1-8b 2>&1 | tee "$out/engine_step.txt" ;;
+        cpu)
+            python3 -m neod.bench.cpu_attention --threads 1,4,8,12,15,16 --batch 1,16,64 \
+                --context 1024,4096,16384 --max-kv-gib 1 --seconds 0.3 --torch-at 16 \
+                --reserve-cores 0 --out "$out/cpu_attention.json" 2>&1 | tee "$out/cpu_attention.txt" ;;
+        throughput)
+            python3 -m neod.bench.throughput "$@" 2>&1 | grep -v " INFO " | tee -a "$out/throughput.txt"
+            break ;;
+        *) echo "unknown step $what" >&2; exit 2 ;;
+    esac
+done
