@@ -1,15 +1,16 @@
 // Paged decode attention on the CPU: one new query token per request against that request's
 // paged KV cache, as NEO offloads it (docs/architecture.md fixes the layout).
 //
-// Design: SIMD lanes run along head_dim, so one K or V row is a handful of contiguous vector
-// loads, converted to fp32 once and reused by every query head of its GQA group. Softmax is online
-// at block granularity: per (block, KV head) the group's scores go to a small L1-resident buffer,
-// the running max/sum are rescaled once, and probabilities are folded into the fp32 accumulators
-// while the V rows are read. Each K and V byte therefore crosses the memory bus exactly once, in
-// the order it lies in memory (a block-layer is read head by head, K then V).
+// Design: SIMD lanes run along head_dim, so a K or V row is a few contiguous vector loads,
+// converted to fp32 once and reused by every query head of its GQA group. Work advances in chunks
+// of whole blocks (>= 64 tokens): first the scores of the chunk's K tiles, head by head in memory
+// order, then one online-softmax step per query head (max, exp, rescale of the fp32 accumulator,
+// paid once per chunk), then the chunk's V tiles, again in memory order. Every K and V byte is
+// read from memory exactly once; the next tile is prefetched while one is computed, because every
+// 4 KiB tile is a new page and hardware prefetchers stop at page boundaries.
 //
-// The caller (neod/cython/decode.c) cuts the batch into work items of whole blocks, balanced by
-// KV bytes across threads; an item that covers a whole request writes the final output, a piece
+// The caller (neod/cython/neod_decode.c) cuts the batch into work items of whole blocks, balanced
+// by KV bytes across threads; an item that covers a whole request writes the final output, a piece
 // of a longer request writes an fp32 partial that neod_merge_partials folds in by log-sum-exp.
 // Nothing here allocates or holds static state: every buffer is sized by the caller.
 

@@ -1,21 +1,29 @@
 """Producer-side client for neod: synchronous and asyncio, with streaming, timeouts and cancel.
 
-Example (a daemon started with `neod` listens on tcp://127.0.0.1:7470 by default)::
+Example (`neod` with no configuration listens on tcp://127.0.0.1:7470); docs/protocol.md has it
+as a script::
 
-    from neod.client import Client
+    import asyncio
+    from neod.client import AsyncClient, Client
 
-    with Client("tcp://127.0.0.1:7470") as client:
+    with Client("tcp://127.0.0.1:7470", timeout_s=30) as client:
         print(client.generate("The capital of France is", max_tokens=16, temperature=0).text)
-        stream = client.stream("Once upon a time", max_tokens=64)
+        stream = client.stream("Once upon a time", max_tokens=64, stop=["\\n\\n"])
         for delta in stream:
             print(delta.text, end="", flush=True)
         print("\\n", stream.final.finish_reason, stream.final.usage)
 
-    # asyncio:
-    async with AsyncClient("tcp://127.0.0.1:7470") as client:
-        stream = await client.stream("Once upon a time", max_tokens=64)
-        async for delta in stream:
-            ...
+    async def main() -> None:
+        async with AsyncClient("tcp://127.0.0.1:7470") as client:
+            stream = await client.stream("Once upon a time", max_tokens=64)
+            received = 0
+            async for delta in stream:
+                received += 1
+                if received == 5:
+                    await stream.cancel()  # the stream then ends with reason "cancelled"
+            print(stream.final.finish_reason)
+
+    asyncio.run(main())
 
 Requests are validated here with the daemon's own rules before they are sent, so a bad field raises
 `RequestError("bad_request", ...)` at once, and an oversized message never reaches the daemon (which
@@ -220,7 +228,10 @@ class Client:
             if left <= 0 or not self._sock.poll(max(1, int(left * 1000)), zmq.POLLIN):
                 raise RequestTimeout(f"no answer from neod at {self.endpoint} within "
                                      f"{timeout_s:g}s")
-            event = decode_event(self._sock.recv())
+            try:
+                event = decode_event(self._sock.recv())
+            except ProtocolError as exc:
+                raise NeodError(f"unreadable event from {self.endpoint}: {exc.message}") from None
             owner = getattr(event, "id", None) if not isinstance(event, Pong) else None
             if owner in self._open or owner == key:
                 self._events[owner].append(event)
@@ -363,7 +374,13 @@ class AsyncClient:
 
     async def _read(self) -> None:
         while True:
-            event = decode_event(await self._sock.recv())
+            try:
+                event = decode_event(await self._sock.recv())
+            except ProtocolError as exc:  # not a v1 daemon: every waiting request learns why
+                for queue in self._queues.values():
+                    queue.put_nowait(NeodError(f"unreadable event from {self.endpoint}: "
+                                               f"{exc.message}"))
+                continue
             owner = None if isinstance(event, Pong) else getattr(event, "id", None)
             queue = self._queues.get(owner)
             if queue is not None:
@@ -378,10 +395,13 @@ class AsyncClient:
 
     async def _next(self, key: str | None) -> Any:
         try:
-            return await asyncio.wait_for(self._queues[key].get(), self.timeout_s)
+            event = await asyncio.wait_for(self._queues[key].get(), self.timeout_s)
         except TimeoutError:
             raise RequestTimeout(f"no answer from neod at {self.endpoint} within "
                                  f"{self.timeout_s:g}s") from None
+        if isinstance(event, NeodError):
+            raise event
+        return event
 
     async def _start(self, prompt: str | list[int], request_id: str | None, stream: bool,
                      params: dict[str, Any]) -> _Tracker:

@@ -118,7 +118,9 @@ class HFTokenizer:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=True).ids
+        # encode_batch releases the GIL while it works (encode does not), so neither the event
+        # loop nor the engine thread waits on a long prompt.
+        return self._tok.encode_batch([text], add_special_tokens=True)[0].ids
 
     def detokenizer(self, prompt_token_ids: list[int]) -> HFDetokenizer:
         return HFDetokenizer(self._tok, prompt_token_ids)

@@ -21,6 +21,20 @@ from neod.server.embedded import EmbeddedDaemon
 runner = CliRunner()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One torch thread for the engines built here: on a 2-core host, two OpenMP workers next to
+    the event loop and this test's clients oversubscribe the cores and make steps 10-100x slower
+    whenever anything else runs (the engine does not size its threads from [cpu] reserve_cores
+    yet)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -32,6 +46,7 @@ def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("cli")
     path = tmp / "neod.toml"
     path.write_text(f'[model]\ndevice = "cpu"\n[scheduler]\nmax_batch_size = 16\n'
+                    f'[cache]\ncpu_kv_gib = 0.25\n'
                     f'[server]\nintake_endpoint = "tcp://127.0.0.1:{free_port()}"\n'
                     f'control_endpoint = "ipc://{tmp}/control.sock"\n')
     return path
@@ -131,3 +146,16 @@ def test_python_dash_m_neod() -> None:
     out = subprocess.run([sys.executable, "-m", "neod", "--version"], capture_output=True,
                          text=True, timeout=60, env={**os.environ, "NEOD_CONFIG": ""})
     assert out.returncode == 0 and out.stdout.startswith("neod ")
+
+
+def test_neod_exits_at_once_when_its_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "neod", "--intake", f"tcp://127.0.0.1:{port}",
+                              "--control", f"ipc://{tmp_path}/control.sock"], capture_output=True,
+                             text=True, timeout=60, env={**os.environ, "NEOD_CONFIG": ""})
+    assert out.returncode == 1
+    assert "event=bind_failed" in out.stderr and "another process holds it" in out.stderr
+    assert "event=loading" not in out.stderr  # before any model work

@@ -22,6 +22,7 @@ from neod.client import (
     Client,
     ControlClient,
     DaemonUnavailable,
+    NeodError,
     RequestError,
     RequestTimeout,
 )
@@ -171,5 +172,24 @@ def test_async_client_routes_interleaved_streams_and_errors() -> None:
     daemon = FakeDaemon(script)
     try:
         asyncio.run(asyncio.wait_for(scenario(daemon.endpoint), 10))
+    finally:
+        daemon.close()
+
+
+def test_a_daemon_speaking_another_version_is_an_error_not_a_hang() -> None:
+    def v2(sock: zmq.Socket, peer: bytes, msg: dict) -> None:
+        sock.send_multipart([peer, orjson.dumps({"v": 2, "type": "pong"})])
+
+    async def ping(endpoint: str) -> None:
+        async with AsyncClient(endpoint, timeout_s=5) as c:
+            with pytest.raises(NeodError, match="unsupported protocol version 2"):
+                await c.ping()
+
+    daemon = FakeDaemon(v2)
+    try:
+        with Client(daemon.endpoint, timeout_s=5) as c, \
+                pytest.raises(NeodError, match="unsupported protocol version 2"):
+            c.ping()
+        asyncio.run(asyncio.wait_for(ping(daemon.endpoint), 10))
     finally:
         daemon.close()

@@ -1,5 +1,5 @@
-"""Engine behaviour on the tiny model, on CPU: batching, stop conditions, errors, block accounting, and
-NEO mode against GPU-only mode (identical greedy tokens)."""
+"""Engine behaviour on the tiny model, on CPU: batching, stop conditions, errors, block accounting,
+and NEO mode against GPU-only mode (identical greedy tokens)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,24 @@ import random
 import pytest
 import torch
 
+from neod.cache.pool import KVLayout, allocate_pool
 from neod.config import load_config
 from neod.engine import Engine
 from neod.engine.request import FinishReason, RequestOutput, SamplingParams
 from neod.model.attention import AttentionMetadata
-from neod.cache.pool import KVLayout, allocate_pool
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
 def make_engine(tmp_path, **overrides) -> Engine:
-    base = {"model.device": "cpu", "model.preset": "tiny", "scheduler.max_batch_size": 16,
-            "scheduler.max_tokens_in_batch": 1024, "cpu.threads": 2, "profile.dir": str(tmp_path / "profiles")}
+    base = {
+        "model.device": "cpu",
+        "model.preset": "tiny",
+        "scheduler.max_batch_size": 16,
+        "scheduler.max_tokens_in_batch": 1024,
+        "cpu.threads": 2,
+        "profile.dir": str(tmp_path / "profiles"),
+    }
     base.update(overrides)
     return Engine(load_config(None, env={}, overrides=base))
 
@@ -49,7 +55,8 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 
 def reference_greedy(engine: Engine, prompt: list[int], max_tokens: int) -> list[int]:
-    """One request alone through model.forward over a private pool: what batching must not change."""
+    """One request alone through model.forward over a private pool: what batching must not
+    change."""
     model = engine.rt.model
     cfg = model.config
     layout = KVLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 16, model.dtype)
@@ -61,17 +68,29 @@ def reference_greedy(engine: Engine, prompt: list[int], max_tokens: int) -> list
         if step == 0:
             ids, pos = torch.tensor(tokens), torch.arange(n)
             slots = torch.tensor([blocks[t // 16] * 16 + t % 16 for t in range(n)])
-            meta = AttentionMetadata(n, torch.tensor([0, n], dtype=torch.int32), n, slots,
-                                     torch.zeros((0, 1), dtype=torch.int32), torch.zeros(0, dtype=torch.int32))
+            meta = AttentionMetadata(
+                n,
+                torch.tensor([0, n], dtype=torch.int32),
+                n,
+                slots,
+                torch.zeros((0, 1), dtype=torch.int32),
+                torch.zeros(0, dtype=torch.int32),
+            )
         else:
             ids, pos = torch.tensor(tokens[-1:]), torch.tensor([n - 1])
             slots = torch.tensor([blocks[(n - 1) // 16] * 16 + (n - 1) % 16])
             table = torch.tensor([blocks[: -(-n // 16)]], dtype=torch.int32)
-            meta = AttentionMetadata(0, torch.zeros(1, dtype=torch.int32), 0, slots, table,
-                                     torch.tensor([n], dtype=torch.int32))
+            meta = AttentionMetadata(
+                0,
+                torch.zeros(1, dtype=torch.int32),
+                0,
+                slots,
+                table,
+                torch.tensor([n], dtype=torch.int32),
+            )
         logits = model.forward(ids, pos, meta, pool, torch.tensor([ids.numel() - 1]))
         tokens.append(int(logits[0].argmax()))
-    return tokens[len(prompt):]
+    return tokens[len(prompt) :]
 
 
 def next_token_logits(engine: Engine, tokens: list[int]) -> torch.Tensor:
@@ -82,20 +101,35 @@ def next_token_logits(engine: Engine, tokens: list[int]) -> torch.Tensor:
     cfg = model.config
     layout = KVLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 16, model.dtype)
     pool = allocate_pool(layout, 1, dev)
-    meta = AttentionMetadata(n, torch.tensor([0, n], dtype=torch.int32, device=dev), n,
-                             torch.full((n,), -1, device=dev), torch.zeros((0, 1), dtype=torch.int32, device=dev),
-                             torch.zeros(0, dtype=torch.int32, device=dev))
-    return model.forward(torch.tensor(tokens, device=dev), torch.arange(n, device=dev), meta, pool,
-                         torch.tensor([n - 1], device=dev))[0].cpu()
+    meta = AttentionMetadata(
+        n,
+        torch.tensor([0, n], dtype=torch.int32, device=dev),
+        n,
+        torch.full((n,), -1, device=dev),
+        torch.zeros((0, 1), dtype=torch.int32, device=dev),
+        torch.zeros(0, dtype=torch.int32, device=dev),
+    )
+    return model.forward(
+        torch.tensor(tokens, device=dev),
+        torch.arange(n, device=dev),
+        meta,
+        pool,
+        torch.tensor([n - 1], device=dev),
+    )[0].cpu()
 
 
-def assert_greedy_equal(engine: Engine, prompts_by_id: dict[str, list[int]], expected: dict[str, list[int]],
-                        got: dict[str, list[int]], max_diverged_share: float = 0.1) -> None:
+def assert_greedy_equal(
+    engine: Engine,
+    prompts_by_id: dict[str, list[int]],
+    expected: dict[str, list[int]],
+    got: dict[str, list[int]],
+    max_diverged_share: float = 0.1,
+) -> None:
     """Greedy tokens must be identical, except where two tokens tie to within float rounding.
 
-    The two runs sum attention in different orders (GPU kernel vs CPU kernel, decode vs recompute), so a
-    near-tie may flip; a flip on a clear choice, or many flips, is a bug. After a legitimate flip the
-    histories differ and the rest of that request is not compared.
+    The two runs sum attention in different orders (GPU kernel vs CPU kernel, decode vs recompute),
+    so a near-tie may flip; a flip on a clear choice, or many flips, is a bug. After a legitimate
+    flip the histories differ and the rest of that request is not compared.
     """
     assert expected.keys() == got.keys()
     diverged = 0
@@ -104,12 +138,16 @@ def assert_greedy_equal(engine: Engine, prompts_by_id: dict[str, list[int]], exp
         assert len(have) == len(want), f"{rid}: {len(have)} tokens, expected {len(want)}"
         if have == want:
             continue
-        j = next(i for i, (a, b) in enumerate(zip(want, have)) if a != b)
+        j = next(i for i, (a, b) in enumerate(zip(want, have, strict=True)) if a != b)
         logits = next_token_logits(engine, prompts_by_id[rid] + want[:j])
         gap = abs(float(logits[want[j]] - logits[have[j]]))
-        assert gap < 1e-2 * float(logits.abs().max()), f"{rid}: token {j} differs on a clear choice (gap {gap})"
+        assert gap < 1e-2 * float(logits.abs().max()), (
+            f"{rid}: token {j} differs on a clear choice (gap {gap})"
+        )
         diverged += 1
-    assert diverged <= max_diverged_share * len(expected), f"{diverged} of {len(expected)} requests diverged"
+    assert diverged <= max_diverged_share * len(expected), (
+        f"{diverged} of {len(expected)} requests diverged"
+    )
 
 
 def test_batched_greedy_matches_single_request_forward(tmp_path):
@@ -128,9 +166,14 @@ def test_batched_greedy_matches_single_request_forward(tmp_path):
 def test_neo_mode_greedy_equals_gpu_only(tmp_path, policy):
     """A GPU pool of 32 blocks forces swaps and CPU placement; tokens must not change.
 
-    fp16, not bf16: a random model's top logits lie within ~1e-3 of each other, and bf16's 8-bit mantissa
-    turns the different summation orders of the two attention kernels into flipped near-ties."""
-    small = {"cache.gpu_kv_gib": 32 * 16 * 1024 / 2**30, "cache.cpu_kv_gib": 0.01, "model.dtype": "float16"}
+    fp16, not bf16: a random model's top logits lie within ~1e-3 of each other, and bf16's 8-bit
+    mantissa turns the different summation orders of the two attention kernels into flipped
+    near-ties."""
+    small = {
+        "cache.gpu_kv_gib": 32 * 16 * 1024 / 2**30,
+        "cache.cpu_kv_gib": 0.01,
+        "model.dtype": "float16",
+    }
     ps = prompts(24, seed=1)
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     results = {}
@@ -148,7 +191,9 @@ def test_neo_mode_greedy_equals_gpu_only(tmp_path, policy):
         assert_all_free(engine)
         if mode == "neo":
             assert seen_cpu, "the small GPU pool should have pushed requests to the CPU"
-    assert_greedy_equal(engine, {f"r{i}": p for i, p in enumerate(ps)}, results["gpu-only"], results[policy])
+    assert_greedy_equal(
+        engine, {f"r{i}": p for i, p in enumerate(ps)}, results["gpu-only"], results[policy]
+    )
 
 
 def test_stop_conditions_and_finish_reasons(tmp_path):
@@ -156,7 +201,9 @@ def test_stop_conditions_and_finish_reasons(tmp_path):
     p = prompts(1, seed=3)[0]
     free_run = reference_greedy(engine, p, 8)
     stop_at = free_run[3]
-    engine.add_request("stop", p, SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=(stop_at,)))
+    engine.add_request(
+        "stop", p, SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=(stop_at,))
+    )
     engine.add_request("len", p, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
     outs = run_all(engine)
     assert tokens_of(outs["stop"]) == free_run[: free_run.index(stop_at) + 1]
@@ -186,8 +233,12 @@ def test_bad_requests_get_errors_and_nothing_else_breaks(tmp_path):
 
 def test_abort_frees_blocks_and_ends_once(tmp_path):
     engine = make_engine(tmp_path)
-    engine.add_request("a", [5] * 40, SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True))
-    engine.add_request("b", [6] * 10, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    engine.add_request(
+        "a", [5] * 40, SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    )
+    engine.add_request(
+        "b", [6] * 10, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    )
     engine.step()
     engine.step()
     assert engine.gpu_blocks.num_used > 0
@@ -201,12 +252,16 @@ def test_abort_frees_blocks_and_ends_once(tmp_path):
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(tmp_path):
-    params = SamplingParams(max_tokens=10, temperature=0.8, top_k=50, top_p=0.9, seed=1234, ignore_eos=True)
+    params = SamplingParams(
+        max_tokens=10, temperature=0.8, top_k=50, top_p=0.9, seed=1234, ignore_eos=True
+    )
     engine = make_engine(tmp_path)
     engine.add_request("alone", [7, 8, 9], params)
     alone = tokens_of(run_all(engine)["alone"])
     for i, p in enumerate(prompts(5, seed=9)):
-        engine.add_request(f"x{i}", p, SamplingParams(max_tokens=10, temperature=1.0, ignore_eos=True))
+        engine.add_request(
+            f"x{i}", p, SamplingParams(max_tokens=10, temperature=1.0, ignore_eos=True)
+        )
     engine.add_request("batched", [7, 8, 9], params)
     assert tokens_of(run_all(engine)["batched"]) == alone
     assert len(set(alone)) > 1
@@ -224,8 +279,8 @@ def test_tune_validates_and_applies(tmp_path):
 
 
 class ScriptedScheduler:
-    """Drives every data path on purpose: CPU prefills, swaps both ways every few steps, CPU decodes in both
-    sub-batches of a pipelined iteration, GPU decodes beside them."""
+    """Drives every data path on purpose: CPU prefills, swaps both ways every few steps, CPU decodes
+    in both sub-batches of a pipelined iteration, GPU decodes beside them."""
 
     def schedule(self, waiting, running, cache, limits, step):
         from neod.sched import Plan, Residence
@@ -256,7 +311,9 @@ def test_pipelined_swaps_and_cpu_prefills_keep_greedy_tokens(tmp_path):
         engine.add_request(f"r{i}", p, params)
     expected = {k: tokens_of(v) for k, v in run_all(engine).items()}
 
-    engine = make_engine(tmp_path, **{"scheduler.policy": "neo", "cache.cpu_kv_gib": 0.01, "model.dtype": "float16"})
+    engine = make_engine(
+        tmp_path, **{"scheduler.policy": "neo", "cache.cpu_kv_gib": 0.01, "model.dtype": "float16"}
+    )
     engine.rt.scheduler = ScriptedScheduler()
     for i, p in enumerate(ps):
         engine.add_request(f"r{i}", p, params)

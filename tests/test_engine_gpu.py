@@ -1,21 +1,34 @@
-"""The engine on a GPU: the CUDA kernels, pinned host pool, copy streams and the pipelined stage order.
+"""The engine on a GPU: the CUDA kernels, pinned host pool, copy streams and the pipelined stage
+order.
 
-Same checks as tests/test_engine.py, on device cuda: NEO mode (real scheduler, and a scripted one that
-forces every data path) must give the greedy tokens of GPU-only mode, and every block must come back.
+Same checks as tests/test_engine.py, on device cuda: NEO mode (real scheduler, and a scripted one
+that forces every data path) must give the greedy tokens of GPU-only mode, and every block must
+come back.
 """
 
 from __future__ import annotations
 
 import pytest
-from test_engine import (ScriptedScheduler, assert_all_free, assert_greedy_equal, make_engine, prompts,
-                         run_all, tokens_of)
+from test_engine import (
+    ScriptedScheduler,
+    assert_all_free,
+    assert_greedy_equal,
+    make_engine,
+    prompts,
+    run_all,
+    tokens_of,
+)
 
 from neod.engine.request import SamplingParams
 
 pytestmark = pytest.mark.gpu
 
-SMALL_GPU = {"model.device": "cuda", "model.dtype": "float16", "cache.gpu_kv_gib": 32 * 16 * 2048 / 2**30,
-             "cache.cpu_kv_gib": 0.05}
+SMALL_GPU = {
+    "model.device": "cuda",
+    "model.dtype": "float16",
+    "cache.gpu_kv_gib": 32 * 16 * 2048 / 2**30,
+    "cache.cpu_kv_gib": 0.05,
+}
 
 
 def run(engine, ps, params):
@@ -28,9 +41,13 @@ def run(engine, ps, params):
 def test_gpu_neo_greedy_equals_gpu_only(tmp_path, policy):
     ps = prompts(24, seed=11)
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
-    expected = run(make_engine(tmp_path, **{"scheduler.policy": "gpu-only"}, **SMALL_GPU), ps, params)
+    expected = run(
+        make_engine(tmp_path, **{"scheduler.policy": "gpu-only"}, **SMALL_GPU), ps, params
+    )
     if policy == "scripted":  # the script ignores capacity: give the GPU room for every request
-        engine = make_engine(tmp_path, **{**SMALL_GPU, "scheduler.policy": "neo", "cache.gpu_kv_gib": 0.01})
+        engine = make_engine(
+            tmp_path, **{**SMALL_GPU, "scheduler.policy": "neo", "cache.gpu_kv_gib": 0.01}
+        )
         engine.rt.scheduler = ScriptedScheduler()
     else:
         engine = make_engine(tmp_path, **{"scheduler.policy": "neo"}, **SMALL_GPU)
@@ -46,15 +63,21 @@ def test_decode_graph_replay_matches_eager_forward(tmp_path):
 
     from neod.engine.batch import build_sub_batch
 
-    engine = make_engine(tmp_path, **{"scheduler.policy": "gpu-only", "model.device": "cuda",
-                                      "model.dtype": "float16"})
+    engine = make_engine(
+        tmp_path,
+        **{"scheduler.policy": "gpu-only", "model.device": "cuda", "model.dtype": "float16"},
+    )
     for i, p in enumerate(prompts(5, seed=2)):
-        engine.add_request(f"r{i}", p, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+        engine.add_request(
+            f"r{i}", p, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+        )
     for _ in range(3):
         engine.step()
     seqs = list(engine.running.values())
     for s in seqs:  # cover the slot of the token this step stores
-        s.block_ids += engine.gpu_blocks.allocate(s.blocks_needed(engine.block_size) - len(s.block_ids))
+        s.block_ids += engine.gpu_blocks.allocate(
+            s.blocks_needed(engine.block_size) - len(s.block_ids)
+        )
     batch = build_sub_batch([], [], seqs, [], engine.block_size, engine.rt.device)
     executor = engine.rt.executor
     assert executor.graphs is not None and executor.graphs.accepts(batch)

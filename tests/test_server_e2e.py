@@ -25,6 +25,20 @@ from neod.server.embedded import EmbeddedDaemon
 TIMEOUT_S = 30.0
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One torch thread for the engines built here: on a 2-core host, two OpenMP workers next to
+    the event loop and this test's clients oversubscribe the cores and make steps 10-100x slower
+    whenever anything else runs (the engine does not size its threads from [cpu] reserve_cores
+    yet)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -33,6 +47,7 @@ def free_port() -> int:
 
 def daemon_config(tmp: Path, **server: object) -> Config:
     overrides = {"model.device": "cpu", "model.preset": "tiny", "scheduler.max_batch_size": 32,
+                 "cache.cpu_kv_gib": 0.25,
                  "server.intake_endpoint": f"tcp://127.0.0.1:{free_port()}",
                  "server.control_endpoint": f"ipc://{tmp}/control.sock",
                  "server.max_new_tokens": 4000, "server.max_prompt_tokens": 256}
@@ -362,3 +377,15 @@ def test_curve_admits_only_authorized_producers(tmp_path: Path) -> None:
             with Client(d.intake_endpoint, connect_timeout_s=0.5, **kwargs) as c, \
                     pytest.raises(DaemonUnavailable):
                 c.generate("let me in")
+
+
+def test_the_documented_client_example_runs(daemon: EmbeddedDaemon,
+                                            capsys: pytest.CaptureFixture) -> None:
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
+    section = doc[doc.index("## Client library"):]
+    code = section[section.index("```python") + len("```python"):section.index("```\n\n")]
+    code = code.replace('"tcp://127.0.0.1:7470"', repr(daemon.intake_endpoint))
+    exec(compile(code, "docs/protocol.md", "exec"), {"__name__": "__doc_example__"})
+    out = capsys.readouterr().out
+    assert "refused: bad_request" in out and "cancelled" in out and "[" in out
+    wait_idle(daemon)

@@ -20,7 +20,8 @@ START_TIMEOUT_S = 120.0
 
 def start_neod(tmp: Path, grace_s: float, env: dict[str, str] | None = None) -> subprocess.Popen:
     config = tmp / "neod.toml"
-    config.write_text(f'[model]\ndevice = "cpu"\n[server]\ngrace_period_s = {grace_s}\n'
+    config.write_text(f'[model]\ndevice = "cpu"\n[cache]\ncpu_kv_gib = 0.25\n'
+                      f'[server]\ngrace_period_s = {grace_s}\n'
                       f'intake_endpoint = "ipc://{tmp}/intake.sock"\n'
                       f'control_endpoint = "ipc://{tmp}/control.sock"\n')
     log = (tmp / "neod.log").open("a")
@@ -86,14 +87,14 @@ def test_sigterm_drains_nothing_lost_then_restarts(tmp_path: Path) -> None:
     proc = start_neod(tmp_path, grace_s=60, env=env)
     try:
         with Client(f"ipc://{tmp_path}/intake.sock", timeout_s=30) as c:
-            streams = [c.stream(f"drain {i}", max_tokens=150, ignore_eos=True) for i in range(6)]
+            streams = [c.stream(f"drain {i}", max_tokens=600, ignore_eos=True) for i in range(6)]
             firsts = [next(s) for s in streams]  # all accepted and decoding
-            time.sleep(1.2)
+            time.sleep(1.2)  # a watchdog ping or two
             proc.send_signal(signal.SIGTERM)
             assert refused_after_signal(c).code == "shutting_down"
             for s, first in zip(streams, firsts, strict=True):
                 tokens = len(first.token_ids) + sum(len(d.token_ids) for d in s)
-                assert s.final.finish_reason == "length" and tokens == 150
+                assert s.final.finish_reason == "length" and tokens == 600
         assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
@@ -115,6 +116,7 @@ def test_sigterm_drains_nothing_lost_then_restarts(tmp_path: Path) -> None:
             proc.kill()
     log = (tmp_path / "neod.log").read_text()
     assert log.count("event=ready") == 2 and log.count("event=stopped status=0") == 2
+    assert "event=drain exit=True active=6" in log or "event=drain exit=True active=7" in log
 
 
 @pytest.mark.parametrize("second_signal", [False, True])

@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="neod-bench-") as tmp:
         cfg = load_config(None, env={}, overrides=[
-            "model.device=cpu", f"server.intake_endpoint=ipc://{tmp}/intake.sock",
+            "model.device=cpu", "cache.cpu_kv_gib=0.5",
+            f"server.intake_endpoint=ipc://{tmp}/intake.sock",
             f"server.control_endpoint=ipc://{tmp}/control.sock",
             "server.max_queued_requests=1000000", "server.max_inflight_per_client=1000000",
             *args.set])

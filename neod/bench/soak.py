@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control", help="its control endpoint (required with --intake)")
     parser.add_argument("--set", action="append", default=[], help="config override for the "
                         "embedded daemon, section.key=value")
-    parser.add_argument("--max-object-growth", type=float, default=0.02,
+    parser.add_argument("--max-object-growth", type=float, default=0.01,
                         help="allowed growth of live Python objects over the second half")
     args = parser.parse_args(argv)
 
@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         from neod.server.embedded import EmbeddedDaemon
 
         cfg = load_config(None, env={}, overrides=[
-            "model.device=cpu", f"server.intake_endpoint=ipc://{tmp.name}/intake.sock",
+            "model.device=cpu", "cache.cpu_kv_gib=0.5",
+            f"server.intake_endpoint=ipc://{tmp.name}/intake.sock",
             f"server.control_endpoint=ipc://{tmp.name}/control.sock", *args.set])
         daemon = EmbeddedDaemon(cfg).start()
         intake, control = daemon.intake_endpoint, daemon.control_endpoint

@@ -1,13 +1,15 @@
-"""Offline throughput benchmark: the same synthetic workload through the engine under several policies.
+"""Offline throughput benchmark: the same synthetic workload through the engine under several
+policies.
 
-    python -m neod.bench.throughput --preset llama-3.1-8b --gpu-kv-gib 0.5 --policies gpu-only,auto \
-        --input-len 1000 --output-len 200 --num-requests 64
+    python -m neod.bench.throughput --preset llama-3.1-8b --gpu-kv-gib 0.5 \
+        --policies gpu-only,auto --input-len 1000 --output-len 200 --num-requests 64
 
-All requests arrive at once (offline serving, as in NEO's evaluation); lengths are uniform within +-10% of
-the given means, token ids random, EOS ignored so every request produces exactly its output length. The
-model is loaded once and shared by the runs, so the policies are compared on identical weights and
-requests in one process. Reports output tokens/s, TTFT and TPOT percentiles, the share of pipelined
-iterations, the CPU pool's busy share and the predictor's median error.
+All requests arrive at once (offline serving, as in NEO's evaluation); lengths are uniform within
++-10% of the given means, token ids random, EOS ignored so every request produces exactly its
+output length. The model is loaded once and shared by the runs, so the policies are compared on
+identical weights and requests in one process. Reports output tokens/s, TTFT and TPOT
+percentiles, the share of pipelined iterations, the CPU pool's busy share and the predictor's
+median error.
 """
 
 from __future__ import annotations
@@ -26,15 +28,18 @@ from neod.engine import Engine, SamplingParams
 from neod.engine.runtime import build_runtime
 
 
-def make_workload(num_requests: int, input_len: int, output_len: int, vocab_size: int,
-                  seed: int) -> list[tuple[list[int], int]]:
+def make_workload(
+    num_requests: int, input_len: int, output_len: int, vocab_size: int, seed: int
+) -> list[tuple[list[int], int]]:
     rng = random.Random(seed)
 
     def around(mean: int) -> int:
         return max(1, round(mean * rng.uniform(0.9, 1.1)))
 
-    return [([rng.randrange(vocab_size) for _ in range(around(input_len))], around(output_len))
-            for _ in range(num_requests)]
+    return [
+        ([rng.randrange(vocab_size) for _ in range(around(input_len))], around(output_len))
+        for _ in range(num_requests)
+    ]
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -50,7 +55,9 @@ def run_workload(engine: Engine, workload: list[tuple[list[int], int]]) -> dict[
     last: dict[str, float] = {}
     counts: dict[str, int] = {}
     for i, (prompt, out_len) in enumerate(workload):
-        engine.add_request(str(i), prompt, SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True))
+        engine.add_request(
+            str(i), prompt, SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
+        )
     errors = 0
     while engine.has_unfinished():
         for out in engine.step():
@@ -69,8 +76,10 @@ def run_workload(engine: Engine, workload: list[tuple[list[int], int]]) -> dict[
         "errors": errors,
         "elapsed_s": elapsed,
         "output_tokens_per_s": sum(counts.values()) / elapsed,
-        "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
-        "tpot_p50_s": percentile(tpot, 0.5), "tpot_p99_s": percentile(tpot, 0.99),
+        "ttft_p50_s": percentile(ttft, 0.5),
+        "ttft_p99_s": percentile(ttft, 0.99),
+        "tpot_p50_s": percentile(tpot, 0.5),
+        "tpot_p99_s": percentile(tpot, 0.99),
         "iterations": iterations["total"],
         "pipelined_share": iterations["pipelined"] / max(1, iterations["total"]),
         "cpu_busy_share": iterations.get("cpu_busy_share"),
@@ -93,18 +102,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch-size", type=int, default=256)
     parser.add_argument("--max-tokens-in-batch", type=int, default=8192)
     parser.add_argument("--cpu-threads", type=int, default=0)
-    parser.add_argument("--set", action="append", default=[], help="extra config override section.key=value")
+    parser.add_argument(
+        "--set", action="append", default=[], help="extra config override section.key=value"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    overrides = {"model.preset": args.preset, "model.path": args.path, "model.device": args.device,
-                 "cache.gpu_kv_gib": args.gpu_kv_gib, "cache.cpu_kv_gib": args.cpu_kv_gib,
-                 "scheduler.max_batch_size": args.max_batch_size,
-                 "scheduler.max_tokens_in_batch": args.max_tokens_in_batch, "cpu.threads": args.cpu_threads,
-                 "scheduler.policy": "neo"}
+    overrides = {
+        "model.preset": args.preset,
+        "model.path": args.path,
+        "model.device": args.device,
+        "cache.gpu_kv_gib": args.gpu_kv_gib,
+        "cache.cpu_kv_gib": args.cpu_kv_gib,
+        "scheduler.max_batch_size": args.max_batch_size,
+        "scheduler.max_tokens_in_batch": args.max_tokens_in_batch,
+        "cpu.threads": args.cpu_threads,
+        "scheduler.policy": "neo",
+    }
     cfg = load_config(None, overrides={**overrides, **dict(s.split("=", 1) for s in args.set)})
     runtime = build_runtime(cfg)
-    workload = make_workload(args.num_requests, args.input_len, args.output_len, runtime.vocab_size, seed=0)
+    workload = make_workload(
+        args.num_requests, args.input_len, args.output_len, runtime.vocab_size, seed=0
+    )
     results = {}
     for policy in args.policies.split(","):
         engine = Engine(cfg, runtime=runtime)
@@ -112,29 +131,46 @@ def main(argv: list[str] | None = None) -> None:
         results[policy] = run_workload(engine, workload)
         if runtime.device.type == "cuda":
             torch.cuda.synchronize()
-    report = {"preset": args.preset, "device": str(runtime.device),
-              "gpu": torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else None,
-              "gpu_kv_blocks": runtime.num_gpu_blocks, "cpu_kv_blocks": runtime.num_cpu_blocks,
-              "block_size": runtime.layout.block_size, "cpu_threads": runtime.cpu_threads,
-              "input_len": args.input_len, "output_len": args.output_len, "num_requests": args.num_requests,
-              "results": results}
+    report = {
+        "preset": args.preset,
+        "device": str(runtime.device),
+        "gpu": torch.cuda.get_device_name(runtime.device)
+        if runtime.device.type == "cuda"
+        else None,
+        "gpu_kv_blocks": runtime.num_gpu_blocks,
+        "cpu_kv_blocks": runtime.num_cpu_blocks,
+        "block_size": runtime.layout.block_size,
+        "cpu_threads": runtime.cpu_threads,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "num_requests": args.num_requests,
+        "results": results,
+    }
     if "gpu-only" in results:
         base = results["gpu-only"]["output_tokens_per_s"]
-        report["speedup_vs_gpu_only"] = {p: r["output_tokens_per_s"] / base for p, r in results.items()}
+        report["speedup_vs_gpu_only"] = {
+            p: r["output_tokens_per_s"] / base for p, r in results.items()
+        }
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"{args.preset} on {report['gpu'] or report['device']}: gpu_kv_blocks={runtime.num_gpu_blocks} "
-          f"cpu_kv_blocks={runtime.num_cpu_blocks} in~{args.input_len} out~{args.output_len} "
-          f"n={args.num_requests}")
-    print(f"{'policy':10} {'tok/s':>9} {'x':>6} {'TTFT p50':>9} {'p99':>8} {'TPOT p50':>9} {'p99':>8} "
-          f"{'pipe%':>6} {'pred err':>8}")
+    print(
+        f"{args.preset} on {report['gpu'] or report['device']}: "
+        f"gpu_kv_blocks={runtime.num_gpu_blocks} cpu_kv_blocks={runtime.num_cpu_blocks} "
+        f"in~{args.input_len} out~{args.output_len} n={args.num_requests}"
+    )
+    print(
+        f"{'policy':10} {'tok/s':>9} {'x':>6} {'TTFT p50':>9} {'p99':>8} {'TPOT p50':>9} "
+        f"{'p99':>8} {'pipe%':>6} {'pred err':>8}"
+    )
     for policy, r in results.items():
         speedup = report.get("speedup_vs_gpu_only", {}).get(policy, float("nan"))
         err = r["median_prediction_error"]
-        print(f"{policy:10} {r['output_tokens_per_s']:9.1f} {speedup:6.2f} {r['ttft_p50_s']:9.3f} "
-              f"{r['ttft_p99_s']:8.3f} {r['tpot_p50_s'] * 1e3:8.1f}m {r['tpot_p99_s'] * 1e3:7.1f}m "
-              f"{100 * r['pipelined_share']:6.1f} {'-' if err is None else f'{100 * err:7.1f}%'}")
+        print(
+            f"{policy:10} {r['output_tokens_per_s']:9.1f} {speedup:6.2f} {r['ttft_p50_s']:9.3f} "
+            f"{r['ttft_p99_s']:8.3f} {r['tpot_p50_s'] * 1e3:8.1f}m {r['tpot_p99_s'] * 1e3:7.1f}m "
+            f"{100 * r['pipelined_share']:6.1f} {'-' if err is None else f'{100 * err:7.1f}%'}"
+        )
 
 
 if __name__ == "__main__":

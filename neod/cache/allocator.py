@@ -1,9 +1,9 @@
 """Exact block accounting for one KV pool.
 
-Blocks are plain integers. The allocator keeps a free stack plus an ownership bitmap, so a double free or a
-free of a block that was never handed out raises at once instead of silently corrupting another request's
-KV. Allocation hands out the lowest ids first after a fresh start, which keeps early requests contiguous and
-makes swaps merge into long runs.
+Blocks are plain integers. The allocator keeps a free stack plus an ownership bitmap, so a double
+free or a free of a block that was never handed out raises at once instead of silently corrupting
+another request's KV. Allocation hands out the lowest ids first after a fresh start, which keeps
+early requests contiguous and makes swaps merge into long runs.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ class BlockAllocator:
         if num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() yields the lowest id first
+        self._free: list[int] = list(
+            range(num_blocks - 1, -1, -1)
+        )  # pop() yields the lowest id first
         self._in_use = bytearray(num_blocks)
 
     @property

@@ -1,10 +1,10 @@
 """KV pool layout and sizing for both devices.
 
 Both pools share one layout, `[num_layers, num_blocks, 2, num_kv_heads, block_size, head_dim]`
-(docs/architecture.md), so a swap copies block-layers unchanged. Sizing is explicit and fails loudly: the
-GPU pool comes from free memory x utilisation (or a GiB cap that emulates a smaller GPU); the pinned host
-pool is bounded by available RAM, the cgroup limit and RLIMIT_MEMLOCK, and an impossible request names the
-limit that stops it and how to lift it.
+(docs/architecture.md), so a swap copies block-layers unchanged. Sizing is explicit and fails
+loudly: the GPU pool comes from free memory x utilisation (or a GiB cap that emulates a smaller
+GPU); the pinned host pool is bounded by available RAM, the cgroup limit and RLIMIT_MEMLOCK, and
+an impossible request names the limit that stops it and how to lift it.
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ class KVLayout:
         return (self.num_layers, num_blocks, 2, self.num_kv_heads, self.block_size, self.head_dim)
 
 
-def allocate_pool(layout: KVLayout, num_blocks: int, device: torch.device, pin: bool = False) -> torch.Tensor:
+def allocate_pool(
+    layout: KVLayout, num_blocks: int, device: torch.device, pin: bool = False
+) -> torch.Tensor:
     """Zero-filled so that never-written slots can't inject NaN into a masked-out lane."""
     if device.type == "cuda":
         return torch.zeros(layout.shape(num_blocks), dtype=layout.dtype, device=device)
@@ -59,9 +61,11 @@ def allocate_pool(layout: KVLayout, num_blocks: int, device: torch.device, pin: 
     return pool
 
 
-def gpu_pool_blocks(layout: KVLayout, device: torch.device, kv_gib: float, utilization: float,
-                    reserve_bytes: int) -> int:
-    """Blocks for the device pool: a GiB cap when given, else what utilisation leaves after `reserve_bytes`."""
+def gpu_pool_blocks(
+    layout: KVLayout, device: torch.device, kv_gib: float, utilization: float, reserve_bytes: int
+) -> int:
+    """Blocks for the device pool: a GiB cap when given, else what utilisation leaves after
+    `reserve_bytes`."""
     if kv_gib > 0:
         budget = int(kv_gib * GIB)
     elif device.type == "cuda":
@@ -70,15 +74,20 @@ def gpu_pool_blocks(layout: KVLayout, device: torch.device, kv_gib: float, utili
         budget = int(total * utilization) - used - reserve_bytes
         if budget <= 0:
             raise MemoryError(
-                f"no GPU memory left for the KV cache: {used / GIB:.1f} GiB in use of {total / GIB:.1f} GiB, "
-                f"utilization {utilization}; raise cache.gpu_memory_utilization or use a smaller model")
+                f"no GPU memory left for the KV cache: {used / GIB:.1f} GiB in use of "
+                f"{total / GIB:.1f} GiB, utilization {utilization}; "
+                "raise cache.gpu_memory_utilization or use a smaller model"
+            )
     else:
         budget = CPU_DEVICE_DEFAULT_POOL_BYTES
     return budget // layout.block_bytes
 
 
 def _cgroup_memory_limit() -> int | None:
-    for path in (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")):
+    for path in (
+        Path("/sys/fs/cgroup/memory.max"),
+        Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+    ):
         try:
             text = path.read_text().strip()
         except OSError:
@@ -94,18 +103,24 @@ def host_pool_blocks(layout: KVLayout, kv_gib: float, pinned: bool) -> int:
     limits = {"available RAM minus a 4 GiB margin": available}
     cgroup = _cgroup_memory_limit()
     if cgroup is not None:
-        limits["the cgroup memory limit"] = cgroup - psutil.Process().memory_info().rss - HOST_SAFETY_MARGIN_BYTES
+        limits["the cgroup memory limit"] = (
+            cgroup - psutil.Process().memory_info().rss - HOST_SAFETY_MARGIN_BYTES
+        )
     if pinned:
         soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
         if soft != resource.RLIM_INFINITY:
-            limits["RLIMIT_MEMLOCK (raise with LimitMEMLOCK=infinity in the unit, or ulimit -l)"] = soft
+            limits[
+                "RLIMIT_MEMLOCK (raise with LimitMEMLOCK=infinity in the unit, or ulimit -l)"
+            ] = soft
     name, ceiling = min(limits.items(), key=lambda kv: kv[1])
     if kv_gib > 0:
         wanted = int(kv_gib * GIB)
         if wanted > ceiling:
             raise MemoryError(
-                f"cache.cpu_kv_gib = {kv_gib} GiB does not fit: {name} allows {max(ceiling, 0) / GIB:.1f} GiB; "
-                "lower cache.cpu_kv_gib or lift that limit")
+                f"cache.cpu_kv_gib = {kv_gib} GiB does not fit: "
+                f"{name} allows {max(ceiling, 0) / GIB:.1f} GiB; "
+                "lower cache.cpu_kv_gib or lift that limit"
+            )
     else:
         wanted = int(max(ceiling, 0) * HOST_AUTO_FRACTION)
     return max(wanted, 0) // layout.block_bytes

@@ -7,7 +7,7 @@ import sys
 import orjson
 import typer
 
-from neod.cli.ctl import Ctl, fail
+from neod.cli.common import Ctl, fail
 from neod.client import DaemonUnavailable, RequestError, RequestTimeout
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from neod.cli.ctl import Ctl, echo_json, fail
+from neod.cli.common import Ctl, echo_json, fail
 from neod.client import DaemonUnavailable, RequestError
 
 _SHOWN_ENGINE_KEYS = {"model", "device", "dtype", "policy", "mode", "max_batch_size",
@@ -42,7 +42,7 @@ def render_status(result: dict[str, Any]) -> str:
         lines += [
             f"model     {eng.get('model')} on {eng.get('device')} ({eng.get('dtype', '?')}), "
             f"context {eng.get('max_model_len')}",
-            f"policy    {eng.get('policy')}" + (f"  mode {eng['mode']}" if "mode" in eng else "")
+            f"policy    {eng.get('policy')}  mode {_mode(eng)}"
             + f"  max_batch_size {eng.get('max_batch_size')}  max_tokens_in_batch "
               f"{eng.get('max_tokens_in_batch')}",
             f"requests  active {srv.get('active_requests')}  waiting {srv.get('waiting_requests')} "
@@ -64,8 +64,17 @@ def render_status(result: dict[str, Any]) -> str:
         "counts    " + ("  ".join(f"{k}={v}" for k, v in srv.get("counts", {}).items()) or "-"),
     ]
     for key in sorted(set(eng) - _SHOWN_ENGINE_KEYS - {"error", "state"}):
-        lines.append(f"{key:<9} {eng[key]}")
+        value = eng[key]
+        if isinstance(value, dict):
+            value = "  ".join(f"{k}={v}" for k, v in value.items() if v is not None) or "-"
+        lines.append(f"{key:<9} {value}")
     return "\n".join(lines)
+
+
+def _mode(engine: dict[str, Any]) -> str:
+    """The engine's current mode (sequential or pipelined), wherever its stats report it."""
+    mode = engine.get("mode") or (engine.get("iterations") or {}).get("last_mode")
+    return str(mode) if mode else "-"
 
 
 def register(app: typer.Typer) -> None:

@@ -1,9 +1,10 @@
 """Turns the sequences of one sub-batch into the tensors a forward pass needs.
 
-Rows are ordered `[GPU prefill tokens | CPU prefill tokens | GPU decodes | CPU decodes]`. The GPU attention
-metadata covers the first three groups (CPU-bound prefill rows carry slot -1: their KV goes to the host pool
-instead); the CPU decode rows are the tail, so their Q/K/V leave the GPU as one contiguous row range and their
-attention output comes back the same way. All host-side index tensors are built once per iteration.
+Rows are ordered `[GPU prefill tokens | CPU prefill tokens | GPU decodes | CPU decodes]`. The GPU
+attention metadata covers the first three groups (CPU-bound prefill rows carry slot -1: their KV
+goes to the host pool instead); the CPU decode rows are the tail, so their Q/K/V leave the GPU as
+one contiguous row range and their attention output comes back the same way. All host-side index
+tensors are built once per iteration.
 """
 
 from __future__ import annotations
@@ -52,8 +53,14 @@ def _block_table(seqs: list[Sequence]) -> torch.Tensor:
     return table
 
 
-def build_sub_batch(gpu_prefills: list[Sequence], cpu_prefills: list[Sequence], gpu_decodes: list[Sequence],
-                    cpu_decodes: list[Sequence], block_size: int, device: torch.device) -> SubBatch:
+def build_sub_batch(
+    gpu_prefills: list[Sequence],
+    cpu_prefills: list[Sequence],
+    gpu_decodes: list[Sequence],
+    cpu_decodes: list[Sequence],
+    block_size: int,
+    device: torch.device,
+) -> SubBatch:
     """Block ids must already cover every token computed in this step."""
     input_ids: list[int] = []
     positions: list[int] = []
@@ -94,7 +101,9 @@ def build_sub_batch(gpu_prefills: list[Sequence], cpu_prefills: list[Sequence], 
     meta = AttentionMetadata(
         num_prefill_tokens=num_prefill_tokens,
         cu_seqlens=to_dev(cu_seqlens, torch.int32),
-        max_seqlen=max((b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])), default=0),
+        max_seqlen=max(
+            (b - a for a, b in zip(cu_seqlens, cu_seqlens[1:], strict=False)), default=0
+        ),
         slot_ids=to_dev(gpu_slots, torch.int64),
         block_tables=_block_table(gpu_decodes).to(device, non_blocking=True),
         seq_lens=to_dev([len(s.token_ids) for s in gpu_decodes], torch.int32),

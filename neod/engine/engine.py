@@ -1,9 +1,11 @@
-"""The engine: owns the model, both KV pools and the request states; one `step()` is one iteration.
+"""The engine: owns the model, both KV pools and the request states; one `step()` is one
+iteration.
 
-Threading contract: `add_request`, `abort_request` and `request_tune` may be called from any thread; they
-only post to an inbox. Everything else, `step()` above all, runs on the single engine thread, which is the
-only one that touches sequences, allocators and tensors. Every request that was added ends in exactly one
-finished `RequestOutput`, whatever happens (stop, length, abort, error).
+Threading contract: `add_request`, `abort_request` and `request_tune` may be called from any
+thread; they only post to an inbox. Everything else, `step()` above all, runs on the single engine
+thread, which is the only one that touches sequences, allocators and tensors. Every request that
+was added ends in exactly one finished `RequestOutput`, whatever happens (stop, length, abort,
+error).
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ class Engine:
         self.block_size = rt.layout.block_size
         self.gpu_blocks = BlockAllocator(rt.num_gpu_blocks)
         self.cpu_blocks = BlockAllocator(rt.num_cpu_blocks)
-        self.limits = Limits(max_batch_size=cfg.scheduler.max_batch_size,
-                             max_tokens_in_batch=cfg.scheduler.max_tokens_in_batch,
-                             policy=cfg.scheduler.policy if rt.cpu_pool is not None else "gpu-only")
+        self.limits = Limits(
+            max_batch_size=cfg.scheduler.max_batch_size,
+            max_tokens_in_batch=cfg.scheduler.max_tokens_in_batch,
+            policy=cfg.scheduler.policy if rt.cpu_pool is not None else "gpu-only",
+        )
         self._inbox: queue.SimpleQueue[Callable[[list[RequestOutput]], None]] = queue.SimpleQueue()
         self._next_seq_id = 0
         self._by_request: dict[str, Sequence] = {}
@@ -49,7 +53,9 @@ class Engine:
         self._default_generator.manual_seed(cfg.model.seed)
 
     # ---- any thread ------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
         self._inbox.put(lambda out: self._admit(request_id, list(prompt_token_ids), params, out))
 
     def abort_request(self, request_id: str) -> None:
@@ -67,23 +73,34 @@ class Engine:
             return outputs
         self.step_index += 1
         plan = self.rt.scheduler.schedule(
-            [s.view() for s in self.waiting], [s.view() for s in self.running.values()],
-            self._cache_view(), self.limits, self.step_index)
+            [s.view() for s in self.waiting],
+            [s.view() for s in self.running.values()],
+            self._cache_view(),
+            self.limits,
+            self.step_index,
+        )
         batches, order = self._apply(plan, outputs)
         if order:
             start = time.perf_counter()
             cpu_busy_before = self.rt.executor.cpu_busy_s
             logits = self.rt.executor.run(batches)
-            tokens = sample(torch.cat(logits) if len(logits) > 1 else logits[0],
-                            [s.params for s in order], [s.generator for s in order], self._default_generator)
+            tokens = sample(
+                torch.cat(logits) if len(logits) > 1 else logits[0],
+                [s.params for s in order],
+                [s.generator for s in order],
+                self._default_generator,
+            )
             elapsed = time.perf_counter() - start
-            self.stats_.record_iteration(plan, elapsed, len(order), self.rt.executor.cpu_busy_s - cpu_busy_before)
-            for seq, token in zip(order, tokens):
+            self.stats_.record_iteration(
+                plan, elapsed, len(order), self.rt.executor.cpu_busy_s - cpu_busy_before
+            )
+            for seq, token in zip(order, tokens, strict=True):
                 self._advance(seq, token, outputs)
         return outputs
 
     def fail_all(self, message: str) -> list[RequestOutput]:
-        """End every request with an error, freeing its blocks: the last resort after a failed step."""
+        """End every request with an error, freeing its blocks: the last resort after a failed
+        step."""
         outputs: list[RequestOutput] = []
         while not self._inbox.empty():
             self._inbox.get_nowait()(outputs)
@@ -98,23 +115,37 @@ class Engine:
         max_tokens = knobs.pop("max_tokens_in_batch", self.limits.max_tokens_in_batch)
         threads = knobs.pop("cpu_threads", None)
         if knobs:
-            raise ValueError(f"unknown tuning knob(s): {', '.join(sorted(knobs))}; "
-                             "allowed: policy, max_batch_size, max_tokens_in_batch, cpu_threads")
+            raise ValueError(
+                f"unknown tuning knob(s): {', '.join(sorted(knobs))}; "
+                "allowed: policy, max_batch_size, max_tokens_in_batch, cpu_threads"
+            )
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         if policy != "gpu-only" and self.rt.cpu_pool is None:
-            raise ValueError(f"policy {policy!r} needs the host KV pool, which this engine was started without "
-                             "(it started with policy gpu-only or cache.cpu_kv_gib too small); restart it")
+            raise ValueError(
+                f"policy {policy!r} needs the host KV pool, which this engine was started without "
+                "(it started with policy gpu-only or cache.cpu_kv_gib too small); restart it"
+            )
         if not (isinstance(max_batch, int) and 1 <= max_batch <= self.rt.max_rows):
-            raise ValueError(f"max_batch_size must be an integer in [1, {self.rt.max_rows}], got {max_batch!r}")
+            raise ValueError(
+                f"max_batch_size must be an integer in [1, {self.rt.max_rows}], got {max_batch!r}"
+            )
         if not (isinstance(max_tokens, int) and 1 <= max_tokens <= self.rt.max_tokens):
-            raise ValueError(f"max_tokens_in_batch must be an integer in [1, {self.rt.max_tokens}] (the staging "
-                             f"buffers were sized at start), got {max_tokens!r}")
+            raise ValueError(
+                f"max_tokens_in_batch must be an integer in [1, {self.rt.max_tokens}] (the staging "
+                f"buffers were sized at start), got {max_tokens!r}"
+            )
         if threads is not None:
             self.rt.set_cpu_threads(threads)
-        self.limits = Limits(max_batch_size=max_batch, max_tokens_in_batch=max_tokens, policy=policy)
-        return {"policy": policy, "max_batch_size": max_batch, "max_tokens_in_batch": max_tokens,
-                "cpu_threads": self.rt.cpu_threads}
+        self.limits = Limits(
+            max_batch_size=max_batch, max_tokens_in_batch=max_tokens, policy=policy
+        )
+        return {
+            "policy": policy,
+            "max_batch_size": max_batch,
+            "max_tokens_in_batch": max_tokens,
+            "cpu_threads": self.rt.cpu_threads,
+        }
 
     def stats(self) -> dict[str, Any]:
         on_cpu = sum(1 for s in self.running.values() if s.residence == Residence.CPU)
@@ -126,37 +157,61 @@ class Engine:
             "max_batch_size": self.limits.max_batch_size,
             "max_tokens_in_batch": self.limits.max_tokens_in_batch,
             "max_model_len": self.rt.max_model_len,
+            "vocab_size": self.rt.vocab_size,
             "waiting": len(self.waiting),
             "decoding_gpu": len(self.running) - on_cpu,
             "decoding_cpu": on_cpu,
-            "kv_gpu": {"blocks_total": self.gpu_blocks.num_blocks, "blocks_used": self.gpu_blocks.num_used,
-                       "block_size": self.block_size},
-            "kv_cpu": {"blocks_total": self.cpu_blocks.num_blocks, "blocks_used": self.cpu_blocks.num_used,
-                       "block_size": self.block_size},
-            "cpu_pool": {"threads": self.rt.cpu_threads, "read_bandwidth_gbps": self.rt.cpu_bandwidth_gbps},
+            "kv_gpu": {
+                "blocks_total": self.gpu_blocks.num_blocks,
+                "blocks_used": self.gpu_blocks.num_used,
+                "block_size": self.block_size,
+            },
+            "kv_cpu": {
+                "blocks_total": self.cpu_blocks.num_blocks,
+                "blocks_used": self.cpu_blocks.num_used,
+                "block_size": self.block_size,
+            },
+            "cpu_pool": {
+                "threads": self.rt.cpu_threads,
+                "read_bandwidth_gbps": self.rt.cpu_bandwidth_gbps,
+            },
             "iterations": self.stats_.snapshot(),
         }
 
     # ---- internals -------------------------------------------------------------------------------
     def _cache_view(self) -> CacheView:
-        return CacheView(block_size=self.block_size,
-                         num_gpu_blocks=self.gpu_blocks.num_blocks, num_free_gpu_blocks=self.gpu_blocks.num_free,
-                         num_cpu_blocks=self.cpu_blocks.num_blocks, num_free_cpu_blocks=self.cpu_blocks.num_free)
+        return CacheView(
+            block_size=self.block_size,
+            num_gpu_blocks=self.gpu_blocks.num_blocks,
+            num_free_gpu_blocks=self.gpu_blocks.num_free,
+            num_cpu_blocks=self.cpu_blocks.num_blocks,
+            num_free_cpu_blocks=self.cpu_blocks.num_free,
+        )
 
     def _reject(self, request_id: str, message: str, out: list[RequestOutput]) -> None:
-        out.append(RequestOutput(request_id, finished=True, finish_reason=FinishReason.ERROR, error=message))
+        out.append(
+            RequestOutput(
+                request_id, finished=True, finish_reason=FinishReason.ERROR, error=message
+            )
+        )
 
-    def _admit(self, request_id: str, prompt: list[int], params: SamplingParams, out: list[RequestOutput]) -> None:
+    def _admit(
+        self, request_id: str, prompt: list[int], params: SamplingParams, out: list[RequestOutput]
+    ) -> None:
         rt = self.rt
         if request_id in self._by_request:
             return self._reject(request_id, f"request id {request_id!r} is already in use", out)
         if not prompt:
             return self._reject(request_id, "the prompt is empty", out)
         if any(not isinstance(t, int) or not 0 <= t < rt.vocab_size for t in prompt):
-            return self._reject(request_id, f"prompt token ids must be integers in [0, {rt.vocab_size})", out)
+            return self._reject(
+                request_id, f"prompt token ids must be integers in [0, {rt.vocab_size})", out
+            )
         limit = min(rt.max_model_len - 1, self.limits.max_tokens_in_batch)
         if len(prompt) > limit:
-            return self._reject(request_id, f"prompt_too_long: {len(prompt)} tokens, at most {limit} allowed", out)
+            return self._reject(
+                request_id, f"prompt_too_long: {len(prompt)} tokens, at most {limit} allowed", out
+            )
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=rt.device)
@@ -167,8 +222,9 @@ class Engine:
         self._by_request[request_id] = seq
         self.waiting.append(seq)
 
-    def _abort(self, request_id: str, reason: FinishReason, message: str | None,
-               out: list[RequestOutput]) -> None:
+    def _abort(
+        self, request_id: str, reason: FinishReason, message: str | None, out: list[RequestOutput]
+    ) -> None:
         seq = self._by_request.get(request_id)
         if seq is None:
             return  # already finished: its final output was sent
@@ -184,33 +240,55 @@ class Engine:
             self._allocator(seq.residence).free(seq.block_ids)
             seq.block_ids = []
 
-    def _finish(self, seq: Sequence, reason: FinishReason, out: list[RequestOutput], new_tokens: list[int] = (),
-                error: str | None = None) -> None:
+    def _finish(
+        self,
+        seq: Sequence,
+        reason: FinishReason,
+        out: list[RequestOutput],
+        new_tokens: list[int] = (),
+        error: str | None = None,
+    ) -> None:
         self._release(seq)
         self.running.pop(seq.seq_id, None)
         del self._by_request[seq.request_id]
         seq.finish_reason = reason
-        out.append(RequestOutput(seq.request_id, list(new_tokens), True, reason, error,
-                                 seq.num_prompt_tokens, seq.num_output_tokens))
+        out.append(
+            RequestOutput(
+                seq.request_id,
+                list(new_tokens),
+                True,
+                reason,
+                error,
+                seq.num_prompt_tokens,
+                seq.num_output_tokens,
+            )
+        )
 
     def _move(self, seq: Sequence, to: Residence, to_host: bool) -> tuple[int, int] | None:
         src_alloc, dst_alloc = self._allocator(seq.residence), self._allocator(to)
         new_ids = dst_alloc.allocate(len(seq.block_ids))
-        pairs = list(zip(seq.block_ids, new_ids))
+        pairs = list(zip(seq.block_ids, new_ids, strict=True))
         src_alloc.free(seq.block_ids)
         seq.block_ids, seq.residence = new_ids, to
         return pairs
 
     def _apply(self, plan: Plan, out: list[RequestOutput]) -> tuple[list[SubBatch], list[Sequence]]:
-        """Carry out the plan's block moves and allocations (order: preempt, swap out, swap in, allocate)."""
+        """Carry out the plan's block moves and allocations (order: preempt, swap out, swap in,
+        allocate)."""
         rt = self.rt
         for sid in plan.unservable:
             seq = self.running.get(sid) or next(s for s in self.waiting if s.seq_id == sid)
             if seq.residence == Residence.WAITING:
                 self.waiting.remove(seq)
-                self._finish(seq, FinishReason.ERROR, out, error=(
-                    f"prompt_too_long: {len(seq.token_ids)} tokens cannot fit in the KV cache or the token budget "
-                    "under the current limits"))
+                self._finish(
+                    seq,
+                    FinishReason.ERROR,
+                    out,
+                    error=(
+                        f"prompt_too_long: {len(seq.token_ids)} tokens cannot fit in the KV "
+                        "cache or the token budget under the current limits"
+                    ),
+                )
             else:
                 self._finish(seq, FinishReason.LENGTH, out)
         for sid in plan.preempt:
@@ -220,8 +298,12 @@ class Engine:
             self.waiting.append(seq)
         if plan.preempt:
             self.waiting.sort(key=lambda s: s.seq_id)
-        out_pairs = [p for sid in plan.swap_out for p in self._move(self.running[sid], Residence.CPU, True)]
-        in_pairs = [p for sid in plan.swap_in for p in self._move(self.running[sid], Residence.GPU, False)]
+        out_pairs = [
+            p for sid in plan.swap_out for p in self._move(self.running[sid], Residence.CPU, True)
+        ]
+        in_pairs = [
+            p for sid in plan.swap_in for p in self._move(self.running[sid], Residence.GPU, False)
+        ]
         rt.executor.swap(rt.gpu_pool, rt.cpu_pool, out_pairs, to_host=True)
         rt.executor.swap(rt.cpu_pool, rt.gpu_pool, in_pairs, to_host=False)
         waiting = {s.seq_id: s for s in self.waiting}
@@ -241,8 +323,12 @@ class Engine:
                 seqs.append(seq)
             return seqs
 
-        groups = [take(plan.prefill_gpu, Residence.GPU), take(plan.prefill_cpu, Residence.CPU),
-                  take(plan.decode_gpu, Residence.GPU), take(plan.decode_cpu_b0, Residence.CPU)]
+        groups = [
+            take(plan.prefill_gpu, Residence.GPU),
+            take(plan.prefill_cpu, Residence.CPU),
+            take(plan.decode_gpu, Residence.GPU),
+            take(plan.decode_cpu_b0, Residence.CPU),
+        ]
         b1_decodes = take(plan.decode_cpu_b1, Residence.CPU)
         self.waiting = [s for s in self.waiting if s.seq_id in waiting]
         if not plan.pipelined:
@@ -252,7 +338,11 @@ class Engine:
         if any(groups):
             batches.append(build_sub_batch(*groups, block_size=self.block_size, device=rt.device))
         if b1_decodes:
-            batches.append(build_sub_batch([], [], [], b1_decodes, block_size=self.block_size, device=rt.device))
+            batches.append(
+                build_sub_batch(
+                    [], [], [], b1_decodes, block_size=self.block_size, device=rt.device
+                )
+            )
         order = [s for b in batches for s in b.seqs]
         return batches, order
 
@@ -261,11 +351,19 @@ class Engine:
         seq.token_ids.append(token)
         seq.last_progress_step = self.step_index
         params = seq.params
-        stop = token in params.stop_token_ids or (not params.ignore_eos and token in self.rt.eos_token_ids)
+        stop = token in params.stop_token_ids or (
+            not params.ignore_eos and token in self.rt.eos_token_ids
+        )
         if stop:
             self._finish(seq, FinishReason.STOP, out, [token])
         elif len(seq.token_ids) >= seq.max_total_tokens:
             self._finish(seq, FinishReason.LENGTH, out, [token])
         else:
-            out.append(RequestOutput(seq.request_id, [token], num_prompt_tokens=seq.num_prompt_tokens,
-                                     num_output_tokens=seq.num_output_tokens))
+            out.append(
+                RequestOutput(
+                    seq.request_id,
+                    [token],
+                    num_prompt_tokens=seq.num_prompt_tokens,
+                    num_output_tokens=seq.num_output_tokens,
+                )
+            )

@@ -1,23 +1,27 @@
 """One iteration's forward pass over the model's layer stages, sequential or pipelined.
 
-Each sub-batch is a `_Flight` moving through the layers. Per layer it runs `pre` (norm, QKV, rope) and the
-GPU attention of its GPU rows on the compute stream; the Q/K/V of its CPU rows leave on the device-to-host
-stream as soon as `pre` is done; the host runs their attention on the pinned CPU pool; the output returns on
-the host-to-device stream; `post` (O projection, MLP) waits for it on the GPU, never on the host.
+Each sub-batch is a `_Flight` moving through the layers. Per layer it runs `pre` (norm, QKV, rope)
+and the GPU attention of its GPU rows on the compute stream; the Q/K/V of its CPU rows leave on the
+device-to-host stream as soon as `pre` is done; the host runs their attention on the pinned CPU
+pool; the output returns on the host-to-device stream; `post` (O projection, MLP) waits for it on
+the GPU, never on the host.
 
-With two sub-batches the host issues the GPU work of one sub-batch before it blocks in the CPU attention of
-the other, so the devices overlap (design.md, Pipelining):
+With two sub-batches the CPU attention of one sub-batch runs on a helper thread (the native call
+holds no GIL) while the engine thread issues the GPU work of the other, so the devices overlap
+(design.md, Pipelining):
 
     GPU:  post(i) b0 + pre(i+1) b0 | post(i) b1 + pre(i+1) b1 + GPU attention(i+1) b0 | ...
     CPU:  attention(i) of b1       | attention(i+1) of b0's CPU rows
 
-With one sub-batch the same loop is the sequential mode: its CPU rows overlap its own GPU attention.
-On a CPU-only host the streams are absent and every copy is synchronous; the order of work is the same.
+With one sub-batch the same loop is the sequential mode: its CPU rows overlap its own GPU
+attention. On a CPU-only host the streams are absent and every copy is synchronous; the order of
+work is the same.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -40,12 +44,27 @@ class _HostBuffers:
     prefill_v: torch.Tensor  # [max_tokens, Hkv, D]
 
     @classmethod
-    def allocate(cls, max_rows: int, max_tokens: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, pin: bool) -> _HostBuffers:
+    def allocate(
+        cls,
+        max_rows: int,
+        max_tokens: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        pin: bool,
+    ) -> _HostBuffers:
         def buf(rows: int, heads: int) -> torch.Tensor:
             return torch.empty((rows, heads, head_dim), dtype=dtype, pin_memory=pin)
-        return cls(buf(max_rows, num_heads), buf(max_rows, num_kv_heads), buf(max_rows, num_kv_heads),
-                   buf(max_rows, num_heads), buf(max_tokens, num_kv_heads), buf(max_tokens, num_kv_heads))
+
+        return cls(
+            buf(max_rows, num_heads),
+            buf(max_rows, num_kv_heads),
+            buf(max_rows, num_kv_heads),
+            buf(max_rows, num_heads),
+            buf(max_tokens, num_kv_heads),
+            buf(max_tokens, num_kv_heads),
+        )
 
 
 @dataclass
@@ -68,8 +87,16 @@ class _Flight:
 
 
 class Executor:
-    def __init__(self, model, gpu_pool: torch.Tensor, cpu_pool: torch.Tensor | None, cpu_attention,
-                 max_rows: int, max_tokens: int, graphs: DecodeGraphs | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        gpu_pool: torch.Tensor,
+        cpu_pool: torch.Tensor | None,
+        cpu_attention,
+        max_rows: int,
+        max_tokens: int,
+        graphs: DecodeGraphs | None = None,
+    ) -> None:
         cfg = model.config
         self.model = model
         self.gpu_pool = gpu_pool  # [L, N_gpu, 2, Hkv, bs, D]
@@ -79,22 +106,41 @@ class Executor:
         self.num_layers = cfg.num_hidden_layers
         self.num_heads = cfg.num_attention_heads
         self.head_dim = cfg.head_dim
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.device = gpu_pool.device
         on_gpu = self.device.type == "cuda"
         self.d2h = torch.cuda.Stream(self.device) if on_gpu else None
         self.h2d = torch.cuda.Stream(self.device) if on_gpu else None
         self._pending_swaps: list[torch.cuda.Event] = []
+        # One thread runs each sub-batch's host work in turn (the native call releases the GIL), so the
+        # engine thread never blocks in CPU attention while GPU work remains to be issued.
+        self._cpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neod-cpu-attn")
         self.cpu_busy_s = 0.0  # host time spent inside CPU attention, for the utilisation statistic
-        self._buffers = [
-            _HostBuffers.allocate(max_rows, max_tokens, cfg.num_attention_heads, cfg.num_key_value_heads,
-                                  cfg.head_dim, gpu_pool.dtype, pin=on_gpu)
-            for _ in range(2)
-        ] if cpu_pool is not None else []
+        self._buffers = (
+            [
+                _HostBuffers.allocate(
+                    max_rows,
+                    max_tokens,
+                    cfg.num_attention_heads,
+                    cfg.num_key_value_heads,
+                    cfg.head_dim,
+                    gpu_pool.dtype,
+                    pin=on_gpu,
+                )
+                for _ in range(2)
+            ]
+            if cpu_pool is not None
+            else []
+        )
 
-    # ---- swaps -------------------------------------------------------------------------------------
-    def swap(self, src_pool: torch.Tensor, dst_pool: torch.Tensor, pairs: list[tuple[int, int]],
-             to_host: bool) -> None:
+    # ---- swaps -----------------------------------------------------------------------------------
+    def swap(
+        self,
+        src_pool: torch.Tensor,
+        dst_pool: torch.Tensor,
+        pairs: list[tuple[int, int]],
+        to_host: bool,
+    ) -> None:
         """Copy whole blocks (all layers) between pools before this iteration's compute."""
         if not pairs:
             return
@@ -110,28 +156,37 @@ class Executor:
             event.record(stream)
         self._pending_swaps.append(event)
 
-    # ---- stages ------------------------------------------------------------------------------------
+    # ---- stages ----------------------------------------------------------------------------------
     def _pre(self, f: _Flight, layer: int) -> None:
-        """Projections of one layer; the CPU rows' Q/K/V leave for the host as soon as they exist."""
+        """Projections of one layer; the CPU rows' Q/K/V leave for the host as soon as they
+        exist."""
         b = f.batch
         f.q, f.k, f.v, f.residual = self.model.layer_pre(layer, f.hidden, f.residual, b.positions)
         if f.has_cpu_work:
             self._qkv_to_host(f, f.q, f.k, f.v)
-        f.attn_out = torch.empty((b.num_tokens, self.num_heads * self.head_dim), dtype=f.q.dtype,
-                                 device=self.device)
+        f.attn_out = torch.empty(
+            (b.num_tokens, self.num_heads * self.head_dim), dtype=f.q.dtype, device=self.device
+        )
 
     def _gpu_attention(self, f: _Flight, layer: int) -> None:
         b, g = f.batch, f.batch.num_gpu_rows
         if g:
-            f.attn_out[:g] = gpu_attention(f.q[:g], f.k[:g], f.v[:g], self.gpu_pool[layer], b.gpu_meta, self.scale)
+            f.attn_out[:g] = gpu_attention(
+                f.q[:g], f.k[:g], f.v[:g], self.gpu_pool[layer], b.gpu_meta, self.scale
+            )
         f.q = f.k = f.v = None
 
     def _qkv_to_host(self, f: _Flight, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         b, buf = f.batch, f.buffers
         c, n = b.cpu_decode_start, b.num_cpu_decodes
         p0, p1 = b.cpu_prefill_rows
-        copies = [(buf.q[:n], q[c:]), (buf.k[:n], k[c:]), (buf.v[:n], v[c:]),
-                  (buf.prefill_k[: p1 - p0], k[p0:p1]), (buf.prefill_v[: p1 - p0], v[p0:p1])]
+        copies = [
+            (buf.q[:n], q[c:]),
+            (buf.k[:n], k[c:]),
+            (buf.v[:n], v[c:]),
+            (buf.prefill_k[: p1 - p0], k[p0:p1]),
+            (buf.prefill_v[: p1 - p0], v[p0:p1]),
+        ]
         if self.d2h is None:
             for dst, src in copies:
                 dst.copy_(src)
@@ -145,30 +200,55 @@ class Executor:
             f.qkv_on_host = torch.cuda.Event()
             f.qkv_on_host.record(self.d2h)
 
-    def _cpu(self, f: _Flight, layer: int) -> None:
-        """Host work of one layer for one sub-batch: store CPU-bound prefill KV, run CPU decode attention."""
+    def _cpu_start(self, f: _Flight, layer: int) -> Future | None:
+        """Hand one layer's host work of a sub-batch to the CPU-attention thread; returns at once, so
+        this thread goes on issuing GPU work while the pinned pool computes."""
         if not f.has_cpu_work:
-            return
-        for event in self._pending_swaps:
+            return None
+        for event in self._pending_swaps:  # swapped blocks must have landed before the CPU touches them
             event.synchronize()
         self._pending_swaps.clear()
-        if f.qkv_on_host is not None:
-            f.qkv_on_host.synchronize()
-        b, buf = f.batch, f.buffers
-        kv_layer = self.cpu_pool[layer]
-        p0, p1 = b.cpu_prefill_rows
-        if p1 > p0:
-            ops.store_kv_(buf.prefill_k[: p1 - p0], buf.prefill_v[: p1 - p0], kv_layer, b.cpu_prefill_slots)
-        n = b.num_cpu_decodes
+        return self._cpu_thread.submit(self._cpu_work, f, layer)
+
+    def _cpu_work(self, f: _Flight, layer: int) -> None:
+        """On the CPU-attention thread: store CPU-bound prefill KV, then the CPU decode attention."""
+        with torch.inference_mode():
+            if f.qkv_on_host is not None:
+                f.qkv_on_host.synchronize()
+            b, buf = f.batch, f.buffers
+            kv_layer = self.cpu_pool[layer]
+            p0, p1 = b.cpu_prefill_rows
+            if p1 > p0:
+                ops.store_kv_(
+                    buf.prefill_k[: p1 - p0], buf.prefill_v[: p1 - p0], kv_layer, b.cpu_prefill_slots
+                )
+            n = b.num_cpu_decodes
+            if not n:
+                return
+            if f.out_on_device is not None:
+                f.out_on_device.synchronize()  # the previous layer's output has left buf.o
+            start = time.perf_counter()
+            self.cpu_attention.decode(
+                buf.q[:n],
+                kv_layer,
+                b.cpu_block_tables,
+                b.cpu_seq_lens,
+                buf.o[:n],
+                k_new=buf.k[:n],
+                v_new=buf.v[:n],
+                scale=self.scale,
+            )
+            self.cpu_busy_s += time.perf_counter() - start
+
+    def _cpu_finish(self, f: _Flight, work: Future | None) -> None:
+        """Wait for the host work, then send the attention output back (before `post` is issued)."""
+        if work is None:
+            return
+        work.result()
+        b, buf, n = f.batch, f.buffers, f.batch.num_cpu_decodes
         if not n:
             return
-        if f.out_on_device is not None:
-            f.out_on_device.synchronize()  # the previous layer's output has left buf.o
-        start = time.perf_counter()
-        self.cpu_attention.decode(buf.q[:n], kv_layer, b.cpu_block_tables, b.cpu_seq_lens, buf.o[:n],
-                                  k_new=buf.k[:n], v_new=buf.v[:n], scale=self.scale)
-        self.cpu_busy_s += time.perf_counter() - start
-        rows = f.attn_out[b.cpu_decode_start:]
+        rows = f.attn_out[b.cpu_decode_start :]
         if self.h2d is None:
             rows.copy_(buf.o[:n].view(n, -1))
             return
@@ -183,7 +263,7 @@ class Executor:
             torch.cuda.current_stream(self.device).wait_event(f.out_on_device)
         f.hidden, f.residual = self.model.layer_post(layer, f.attn_out, f.residual)
 
-    # ---- the iteration -----------------------------------------------------------------------------
+    # ---- the iteration ---------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, batches: list[SubBatch]) -> list[torch.Tensor]:
         """Forward one or two sub-batches; returns fp32 logits [num seqs, vocab] per sub-batch."""
@@ -194,30 +274,36 @@ class Executor:
         if self.graphs is not None and len(batches) == 1 and self.graphs.accepts(batches[0]):
             self._pending_swaps.clear()
             return [self.graphs.run(batches[0])]
-        flights = [_Flight(b, self._buffers[i] if self._buffers else None, self.model.embed(b.input_ids))
-                   for i, b in enumerate(batches)]
+        flights = [
+            _Flight(b, self._buffers[i] if self._buffers else None, self.model.embed(b.input_ids))
+            for i, b in enumerate(batches)
+        ]
         f0 = flights[0]
         f1 = flights[1] if len(flights) > 1 else None
         last = self.num_layers - 1
         self._pre(f0, 0)
         if f1 is not None:
             self._pre(f1, 0)
+        work = self._cpu_start(f0, 0)
         self._gpu_attention(f0, 0)
-        self._cpu(f0, 0)
+        self._cpu_finish(f0, work)
         for i in range(self.num_layers):
-            # Stage A. GPU: post(i) + pre(i+1) of b0. CPU: attention(i) of b1.
+            # Stage A. CPU: attention(i) of b1. GPU: post(i) + pre(i+1) of b0.
+            work = self._cpu_start(f1, i) if f1 is not None else None
             self._post(f0, i)
             if i < last:
                 self._pre(f0, i + 1)
             if f1 is not None:
-                self._cpu(f1, i)
-            # Stage B. GPU: post(i) + pre(i+1) of b1, then GPU attention(i+1) of b0. CPU: b0's CPU rows.
+                self._cpu_finish(f1, work)
+            # Stage B. CPU: b0's CPU rows of layer i+1 (from the moment their Q/K/V land).
+            # GPU: post(i) + pre(i+1) of b1, then GPU attention(i+1) of b0.
+            work = self._cpu_start(f0, i + 1) if i < last else None
             if f1 is not None:
                 self._post(f1, i)
                 if i < last:
                     self._pre(f1, i + 1)
             if i < last:
                 self._gpu_attention(f0, i + 1)
-                self._cpu(f0, i + 1)
+                self._cpu_finish(f0, work)
         self._pending_swaps.clear()
         return [self.model.final(f.hidden, f.residual, f.batch.sample_indices) for f in flights]

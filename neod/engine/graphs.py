@@ -1,12 +1,14 @@
-"""CUDA graphs of whole decode steps, so that a GPU-only decode iteration costs one launch on the host.
+"""CUDA graphs of whole decode steps, so that a GPU-only decode iteration costs one launch on the
+host.
 
-A decode step of B requests issues about a dozen kernels per layer; from Python that is ~200 us of host time
-per layer, longer than the GPU needs at small and medium batches. Each batch-size bucket is captured once at
-start: the model reads its inputs from static buffers (token ids, positions, KV slots, a block table as wide
-as the longest context, lengths) and writes fp32 logits to a static output. A step pads its batch to the
-next bucket: padding rows store nothing (slot -1) and attend to one token of a valid block, so they are
-harmless and their logits are dropped. The paged decode kernel sizes its splits on the device from each
-row's real length, so one captured graph serves every context length.
+A decode step of B requests issues about a dozen kernels per layer; from Python that is ~200 us of
+host time per layer, longer than the GPU needs at small and medium batches. Each batch-size bucket
+is captured once at start: the model reads its inputs from static buffers (token ids, positions,
+KV slots, a block table as wide as the longest context, lengths) and writes fp32 logits to a
+static output. A step pads its batch to the next bucket: padding rows store nothing (slot -1) and
+attend to one token of a valid block, so they are harmless and their logits are dropped. The paged
+decode kernel sizes its splits on the device from each row's real length, so one captured graph
+serves every context length.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 
 def batch_buckets(max_rows: int) -> list[int]:
-    """1, 2, 4, 8, then steps of 8 up to 64, then steps of 32: padding stays small where it costs most."""
+    """1, 2, 4, 8, then steps of 8 up to 64, then steps of 32: padding stays small where it costs
+    most."""
     sizes = [1, 2, 4] + list(range(8, 65, 8)) + list(range(96, max_rows + 32, 32))
     return sorted({min(s, max_rows) for s in sizes})
 
@@ -51,13 +54,23 @@ class DecodeGraphs:
         start = time.perf_counter()
         for size in reversed(self.buckets):  # largest first: smaller graphs reuse its memory
             self._capture(size)
-        logger.info("captured %d decode graphs (batch 1..%d) in %.1f s", len(self._graphs), self.buckets[-1],
-                    time.perf_counter() - start)
+        logger.info(
+            "captured %d decode graphs (batch 1..%d) in %.1f s",
+            len(self._graphs),
+            self.buckets[-1],
+            time.perf_counter() - start,
+        )
 
     def _forward(self, size: int) -> torch.Tensor:
         device = self.input_ids.device
-        meta = AttentionMetadata(0, torch.zeros(1, dtype=torch.int32, device=device), 0, self.slot_ids[:size],
-                                 self.block_tables[:size], self.seq_lens[:size])
+        meta = AttentionMetadata(
+            0,
+            torch.zeros(1, dtype=torch.int32, device=device),
+            0,
+            self.slot_ids[:size],
+            self.block_tables[:size],
+            self.seq_lens[:size],
+        )
         return self.model.forward(self.input_ids[:size], self.positions[:size], meta, self.gpu_pool)
 
     def _capture(self, size: int) -> None:
@@ -74,11 +87,16 @@ class DecodeGraphs:
     def accepts(self, batch: SubBatch) -> bool:
         """Only pure GPU decode batches: prefills and CPU rows change the shape of the work."""
         meta = batch.gpu_meta
-        return (meta.num_prefill_tokens == 0 and batch.num_cpu_decodes == 0 and batch.num_gpu_rows == batch.num_tokens
-                and 0 < batch.num_tokens <= self.buckets[-1])
+        return (
+            meta.num_prefill_tokens == 0
+            and batch.num_cpu_decodes == 0
+            and batch.num_gpu_rows == batch.num_tokens
+            and 0 < batch.num_tokens <= self.buckets[-1]
+        )
 
     def run(self, batch: SubBatch) -> torch.Tensor:
-        """fp32 logits [B, vocab] of a pure decode batch, by replaying the captured graph of its bucket."""
+        """fp32 logits [B, vocab] of a pure decode batch, by replaying the captured graph of its
+        bucket."""
         n = batch.num_tokens
         size = self.buckets[bisect.bisect_left(self.buckets, n)]
         meta = batch.gpu_meta

@@ -1,14 +1,17 @@
-"""Measures this host's stage costs with the real model, pools and kernels, for the scheduler's predictor.
+"""Measures this host's stage costs with the real model, pools and kernels, for the scheduler's
+predictor.
 
-Every point times the code the engine really runs (the model's layer stages, the attention entry points,
-the pinned CPU pool, the staging copies), per layer, after a warm-up, as the median of a few repetitions.
-CPU attention is timed while a host-to-device copy of the same order as the pipelined mode's traffic runs,
-so memory-bandwidth contention is in the table rather than assumed away. The grid is small and geometric:
-profiling a new host takes a minute or two, and the result is cached under a key of everything it depends on.
+Every point times the code the engine really runs (the model's layer stages, the attention entry
+points, the pinned CPU pool, the staging copies), per layer, after a warm-up, as the median of a few
+repetitions. CPU attention is timed while a host-to-device copy of the same order as the pipelined
+mode's traffic runs, so memory-bandwidth contention is in the table rather than assumed away. The
+grid is small and geometric: profiling a new host takes a minute or two, and the result is cached
+under a key of everything it depends on.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import statistics
@@ -20,12 +23,24 @@ import torch
 
 from neod.cache.pool import KVLayout
 from neod.kernels import ops
-from neod.sched import Profile, Table1D, Table2D, TableCostModel, load_profile, profile_key, profile_path, save_profile
+from neod.sched import (
+    Profile,
+    Table1D,
+    Table2D,
+    TableCostModel,
+    load_profile,
+    profile_key,
+    profile_path,
+    save_profile,
+)
 
 logger = logging.getLogger(__name__)
 
 KERNEL_VERSION = "1"  # bump when a kernel changes enough to invalidate stored profiles
 REPEATS = 5
+CPU_LAYERS_TIMED = (
+    8  # layers cost the same; distinct ones keep a call from finding the last one's KV in cache
+)
 
 
 def _ladder(top: int, start: int = 1) -> list[int]:
@@ -38,26 +53,49 @@ def _ladder(top: int, start: int = 1) -> list[int]:
 
 
 class _Timer:
+    """Median time of one call of `fn`, divided by `per_call` (the layers it loops over).
+
+    On a GPU, CUDA events bracket back-to-back calls, so host launch gaps count exactly as they do
+    in a real forward (a host-bound stage is measured as host-bound) and no synchronisation is
+    charged.
+    """
+
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
 
-    def __call__(self, fn: Callable[[], Any]) -> float:
+    def __call__(self, fn: Callable[[], Any], per_call: int = 1, host: bool = False) -> float:
+        """host=True times host work (CPU attention) by the wall clock, after the GPU has
+        drained."""
         fn()  # warm-up (kernel selection, allocator)
         samples = []
         for _ in range(REPEATS):
-            if self.cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if self.cuda:
-                torch.cuda.synchronize()
-            samples.append(time.perf_counter() - start)
-        return statistics.median(samples)
+            if self.cuda and not host:
+                start, end = (
+                    torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True),
+                )
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                samples.append(start.elapsed_time(end) / 1e3)
+            else:
+                begin = time.perf_counter()
+                fn()
+                samples.append(time.perf_counter() - begin)
+        return statistics.median(samples) / per_call
 
 
 class Profiler:
-    def __init__(self, model: Any, layout: KVLayout, executor: Any, max_tokens: int, max_rows: int,
-                 max_model_len: int) -> None:
+    def __init__(
+        self,
+        model: Any,
+        layout: KVLayout,
+        executor: Any,
+        max_tokens: int,
+        max_rows: int,
+        max_model_len: int,
+    ) -> None:
         self.model = model
         self.cfg = model.config
         self.layout = layout
@@ -67,34 +105,62 @@ class Profiler:
         self.max_rows = max_rows
         self.max_model_len = max_model_len
         self.time = _Timer(self.device)
+        self.num_layers = self.cfg.num_hidden_layers
 
     def _hidden(self, num_tokens: int) -> torch.Tensor:
-        return torch.randn(num_tokens, self.cfg.hidden_size, device=self.device, dtype=self.model.dtype) * 0.1
+        return (
+            torch.randn(
+                num_tokens, self.cfg.hidden_size, device=self.device, dtype=self.model.dtype
+            )
+            * 0.1
+        )
 
     def linear(self) -> dict[int, float]:
         """pre + post projections of one layer for a sub-batch of T tokens."""
         table = {}
         for t in _ladder(self.max_tokens):
-            hidden, positions = self._hidden(t), torch.arange(t, device=self.device) % self.max_model_len
+            hidden, positions = (
+                self._hidden(t),
+                torch.arange(t, device=self.device) % self.max_model_len,
+            )
             attn = torch.randn(t, self.cfg.q_size, device=self.device, dtype=self.model.dtype) * 0.1
-
-            def run() -> None:
-                _, _, _, residual = self.model.layer_pre(0, hidden, None, positions)
-                self.model.layer_post(0, attn, residual)
-            table[t] = self.time(run)
+            run = functools.partial(self._linear_layers, hidden, positions, attn)
+            table[t] = self.time(run, self.num_layers)
         return table
+
+    def _linear_layers(
+        self, hidden: torch.Tensor, positions: torch.Tensor, attn: torch.Tensor
+    ) -> None:
+        """The timed work of `linear`: pre + post of every layer."""
+        # hidden: [T, H], positions: [T], attn: [T, Hq * D]
+        for i in range(self.num_layers):
+            _, _, _, residual = self.model.layer_pre(i, hidden, None, positions)
+            self.model.layer_post(i, attn, residual)
 
     def prefill_attention(self) -> dict[int, float]:
         """Causal attention of one prompt of S tokens, one layer."""
         cfg, table = self.cfg, {}
         for s in _ladder(min(self.max_tokens, self.max_model_len), start=16):
-            q = torch.randn(s, cfg.num_attention_heads, cfg.head_dim, device=self.device, dtype=self.model.dtype)
-            k = torch.randn(s, cfg.num_key_value_heads, cfg.head_dim, device=self.device, dtype=self.model.dtype)
+            q = torch.randn(
+                s, cfg.num_attention_heads, cfg.head_dim, device=self.device, dtype=self.model.dtype
+            )
+            k = torch.randn(
+                s, cfg.num_key_value_heads, cfg.head_dim, device=self.device, dtype=self.model.dtype
+            )
             cu = torch.tensor([0, s], dtype=torch.int32, device=self.device)
-            table[s] = self.time(lambda: ops.prefill_attention(q, k, k, cu, s, cfg.head_dim ** -0.5))
+            run = functools.partial(self._prefill_layers, q, k, cu, s)
+            table[s] = self.time(run, self.num_layers)
         return table
 
-    def _decode_inputs(self, pool: torch.Tensor, num_seqs: int, ctx: int) -> tuple[torch.Tensor, ...]:
+    def _prefill_layers(self, q: torch.Tensor, k: torch.Tensor, cu: torch.Tensor, s: int) -> None:
+        """The timed work of `prefill_attention`: one prompt's causal attention per layer."""
+        # q: [S, Hq, D], k (also used as V): [S, Hkv, D], cu: [2] int32
+        for _ in range(self.num_layers):
+            ops.prefill_attention(q, k, k, cu, s, self.cfg.head_dim**-0.5)
+
+    def _decode_inputs(
+        self, pool: torch.Tensor, num_seqs: int, ctx: int
+    ) -> tuple[torch.Tensor, ...]:
         """num_seqs requests sharing ctx context tokens, laid over the pool's first blocks."""
         bs, num_blocks = self.layout.block_size, pool.shape[1]
         per_seq = max(1, ctx // num_seqs)
@@ -118,75 +184,127 @@ class Profiler:
         for b, ctx in self._decode_grid(pool.shape[1] * self.layout.block_size):
             q, tables, lens = self._decode_inputs(pool, b, ctx)
             q, tables, lens = q.to(self.device), tables.to(self.device), lens.to(self.device)
-            table[(b, ctx)] = self.time(
-                lambda: ops.paged_decode_attention(q, pool[0], tables, lens, self.cfg.head_dim ** -0.5))
+            run = functools.partial(self._gpu_decode_layers, q, pool, tables, lens)
+            table[(b, ctx)] = self.time(run, self.num_layers)
         return table
 
+    def _gpu_decode_layers(
+        self, q: torch.Tensor, pool: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor
+    ) -> None:
+        """The timed work of `gpu_decode`: paged decode attention per layer."""
+        # q: [B, Hq, D], pool: [L, N, 2, Hkv, bs, D], tables: [B, blocks] int32, lens: [B] int32
+        for i in range(self.num_layers):
+            ops.paged_decode_attention(q, pool[i], tables, lens, self.cfg.head_dim**-0.5)
+
     def cpu_decode(self) -> dict[tuple[int, int], float]:
-        """CPU attention while a host-to-device copy competes for memory bandwidth (on a GPU host)."""
+        """CPU attention while a host-to-device copy competes for memory bandwidth (on a GPU
+        host)."""
         pool, attention = self.executor.cpu_pool, self.executor.cpu_attention
         table = {}
         contention = None
         if self.device.type == "cuda":
-            src = torch.empty(64 << 20, dtype=torch.uint8, pin_memory=True)
+            src = torch.empty(
+                4 << 20, dtype=torch.uint8, pin_memory=True
+            )  # a prefill's KV of one layer
             dst = torch.empty_like(src, device=self.device)
             stream = torch.cuda.Stream(self.device)
 
             def contention() -> None:
                 with torch.cuda.stream(stream):
                     dst.copy_(src, non_blocking=True)
+
         for b, ctx in self._decode_grid(pool.shape[1] * self.layout.block_size):
             q, tables, lens = self._decode_inputs(pool, b, ctx)
             out = torch.empty_like(q)
 
-            def run() -> None:
-                if contention is not None:
-                    contention()
-                attention.decode(q, pool[0], tables, lens, out)
-            table[(b, ctx)] = self.time(run)
+            layers = min(self.num_layers, CPU_LAYERS_TIMED)
+            run = functools.partial(
+                self._cpu_decode_layers, attention, pool, q, tables, lens, out, layers, contention
+            )
+            table[(b, ctx)] = self.time(run, layers, host=True)
         return table
+
+    @staticmethod
+    def _cpu_decode_layers(
+        attention: Any,
+        pool: torch.Tensor,
+        q: torch.Tensor,
+        tables: torch.Tensor,
+        lens: torch.Tensor,
+        out: torch.Tensor,
+        layers: int,
+        contention: Callable[[], None] | None,
+    ) -> None:
+        """The timed work of `cpu_decode`: CPU decode attention per layer, each one started
+        alongside a competing host-to-device copy when `contention` is given."""
+        # q, out: [B, Hq, D], pool: [L, N, 2, Hkv, bs, D] host, tables: [B, blocks], lens: [B]
+        for i in range(layers):
+            if contention is not None:
+                contention()
+            attention.decode(q, pool[i], tables, lens, out)
 
     def transfer(self) -> dict[int, float]:
         """Q/K/V of B CPU-decoded rows to the host and their output back, one layer."""
         cfg, table = self.cfg, {}
         if self.device.type != "cuda":
-            return {b: 0.0 for b in _ladder(self.max_rows)}
+            return dict.fromkeys(_ladder(self.max_rows), 0.0)
         width_out, width_in = cfg.q_size + 2 * cfg.kv_size, cfg.q_size
         for b in _ladder(self.max_rows):
             dev_in = torch.empty(b, width_out, device=self.device, dtype=self.model.dtype)
             host_in = torch.empty(b, width_out, dtype=self.model.dtype, pin_memory=True)
             host_out = torch.empty(b, width_in, dtype=self.model.dtype, pin_memory=True)
             dev_out = torch.empty(b, width_in, device=self.device, dtype=self.model.dtype)
-
-            def run() -> None:
-                host_in.copy_(dev_in, non_blocking=True)
-                dev_out.copy_(host_out, non_blocking=True)
-            table[b] = self.time(run)
+            run = functools.partial(self._transfer_layers, dev_in, host_in, host_out, dev_out)
+            table[b] = self.time(run, self.num_layers)
         return table
 
+    def _transfer_layers(
+        self,
+        dev_in: torch.Tensor,
+        host_in: torch.Tensor,
+        host_out: torch.Tensor,
+        dev_out: torch.Tensor,
+    ) -> None:
+        """The timed work of `transfer`: Q/K/V to the host and the output back, per layer."""
+        # dev_in, host_in: [B, (Hq + 2 * Hkv) * D]; host_out, dev_out: [B, Hq * D]
+        for _ in range(self.num_layers):
+            host_in.copy_(dev_in, non_blocking=True)
+            dev_out.copy_(host_out, non_blocking=True)
+
     def overhead(self) -> dict[int, float]:
-        """Per-iteration work outside the layers: embedding, final norm, LM head, for B sequences."""
+        """Per-iteration work outside the layers: embedding, final norm, LM head, for B
+        sequences."""
         table = {}
         for b in _ladder(self.max_rows):
             ids = torch.zeros(b, dtype=torch.int64, device=self.device)
             rows = torch.arange(b, device=self.device)
-
-            def run() -> None:
-                hidden = self.model.embed(ids)
-                self.model.final(hidden, torch.zeros_like(hidden), rows)
-            table[b] = self.time(run)
+            table[b] = self.time(functools.partial(self._overhead_once, ids, rows))
         return table
 
+    def _overhead_once(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """The timed work of `overhead`: embedding, then final norm and LM head."""
+        # ids: [B] int64, rows: [B] int64
+        hidden = self.model.embed(ids)
+        self.model.final(hidden, torch.zeros_like(hidden), rows)
+
     def swap(self) -> dict[int, float]:
-        """Blocks of one layer between the pools (device to host; the other direction costs the same)."""
+        """Blocks of one layer between the pools (device to host; the other direction costs the
+        same)."""
         pool, host = self.executor.gpu_pool, self.executor.cpu_pool
         if host is None or self.device.type != "cuda":
-            return {n: 0.0 for n in _ladder(256)}
+            return dict.fromkeys(_ladder(256), 0.0)
         table = {}
         for n in _ladder(min(256, pool.shape[1], host.shape[1])):
             pairs = torch.stack([torch.arange(n), torch.arange(n)], dim=1)
-            table[n] = self.time(lambda: ops.swap_blocks(pool, host, pairs, layers=[0]))
+            run = functools.partial(self._swap_layers, pool, host, pairs)
+            table[n] = self.time(run, self.num_layers)
         return table
+
+    def _swap_layers(self, pool: torch.Tensor, host: torch.Tensor, pairs: torch.Tensor) -> None:
+        """The timed work of `swap`: the blocks of each layer, one layer at a time."""
+        # pairs: [n, 2] int64 (src block, dst block)
+        for i in range(self.num_layers):
+            ops.swap_blocks(pool, host, pairs, layers=[i])
 
     def run(self, key) -> Profile:
         start = time.perf_counter()
@@ -199,16 +317,21 @@ class Profiler:
                 transfer=Table1D.from_points(self.transfer()),
                 swap=Table1D.from_points(self.swap()),
                 iteration_overhead=Table1D.from_points(self.overhead()),
-                cpu_decode_attn=None if self.executor.cpu_pool is None else Table2D.from_points(self.cpu_decode()),
-                meta={"measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                      "duration_s": round(time.perf_counter() - start, 2)},
+                cpu_decode_attn=None
+                if self.executor.cpu_pool is None
+                else Table2D.from_points(self.cpu_decode()),
+                meta={
+                    "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "duration_s": round(time.perf_counter() - start, 2),
+                },
             )
         logger.info("profiled this host in %.1f s", time.perf_counter() - start)
         return profile
 
 
 def host_key(model: Any, layout: KVLayout, threads: int) -> Any:
-    """Everything a profile depends on: another model, GPU, CPU, pool size or kernel gets a new profile."""
+    """Everything a profile depends on: another model, GPU, CPU, pool size or kernel gets a new
+    profile."""
     import platform
 
     cfg = model.config
@@ -216,19 +339,41 @@ def host_key(model: Any, layout: KVLayout, threads: int) -> Any:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            cpu = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu
+            )
     except OSError:
         pass
-    shape = {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-             "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
-             "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
-             "vocab_size": cfg.vocab_size}
-    return profile_key(shape, str(layout.dtype).removeprefix("torch."), 1, gpu, f"{cpu} x{os.cpu_count()}",
-                       threads, KERNEL_VERSION, layout.block_size)
+    shape = {
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+    }
+    return profile_key(
+        shape,
+        str(layout.dtype).removeprefix("torch."),
+        1,
+        gpu,
+        f"{cpu} x{os.cpu_count()}",
+        threads,
+        KERNEL_VERSION,
+        layout.block_size,
+    )
 
 
-def load_or_profile(cfg: Any, model: Any, layout: KVLayout, executor: Any, threads: int, max_model_len: int,
-                    refresh: bool = False) -> TableCostModel:
+def load_or_profile(
+    cfg: Any,
+    model: Any,
+    layout: KVLayout,
+    executor: Any,
+    threads: int,
+    max_model_len: int,
+    refresh: bool = False,
+) -> TableCostModel:
     """The stored profile for exactly this setup, or a fresh one measured now and stored."""
     from neod.config import profile_dir
 
@@ -236,9 +381,17 @@ def load_or_profile(cfg: Any, model: Any, layout: KVLayout, executor: Any, threa
     path = profile_path(profile_dir(cfg), key)
     profile = None if refresh else load_profile(path, key)
     if profile is None:
-        logger.info("profiling this host for %s (no stored profile at %s)", key.fingerprint()[:16], path)
-        profiler = Profiler(model, layout, executor, cfg.scheduler.max_tokens_in_batch,
-                            cfg.scheduler.max_batch_size, max_model_len)
+        logger.info(
+            "profiling this host for %s (no stored profile at %s)", key.fingerprint()[:16], path
+        )
+        profiler = Profiler(
+            model,
+            layout,
+            executor,
+            cfg.scheduler.max_tokens_in_batch,
+            cfg.scheduler.max_batch_size,
+            max_model_len,
+        )
         profile = profiler.run(key)
         save_profile(profile, path)
     else:

@@ -1,8 +1,9 @@
-"""Start-up: everything derived once from the config and this host, kept apart from the config itself.
+"""Start-up: everything derived once from the config and this host, kept apart from the config
+itself.
 
-The device, the dtype, the model, both KV pools (sized from measured memory), the CPU attention pool (sized
-from the measured memory bandwidth), the cost model (from this host's profile) and the executor. None of it
-is written back into the config.
+The device, the dtype, the model, both KV pools (sized from measured memory), the CPU attention pool
+(sized from the measured memory bandwidth), the cost model (from this host's profile) and the
+executor. None of it is written back into the config.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from neod.sched import Scheduler
 
 logger = logging.getLogger(__name__)
 
-# Activation memory per batch token is estimated from the layer widths, then multiplied by this factor to
-# leave room for the caching allocator's fragmentation and attention workspaces.
+# Activation memory per batch token is estimated from the layer widths, then multiplied by this
+# factor to leave room for the caching allocator's fragmentation and attention workspaces.
 ACTIVATION_SAFETY_FACTOR = 3
 
 
@@ -56,7 +57,9 @@ class EngineRuntime:
 
     def set_cpu_threads(self, threads: int) -> None:
         if self.cpu_attention is None:
-            raise ValueError("this engine has no CPU attention pool (policy gpu-only without a host KV pool)")
+            raise ValueError(
+                "this engine has no CPU attention pool (policy gpu-only without a host KV pool)"
+            )
         from neod.kernels.cpu_attention import CpuAttention
 
         if not isinstance(threads, int) or threads < 1:
@@ -72,31 +75,46 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"model.device = {name!r} but no CUDA device is visible; use 'auto' or 'cpu'")
+        raise RuntimeError(
+            f"model.device = {name!r} but no CUDA device is visible; use 'auto' or 'cpu'"
+        )
     return device
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    return {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16,
-            "float32": torch.float32}[name]
+    return {
+        "auto": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+        "float32": torch.float32,
+    }[name]
 
 
-def load_model(model_cfg: Any, device: torch.device, dtype: torch.dtype, max_positions: int | None) -> tuple[Any, str]:
+def load_model(
+    model_cfg: Any, device: torch.device, dtype: torch.dtype, max_positions: int | None
+) -> tuple[Any, str]:
     if model_cfg.path:
         logger.info("loading model path=%s device=%s dtype=%s", model_cfg.path, device, dtype)
-        return LlamaModel.from_pretrained(model_cfg.path, device, dtype, max_positions), model_cfg.path
+        return LlamaModel.from_pretrained(
+            model_cfg.path, device, dtype, max_positions
+        ), model_cfg.path
     logger.info("random weights preset=%s device=%s dtype=%s", model_cfg.preset, device, dtype)
     config = get_preset(model_cfg.preset)
-    return LlamaModel.random(config, device, dtype, seed=model_cfg.seed, max_positions=max_positions), model_cfg.preset
+    return LlamaModel.random(
+        config, device, dtype, seed=model_cfg.seed, max_positions=max_positions
+    ), model_cfg.preset
 
 
 def activation_bytes(config: Any, max_tokens: int, max_rows: int, itemsize: int) -> int:
-    per_token = 4 * config.hidden_size + config.q_size + 2 * config.kv_size + 3 * config.intermediate_size
+    per_token = (
+        4 * config.hidden_size + config.q_size + 2 * config.kv_size + 3 * config.intermediate_size
+    )
     logits = max_rows * config.vocab_size * 4
     return ACTIVATION_SAFETY_FACTOR * (max_tokens * per_token * itemsize + logits)
 
 
-def build_runtime(cfg: Any) -> EngineRuntime:
+def build_runtime(cfg: Any, refresh_profile: bool = False) -> EngineRuntime:
+    """refresh_profile measures this host again even when a stored profile matches."""
     from neod.engine.profiler import load_or_profile
 
     device = resolve_device(cfg.model.device)
@@ -107,18 +125,24 @@ def build_runtime(cfg: Any) -> EngineRuntime:
     model, name = load_model(cfg.model, device, dtype, requested_len)
     mc = model.config
     max_model_len = min(requested_len or mc.max_position_embeddings, model.max_positions)
-    layout = KVLayout(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, cfg.cache.block_size, dtype)
+    layout = KVLayout(
+        mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, cfg.cache.block_size, dtype
+    )
     itemsize = torch.empty((), dtype=dtype).element_size()
     reserve = activation_bytes(mc, max_tokens, max_rows, itemsize) if device.type == "cuda" else 0
-    num_gpu = gpu_pool_blocks(layout, device, cfg.cache.gpu_kv_gib, cfg.cache.gpu_memory_utilization, reserve)
+    num_gpu = gpu_pool_blocks(
+        layout, device, cfg.cache.gpu_kv_gib, cfg.cache.gpu_memory_utilization, reserve
+    )
     gpu_pool = allocate_pool(layout, num_gpu, device)
     cpu_pool = cpu_attention = None
     threads, bandwidth = 0, None
     wants_host_pool = cfg.scheduler.policy != "gpu-only" or cfg.cache.cpu_kv_gib > 0
     if wants_host_pool:
         if dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"policy {cfg.scheduler.policy!r} offloads attention to the CPU, which needs a bfloat16 "
-                             f"or float16 KV cache; model.dtype is {cfg.model.dtype!r}")
+            raise ValueError(
+                f"policy {cfg.scheduler.policy!r} offloads attention to the CPU, which needs a "
+                f"bfloat16 or float16 KV cache; model.dtype is {cfg.model.dtype!r}"
+            )
         from neod.cpu import recommended_threads
         from neod.kernels.cpu_attention import CpuAttention
 
@@ -126,17 +150,36 @@ def build_runtime(cfg: Any) -> EngineRuntime:
         cpu_pool = allocate_pool(layout, num_cpu, torch.device("cpu"), pin=device.type == "cuda")
         threads = cfg.cpu.threads or recommended_threads(cfg.cpu.reserve_cores)
         cpu_attention = CpuAttention(num_threads=threads)
-    logger.info("kv pools gpu_blocks=%d cpu_blocks=%d block_size=%d bytes_per_token=%d cpu_threads=%d",
-                num_gpu, 0 if cpu_pool is None else cpu_pool.shape[1], layout.block_size, layout.bytes_per_token,
-                threads)
+    logger.info(
+        "kv pools gpu_blocks=%d cpu_blocks=%d block_size=%d bytes_per_token=%d cpu_threads=%d",
+        num_gpu,
+        0 if cpu_pool is None else cpu_pool.shape[1],
+        layout.block_size,
+        layout.bytes_per_token,
+        threads,
+    )
     executor = Executor(model, gpu_pool, cpu_pool, cpu_attention, max_rows, max_tokens)
-    cost_model = load_or_profile(cfg, model, layout, executor, threads, max_model_len)
+    cost_model = load_or_profile(
+        cfg, model, layout, executor, threads, max_model_len, refresh=refresh_profile
+    )
     if device.type == "cuda":
         executor.graphs = DecodeGraphs(model, gpu_pool, max_rows, max_model_len)
         executor.graphs.capture_all()
     return EngineRuntime(
-        device=device, model=model, model_name=name, layout=layout, vocab_size=mc.vocab_size,
-        eos_token_ids=tuple(mc.eos_token_ids), max_model_len=max_model_len, max_rows=max_rows,
-        max_tokens=max_tokens, gpu_pool=gpu_pool, cpu_pool=cpu_pool, cpu_attention=cpu_attention,
-        cpu_threads=threads, cpu_bandwidth_gbps=bandwidth, executor=executor,
-        scheduler=Scheduler(cost_model, mc.num_hidden_layers))
+        device=device,
+        model=model,
+        model_name=name,
+        layout=layout,
+        vocab_size=mc.vocab_size,
+        eos_token_ids=tuple(mc.eos_token_ids),
+        max_model_len=max_model_len,
+        max_rows=max_rows,
+        max_tokens=max_tokens,
+        gpu_pool=gpu_pool,
+        cpu_pool=cpu_pool,
+        cpu_attention=cpu_attention,
+        cpu_threads=threads,
+        cpu_bandwidth_gbps=bandwidth,
+        executor=executor,
+        scheduler=Scheduler(cost_model, mc.num_hidden_layers),
+    )

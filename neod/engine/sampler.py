@@ -1,9 +1,9 @@
 """Sampling on the model's device.
 
-Greedy rows take one argmax over the batch. Sampled rows go through temperature, top-k and top-p, then an
-exponential race (argmax of p / E with E ~ Exp(1)), which equals drawing from p. Rows with a seed draw
-their noise from their own generator, so a seeded request gives the same tokens whatever it is batched
-with.
+Greedy rows take one argmax over the batch. Sampled rows go through temperature, top-k and top-p,
+then an exponential race (argmax of p / E with E ~ Exp(1)), which equals drawing from p. Rows with
+a seed draw their noise from their own generator, so a seeded request gives the same tokens
+whatever it is batched with.
 """
 
 from __future__ import annotations
@@ -21,14 +21,20 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the smallest prefix reaching top_p
+        drop = (
+            cum - torch.softmax(sorted_logits, dim=-1) >= top_p
+        )  # keep the smallest prefix reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(0, order, sorted_logits)
     return logits
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None], default_generator: torch.Generator | None) -> list[int]:
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    default_generator: torch.Generator | None,
+) -> list[int]:
     """Pick one token per row. logits: [B, V] fp32; params/generators: one per row."""
     tokens = torch.argmax(logits, dim=-1)  # [B]; greedy rows keep this
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]

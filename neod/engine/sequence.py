@@ -1,8 +1,8 @@
 """Per-request engine state.
 
-A sequence is counters plus the ids of the KV blocks it holds on its one residence device. Prefill, decode,
-swap and recompute all fall out of `num_computed_tokens` versus `len(token_ids)`: after a preemption the
-counter drops to zero and the whole history is prefilled again.
+A sequence is counters plus the ids of the KV blocks it holds on its one residence device. Prefill,
+decode, swap and recompute all fall out of `num_computed_tokens` versus `len(token_ids)`: after a
+preemption the counter drops to zero and the whole history is prefilled again.
 """
 
 from __future__ import annotations
@@ -14,8 +14,15 @@ from neod.sched import Residence, SeqView
 
 
 class Sequence:
-    def __init__(self, seq_id: int, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 max_model_len: int, generator: torch.Generator | None) -> None:
+    def __init__(
+        self,
+        seq_id: int,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        max_model_len: int,
+        generator: torch.Generator | None,
+    ) -> None:
         self.seq_id = seq_id  # doubles as the FCFS arrival order
         self.request_id = request_id
         self.token_ids = list(prompt_token_ids)
@@ -39,7 +46,8 @@ class Sequence:
         return self.num_computed_tokens == 0
 
     def tokens_to_compute(self) -> int:
-        """Tokens this sequence feeds to the model in its next step: the whole history, or the last token."""
+        """Tokens this sequence feeds to the model in its next step: the whole history, or the last
+        token."""
         return len(self.token_ids) if self.is_prefill else 1
 
     def blocks_needed(self, block_size: int) -> int:
@@ -51,8 +59,8 @@ class Sequence:
         return SeqView(
             seq_id=self.seq_id,
             arrival=self.seq_id,
-            # For a waiting sequence the "prompt" is all it must prefill: after a recompute that includes
-            # the tokens it generated before.
+            # For a waiting sequence the "prompt" is all it must prefill: after a recompute that
+            # includes the tokens it generated before.
             num_prompt_tokens=len(self.token_ids) if self.is_prefill else self.num_prompt_tokens,
             num_computed_tokens=self.num_computed_tokens,
             max_total_tokens=self.max_total_tokens,

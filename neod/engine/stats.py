@@ -19,7 +19,9 @@ class EngineStats:
         self.cpu_busy_s = 0.0
         self._recent: deque[tuple[float, float, bool, int]] = deque(maxlen=WINDOW)
 
-    def record_iteration(self, plan: Plan, elapsed_s: float, num_seqs: int, cpu_busy_s: float) -> None:
+    def record_iteration(
+        self, plan: Plan, elapsed_s: float, num_seqs: int, cpu_busy_s: float
+    ) -> None:
         self.busy_s += elapsed_s
         self.cpu_busy_s += cpu_busy_s
         self.num_iterations += 1

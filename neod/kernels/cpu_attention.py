@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from neod.cpu.bandwidth import recommended_threads
+from neod.cpu.topology import pool_cores
 from neod.cython import load_native
 
 logger = logging.getLogger(__name__)
@@ -45,8 +47,6 @@ class CpuAttention:
     def __init__(self, num_threads: int | None = None, cores: list[int] | None = None) -> None:
         native = load_native()
         if cores is None:
-            from neod.cpu import pool_cores, recommended_threads
-
             cores = pool_cores(num_threads if num_threads is not None else recommended_threads())
         elif num_threads is not None and num_threads != len(cores):
             raise ValueError(f"num_threads={num_threads} but {len(cores)} cores were given")

@@ -136,8 +136,9 @@ class LlamaModel:
         return self._lm_head(hidden)
 
     def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits accumulated and returned in fp32, never rounded to bf16/fp16: rounding would create exact
-        ties among the top tokens, and greedy decoding would then hinge on last-bit differences."""
+        """Logits accumulated and returned in fp32, never rounded to bf16/fp16: rounding would
+        create exact ties among the top tokens, and greedy decoding would then hinge on last-bit
+        differences."""
         # hidden: [B, H] -> [B, V] fp32
         weight = self.weights.lm_head
         if weight.dtype == torch.float32:

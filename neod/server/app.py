@@ -37,7 +37,15 @@ from neod.protocol import (
     decode_intake,
     encode,
 )
+from neod.server.admission import (
+    REQUIRED_MODEL_INFO,
+    limits_error,
+    prompt_error,
+    prompt_limit,
+    sampling_params,
+)
 from neod.server.control import ControlHandler
+from neod.server.health import HealthReporter
 from neod.server.jobs import CAUSE_CANCEL, CAUSE_CLIENT_GONE, CAUSE_STOP_STRING, Job
 from neod.server.metrics import Metrics
 from neod.server.runner import EngineLike, EngineRunner
@@ -49,7 +57,6 @@ from neod.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 TOKENIZE_INLINE_CHARS = 16384  # longer prompts are tokenized on a worker thread
-STATUS_EVERY_S = 5.0
 FLUSH_TIMEOUT_S = 2.0
 ENGINE_STOP_TIMEOUT_S = 10.0
 
@@ -86,7 +93,7 @@ class Server:
         self._num_waiting = 0  # accepted, no first token yet
         self._engine_ids = itertools.count()
         self._tasks: set[asyncio.Task] = set()
-        self._timers: list[asyncio.TimerHandle] = []
+        self._health: HealthReporter | None = None
         self._grace_over = asyncio.Event()
         self._done: asyncio.Future[int] | None = None
         self._handlers: dict[type, Callable[[bytes, Any, float], None]] = {
@@ -132,21 +139,16 @@ class Server:
     def open_intake(self, model_info: dict[str, Any]) -> None:
         """Start serving once the engine is built: intake reader, watchdog and status timers."""
         assert self._intake is not None
+        missing = [k for k in REQUIRED_MODEL_INFO if not isinstance(model_info.get(k), int)]
+        if missing:
+            raise RuntimeError(f"the engine's stats() lacks {', '.join(missing)}: the server "
+                               "cannot validate prompts without them")
         self.model_info = dict(model_info)
         self.state = State.SERVING
         self._intake.start()
-        if self.notifier.watchdog_s > 0:
-            self._every(self.notifier.watchdog_s / 2, self._watchdog)
-        self._every(STATUS_EVERY_S, self._report_status)
-
-    def _every(self, period_s: float, fn: Callable[[], None]) -> None:
-        assert self._loop is not None
-
-        def tick() -> None:
-            fn()
-            self._timers[index] = self._loop.call_later(period_s, tick)
-        index = len(self._timers)
-        self._timers.append(self._loop.call_later(period_s, tick))
+        assert self._loop is not None and self.runner is not None
+        self._health = HealthReporter(self._loop, self.notifier, self.runner, self._status_line)
+        self._health.start()
 
     async def wait_closed(self) -> int:
         """Exit status once the server has shut down: 0 after a drain, 1 if the engine failed."""
@@ -202,8 +204,8 @@ class Server:
         if self.state == State.STOPPED:
             return
         self.state = State.STOPPED
-        for timer in self._timers:
-            timer.cancel()
+        if self._health is not None:
+            self._health.stop()
         end = time.monotonic() + FLUSH_TIMEOUT_S
         while self._intake is not None and self._intake.backlog_size and time.monotonic() < end:
             await asyncio.sleep(0.01)
@@ -250,7 +252,12 @@ class Server:
         except ProtocolError as exc:
             self._reject(peer, exc.request_id, exc.code, exc.message)
             return
-        self._handlers[type(msg)](peer, msg, now)
+        try:
+            self._handlers[type(msg)](peer, msg, now)
+        except Exception:  # a bug must cost one request, never the intake
+            logger.exception("event=intake_failed type=%s", msg.type)
+            self._reject(peer, getattr(msg, "id", None), ErrorCode.INTERNAL,
+                         "neod failed to handle this message (its log has the details)")
 
     def _on_ping(self, peer: bytes, msg: Ping, now: float) -> None:
         self._send(peer, Pong(msg.nonce, __version__, self.state.value))
@@ -277,6 +284,11 @@ class Server:
         assert self._loop is not None and msg.prompt is not None
         try:
             ids = await self._loop.run_in_executor(None, self.tokenizer.encode, msg.prompt)
+        except Exception:
+            logger.exception("event=tokenize_failed")
+            self._reject(peer, msg.id, ErrorCode.INTERNAL, "neod failed to tokenize the prompt "
+                                                           "(its log has the details)")
+            return
         finally:
             self._reserved.discard((peer, msg.id))
         if self.state != State.SERVING:
@@ -302,42 +314,14 @@ class Server:
             return ErrorCode.OVERLOADED, (f"{self._num_waiting} requests are already waiting to "
                                           f"start (limit {srv.max_queued_requests}); retry later "
                                           "or on another instance")
-        if msg.max_tokens > srv.max_new_tokens:
-            return ErrorCode.BAD_REQUEST, (f"field 'max_tokens' is {msg.max_tokens}; this daemon "
-                                           f"allows at most {srv.max_new_tokens}")
-        if len(msg.stop) > srv.max_stop_strings:
-            return ErrorCode.BAD_REQUEST, (f"{len(msg.stop)} stop strings given; at most "
-                                           f"{srv.max_stop_strings} allowed")
-        return None
-
-    def prompt_limit(self) -> int:
-        """Longest prompt accepted: the engine's limit, narrowed by [server] max_prompt_tokens."""
-        info = self.model_info
-        limit = min(info["max_model_len"] - 1, info["max_tokens_in_batch"])
-        return min(limit, self.cfg.server.max_prompt_tokens or limit)
+        return limits_error(msg, srv)
 
     def _admit(self, peer: bytes, msg: Generate, now: float, ids: list[int]) -> None:
         assert self.runner is not None and self._loop is not None
-        if not ids:
-            self._reject(peer, msg.id, ErrorCode.BAD_REQUEST, "the prompt is empty")
-            return
-        limit = self.prompt_limit()
-        if len(ids) > limit:
-            self._reject(peer, msg.id, ErrorCode.PROMPT_TOO_LONG,
-                         f"the prompt has {len(ids)} tokens; at most {limit} are accepted "
-                         f"(model context {self.model_info['max_model_len']} tokens); shorten it")
-            return
-        vocab = self.model_info.get("vocab_size")
-        if vocab is not None and max(ids) >= vocab:
-            self._reject(peer, msg.id, ErrorCode.BAD_REQUEST,
-                         f"prompt token id {max(ids)} is outside the vocabulary [0, {vocab})")
-            return
-        try:
-            params = SamplingParams(max_tokens=msg.max_tokens, temperature=msg.temperature,
-                                    top_p=msg.top_p, top_k=msg.top_k, seed=msg.seed,
-                                    stop_token_ids=msg.stop_token_ids, ignore_eos=msg.ignore_eos)
-        except ValueError as exc:
-            self._reject(peer, msg.id, ErrorCode.BAD_REQUEST, str(exc))
+        refusal = prompt_error(ids, self.model_info, self.cfg.server)
+        params = sampling_params(msg) if refusal is None else refusal
+        if not isinstance(params, SamplingParams):
+            self._reject(peer, msg.id, *params)
             return
         engine_id = str(next(self._engine_ids))
         job = Job(peer, msg.id, engine_id, msg.stream, msg.stop_token_ids, now, len(ids),
@@ -388,17 +372,26 @@ class Server:
             job = self._by_engine_id.get(out.request_id)
             if job is None:
                 continue
-            if out.new_token_ids and job.abort_cause is None and not job.closed:
-                if job.first_token is None:
-                    self._num_waiting -= 1
-                self.metrics.tokens(len(out.new_token_ids), now)
-                delta = job.take_tokens(out.new_token_ids, now)
-                if delta is not None and (delta.text or delta.token_ids):
-                    self._send(job.peer, delta)
-                if job.text.stopped_by is not None:
-                    self._abort(job, CAUSE_STOP_STRING)
-            if out.finished:
-                self._finished(job, out)
+            try:
+                self._take_output(job, out, now)
+            except Exception:  # e.g. a detokenizer bug: that request fails, the others go on
+                logger.exception("event=output_failed request=%s", job.engine_id)
+                self._end_now(job, ErrorCode.INTERNAL.value)
+                if out.finished:
+                    self._by_engine_id.pop(job.engine_id, None)
+
+    def _take_output(self, job: Job, out: RequestOutput, now: float) -> None:
+        if out.new_token_ids and job.abort_cause is None and not job.closed:
+            if job.first_token is None:
+                self._num_waiting -= 1
+            self.metrics.tokens(len(out.new_token_ids), now)
+            delta = job.take_tokens(out.new_token_ids, now)
+            if delta is not None and (delta.text or delta.token_ids):
+                self._send(job.peer, delta)
+            if job.text.stopped_by is not None:
+                self._abort(job, CAUSE_STOP_STRING)
+        if out.finished:
+            self._finished(job, out)
 
     def _finished(self, job: Job, out: RequestOutput) -> None:
         del self._by_engine_id[job.engine_id]
@@ -440,20 +433,10 @@ class Server:
         self.exiting = True
         self._spawn(self.close_now(1))
 
-    # ---- watchdog and status -------------------------------------------------------------------
-    def _watchdog(self) -> None:
-        """Ping systemd only while the engine thread is alive: a hung step stops the pings."""
-        assert self.runner is not None
-        silent_s = time.monotonic() - self.runner.last_beat
-        if not self.runner.failed and silent_s < self.notifier.watchdog_s:
-            self.notifier.notify(WATCHDOG=1)
-        else:
-            logger.error("event=watchdog_withheld engine_silent_s=%.1f", silent_s)
-
-    def _report_status(self) -> None:
-        self.notifier.notify(STATUS=f"{self.state.value}: {len(self._by_engine_id)} active, "
-                                    f"{self._num_waiting} waiting, "
-                                    f"{self.metrics.tokens_per_s(time.monotonic())} tok/s")
+    # ---- status --------------------------------------------------------------------------------
+    def _status_line(self) -> str:
+        return (f"{self.state.value}: {len(self._by_engine_id)} active, {self._num_waiting} "
+                f"waiting, {self.metrics.tokens_per_s(time.monotonic())} tok/s")
 
     def server_stats(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -466,6 +449,7 @@ class Server:
             "held_by_neod": self.runner.num_pending if self.runner else 0,
             "producers": len(self._peers),
             "send_backlog": self._intake.backlog_size if self._intake else 0,
-            "prompt_limit": self.prompt_limit() if self.model_info else None,
+            "prompt_limit": prompt_limit(self.model_info, self.cfg.server)
+            if self.model_info else None,
             **self.metrics.snapshot(now),
         }

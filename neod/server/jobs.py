@@ -114,6 +114,6 @@ _CAUSE_MESSAGES = {
     ErrorCode.SHUTTING_DOWN.value: "neod shut down before this request finished; retry it on "
                                    "another instance or after the restart",
     ErrorCode.CANCELLED.value: "an operator cancelled this request",
-    ErrorCode.INTERNAL.value: "the engine failed and neod is restarting (its log has the details); "
-                              "retry this request",
+    ErrorCode.INTERNAL.value: "neod or its engine failed while serving this request (the "
+                              "daemon's log has the details); retry it",
 }

@@ -172,6 +172,7 @@ class EngineRunner:
             if self.engine is not None and not self.failed:
                 self._loop()
         finally:
+            self.engine = None  # let its pools be freed once the thread is done
             with self._cond:
                 calls, self._calls = self._calls, []
             for _, future in calls:

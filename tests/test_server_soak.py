@@ -1,0 +1,31 @@
+"""The soak command (`python -m neod.bench.soak`) as a test: a short run by default, the long one
+on request (`pytest -m slow`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import orjson
+import pytest
+
+
+def soak(*args: str, timeout_s: float) -> dict:
+    # One torch thread: the soak's producers share this 2-core host with the engine thread.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "neod.bench.soak", *args], capture_output=True,
+                         text=True, timeout=timeout_s, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    return orjson.loads(out.stdout)
+
+
+def test_short_soak_accounts_for_every_request() -> None:
+    report = soak("--requests", "150", "--concurrency", "8", "--seed", "1", timeout_s=300)
+    assert sum(report["outcomes"].values()) == 150 and not report["problems"]
+
+
+@pytest.mark.slow
+def test_long_soak() -> None:
+    report = soak("--requests", "5000", "--concurrency", "64", timeout_s=3600)
+    assert sum(report["outcomes"].values()) == 5000 and not report["problems"]
