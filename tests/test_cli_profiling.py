@@ -23,7 +23,7 @@ cpu_kv_gib = 0.01
 [cpu]
 threads = 1
 [profile]
-dir = "{tmp_path / 'profiles'}"
+dir = "{tmp_path / "profiles"}"
 """)
     return str(path)
 
@@ -37,12 +37,25 @@ def test_predict_needs_a_profile_then_uses_it(tmp_path):
 
     measured = runner.invoke(app, ["--config", config, "profile", "--json"])
     assert measured.exit_code == 0, measured.output
-    profile = orjson.loads(measured.stdout[measured.stdout.index("{"):])
+    profile = orjson.loads(measured.stdout[measured.stdout.index("{") :])
     assert profile["tables"]["cpu_decode_attn"] is not None
     assert list(tmp_path.joinpath("profiles").glob("profile-*.json"))
 
-    predicted = runner.invoke(app, ["--config", config, "predict", "--gpu-kv-gib", "0.001",
-                                    "--input-len", "100", "--output-len", "20", "--json"])
+    predicted = runner.invoke(
+        app,
+        [
+            "--config",
+            config,
+            "predict",
+            "--gpu-kv-gib",
+            "0.001",
+            "--input-len",
+            "100",
+            "--output-len",
+            "20",
+            "--json",
+        ],
+    )
     assert predicted.exit_code == 0, predicted.output
     result = orjson.loads(predicted.stdout)
     assert result["gpu_only"]["tokens_per_s"] > 0

@@ -83,6 +83,7 @@ def run_workload(engine: Engine, workload: list[tuple[list[int], int]]) -> dict[
         "iterations": iterations["total"],
         "pipelined_share": iterations["pipelined"] / max(1, iterations["total"]),
         "cpu_busy_share": iterations.get("cpu_busy_share"),
+        "mean_cpu_decodes": iterations["mean_cpu_decodes"],
         "median_iter_ms": iterations["median_iter_ms"],
         "median_prediction_error": iterations["median_prediction_error"],
     }
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"{'policy':10} {'tok/s':>9} {'x':>6} {'TTFT p50':>9} {'p99':>8} {'TPOT p50':>9} "
-        f"{'p99':>8} {'pipe%':>6} {'pred err':>8}"
+        f"{'p99':>8} {'pipe%':>6} {'pred err':>8} {'CPU reqs':>8} {'CPU busy':>8}"
     )
     for policy, r in results.items():
         speedup = report.get("speedup_vs_gpu_only", {}).get(policy, float("nan"))
@@ -169,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"{policy:10} {r['output_tokens_per_s']:9.1f} {speedup:6.2f} {r['ttft_p50_s']:9.3f} "
             f"{r['ttft_p99_s']:8.3f} {r['tpot_p50_s'] * 1e3:8.1f}m {r['tpot_p99_s'] * 1e3:7.1f}m "
-            f"{100 * r['pipelined_share']:6.1f} {'-' if err is None else f'{100 * err:7.1f}%'}"
+            f"{100 * r['pipelined_share']:6.1f} {'-' if err is None else f'{100 * err:7.1f}%'} "
+            f"{r['mean_cpu_decodes']:8.1f} {100 * (r['cpu_busy_share'] or 0):7.1f}%"
         )
 
 

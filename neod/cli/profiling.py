@@ -1,9 +1,10 @@
-"""`neoctl profile` and `neoctl predict`: this host's measured costs, and what they mean for a workload.
+"""`neoctl profile` and `neoctl predict`: this host's measured costs, and what they mean.
 
-Both work offline, from the configuration, without a running daemon: `profile` loads the model and the KV
-pools itself to measure them (stop neod first: they compete for GPU memory), and stores the profile where
-neod looks for it at start; `predict` reads that stored profile and answers the operator's question
-before turning NEO on: for this workload and this GPU KV budget, how fast is GPU-only, how fast NEO?
+Both work offline, from the configuration, without a running daemon: `profile` loads the model and
+the KV pools itself to measure them (stop neod first: they compete for GPU memory), and stores the
+profile where neod looks for it at start; `predict` reads that stored profile and answers the
+operator's question before turning NEO on: for this workload and this GPU KV budget, how fast is
+GPU-only, how fast NEO?
 """
 
 from __future__ import annotations
@@ -23,11 +24,15 @@ def _model_config(cfg: Any) -> Any:
     from neod.model.config import ModelConfig
     from neod.model.presets import get_preset
 
-    return ModelConfig.from_pretrained(cfg.model.path) if cfg.model.path else get_preset(cfg.model.preset)
+    return (
+        ModelConfig.from_pretrained(cfg.model.path)
+        if cfg.model.path
+        else get_preset(cfg.model.preset)
+    )
 
 
 def _stored_profile(cfg: Any) -> tuple[Any, Any, Any]:
-    """(profile or None, KV layout, where it is or would be) for the configured model on this host."""
+    """(profile or None, KV layout, its path) for the configured model on this host."""
     from neod.cache.pool import KVLayout
     from neod.config import profile_dir
     from neod.cpu import recommended_threads
@@ -37,7 +42,9 @@ def _stored_profile(cfg: Any) -> tuple[Any, Any, Any]:
 
     mc = _model_config(cfg)
     device, dtype = resolve_device(cfg.model.device), resolve_dtype(cfg.model.dtype)
-    layout = KVLayout(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, cfg.cache.block_size, dtype)
+    layout = KVLayout(
+        mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, cfg.cache.block_size, dtype
+    )
     threads = cfg.cpu.threads or recommended_threads(cfg.cpu.reserve_cores)
     key = host_key(SimpleNamespace(config=mc, device=device), layout, threads)
     path = profile_path(profile_dir(cfg), key)
@@ -48,20 +55,26 @@ def _render_prediction(p: dict[str, Any]) -> str:
     g, n = p["gpu_only"], p["neo"]
     mode = "pipelined" if n["pipelined"] else "sequential"
     gain = "n/a" if p["gain"] is None else f"{p['gain']:.2f}x"
-    return "\n".join([
-        f"workload: input {p['input_len']} tokens, output {p['output_len']} tokens",
-        f"gpu-only: {g['tokens_per_s']:8.1f} tok/s  batch {g['gpu_batch']} (bound by {g['bound']}), "
-        f"iteration {g['iteration_s'] * 1e3:.2f} ms",
-        f"neo:      {n['tokens_per_s']:8.1f} tok/s  batch {n['gpu_batch']} GPU + {n['cpu_batch']} CPU "
-        f"({mode}, CPU bound by {n['cpu_bound']}), iteration {n['iteration_s'] * 1e3:.2f} ms",
-        f"gain {gain}: use policy {p['mode']} (auto decides this per iteration)",
-    ])
+    return "\n".join(
+        [
+            f"workload: input {p['input_len']} tokens, output {p['output_len']} tokens",
+            f"gpu-only: {g['tokens_per_s']:8.1f} tok/s  batch {g['gpu_batch']} "
+            f"(bound by {g['bound']}), "
+            f"iteration {g['iteration_s'] * 1e3:.2f} ms",
+            f"neo:      {n['tokens_per_s']:8.1f} tok/s  batch {n['gpu_batch']} GPU + "
+            f"{n['cpu_batch']} CPU "
+            f"({mode}, CPU bound by {n['cpu_bound']}), iteration {n['iteration_s'] * 1e3:.2f} ms",
+            f"gain {gain}: use policy {p['mode']} (auto decides this per iteration)",
+        ]
+    )
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
-    def profile(ctx: typer.Context,
-                json_out: bool = typer.Option(False, "--json", help="print the stored profile")) -> None:
+    def profile(
+        ctx: typer.Context,
+        json_out: bool = typer.Option(False, "--json", help="print the stored profile"),
+    ) -> None:
         """Measure this host's stage costs for the configured model and store them for neod.
 
         Loads the model and the KV pools: run it while neod is stopped."""
@@ -80,17 +93,26 @@ def register(app: typer.Typer) -> None:
         if json_out:
             echo_json(stored.to_json())
             return
-        typer.echo(f"profile of {runtime.model_name} on {runtime.device} stored at {path} "
-                   f"(measured in {stored.meta.get('duration_s', '?')} s)")
+        typer.echo(
+            f"profile of {runtime.model_name} on {runtime.device} stored at {path} "
+            f"(measured in {stored.meta.get('duration_s', '?')} s)"
+        )
 
     @app.command()
-    def predict(ctx: typer.Context,
-                input_len: int = typer.Option(1000, min=1, help="mean prompt tokens"),
-                output_len: int = typer.Option(200, min=1, help="mean output tokens"),
-                gpu_kv_gib: float = typer.Option(0.0, min=0.0, help="GPU KV budget (default: cache.gpu_kv_gib)"),
-                cpu_kv_gib: float = typer.Option(0.0, min=0.0, help="host KV pool (default: cache.cpu_kv_gib, "
-                                                 "else what this host allows)"),
-                json_out: bool = typer.Option(False, "--json")) -> None:
+    def predict(
+        ctx: typer.Context,
+        input_len: int = typer.Option(1000, min=1, help="mean prompt tokens"),
+        output_len: int = typer.Option(200, min=1, help="mean output tokens"),
+        gpu_kv_gib: float = typer.Option(
+            0.0, min=0.0, help="GPU KV budget (default: cache.gpu_kv_gib)"
+        ),
+        cpu_kv_gib: float = typer.Option(
+            0.0,
+            min=0.0,
+            help="host KV pool (default: cache.cpu_kv_gib, else what this host allows)",
+        ),
+        json_out: bool = typer.Option(False, "--json"),
+    ) -> None:
         """Predict GPU-only and NEO throughput for a workload from this host's stored profile."""
         from neod.cache.pool import host_pool_blocks
         from neod.sched import Limits, TableCostModel, predict_workload
@@ -98,8 +120,11 @@ def register(app: typer.Typer) -> None:
         cfg = ctx.obj.config()
         profile, layout, path = _stored_profile(cfg)
         if profile is None:
-            fail(f"no profile of this model on this host at {path}: run `neoctl profile` (or start neod "
-                 "once, which profiles a new host)")
+            fail(
+                f"no profile of this model on this host at {path}: run `neoctl profile` "
+                "(or start neod "
+                "once, which profiles a new host)"
+            )
         gpu_bytes = int((gpu_kv_gib or cfg.cache.gpu_kv_gib) * GIB)
         if gpu_bytes <= 0:
             fail("give the GPU KV budget: --gpu-kv-gib (or set cache.gpu_kv_gib)")
@@ -107,8 +132,17 @@ def register(app: typer.Typer) -> None:
         if cpu_bytes <= 0:
             cpu_bytes = host_pool_blocks(layout, 0.0, pinned=False) * layout.block_bytes
         limits = Limits(cfg.scheduler.max_batch_size, cfg.scheduler.max_tokens_in_batch, "auto")
-        result = predict_workload(TableCostModel(profile), layout.num_layers, layout.bytes_per_token, gpu_bytes,
-                                  cpu_bytes, input_len, output_len, limits, block_size=layout.block_size)
+        result = predict_workload(
+            TableCostModel(profile),
+            layout.num_layers,
+            layout.bytes_per_token,
+            gpu_bytes,
+            cpu_bytes,
+            input_len,
+            output_len,
+            limits,
+            block_size=layout.block_size,
+        )
         if json_out:
             echo_json(result)
         else:

@@ -14,12 +14,14 @@ import logging
 import queue
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from neod.cache.allocator import BlockAllocator
 from neod.engine.batch import SubBatch, build_sub_batch
+from neod.engine.guard import OffloadGuard
 from neod.engine.request import FinishReason, RequestOutput, SamplingParams
 from neod.engine.runtime import EngineRuntime, build_runtime
 from neod.engine.sampler import sample
@@ -49,6 +51,7 @@ class Engine:
         self.running: dict[int, Sequence] = {}
         self.step_index = 0
         self.stats_ = EngineStats()
+        self.guard = OffloadGuard()
         self._default_generator = torch.Generator(device=rt.device)
         self._default_generator.manual_seed(cfg.model.seed)
 
@@ -76,7 +79,7 @@ class Engine:
             [s.view() for s in self.waiting],
             [s.view() for s in self.running.values()],
             self._cache_view(),
-            self.limits,
+            self._effective_limits(),
             self.step_index,
         )
         batches, order = self._apply(plan, outputs)
@@ -94,9 +97,21 @@ class Engine:
             self.stats_.record_iteration(
                 plan, elapsed, len(order), self.rt.executor.cpu_busy_s - cpu_busy_before
             )
+            if not (plan.prefill_gpu or plan.prefill_cpu or plan.swap_out or plan.swap_in):
+                used_cpu = bool(plan.decode_cpu_b0 or plan.decode_cpu_b1)
+                self.guard.record(self.step_index, used_cpu, len(order), elapsed)
             for seq, token in zip(order, tokens, strict=True):
                 self._advance(seq, token, outputs)
         return outputs
+
+    def _effective_limits(self) -> Limits:
+        """Policy auto stops offloading new work while the guard measures offloading losing;
+        requests already on the CPU keep decoding there until GPU room brings them back."""
+        if self.limits.policy != "auto" or self.guard.allows_offload(self.step_index):
+            return self.limits
+        if any(s.residence == Residence.CPU for s in self.running.values()):
+            return self.limits
+        return replace(self.limits, policy="gpu-only")
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """End every request with an error, freeing its blocks: the last resort after a failed
@@ -176,6 +191,7 @@ class Engine:
                 "read_bandwidth_gbps": self.rt.cpu_bandwidth_gbps,
             },
             "iterations": self.stats_.snapshot(),
+            "offload_guard": self.guard.snapshot(),
         }
 
     # ---- internals -------------------------------------------------------------------------------

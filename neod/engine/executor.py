@@ -112,8 +112,8 @@ class Executor:
         self.d2h = torch.cuda.Stream(self.device) if on_gpu else None
         self.h2d = torch.cuda.Stream(self.device) if on_gpu else None
         self._pending_swaps: list[torch.cuda.Event] = []
-        # One thread runs each sub-batch's host work in turn (the native call releases the GIL), so the
-        # engine thread never blocks in CPU attention while GPU work remains to be issued.
+        # One thread runs the sub-batches' host work in turn (the native call releases the GIL),
+        # so the engine thread never blocks in CPU attention while GPU work remains to be issued.
         self._cpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neod-cpu-attn")
         self.cpu_busy_s = 0.0  # host time spent inside CPU attention, for the utilisation statistic
         self._buffers = (
@@ -201,17 +201,20 @@ class Executor:
             f.qkv_on_host.record(self.d2h)
 
     def _cpu_start(self, f: _Flight, layer: int) -> Future | None:
-        """Hand one layer's host work of a sub-batch to the CPU-attention thread; returns at once, so
+        """Hand one layer's host work of a sub-batch to the CPU-attention thread; returns at once,
+        so
         this thread goes on issuing GPU work while the pinned pool computes."""
         if not f.has_cpu_work:
             return None
-        for event in self._pending_swaps:  # swapped blocks must have landed before the CPU touches them
+        for (
+            event
+        ) in self._pending_swaps:  # swapped blocks must have landed before the CPU touches them
             event.synchronize()
         self._pending_swaps.clear()
         return self._cpu_thread.submit(self._cpu_work, f, layer)
 
     def _cpu_work(self, f: _Flight, layer: int) -> None:
-        """On the CPU-attention thread: store CPU-bound prefill KV, then the CPU decode attention."""
+        """On the CPU-attention thread: store CPU-bound prefill KV, then CPU decode attention."""
         with torch.inference_mode():
             if f.qkv_on_host is not None:
                 f.qkv_on_host.synchronize()
@@ -220,7 +223,10 @@ class Executor:
             p0, p1 = b.cpu_prefill_rows
             if p1 > p0:
                 ops.store_kv_(
-                    buf.prefill_k[: p1 - p0], buf.prefill_v[: p1 - p0], kv_layer, b.cpu_prefill_slots
+                    buf.prefill_k[: p1 - p0],
+                    buf.prefill_v[: p1 - p0],
+                    kv_layer,
+                    b.cpu_prefill_slots,
                 )
             n = b.num_cpu_decodes
             if not n:

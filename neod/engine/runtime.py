@@ -9,6 +9,7 @@ executor. None of it is written back into the config.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,13 +144,16 @@ def build_runtime(cfg: Any, refresh_profile: bool = False) -> EngineRuntime:
                 f"policy {cfg.scheduler.policy!r} offloads attention to the CPU, which needs a "
                 f"bfloat16 or float16 KV cache; model.dtype is {cfg.model.dtype!r}"
             )
-        from neod.cpu import recommended_threads
+        from neod.cpu import pool_cores, recommended_threads
         from neod.kernels.cpu_attention import CpuAttention
 
         num_cpu = host_pool_blocks(layout, cfg.cache.cpu_kv_gib, pinned=device.type == "cuda")
         cpu_pool = allocate_pool(layout, num_cpu, torch.device("cpu"), pin=device.type == "cuda")
         threads = cfg.cpu.threads or recommended_threads(cfg.cpu.reserve_cores)
-        cpu_attention = CpuAttention(num_threads=threads)
+        cpu_attention = CpuAttention(cores=pool_cores(threads, cfg.cpu.reserve_cores))
+    # torch's own CPU threads get what the pinned pool and the reserved cores leave: OpenMP workers
+    # that spin on the pool's cores would slow the CPU attention (on a CPU host, the model too).
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - threads - cfg.cpu.reserve_cores))
     logger.info(
         "kv pools gpu_blocks=%d cpu_blocks=%d block_size=%d bytes_per_token=%d cpu_threads=%d",
         num_gpu,

@@ -16,6 +16,7 @@ class EngineStats:
         self.num_pipelined = 0
         self.num_tokens = 0
         self.busy_s = 0.0
+        self.num_cpu_decodes = 0
         self.cpu_busy_s = 0.0
         self._recent: deque[tuple[float, float, bool, int]] = deque(maxlen=WINDOW)
 
@@ -27,6 +28,7 @@ class EngineStats:
         self.num_iterations += 1
         self.num_pipelined += plan.pipelined
         self.num_tokens += num_seqs
+        self.num_cpu_decodes += len(plan.decode_cpu_b0) + len(plan.decode_cpu_b1)
         self._recent.append((elapsed_s, plan.predicted_iter_s, plan.pipelined, num_seqs))
 
     def snapshot(self) -> dict[str, Any]:
@@ -44,5 +46,6 @@ class EngineStats:
             "last_mode": ("pipelined" if recent[-1][2] else "sequential") if recent else None,
             "median_iter_ms": None if not measured else median(measured) * 1e3,
             "median_prediction_error": median(errors),
+            "mean_cpu_decodes": self.num_cpu_decodes / max(1, self.num_iterations),
             "cpu_busy_share": self.cpu_busy_s / self.busy_s if self.busy_s else None,
         }
