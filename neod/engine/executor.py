@@ -28,6 +28,7 @@ import torch
 
 from neod.engine.batch import SubBatch
 from neod.engine.graphs import DecodeGraphs
+from neod.engine.stage_graphs import StageGraphs
 from neod.kernels import ops
 from neod.model.attention import gpu_attention
 
@@ -74,6 +75,8 @@ class _Flight:
     hidden: torch.Tensor  # [T, H]
     residual: torch.Tensor | None = None
     attn_out: torch.Tensor | None = None  # [T, Hq * D]
+    graph_slot: int | None = None  # which StageGraphs buffers this sub-batch uses; None = eager
+    graph_size: int = 0  # its padded row count
     q: torch.Tensor | None = None  # [T, Hq, D], between the projections and the GPU attention
     k: torch.Tensor | None = None  # [T, Hkv, D]
     v: torch.Tensor | None = None  # [T, Hkv, D]
@@ -103,6 +106,7 @@ class Executor:
         self.cpu_pool = cpu_pool  # [L, N_cpu, 2, Hkv, bs, D] (pinned on a GPU host) or None
         self.cpu_attention = cpu_attention
         self.graphs = graphs  # captured GPU decode steps; None on a CPU host
+        self.stage_graphs: StageGraphs | None = None  # captured pipelined stages (GPU hosts)
         self.num_layers = cfg.num_hidden_layers
         self.num_heads = cfg.num_attention_heads
         self.head_dim = cfg.head_dim
@@ -161,12 +165,19 @@ class Executor:
         """Projections of one layer; the CPU rows' Q/K/V leave for the host as soon as they
         exist."""
         b = f.batch
-        f.q, f.k, f.v, f.residual = self.model.layer_pre(layer, f.hidden, f.residual, b.positions)
+        if f.graph_slot is not None:
+            n = b.num_tokens
+            q, k, v = self.stage_graphs.replay(f.graph_slot, f.graph_size, layer)
+            f.q, f.k, f.v = q[:n], k[:n], v[:n]
+        else:
+            f.q, f.k, f.v, f.residual = self.model.layer_pre(
+                layer, f.hidden, f.residual, b.positions
+            )
+            f.attn_out = torch.empty(
+                (b.num_tokens, self.num_heads * self.head_dim), dtype=f.q.dtype, device=self.device
+            )
         if f.has_cpu_work:
             self._qkv_to_host(f, f.q, f.k, f.v)
-        f.attn_out = torch.empty(
-            (b.num_tokens, self.num_heads * self.head_dim), dtype=f.q.dtype, device=self.device
-        )
 
     def _gpu_attention(self, f: _Flight, layer: int) -> None:
         b, g = f.batch, f.batch.num_gpu_rows
@@ -195,7 +206,8 @@ class Executor:
         with torch.cuda.stream(self.d2h):
             for dst, src in copies:
                 if src.numel():
-                    src.record_stream(self.d2h)
+                    if f.graph_slot is None:  # graph outputs are never freed
+                        src.record_stream(self.d2h)
                     dst.copy_(src, non_blocking=True)
             f.qkv_on_host = torch.cuda.Event()
             f.qkv_on_host.record(self.d2h)
@@ -258,16 +270,45 @@ class Executor:
         if self.h2d is None:
             rows.copy_(buf.o[:n].view(n, -1))
             return
+        # The rows may be a buffer that the compute stream still reads for the previous layer.
+        self.h2d.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.h2d):
             f.attn_out.record_stream(self.h2d)
             rows.copy_(buf.o[:n].view(n, -1), non_blocking=True)
             f.out_on_device = torch.cuda.Event()
             f.out_on_device.record(self.h2d)
 
-    def _post(self, f: _Flight, layer: int) -> None:
+    def _post_pre(self, f: _Flight, layer: int) -> None:
+        """post(layer), then pre(layer + 1) unless it was the last layer."""
         if f.out_on_device is not None and f.batch.num_cpu_decodes:
             torch.cuda.current_stream(self.device).wait_event(f.out_on_device)
-        f.hidden, f.residual = self.model.layer_post(layer, f.attn_out, f.residual)
+        if f.graph_slot is None:
+            f.hidden, f.residual = self.model.layer_post(layer, f.attn_out, f.residual)
+            if layer < self.num_layers - 1:
+                self._pre(f, layer + 1)
+            return
+        if layer < self.num_layers - 1:
+            self._pre(f, layer + 1)  # one replay: post(layer) + pre(layer + 1)
+            return
+        self.stage_graphs.replay(f.graph_slot, f.graph_size, self.num_layers)
+        n = f.batch.num_tokens
+        f.hidden = self.stage_graphs.hidden[f.graph_slot][:n]
+        f.residual = self.stage_graphs.residual[f.graph_slot][:n]
+
+    def _start_flight(self, slot: int, batch: SubBatch) -> _Flight:
+        buffers = self._buffers[slot] if self._buffers else None
+        f = _Flight(batch, buffers, self.model.embed(batch.input_ids))
+        graphs = self.stage_graphs
+        size = None if graphs is None else graphs.bucket(batch.num_tokens)
+        no_prefill = batch.gpu_meta.num_prefill_tokens == 0
+        no_prefill = no_prefill and batch.cpu_prefill_rows[0] == batch.cpu_prefill_rows[1]
+        if size is not None and no_prefill:
+            n = batch.num_tokens
+            graphs.hidden[slot][:n].copy_(f.hidden)
+            graphs.positions[slot][:n].copy_(batch.positions)
+            f.graph_slot, f.graph_size = slot, size
+            f.attn_out = graphs.attn_out[slot][:n]
+        return f
 
     # ---- the iteration ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -280,10 +321,7 @@ class Executor:
         if self.graphs is not None and len(batches) == 1 and self.graphs.accepts(batches[0]):
             self._pending_swaps.clear()
             return [self.graphs.run(batches[0])]
-        flights = [
-            _Flight(b, self._buffers[i] if self._buffers else None, self.model.embed(b.input_ids))
-            for i, b in enumerate(batches)
-        ]
+        flights = [self._start_flight(i, b) for i, b in enumerate(batches)]
         f0 = flights[0]
         f1 = flights[1] if len(flights) > 1 else None
         last = self.num_layers - 1
@@ -296,18 +334,14 @@ class Executor:
         for i in range(self.num_layers):
             # Stage A. CPU: attention(i) of b1. GPU: post(i) + pre(i+1) of b0.
             work = self._cpu_start(f1, i) if f1 is not None else None
-            self._post(f0, i)
-            if i < last:
-                self._pre(f0, i + 1)
+            self._post_pre(f0, i)
             if f1 is not None:
                 self._cpu_finish(f1, work)
             # Stage B. CPU: b0's CPU rows of layer i+1 (from the moment their Q/K/V land).
             # GPU: post(i) + pre(i+1) of b1, then GPU attention(i+1) of b0.
             work = self._cpu_start(f0, i + 1) if i < last else None
             if f1 is not None:
-                self._post(f1, i)
-                if i < last:
-                    self._pre(f1, i + 1)
+                self._post_pre(f1, i)
             if i < last:
                 self._gpu_attention(f0, i + 1)
                 self._cpu_finish(f0, work)

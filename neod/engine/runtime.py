@@ -18,6 +18,7 @@ import torch
 from neod.cache.pool import KVLayout, allocate_pool, gpu_pool_blocks, host_pool_blocks
 from neod.engine.executor import Executor
 from neod.engine.graphs import DecodeGraphs
+from neod.engine.stage_graphs import StageGraphs
 from neod.model.llama import LlamaModel
 from neod.model.presets import get_preset
 from neod.sched import Scheduler
@@ -169,6 +170,9 @@ def build_runtime(cfg: Any, refresh_profile: bool = False) -> EngineRuntime:
     if device.type == "cuda":
         executor.graphs = DecodeGraphs(model, gpu_pool, max_rows, max_model_len)
         executor.graphs.capture_all()
+        if cpu_pool is not None:
+            executor.stage_graphs = StageGraphs(model, max_rows)
+            executor.stage_graphs.capture_all()
     return EngineRuntime(
         device=device,
         model=model,
