@@ -3,9 +3,10 @@
 from neod.engine.guard import BACKOFF_STEPS, MIN_SAMPLES, OffloadGuard
 
 
-def feed(guard: OffloadGuard, start: int, used_cpu: bool, tokens_per_s: float, n: int) -> int:
+def feed(guard: OffloadGuard, start: int, used_cpu: bool, tokens_per_s: float, n: int,
+         predicted_s: float = 0.01) -> int:
     for step in range(start, start + n):
-        guard.record(step, used_cpu, int(tokens_per_s / 100), 0.01)
+        guard.record(step, used_cpu, int(tokens_per_s / 100), 0.01, predicted_s)
     return start + n
 
 
@@ -27,3 +28,12 @@ def test_keeps_offloading_while_it_pays():
     assert guard.allows_offload(step)
     step = feed(guard, step, True, 980.0, MIN_SAMPLES)  # within the margin: still allowed
     assert guard.allows_offload(step)
+
+
+def test_blocks_when_offloaded_iterations_are_badly_underestimated():
+    """With no GPU-only iteration to compare with, a predictor that is far off stops offloading."""
+    guard = OffloadGuard()
+    step = feed(guard, 0, True, 1000.0, MIN_SAMPLES, predicted_s=0.009)  # 11% over: trusted
+    assert guard.allows_offload(step)
+    step = feed(guard, step, True, 1000.0, MIN_SAMPLES, predicted_s=0.005)  # twice the prediction
+    assert not guard.allows_offload(step)

@@ -99,17 +99,17 @@ class Engine:
             )
             if not (plan.prefill_gpu or plan.prefill_cpu or plan.swap_out or plan.swap_in):
                 used_cpu = bool(plan.decode_cpu_b0 or plan.decode_cpu_b1)
-                self.guard.record(self.step_index, used_cpu, len(order), elapsed)
+                self.guard.record(
+                    self.step_index, used_cpu, len(order), elapsed, plan.predicted_iter_s
+                )
             for seq, token in zip(order, tokens, strict=True):
                 self._advance(seq, token, outputs)
         return outputs
 
     def _effective_limits(self) -> Limits:
-        """Policy auto stops offloading new work while the guard measures offloading losing;
-        requests already on the CPU keep decoding there until GPU room brings them back."""
+        """Policy auto runs as gpu-only while the guard measures offloading losing: no new work
+        goes to the CPU, and requests there come home (or are recomputed) as GPU room allows."""
         if self.limits.policy != "auto" or self.guard.allows_offload(self.step_index):
-            return self.limits
-        if any(s.residence == Residence.CPU for s in self.running.values()):
             return self.limits
         return replace(self.limits, policy="gpu-only")
 
