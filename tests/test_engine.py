@@ -321,3 +321,11 @@ def test_pipelined_swaps_and_cpu_prefills_keep_greedy_tokens(tmp_path):
     assert_greedy_equal(engine, {f"r{i}": p for i, p in enumerate(ps)}, expected, got)
     assert engine.stats()["iterations"]["pipelined"] > 0
     assert_all_free(engine)
+
+
+def test_close_stops_the_cpu_pool(tmp_path):
+    engine = make_engine(tmp_path, **{"scheduler.policy": "neo", "cache.cpu_kv_gib": 0.01})
+    engine.add_request("a", [1, 2, 3], GREEDY)
+    run_all(engine)
+    engine.close()
+    assert engine.rt.cpu_attention.closed

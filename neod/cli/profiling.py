@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-from neod.cli.ctl import Ctl, echo_json, fail
+from neod.cli.common import Ctl, echo_json, fail
 
 GIB = 1 << 30
 

@@ -113,6 +113,10 @@ class Engine:
             return self.limits
         return replace(self.limits, policy="gpu-only")
 
+    def close(self) -> None:
+        """Releases the engine's threads; call once no step will run again."""
+        self.rt.close()
+
     def fail_all(self, message: str) -> list[RequestOutput]:
         """End every request with an error, freeing its blocks: the last resort after a failed
         step."""

@@ -137,6 +137,9 @@ class Executor:
             else []
         )
 
+    def close(self) -> None:
+        self._cpu_thread.shutdown(wait=True)
+
     # ---- swaps -----------------------------------------------------------------------------------
     def swap(
         self,

@@ -57,6 +57,12 @@ class EngineRuntime:
     def num_cpu_blocks(self) -> int:
         return 0 if self.cpu_pool is None else self.cpu_pool.shape[1]
 
+    def close(self) -> None:
+        """Stops the CPU attention pool and the executor's helper thread."""
+        self.executor.close()
+        if self.cpu_attention is not None:
+            self.cpu_attention.close()
+
     def set_cpu_threads(self, threads: int) -> None:
         if self.cpu_attention is None:
             raise ValueError(

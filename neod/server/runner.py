@@ -172,6 +172,9 @@ class EngineRunner:
             if self.engine is not None and not self.failed:
                 self._loop()
         finally:
+            close = getattr(self.engine, "close", None)  # scripted test engines may have none
+            if close is not None:
+                close()
             self.engine = None  # let its pools be freed once the thread is done
             with self._cond:
                 calls, self._calls = self._calls, []
