@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 # Activation memory per batch token is estimated from the layer widths, then multiplied by this
 # factor to leave room for the caching allocator's fragmentation and attention workspaces.
 ACTIVATION_SAFETY_FACTOR = 3
+CPU_DEVICE_HOST_POOL_GIB = 1.0  # default host KV pool when the model itself runs on the CPU
 
 
 @dataclass
@@ -154,7 +155,10 @@ def build_runtime(cfg: Any, refresh_profile: bool = False) -> EngineRuntime:
         from neod.cpu import pool_cores, recommended_threads
         from neod.kernels.cpu_attention import CpuAttention
 
-        num_cpu = host_pool_blocks(layout, cfg.cache.cpu_kv_gib, pinned=device.type == "cuda")
+        # A CPU-only host has no GPU memory to relieve: a small host pool keeps the demo light.
+        on_cpu = device.type == "cpu"
+        cpu_kv_gib = cfg.cache.cpu_kv_gib or (CPU_DEVICE_HOST_POOL_GIB if on_cpu else 0.0)
+        num_cpu = host_pool_blocks(layout, cpu_kv_gib, pinned=device.type == "cuda")
         cpu_pool = allocate_pool(layout, num_cpu, torch.device("cpu"), pin=device.type == "cuda")
         threads = cfg.cpu.threads or recommended_threads(cfg.cpu.reserve_cores)
         cpu_attention = CpuAttention(cores=pool_cores(threads, cfg.cpu.reserve_cores))
