@@ -9,8 +9,11 @@ an impossible request names the limit that stops it and how to lift it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import resource
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,14 +54,37 @@ class KVLayout:
 
 
 def allocate_pool(
-    layout: KVLayout, num_blocks: int, device: torch.device, pin: bool = False
+    layout: KVLayout,
+    num_blocks: int,
+    device: torch.device,
+    pin: bool = False,
+    local_to_cpus: list[int] | None = None,
 ) -> torch.Tensor:
-    """Zero-filled so that never-written slots can't inject NaN into a masked-out lane."""
+    """Zero-filled so that never-written slots can't inject NaN into a masked-out lane.
+
+    A host pool is allocated and first touched by this thread while it runs on `local_to_cpus`
+    (the CPU attention pool's cores), so that Linux's first-touch policy places its pages on their
+    NUMA node; the thread's own affinity is restored afterwards.
+    """
     if device.type == "cuda":
         return torch.zeros(layout.shape(num_blocks), dtype=layout.dtype, device=device)
-    pool = torch.empty(layout.shape(num_blocks), dtype=layout.dtype, pin_memory=pin)
-    pool.zero_()
+    with _running_on(local_to_cpus):
+        pool = torch.empty(layout.shape(num_blocks), dtype=layout.dtype, pin_memory=pin)
+        pool.zero_()
     return pool
+
+
+@contextlib.contextmanager
+def _running_on(cpus: list[int] | None) -> Iterator[None]:
+    if not cpus:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def gpu_pool_blocks(

@@ -159,9 +159,12 @@ def build_runtime(cfg: Any, refresh_profile: bool = False) -> EngineRuntime:
         on_cpu = device.type == "cpu"
         cpu_kv_gib = cfg.cache.cpu_kv_gib or (CPU_DEVICE_HOST_POOL_GIB if on_cpu else 0.0)
         num_cpu = host_pool_blocks(layout, cpu_kv_gib, pinned=device.type == "cuda")
-        cpu_pool = allocate_pool(layout, num_cpu, torch.device("cpu"), pin=device.type == "cuda")
         threads = cfg.cpu.threads or recommended_threads(cfg.cpu.reserve_cores)
-        cpu_attention = CpuAttention(cores=pool_cores(threads, cfg.cpu.reserve_cores))
+        cores = pool_cores(threads, cfg.cpu.reserve_cores)
+        cpu_pool = allocate_pool(
+            layout, num_cpu, torch.device("cpu"), pin=device.type == "cuda", local_to_cpus=cores
+        )
+        cpu_attention = CpuAttention(cores=cores)
     # torch's own CPU threads get what the pinned pool and the reserved cores leave: OpenMP workers
     # that spin on the pool's cores would slow the CPU attention (on a CPU host, the model too).
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - threads - cfg.cpu.reserve_cores))
