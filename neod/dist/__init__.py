@@ -1,0 +1,1 @@
+"""Tensor parallelism (Megatron-style) for the Llama model: weight sharding and the TP wrapper."""
