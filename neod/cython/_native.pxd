@@ -6,8 +6,7 @@ cdef extern from "neod_pool.h" nogil:
     ctypedef struct neod_pool:
         pass
 
-    neod_pool *neod_pool_create(const int *cores, int num_threads, long spin_ns, char *err,
-                                size_t err_len)
+    neod_pool *neod_pool_create(const int *cores, int num_threads, char *err, size_t err_len)
     void neod_pool_destroy(neod_pool *pool)
     int neod_pool_size(const neod_pool *pool)
     void neod_pool_thread_ids(const neod_pool *pool, long *tids)

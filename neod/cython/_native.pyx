@@ -22,7 +22,7 @@ cdef class NativePool:
     cdef object _lock
     cdef tuple _cores
 
-    def __cinit__(self, cores, long spin_ns=50000):
+    def __cinit__(self, cores):
         cdef char err[256]
         cdef int i
         cdef int num_threads = len(cores)
@@ -31,8 +31,6 @@ cdef class NativePool:
         self._cores = tuple(int(core) for core in cores)
         if num_threads < 1:
             raise ValueError("a pool needs at least one core")
-        if spin_ns < 0:
-            raise ValueError(f"spin_ns must be >= 0, got {spin_ns}")
         c_cores = <int *>malloc(num_threads * sizeof(int))
         if c_cores == NULL:
             raise MemoryError()
@@ -40,7 +38,7 @@ cdef class NativePool:
             c_cores[i] = self._cores[i]
         err[0] = 0
         with nogil:
-            self._pool = neod_pool_create(c_cores, num_threads, spin_ns, err, sizeof(err))
+            self._pool = neod_pool_create(c_cores, num_threads, err, sizeof(err))
         free(c_cores)
         if self._pool == NULL:
             raise OSError(err.decode(errors="replace"))

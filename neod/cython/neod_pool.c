@@ -20,6 +20,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#define SPIN_NS 50000L /* poll this long before sleeping: covers the gap between layers */
 
 typedef struct {
     neod_pool *pool;
@@ -42,7 +43,6 @@ struct neod_pool {
     atomic_int remaining;
     atomic_int stopping;
     int num_started; /* guarded by mutex */
-    long spin_ns;    /* workers and the caller poll this long before sleeping */
     neod_task_fn fn;
     void *ctx;
     void *workspace;
@@ -63,9 +63,9 @@ static long now_ns(void) {
     return ts.tv_sec * 1000000000L + ts.tv_nsec;
 }
 
-/* Polls for up to spin_ns until generation differs from seen; returns the generation observed. */
+/* Polls for up to SPIN_NS until generation differs from seen; returns the generation observed. */
 static unsigned spin_for_generation(neod_pool *pool, unsigned seen) {
-    long deadline = now_ns() + pool->spin_ns;
+    long deadline = now_ns() + SPIN_NS;
     for (;;) {
         for (int i = 0; i < 64; i++) {
             unsigned gen = atomic_load_explicit(&pool->generation, memory_order_acquire);
@@ -131,8 +131,7 @@ static void free_pool(neod_pool *pool) {
     free(pool);
 }
 
-neod_pool *neod_pool_create(const int *cores, int num_threads, long spin_ns, char *err,
-                            size_t err_len) {
+neod_pool *neod_pool_create(const int *cores, int num_threads, char *err, size_t err_len) {
     if (num_threads < 1 || num_threads > CPU_SETSIZE) {
         snprintf(err, err_len, "num_threads must be in [1, %d], got %d", CPU_SETSIZE, num_threads);
         return NULL;
@@ -153,7 +152,6 @@ neod_pool *neod_pool_create(const int *cores, int num_threads, long spin_ns, cha
     }
     pool->num_threads = num_threads;
     pool->workers = workers;
-    pool->spin_ns = spin_ns;
     pthread_mutex_init(&pool->mutex, NULL);
     pthread_cond_init(&pool->wake, NULL);
     pthread_cond_init(&pool->done, NULL);
@@ -222,7 +220,7 @@ void neod_pool_run(neod_pool *pool, neod_task_fn fn, void *ctx) {
     pthread_cond_broadcast(&pool->wake);
     pthread_mutex_unlock(&pool->mutex);
 
-    long deadline = now_ns() + pool->spin_ns;
+    long deadline = now_ns() + SPIN_NS;
     while (atomic_load_explicit(&pool->remaining, memory_order_acquire) != 0) {
         cpu_relax();
         if (now_ns() > deadline) {

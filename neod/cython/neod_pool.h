@@ -2,9 +2,8 @@
  *
  * Why not OpenMP: its threads are unpinned, spin for long after a parallel region (stealing the
  * core of the thread that drives the GPU) and cannot be restarted with another core set. Here a
- * worker spins for spin_ns after a task, long enough to catch the next layer's call (which a
- * pipelined iteration issues within a stage of GPU work, a fraction of a millisecond), and then
- * sleeps on a condition variable.
+ * worker spins for a few tens of microseconds after a task (decode calls of consecutive layers
+ * arrive that close together) and then sleeps on a condition variable.
  *
  * neod_pool_run is not reentrant: the caller serializes calls (the Cython binding holds a lock). */
 #ifndef NEOD_POOL_H
@@ -17,11 +16,9 @@ typedef struct neod_pool neod_pool;
 /* Runs on every worker; thread_index in [0, num_threads). */
 typedef void (*neod_task_fn)(void *ctx, int thread_index);
 
-/* Starts one worker per entry of cores[], pinned to that core; workers and callers poll for
- * spin_ns before sleeping. Returns NULL and writes a message to err on failure (no thread is left
- * running). */
-neod_pool *neod_pool_create(const int *cores, int num_threads, long spin_ns, char *err,
-                            size_t err_len);
+/* Starts one worker per entry of cores[], pinned to that core. Returns NULL and writes a message to
+ * err on failure (no thread is left running). */
+neod_pool *neod_pool_create(const int *cores, int num_threads, char *err, size_t err_len);
 
 /* Stops and joins the workers and frees everything; pool may be NULL. */
 void neod_pool_destroy(neod_pool *pool);

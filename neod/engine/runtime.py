@@ -29,7 +29,6 @@ logger = logging.getLogger(__name__)
 # factor to leave room for the caching allocator's fragmentation and attention workspaces.
 ACTIVATION_SAFETY_FACTOR = 3
 CPU_DEVICE_HOST_POOL_GIB = 1.0  # default host KV pool when the model itself runs on the CPU
-GPU_HOST_SPIN_US = 2000  # the CPU pool's polling window between pipelined stages on a GPU host
 
 
 @dataclass
@@ -157,28 +156,18 @@ def build_runtime(cfg: Any, refresh_profile: bool = False) -> EngineRuntime:
         from neod.kernels.cpu_attention import CpuAttention
 
         # A CPU-only host has no GPU memory to relieve: a small host pool keeps the demo light.
-        on_gpu = device.type == "cuda"
-        cpu_kv_gib = cfg.cache.cpu_kv_gib or (0.0 if on_gpu else CPU_DEVICE_HOST_POOL_GIB)
+        on_cpu = device.type == "cpu"
+        cpu_kv_gib = cfg.cache.cpu_kv_gib or (CPU_DEVICE_HOST_POOL_GIB if on_cpu else 0.0)
         num_cpu = host_pool_blocks(layout, cpu_kv_gib, pinned=device.type == "cuda")
         threads = cfg.cpu.threads or recommended_threads(cfg.cpu.reserve_cores)
         cores = pool_cores(threads, cfg.cpu.reserve_cores)
         cpu_pool = allocate_pool(
             layout, num_cpu, torch.device("cpu"), pin=device.type == "cuda", local_to_cpus=cores
         )
-        cpu_attention = CpuAttention(cores=cores, spin_us=GPU_HOST_SPIN_US if on_gpu else 50)
-    if device.type == "cuda":
-        # On a GPU host torch does almost nothing on the CPU; its OpenMP workers would only spin
-        # on the pool's cores. The engine thread (this one) and the CPU-attention helper thread
-        # stay off those cores as well.
-        torch.set_num_threads(1)
-        if cpu_attention is not None:
-            others = set(os.sched_getaffinity(0)) - set(cpu_attention.cores)
-            if others:
-                os.sched_setaffinity(0, others)
-    else:
-        # torch runs the model here: it gets the cores the pool and the reserve leave.
-        busy = threads + cfg.cpu.reserve_cores
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - busy))
+        cpu_attention = CpuAttention(cores=cores)
+    # torch's own CPU threads get what the pinned pool and the reserved cores leave: OpenMP workers
+    # that spin on the pool's cores would slow the CPU attention (on a CPU host, the model too).
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - threads - cfg.cpu.reserve_cores))
     logger.info(
         "kv pools gpu_blocks=%d cpu_blocks=%d block_size=%d bytes_per_token=%d cpu_threads=%d",
         num_gpu,

@@ -44,17 +44,14 @@ class CpuAttention:
     `neod.cpu.recommended_threads()` (the fewest threads that reach the host's read bandwidth).
     """
 
-    def __init__(self, num_threads: int | None = None, cores: list[int] | None = None,
-                 spin_us: int = 50) -> None:
+    def __init__(self, num_threads: int | None = None, cores: list[int] | None = None) -> None:
         native = load_native()
         if cores is None:
             cores = pool_cores(num_threads if num_threads is not None else recommended_threads())
         elif num_threads is not None and num_threads != len(cores):
             raise ValueError(f"num_threads={num_threads} but {len(cores)} cores were given")
         self._native = native
-        # Workers poll spin_us for the next call before sleeping: on a GPU host the pipelined mode
-        # calls once per stage, a fraction of a millisecond apart, and a wake-up costs more.
-        self._pool = native.NativePool(list(cores), spin_us * 1000)
+        self._pool = native.NativePool(list(cores))
         logger.info("CPU attention pool started: %d threads on cores %s", len(cores), list(cores))
 
     @property
