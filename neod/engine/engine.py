@@ -1,8 +1,8 @@
 """The engine: owns the model, both KV pools and the request states; one `step()` is one
 iteration.
 
-Threading contract: `add_request`, `abort_request` and `request_tune` may be called from any
-thread; they only post to an inbox. Everything else, `step()` above all, runs on the single engine
+Threading contract: `add_request` and `abort_request` may be called from any thread; they only
+post to an inbox. Everything else, `step()` above all, runs on the single engine
 thread, which is the only one that touches sequences, allocators and tensors. Every request that
 was added ends in exactly one finished `RequestOutput`, whatever happens (stop, length, abort,
 error).
@@ -50,7 +50,7 @@ class Engine:
         self.waiting: list[Sequence] = []  # ordered by arrival
         self.running: dict[int, Sequence] = {}
         self.step_index = 0
-        self.stats_ = EngineStats()
+        self.iteration_stats = EngineStats()
         self.guard = OffloadGuard()
         self._default_generator = torch.Generator(device=rt.device)
         self._default_generator.manual_seed(cfg.model.seed)
@@ -94,7 +94,7 @@ class Engine:
                 self._default_generator,
             )
             elapsed = time.perf_counter() - start
-            self.stats_.record_iteration(
+            self.iteration_stats.record_iteration(
                 plan, elapsed, len(order), self.rt.executor.cpu_busy_s - cpu_busy_before
             )
             if not (plan.prefill_gpu or plan.prefill_cpu or plan.swap_out or plan.swap_in):
@@ -194,7 +194,7 @@ class Engine:
                 "threads": self.rt.cpu_threads,
                 "read_bandwidth_gbps": self.rt.cpu_bandwidth_gbps,
             },
-            "iterations": self.stats_.snapshot(),
+            "iterations": self.iteration_stats.snapshot(),
             "offload_guard": self.guard.snapshot(),
         }
 
@@ -284,7 +284,8 @@ class Engine:
             )
         )
 
-    def _move(self, seq: Sequence, to: Residence, to_host: bool) -> tuple[int, int] | None:
+    def _move(self, seq: Sequence, to: Residence) -> list[tuple[int, int]]:
+        """Re-home a sequence's blocks; returns the (source, destination) block pairs to copy."""
         src_alloc, dst_alloc = self._allocator(seq.residence), self._allocator(to)
         new_ids = dst_alloc.allocate(len(seq.block_ids))
         pairs = list(zip(seq.block_ids, new_ids, strict=True))
@@ -319,10 +320,10 @@ class Engine:
         if plan.preempt:
             self.waiting.sort(key=lambda s: s.seq_id)
         out_pairs = [
-            p for sid in plan.swap_out for p in self._move(self.running[sid], Residence.CPU, True)
+            p for sid in plan.swap_out for p in self._move(self.running[sid], Residence.CPU)
         ]
         in_pairs = [
-            p for sid in plan.swap_in for p in self._move(self.running[sid], Residence.GPU, False)
+            p for sid in plan.swap_in for p in self._move(self.running[sid], Residence.GPU)
         ]
         rt.executor.swap(rt.gpu_pool, rt.cpu_pool, out_pairs, to_host=True)
         rt.executor.swap(rt.cpu_pool, rt.gpu_pool, in_pairs, to_host=False)

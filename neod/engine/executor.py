@@ -157,6 +157,8 @@ class Executor:
             ops.swap_blocks(src_pool, dst_pool, block_pairs)
             return
         stream.wait_stream(torch.cuda.current_stream(self.device))
+        for earlier in self._pending_swaps:  # a swap-in may land in blocks a swap-out is reading
+            stream.wait_event(earlier)
         with torch.cuda.stream(stream):
             ops.swap_blocks(src_pool, dst_pool, block_pairs, stream=stream)
             event = torch.cuda.Event()
