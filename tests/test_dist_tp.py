@@ -1,9 +1,9 @@
 """Tensor parallelism on CPU: W gloo processes must reproduce the unsharded model.
 
-Each rank shards the same seeded fp32 tiny model, runs a batched prefill of several prompts and
-then decode steps through `TensorParallelLlama.forward` over its own (Hkv/W heads) KV pool; the
-parent compares every step's logits with the unsharded `LlamaModel` on the same batches, and the
-greedy tokens exactly. Children always end: a bounded join, then kill.
+Each rank shards the same seeded fp32 tiny model (`tensor_parallel_llama`), runs a batched
+prefill of several prompts and then decode steps through its `forward` over its own (Hkv/W heads)
+KV pool; the parent compares every step's logits with the unsharded `LlamaModel` on the same
+batches, and the greedy tokens exactly. Children always end: a bounded join, then kill.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 
 from neod.cache.pool import KVLayout, allocate_pool
 from neod.dist.sharding import check_shardable, shard_config, shard_weights
-from neod.dist.tp_model import TensorParallelLlama
+from neod.dist.tp_model import tensor_parallel_llama
 from neod.model.attention import AttentionMetadata
 from neod.model.llama import LlamaModel
 from neod.model.presets import get_preset
@@ -98,7 +98,7 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
         )
         try:
             full = LlamaModel.random(tiny_config(), "cpu", torch.float32, seed=0)
-            model = TensorParallelLlama.from_full(full.config, full.weights)
+            model = tensor_parallel_llama(full.config, full.weights)
             assert model.config.num_key_value_heads == full.config.num_key_value_heads // world_size
             del full
             torch.save(greedy_batch(model, PROMPTS, NUM_DECODE_STEPS), out / f"rank{rank}.pt")

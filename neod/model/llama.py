@@ -10,6 +10,7 @@ weights only: no request state and no KV cache.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,9 +25,16 @@ from neod.model.weights import ModelWeights, load_weights, random_weights, resol
 
 class LlamaModel:
     def __init__(
-        self, config: ModelConfig, weights: ModelWeights, max_positions: int | None = None
+        self,
+        config: ModelConfig,
+        weights: ModelWeights,
+        max_positions: int | None = None,
+        reduce_partial: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
+        """reduce_partial sums the outputs of the row-parallel GEMMs (O and down projections)
+        across tensor-parallel ranks, in place; None on a single device."""
         self.config = config
+        self.reduce_partial = reduce_partial
         self.weights = weights
         self.num_layers = config.num_hidden_layers
         self.scale = config.head_dim**-0.5
@@ -114,9 +122,14 @@ class LlamaModel:
         # -> hidden [T, H], residual [T, H]
         layer = self.weights.layers[i]
         hidden = F.linear(attn_out, layer.o_proj)
+        if self.reduce_partial is not None:
+            self.reduce_partial(hidden)
         ops.fused_add_rms_norm_(hidden, residual, layer.post_norm, self._eps)
         gate_up = F.linear(hidden, layer.gate_up)  # [T, 2 I]
-        return F.linear(ops.silu_and_mul(gate_up), layer.down), residual
+        down = F.linear(ops.silu_and_mul(gate_up), layer.down)
+        if self.reduce_partial is not None:
+            self.reduce_partial(down)
+        return down, residual
 
     def final(
         self,
