@@ -11,6 +11,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from support import free_port
 from typer.testing import CliRunner
 
 from neod.cli.ctl import app as neoctl
@@ -19,26 +20,6 @@ from neod.config import load_config
 from neod.server.embedded import EmbeddedDaemon
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One torch thread for the engines built here: on a 2-core host, two OpenMP workers next to
-    the event loop and this test's clients oversubscribe the cores and make steps 10-100x slower
-    whenever anything else runs (the engine does not size its threads from [cpu] reserve_cores
-    yet)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ interleaved streams and its cancel-on-timeout are checked exactly.
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from pathlib import Path
 import orjson
 import pytest
 import zmq
+from support import free_port
 
 from neod.client import (
     AsyncClient,
@@ -27,12 +27,6 @@ from neod.client import (
     RequestTimeout,
 )
 from neod.protocol import Accepted, Delta, Error, Final, Timings, Usage, encode
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class FakeDaemon:

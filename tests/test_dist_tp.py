@@ -9,7 +9,6 @@ batches, and the greedy tokens exactly. Children always end: a bounded join, the
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from dataclasses import replace
 from datetime import timedelta
@@ -19,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from support import free_port
 
 from neod.cache.pool import KVLayout, allocate_pool
 from neod.dist.sharding import check_shardable, shard_config, shard_weights
@@ -109,15 +109,9 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str) -> None:
         raise
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(world_size: int, out_dir: Path) -> list:
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_rank_main, args=(r, world_size, port, str(out_dir)), daemon=True)
         for r in range(world_size)

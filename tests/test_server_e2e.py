@@ -7,7 +7,6 @@ their own. Every test is bounded in time and checks, at the end, that no KV bloc
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import uuid
 from pathlib import Path
@@ -17,32 +16,13 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import free_port
 
 from neod.client import AsyncClient, Client, ControlClient, DaemonUnavailable, RequestError
 from neod.config import Config, load_config
 from neod.server.embedded import EmbeddedDaemon
 
 TIMEOUT_S = 30.0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One torch thread for the engines built here: on a 2-core host, two OpenMP workers next to
-    the event loop and this test's clients oversubscribe the cores and make steps 10-100x slower
-    whenever anything else runs (the engine does not size its threads from [cpu] reserve_cores
-    yet)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def daemon_config(tmp: Path, **server: object) -> Config:

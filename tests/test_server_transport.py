@@ -8,15 +8,10 @@ from pathlib import Path
 
 import pytest
 import zmq
+from support import free_port
 
 from neod.config import ServerConfig
 from neod.server.transport import BindError, bind_router, load_curve_server_keys
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
