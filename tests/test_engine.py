@@ -329,3 +329,24 @@ def test_close_stops_the_cpu_pool(tmp_path):
     run_all(engine)
     engine.close()
     assert engine.rt.cpu_attention.closed
+
+
+def test_a_failed_step_loses_no_final_output_and_no_block(tmp_path):
+    engine = make_engine(tmp_path, **{"scheduler.policy": "gpu-only"})
+    engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=50, temperature=0.0))
+    engine.add_request("b", [4, 5, 6], SamplingParams(max_tokens=50, temperature=0.0))
+    engine.step()
+    engine.abort_request("a")  # ends inside the next step, before the forward pass
+
+    def broken(batches):
+        raise RuntimeError("device lost")
+
+    engine.rt.executor.run = broken
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.step()
+    finals = {o.request_id: o for o in engine.fail_all("the engine step failed") if o.finished}
+    assert finals["a"].finish_reason == FinishReason.ABORT
+    assert finals["b"].finish_reason == FinishReason.ERROR
+    assert "step failed" in finals["b"].error
+    assert not engine.has_unfinished()
+    assert_all_free(engine)

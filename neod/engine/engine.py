@@ -46,6 +46,7 @@ class Engine:
         )
         self._inbox: queue.SimpleQueue[Callable[[list[RequestOutput]], None]] = queue.SimpleQueue()
         self._next_seq_id = 0
+        self._outbox: list[RequestOutput] = []  # this step's outputs, until returned
         self._by_request: dict[str, Sequence] = {}
         self.waiting: list[Sequence] = []  # ordered by arrival
         self.running: dict[int, Sequence] = {}
@@ -69,11 +70,13 @@ class Engine:
 
     # ---- engine thread ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        outputs: list[RequestOutput] = []
+        # Outputs collect on the engine, not in a local: if the step fails half-way, fail_all()
+        # still delivers the ends of requests it had already finished.
+        outputs = self._outbox
         while not self._inbox.empty():
             self._inbox.get_nowait()(outputs)
         if not self._by_request:
-            return outputs
+            return self._take_outbox()
         self.step_index += 1
         plan = self.rt.scheduler.schedule(
             [s.view() for s in self.waiting],
@@ -104,7 +107,7 @@ class Engine:
                 )
             for seq, token in zip(order, tokens, strict=True):
                 self._advance(seq, token, outputs)
-        return outputs
+        return self._take_outbox()
 
     def _effective_limits(self) -> Limits:
         """Policy auto runs as gpu-only while the guard measures offloading losing: no new work
@@ -117,15 +120,19 @@ class Engine:
         """Releases the engine's threads; call once no step will run again."""
         self.rt.close()
 
+    def _take_outbox(self) -> list[RequestOutput]:
+        outputs, self._outbox = self._outbox, []
+        return outputs
+
     def fail_all(self, message: str) -> list[RequestOutput]:
         """End every request with an error, freeing its blocks: the last resort after a failed
         step."""
-        outputs: list[RequestOutput] = []
+        outputs = self._outbox
         while not self._inbox.empty():
             self._inbox.get_nowait()(outputs)
         for request_id in list(self._by_request):
             self._abort(request_id, FinishReason.ERROR, message, outputs)
-        return outputs
+        return self._take_outbox()
 
     def tune(self, **knobs: Any) -> dict[str, Any]:
         """Apply knobs between steps; validated first so a bad value changes nothing."""
