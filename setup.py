@@ -103,10 +103,20 @@ objects_dir = ispc_objects_dir()
 ispc_files = ispc_outputs(objects_dir)
 native = Extension(
     "neod.cython._native",
-    sources=["neod/cython/_native.pyx", "neod/cython/neod_pool.c", "neod/cython/neod_decode.c"],
+    sources=[
+        "neod/cython/_native.pyx",
+        "neod/cython/neod_pool.c",
+        "neod/cython/neod_decode.c",
+        "neod/cython/neod_layers.c",
+    ],
     include_dirs=["neod/cython", objects_dir],
     extra_objects=[f for f in ispc_files if f.endswith(".o")],
-    depends=["neod/cython/neod_pool.h", "neod/cython/neod_decode.h", "neod/cython/_native.pxd"],
+    depends=[
+        "neod/cython/neod_pool.h",
+        "neod/cython/neod_decode.h",
+        "neod/cython/neod_layers.h",
+        "neod/cython/_native.pxd",
+    ],
     extra_compile_args=["-O2", "-std=gnu11", "-pthread"],
     extra_link_args=["-pthread"],
 )

@@ -27,6 +27,7 @@ extern "C" {
 #define NEOD_ERR_INVALID_ARGUMENT (-1) /* a size, pointer or stride the kernel cannot accept */
 #define NEOD_ERR_UNSUPPORTED (-2)      /* a dtype / head_dim / block_size with no specialization */
 #define NEOD_ERR_WORKSPACE (-3)        /* the split-KV workspace is too small */
+#define NEOD_ERR_DRIVER (-4)           /* a driver stream memory operation was refused */
 
 #define NEOD_DTYPE_FLOAT32 0
 #define NEOD_DTYPE_FLOAT16 1
@@ -97,6 +98,12 @@ NEOD_API int neod_swap_blocks(const void* src, int64_t src_layer_bytes, void* ds
                               int64_t dst_layer_bytes, int64_t chunk_bytes, const int64_t* pairs,
                               int64_t num_pairs, const int64_t* layers, int64_t num_layers,
                               int method, cudaStream_t stream);
+
+/* Stream-ordered flags in pinned host memory (4-byte aligned): write sets *flag = value once the
+ * stream's earlier work (host-memory writes included) is done; wait holds the stream's later work
+ * until *flag == value, polled by the GPU, so the host thread never waits. */
+NEOD_API int neod_stream_write_flag(uint32_t* flag, uint32_t value, cudaStream_t stream);
+NEOD_API int neod_stream_wait_flag(const uint32_t* flag, uint32_t value, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -18,7 +18,7 @@ while [ $# -gt 0 ]; do
     case $what in
         tests)
             python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_engine_gpu.py \
-                tests/test_cpu_attention.py 2>&1 | tee "$out/tests.log" | tail -15 ;;
+                tests/test_cpu_attention.py tests/test_cpu_layers.py 2>&1 | tee "$out/tests.log" | tail -15 ;;
         step)
             python3 -m neod.bench.engine_step --preset llama-3.1-8b 2>&1 | tee "$out/engine_step.txt" ;;
         cpu)

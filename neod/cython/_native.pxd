@@ -1,5 +1,5 @@
 # C declarations of the pinned pool (neod_pool.h) and the decode driver (neod_decode.h).
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t, int64_t, uint32_t
 
 
 cdef extern from "neod_pool.h" nogil:
@@ -39,3 +39,20 @@ cdef extern from "neod_decode.h" nogil:
     int neod_decode(neod_pool *pool, const NeodDecodeArgs *args, char *err, size_t err_len)
     int neod_probe_read_bandwidth(neod_pool *pool, size_t nbytes, const int *thread_counts,
                                   int num_counts, int repeats, double *rates)
+
+
+cdef extern from "neod_layers.h" nogil:
+    enum: NEOD_MAX_FLIGHTS
+
+    cdef struct NeodFlight:
+        NeodDecodeArgs decode
+        const void *prefill_k
+        const void *prefill_v
+        const int64_t *prefill_slots
+        int32_t num_prefill
+        const uint32_t *ready
+        uint32_t *done
+
+    int neod_decode_layers(neod_pool *pool, const NeodFlight *flights, int num_flights,
+                           int num_layers, int64_t layer_bytes, uint32_t seq, int64_t timeout_ns,
+                           int64_t *busy_ns, char *err, size_t err_len)

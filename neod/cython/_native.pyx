@@ -9,12 +9,48 @@ workers run, so the calling thread blocks without stopping the interpreter.
 
 import threading
 
-from libc.stdint cimport int32_t, int64_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uint32_t, uintptr_t
 from libc.stdlib cimport free, malloc
 
 DTYPE_FP16 = NEOD_DTYPE_FP16
 DTYPE_BF16 = NEOD_DTYPE_BF16
 HEAD_DIMS = (64, 128)
+
+
+cdef _fill_args(NeodDecodeArgs *args, uintptr_t q, uintptr_t kv, uintptr_t block_tables,
+                uintptr_t seq_lens, uintptr_t k_new, uintptr_t v_new, uintptr_t out,
+                uintptr_t lse, int64_t num_blocks, int batch, int num_q_heads, int num_kv_heads,
+                int head_dim, int block_size, int max_blocks, int dtype, float scale):
+    """Checks what the C code relies on and fills one batch's arguments."""
+    if q == 0 or kv == 0 or block_tables == 0 or seq_lens == 0 or out == 0:
+        raise ValueError("q, kv, block_tables, seq_lens and out must be non-null")
+    if (k_new == 0) != (v_new == 0):
+        raise ValueError("k_new and v_new must be given together")
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
+    if dtype != NEOD_DTYPE_FP16 and dtype != NEOD_DTYPE_BF16:
+        raise ValueError(f"unknown dtype code {dtype}")
+    if (batch < 0 or num_blocks < 1 or block_size < 1 or max_blocks < 1 or num_kv_heads < 1
+            or num_q_heads < num_kv_heads or num_q_heads % num_kv_heads != 0):
+        raise ValueError("inconsistent sizes: batch >= 0, num_blocks, block_size, max_blocks "
+                         ">= 1, and num_q_heads a multiple of num_kv_heads are required")
+    args.q = <const void *>q
+    args.kv = <void *>kv
+    args.block_tables = <const int32_t *>block_tables
+    args.seq_lens = <const int32_t *>seq_lens
+    args.k_new = <const void *>k_new
+    args.v_new = <const void *>v_new
+    args.out = <void *>out
+    args.lse = <float *>lse
+    args.num_blocks = num_blocks
+    args.batch = batch
+    args.num_q_heads = num_q_heads
+    args.num_kv_heads = num_kv_heads
+    args.head_dim = head_dim
+    args.block_size = block_size
+    args.max_blocks = max_blocks
+    args.dtype = <NeodDtype>dtype
+    args.scale = scale
 
 
 cdef class NativePool:
@@ -84,35 +120,9 @@ cdef class NativePool:
         cdef NeodDecodeArgs args
         cdef char err[512]
         cdef int rc = 0
-        if q == 0 or kv == 0 or block_tables == 0 or seq_lens == 0 or out == 0:
-            raise ValueError("q, kv, block_tables, seq_lens and out must be non-null")
-        if (k_new == 0) != (v_new == 0):
-            raise ValueError("k_new and v_new must be given together")
-        if head_dim not in HEAD_DIMS:
-            raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
-        if dtype != NEOD_DTYPE_FP16 and dtype != NEOD_DTYPE_BF16:
-            raise ValueError(f"unknown dtype code {dtype}")
-        if (batch < 0 or num_blocks < 1 or block_size < 1 or max_blocks < 1 or num_kv_heads < 1
-                or num_q_heads < num_kv_heads or num_q_heads % num_kv_heads != 0):
-            raise ValueError("inconsistent sizes: batch >= 0, num_blocks, block_size, max_blocks "
-                             ">= 1, and num_q_heads a multiple of num_kv_heads are required")
-        args.q = <const void *>q
-        args.kv = <void *>kv
-        args.block_tables = <const int32_t *>block_tables
-        args.seq_lens = <const int32_t *>seq_lens
-        args.k_new = <const void *>k_new
-        args.v_new = <const void *>v_new
-        args.out = <void *>out
-        args.lse = <float *>lse
-        args.num_blocks = num_blocks
-        args.batch = batch
-        args.num_q_heads = num_q_heads
-        args.num_kv_heads = num_kv_heads
-        args.head_dim = head_dim
-        args.block_size = block_size
-        args.max_blocks = max_blocks
-        args.dtype = <NeodDtype>dtype
-        args.scale = scale
+        _fill_args(&args, q, kv, block_tables, seq_lens, k_new, v_new, out, lse, num_blocks,
+                   batch, num_q_heads, num_kv_heads, head_dim, block_size, max_blocks, dtype,
+                   scale)
         err[0] = 0
         with self._lock:
             self._check_open()
@@ -122,6 +132,56 @@ cdef class NativePool:
             raise ValueError(err.decode(errors="replace"))
         if rc != 0:
             raise MemoryError("out of memory for the CPU attention workspace")
+
+    def decode_layers(self, flights, int num_layers, int64_t layer_bytes, uint32_t seq,
+                      double timeout_s):
+        """Every layer of one iteration in one call (neod_layers.h); returns the busy seconds.
+
+        flights: sequences of 23 ints/floats each: the 17 `decode` arguments with kv pointing
+        at layer 0 and lse 0, then prefill_k, prefill_v, prefill_slots, num_prefill, ready, done.
+        """
+        cdef NeodFlight c_flights[NEOD_MAX_FLIGHTS]
+        cdef NeodFlight *f
+        cdef char err[512]
+        cdef int rc = 0
+        cdef int i
+        cdef int n = len(flights)
+        cdef int64_t busy_ns = 0
+        cdef int64_t timeout_ns = <int64_t>(timeout_s * 1e9)
+        if not 1 <= n <= NEOD_MAX_FLIGHTS or num_layers < 1 or layer_bytes < 1 or timeout_s <= 0:
+            raise ValueError(f"need 1 to {NEOD_MAX_FLIGHTS} flights, num_layers >= 1, "
+                             "layer_bytes >= 1 and a positive timeout")
+        for i in range(n):
+            spec = flights[i]
+            if len(spec) != 23:
+                raise ValueError(f"flight {i} must have 23 fields, got {len(spec)}")
+            f = &c_flights[i]
+            _fill_args(&f.decode, spec[0], spec[1], spec[2], spec[3], spec[4], spec[5], spec[6],
+                       spec[7], spec[8], spec[9], spec[10], spec[11], spec[12], spec[13],
+                       spec[14], spec[15], spec[16])
+            if spec[20] < 0 or (spec[20] > 0 and 0 in (spec[17], spec[18], spec[19])):
+                raise ValueError(f"flight {i}: prefill rows need K, V and slots")
+            if spec[21] == 0 or spec[22] == 0:
+                raise ValueError(f"flight {i}: ready and done flags must be non-null")
+            f.prefill_k = <const void *><uintptr_t>spec[17]
+            f.prefill_v = <const void *><uintptr_t>spec[18]
+            f.prefill_slots = <const int64_t *><uintptr_t>spec[19]
+            f.num_prefill = spec[20]
+            f.ready = <const uint32_t *><uintptr_t>spec[21]
+            f.done = <uint32_t *><uintptr_t>spec[22]
+        err[0] = 0
+        with self._lock:
+            self._check_open()
+            with nogil:
+                rc = neod_decode_layers(self._pool, c_flights, n, num_layers, layer_bytes, seq,
+                                        timeout_ns, &busy_ns, err, sizeof(err))
+        if rc == -1:
+            raise ValueError(err.decode(errors="replace"))
+        if rc == -3:
+            raise TimeoutError(err.decode(errors="replace"))
+        if rc != 0:
+            raise MemoryError("out of memory for the CPU attention workspace")
+        return busy_ns * 1e-9
 
     def probe_read_bandwidth(self, size_t nbytes, thread_counts, int repeats):
         cdef int n = len(thread_counts)

@@ -26,6 +26,17 @@ typedef struct {
     atomic_int remaining;
 } split_request;
 
+struct neod_decode_plan {
+    struct NeodDecodeArgs args; /* args.kv is set by each run */
+    struct NeodWorkItem *items;
+    int *item_split;   /* [num_items] index into splits, or -1 for a whole request */
+    int *thread_first; /* worker t owns items [thread_first[t], thread_first[t + 1]) */
+    split_request *splits;
+    int num_splits;
+    float *partial_out; /* [2 * workers, num_q_heads, head_dim] */
+    float *partial_lse; /* [2 * workers, num_q_heads] */
+};
+
 typedef struct {
     neod_pool *pool;
     const struct NeodDecodeArgs *args;
@@ -137,32 +148,44 @@ static int64_t validate(const struct NeodDecodeArgs *a, char *err, size_t err_le
     return total;
 }
 
-int neod_decode(neod_pool *pool, const struct NeodDecodeArgs *a, char *err, size_t err_len) {
-    if (a->batch == 0) return 0;
-    int64_t total = validate(a, err, err_len);
-    if (total < 0) return -1;
+size_t neod_decode_plan_bytes(const neod_pool *pool, const struct NeodDecodeArgs *a) {
+    size_t workers = (size_t)neod_pool_size(pool);
+    size_t max_items = (size_t)a->batch + workers;
+    size_t max_partials = 2 * workers;
+    size_t hq = a->num_q_heads, d = a->head_dim;
+    size_t sizes[] = {sizeof(struct neod_decode_plan), max_partials * hq * d * sizeof(float),
+                      max_partials * hq * sizeof(float), max_items * sizeof(struct NeodWorkItem),
+                      max_items * sizeof(int), (workers + 1) * sizeof(int),
+                      workers * sizeof(split_request)};
+    size_t bytes = 0;
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) bytes += (sizes[i] + 63) & ~(size_t)63;
+    return bytes;
+}
 
+neod_decode_plan *neod_decode_plan_init(neod_pool *pool, const struct NeodDecodeArgs *a,
+                                        void *memory, char *err, size_t err_len) {
+    int64_t total = validate(a, err, err_len);
+    if (total < 0) return NULL;
     int64_t workers = total / MIN_BLOCKS_PER_WORKER;
     int pool_size = neod_pool_size(pool);
     if (workers < 1) workers = 1;
     if (workers > pool_size) workers = pool_size;
-    size_t max_items = (size_t)a->batch + (size_t)workers;
-    size_t max_partials = 2 * (size_t)workers;
+    size_t max_items = (size_t)a->batch + (size_t)pool_size;
+    size_t max_partials = 2 * (size_t)pool_size;
     size_t hq = a->num_q_heads, d = a->head_dim;
 
-    size_t bytes = 0;
-    size_t sizes[] = {max_partials * hq * d * sizeof(float), max_partials * hq * sizeof(float),
-                      max_items * sizeof(struct NeodWorkItem), max_items * sizeof(int),
-                      ((size_t)pool_size + 1) * sizeof(int), (size_t)workers * sizeof(split_request)};
-    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) bytes += (sizes[i] + 63) & ~(size_t)63;
-    char *cursor = neod_pool_workspace(pool, bytes);
-    if (cursor == NULL) return -2;
-    float *partial_out = take(&cursor, sizes[0]);
-    float *partial_lse = take(&cursor, sizes[1]);
-    struct NeodWorkItem *items = take(&cursor, sizes[2]);
-    int *item_split = take(&cursor, sizes[3]);
-    int *thread_first = take(&cursor, sizes[4]);
-    split_request *splits = take(&cursor, sizes[5]);
+    char *cursor = memory;
+    neod_decode_plan *plan = take(&cursor, sizeof(*plan));
+    plan->args = *a;
+    plan->partial_out = take(&cursor, max_partials * hq * d * sizeof(float));
+    plan->partial_lse = take(&cursor, max_partials * hq * sizeof(float));
+    plan->items = take(&cursor, max_items * sizeof(struct NeodWorkItem));
+    plan->item_split = take(&cursor, max_items * sizeof(int));
+    plan->thread_first = take(&cursor, ((size_t)pool_size + 1) * sizeof(int));
+    plan->splits = take(&cursor, (size_t)pool_size * sizeof(split_request));
+    struct NeodWorkItem *items = plan->items;
+    int *item_split = plan->item_split;
+    int *thread_first = plan->thread_first;
 
     /* Deal the blocks out: worker t takes total / workers blocks (plus one for the first
      * total % workers workers), continuing where worker t - 1 stopped. */
@@ -193,11 +216,10 @@ int neod_decode(neod_pool *pool, const struct NeodDecodeArgs *a, char *err, size
         int j = i + 1;
         while (j < num_items && items[j].request == items[i].request) j++;
         if (j - i > 1) {
-            split_request *sp = &splits[num_splits];
+            split_request *sp = &plan->splits[num_splits];
             sp->request = items[i].request;
             sp->first_partial = num_partials;
             sp->num_partials = j - i;
-            atomic_init(&sp->remaining, j - i);
             for (int k = i; k < j; k++) {
                 items[k].partial = num_partials++;
                 item_split[k] = num_splits;
@@ -206,21 +228,38 @@ int neod_decode(neod_pool *pool, const struct NeodDecodeArgs *a, char *err, size
         }
         i = j;
     }
+    plan->num_splits = num_splits;
+    return plan;
+}
 
+int neod_decode_plan_run(neod_pool *pool, neod_decode_plan *plan, void *kv) {
+    if (plan->args.batch == 0) return 0;
+    plan->args.kv = kv;
+    for (int s = 0; s < plan->num_splits; s++)
+        atomic_init(&plan->splits[s].remaining, plan->splits[s].num_partials);
     decode_job job = {
         .pool = pool,
-        .args = a,
-        .items = items,
-        .item_split = item_split,
-        .thread_first = thread_first,
-        .splits = splits,
-        .partial_out = partial_out,
-        .partial_lse = partial_lse,
-        .scratch_floats = scratch_floats(a),
+        .args = &plan->args,
+        .items = plan->items,
+        .item_split = plan->item_split,
+        .thread_first = plan->thread_first,
+        .splits = plan->splits,
+        .partial_out = plan->partial_out,
+        .partial_lse = plan->partial_lse,
+        .scratch_floats = scratch_floats(&plan->args),
     };
     atomic_init(&job.out_of_memory, 0);
     neod_pool_run(pool, decode_task, &job);
     return atomic_load(&job.out_of_memory) ? -2 : 0;
+}
+
+int neod_decode(neod_pool *pool, const struct NeodDecodeArgs *a, char *err, size_t err_len) {
+    if (a->batch == 0) return 0;
+    void *memory = neod_pool_workspace(pool, neod_decode_plan_bytes(pool, a));
+    if (memory == NULL) return -2;
+    neod_decode_plan *plan = neod_decode_plan_init(pool, a, memory, err, err_len);
+    if (plan == NULL) return -1;
+    return neod_decode_plan_run(pool, plan, a->kv);
 }
 
 /* ---- read-bandwidth probe ------------------------------------------------------------------ */

@@ -18,6 +18,22 @@
  * -2 if out of memory. */
 int neod_decode(neod_pool *pool, const struct NeodDecodeArgs *args, char *err, size_t err_len);
 
+/* A validated batch with its work split, reusable for every layer of one iteration: the block
+ * tables and lengths are the same in every layer, only the KV pool's layer changes. */
+typedef struct neod_decode_plan neod_decode_plan;
+
+/* Bytes of memory neod_decode_plan_init needs for this batch on this pool (64-byte multiples). */
+size_t neod_decode_plan_bytes(const neod_pool *pool, const struct NeodDecodeArgs *args);
+
+/* Validates args and plans the split inside `memory` (64-byte aligned, neod_decode_plan_bytes
+ * long; the plan keeps pointing into it and at args' arrays). NULL with a message in err if the
+ * arguments are invalid. */
+neod_decode_plan *neod_decode_plan_init(neod_pool *pool, const struct NeodDecodeArgs *args,
+                                        void *memory, char *err, size_t err_len);
+
+/* Runs a plan over the KV layer `kv`. 0 on success, -2 if out of memory. */
+int neod_decode_plan_run(neod_pool *pool, neod_decode_plan *plan, void *kv);
+
 /* Memory-read bandwidth with 1..pool-size readers: for each thread_counts[i], the first
  * thread_counts[i] workers read a `bytes`-long buffer split evenly among them, `repeats` times;
  * rates[i] gets the best rate in bytes per second. The buffer is first touched by all workers (so

@@ -42,6 +42,7 @@ struct neod_pool {
     atomic_uint generation;
     atomic_int remaining;
     atomic_int stopping;
+    atomic_int hold; /* workers poll without sleeping while set (neod_pool_hold) */
     int num_started; /* guarded by mutex */
     neod_task_fn fn;
     void *ctx;
@@ -72,7 +73,8 @@ static unsigned spin_for_generation(neod_pool *pool, unsigned seen) {
             if (gen != seen) return gen;
             cpu_relax();
         }
-        if (now_ns() > deadline) return seen;
+        if (now_ns() > deadline && !atomic_load_explicit(&pool->hold, memory_order_relaxed))
+            return seen;
     }
 }
 
@@ -158,6 +160,7 @@ neod_pool *neod_pool_create(const int *cores, int num_threads, char *err, size_t
     atomic_init(&pool->generation, 0);
     atomic_init(&pool->remaining, 0);
     atomic_init(&pool->stopping, 0);
+    atomic_init(&pool->hold, 0);
 
     /* Workers inherit a full signal mask: signals stay with the interpreter's threads. */
     sigset_t all, old;
@@ -211,6 +214,10 @@ void neod_pool_thread_ids(const neod_pool *pool, long *tids) {
     for (int i = 0; i < pool->num_threads; i++) tids[i] = pool->workers[i].tid;
 }
 
+void neod_pool_hold(neod_pool *pool, int on) {
+    atomic_store_explicit(&pool->hold, on, memory_order_relaxed);
+}
+
 void neod_pool_run(neod_pool *pool, neod_task_fn fn, void *ctx) {
     pthread_mutex_lock(&pool->mutex);
     pool->fn = fn;
@@ -223,7 +230,7 @@ void neod_pool_run(neod_pool *pool, neod_task_fn fn, void *ctx) {
     long deadline = now_ns() + SPIN_NS;
     while (atomic_load_explicit(&pool->remaining, memory_order_acquire) != 0) {
         cpu_relax();
-        if (now_ns() > deadline) {
+        if (now_ns() > deadline && !atomic_load_explicit(&pool->hold, memory_order_relaxed)) {
             pthread_mutex_lock(&pool->mutex);
             while (atomic_load_explicit(&pool->remaining, memory_order_acquire) != 0)
                 pthread_cond_wait(&pool->done, &pool->mutex);

@@ -28,6 +28,11 @@ int neod_pool_size(const neod_pool *pool);
 /* Kernel thread ids (gettid) of the workers, in thread_index order. */
 void neod_pool_thread_ids(const neod_pool *pool, long *tids);
 
+/* While on, idle workers poll for the next task instead of sleeping after SPIN_NS: for a burst of
+ * tasks separated by waits on the GPU (one per layer), where a futex wake-up per task would cost
+ * more than the task. */
+void neod_pool_hold(neod_pool *pool, int on);
+
 /* Runs fn(ctx, i) on every worker i and returns when all have returned. */
 void neod_pool_run(neod_pool *pool, neod_task_fn fn, void *ctx);
 

@@ -6,20 +6,25 @@ device-to-host stream as soon as `pre` is done; the host runs their attention on
 pool; the output returns on the host-to-device stream; `post` (O projection, MLP) waits for it on
 the GPU, never on the host.
 
-With two sub-batches the CPU attention of one sub-batch runs on a helper thread (the native call
-holds no GIL) while the engine thread issues the GPU work of the other, so the devices overlap
-(design.md, Pipelining):
+On a GPU host the CPU side of the whole iteration is one native call (`decode_layers`) on a helper
+thread, started before any layer is issued. The device-to-host stream announces each layer's
+Q/K/V with a flag in pinned memory; the native program waits for it, computes, and sets a done
+flag that the host-to-device stream waits for before it copies the output back. So the engine
+thread issues all GPU work of the iteration without ever waiting for the CPU, and no Python runs
+between the layers of the CPU side. With two sub-batches the devices overlap (design.md,
+Pipelining):
 
     GPU:  post(i) b0 + pre(i+1) b0 | post(i) b1 + pre(i+1) b1 + GPU attention(i+1) b0 | ...
     CPU:  attention(i) of b1       | attention(i+1) of b0's CPU rows
 
 With one sub-batch the same loop is the sequential mode: its CPU rows overlap its own GPU
-attention. On a CPU-only host the streams are absent and every copy is synchronous; the order of
-work is the same.
+attention. On a CPU-only host the streams are absent and the host work of a layer runs in place,
+in the same order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,7 +34,8 @@ import torch
 from neod.engine.batch import SubBatch
 from neod.engine.graphs import DecodeGraphs
 from neod.engine.stage_graphs import StageGraphs
-from neod.kernels import ops
+from neod.kernels import cuda_ops, ops
+from neod.kernels.cpu_attention import CpuFlight
 from neod.model.attention import gpu_attention
 
 
@@ -80,8 +86,8 @@ class _Flight:
     q: torch.Tensor | None = None  # [T, Hq, D], between the projections and the GPU attention
     k: torch.Tensor | None = None  # [T, Hkv, D]
     v: torch.Tensor | None = None  # [T, Hkv, D]
-    qkv_on_host: torch.cuda.Event | None = None
     out_on_device: torch.cuda.Event | None = None
+    slot: int = 0  # index of its host buffers and flags
 
     @property
     def has_cpu_work(self) -> bool:
@@ -116,10 +122,18 @@ class Executor:
         self.d2h = torch.cuda.Stream(self.device) if on_gpu else None
         self.h2d = torch.cuda.Stream(self.device) if on_gpu else None
         self._pending_swaps: list[torch.cuda.Event] = []
-        # One thread runs the sub-batches' host work in turn (the native call releases the GIL),
-        # so the engine thread never blocks in CPU attention while GPU work remains to be issued.
+        # Runs each iteration's native CPU program (it holds no GIL) while this thread issues GPU
+        # work.
         self._cpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neod-cpu-attn")
         self.cpu_busy_s = 0.0  # host time spent inside CPU attention, for the utilisation statistic
+        self.cpu_timeout_s = 60.0  # a layer's inputs not on the host by then: the GPU is stuck
+        # Per sub-batch slot: ready flags (set by the GPU), done flags (set by the CPU), [L] each.
+        self._flags = (
+            torch.zeros((2, 2, self.num_layers), dtype=torch.int32, pin_memory=True)
+            if on_gpu and cpu_pool is not None
+            else None
+        )
+        self._seq = 0  # this iteration's flag value
         self._buffers = (
             [
                 _HostBuffers.allocate(
@@ -182,7 +196,7 @@ class Executor:
                 (b.num_tokens, self.num_heads * self.head_dim), dtype=f.q.dtype, device=self.device
             )
         if f.has_cpu_work:
-            self._qkv_to_host(f, f.q, f.k, f.v)
+            self._qkv_to_host(f, layer)
 
     def _gpu_attention(self, f: _Flight, layer: int) -> None:
         b, g = f.batch, f.batch.num_gpu_rows
@@ -192,64 +206,47 @@ class Executor:
             )
         f.q = f.k = f.v = None
 
-    def _qkv_to_host(self, f: _Flight, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _qkv_to_host(self, f: _Flight, layer: int) -> None:
         b, buf = f.batch, f.buffers
         c, n = b.cpu_decode_start, b.num_cpu_decodes
         p0, p1 = b.cpu_prefill_rows
         copies = [
-            (buf.q[:n], q[c:]),
-            (buf.k[:n], k[c:]),
-            (buf.v[:n], v[c:]),
-            (buf.prefill_k[: p1 - p0], k[p0:p1]),
-            (buf.prefill_v[: p1 - p0], v[p0:p1]),
+            (buf.q[:n], f.q[c:]),
+            (buf.k[:n], f.k[c:]),
+            (buf.v[:n], f.v[c:]),
+            (buf.prefill_k[: p1 - p0], f.k[p0:p1]),
+            (buf.prefill_v[: p1 - p0], f.v[p0:p1]),
         ]
         if self.d2h is None:
             for dst, src in copies:
                 dst.copy_(src)
             return
+        ready, done = self._flags[f.slot]
         self.d2h.wait_stream(torch.cuda.current_stream(self.device))
+        if layer > 0:  # the staging buffers are free once the CPU is done with the last layer
+            cuda_ops.stream_wait_flag(done, layer - 1, self._seq, self.d2h)
         with torch.cuda.stream(self.d2h):
             for dst, src in copies:
                 if src.numel():
                     if f.graph_slot is None:  # graph outputs are never freed
                         src.record_stream(self.d2h)
                     dst.copy_(src, non_blocking=True)
-            f.qkv_on_host = torch.cuda.Event()
-            f.qkv_on_host.record(self.d2h)
+        cuda_ops.stream_write_flag(ready, layer, self._seq, self.d2h)
 
-    def _cpu_start(self, f: _Flight, layer: int) -> Future | None:
-        """Hand one layer's host work of a sub-batch to the CPU-attention thread; returns at once,
-        so
-        this thread goes on issuing GPU work while the pinned pool computes."""
-        if not f.has_cpu_work:
-            return None
-        for (
-            event
-        ) in self._pending_swaps:  # swapped blocks must have landed before the CPU touches them
-            event.synchronize()
-        self._pending_swaps.clear()
-        return self._cpu_thread.submit(self._cpu_work, f, layer)
-
-    def _cpu_work(self, f: _Flight, layer: int) -> None:
-        """On the CPU-attention thread: store CPU-bound prefill KV, then CPU decode attention."""
-        with torch.inference_mode():
-            if f.qkv_on_host is not None:
-                f.qkv_on_host.synchronize()
-            b, buf = f.batch, f.buffers
-            kv_layer = self.cpu_pool[layer]
-            p0, p1 = b.cpu_prefill_rows
-            if p1 > p0:
-                ops.store_kv_(
-                    buf.prefill_k[: p1 - p0],
-                    buf.prefill_v[: p1 - p0],
-                    kv_layer,
-                    b.cpu_prefill_slots,
-                )
-            n = b.num_cpu_decodes
-            if not n:
-                return
-            if f.out_on_device is not None:
-                f.out_on_device.synchronize()  # the previous layer's output has left buf.o
+    def _cpu_layer(self, f: _Flight, layer: int) -> None:
+        """On a CPU-only host: one layer's host work, in place (store CPU-bound prefill KV, then
+        CPU decode attention)."""
+        if not f.has_cpu_work or self.d2h is not None:
+            return
+        b, buf = f.batch, f.buffers
+        kv_layer = self.cpu_pool[layer]
+        p0, p1 = b.cpu_prefill_rows
+        if p1 > p0:
+            ops.store_kv_(
+                buf.prefill_k[: p1 - p0], buf.prefill_v[: p1 - p0], kv_layer, b.cpu_prefill_slots
+            )
+        n = b.num_cpu_decodes
+        if n:
             start = time.perf_counter()
             self.cpu_attention.decode(
                 buf.q[:n],
@@ -263,11 +260,44 @@ class Executor:
             )
             self.cpu_busy_s += time.perf_counter() - start
 
-    def _cpu_finish(self, f: _Flight, work: Future | None) -> None:
-        """Wait for the host work, then send the attention output back (before `post` is issued)."""
-        if work is None:
-            return
-        work.result()
+    def _start_cpu_program(self, flights: list[_Flight]) -> Future | None:
+        """On a GPU host: the CPU side of the whole iteration, started before any GPU work."""
+        busy = [f for f in flights if f.has_cpu_work]
+        if self._flags is None or not busy:
+            return None
+        self._seq = self._seq % (2**31 - 2) + 1
+        specs = []
+        for f in busy:
+            b, buf, n = f.batch, f.buffers, f.batch.num_cpu_decodes
+            p = b.cpu_prefill_rows[1] - b.cpu_prefill_rows[0]
+            ready, done = self._flags[f.slot]
+            specs.append(
+                CpuFlight(
+                    q=buf.q[:n],
+                    k_new=buf.k[:n],
+                    v_new=buf.v[:n],
+                    out=buf.o[:n],
+                    block_tables=b.cpu_block_tables,
+                    seq_lens=b.cpu_seq_lens,
+                    ready=ready,
+                    done=done,
+                    prefill_k=buf.prefill_k[:p] if p else None,
+                    prefill_v=buf.prefill_v[:p] if p else None,
+                    prefill_slots=b.cpu_prefill_slots if p else None,
+                )
+            )
+        return self._cpu_thread.submit(
+            self.cpu_attention.decode_layers,
+            self.cpu_pool,
+            specs,
+            self._seq,
+            self.cpu_timeout_s,
+            self.scale,
+        )
+
+    def _output_to_device(self, f: _Flight, layer: int) -> None:
+        """Send the CPU rows' attention output back, ordered after the CPU's done flag (GPU host)
+        or at once (CPU host); `post` waits for it."""
         b, buf, n = f.batch, f.buffers, f.batch.num_cpu_decodes
         if not n:
             return
@@ -277,6 +307,7 @@ class Executor:
             return
         # The rows may be a buffer that the compute stream still reads for the previous layer.
         self.h2d.wait_stream(torch.cuda.current_stream(self.device))
+        cuda_ops.stream_wait_flag(self._flags[f.slot][1], layer, self._seq, self.h2d)
         with torch.cuda.stream(self.h2d):
             f.attn_out.record_stream(self.h2d)
             rows.copy_(buf.o[:n].view(n, -1), non_blocking=True)
@@ -302,7 +333,7 @@ class Executor:
 
     def _start_flight(self, slot: int, batch: SubBatch) -> _Flight:
         buffers = self._buffers[slot] if self._buffers else None
-        f = _Flight(batch, buffers, self.model.embed(batch.input_ids))
+        f = _Flight(batch, buffers, self.model.embed(batch.input_ids), slot=slot)
         graphs = self.stage_graphs
         size = None if graphs is None else graphs.bucket(batch.num_tokens)
         no_prefill = batch.gpu_meta.num_prefill_tokens == 0
@@ -327,28 +358,47 @@ class Executor:
             self._pending_swaps.clear()
             return [self.graphs.run(batches[0])]
         flights = [self._start_flight(i, b) for i, b in enumerate(batches)]
+        self._pending_swaps.clear()
+        program = self._start_cpu_program(flights)
+        try:
+            self._layers(flights)
+            logits = [self.model.final(f.hidden, f.residual, f.batch.sample_indices)
+                      for f in flights]
+        except BaseException:
+            if program is not None:  # let the CPU side run out instead of waiting for its timeout
+                for f in flights:
+                    self._flags[f.slot][0].fill_(self._seq)
+                with contextlib.suppress(Exception):
+                    program.result()
+            raise
+        if program is not None:
+            self.cpu_busy_s += program.result()
+        return logits
+
+    def _layers(self, flights: list[_Flight]) -> None:
+        """Issue every layer's stages in the pipelined order (module docstring)."""
         f0 = flights[0]
         f1 = flights[1] if len(flights) > 1 else None
         last = self.num_layers - 1
         self._pre(f0, 0)
         if f1 is not None:
             self._pre(f1, 0)
-        work = self._cpu_start(f0, 0)
+        self._cpu_layer(f0, 0)
         self._gpu_attention(f0, 0)
-        self._cpu_finish(f0, work)
+        self._output_to_device(f0, 0)
         for i in range(self.num_layers):
             # Stage A. CPU: attention(i) of b1. GPU: post(i) + pre(i+1) of b0.
-            work = self._cpu_start(f1, i) if f1 is not None else None
+            if f1 is not None:
+                self._cpu_layer(f1, i)
             self._post_pre(f0, i)
             if f1 is not None:
-                self._cpu_finish(f1, work)
+                self._output_to_device(f1, i)
             # Stage B. CPU: b0's CPU rows of layer i+1 (from the moment their Q/K/V land).
             # GPU: post(i) + pre(i+1) of b1, then GPU attention(i+1) of b0.
-            work = self._cpu_start(f0, i + 1) if i < last else None
+            if i < last:
+                self._cpu_layer(f0, i + 1)
             if f1 is not None:
                 self._post_pre(f1, i)
             if i < last:
                 self._gpu_attention(f0, i + 1)
-                self._cpu_finish(f0, work)
-        self._pending_swaps.clear()
-        return [self.model.final(f.hidden, f.residual, f.batch.sample_indices) for f in flights]
+                self._output_to_device(f0, i + 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -21,6 +22,27 @@ from neod.cython import load_native
 logger = logging.getLogger(__name__)
 
 _KV_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@dataclass
+class CpuFlight:
+    """One sub-batch's CPU work in every layer of an iteration (`CpuAttention.decode_layers`).
+
+    The tensors are fixed buffers that the GPU refills layer by layer before it sets `ready[l]`;
+    the same block tables and lengths serve every layer.
+    """
+
+    q: torch.Tensor  # [B, Hq, D]
+    k_new: torch.Tensor  # [B, Hkv, D], appended at position seq_len - 1
+    v_new: torch.Tensor  # [B, Hkv, D]
+    out: torch.Tensor  # [B, Hq, D]
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    seq_lens: torch.Tensor  # [B] int32, including the new token
+    ready: torch.Tensor  # [L] int32 flags set by the producer of q/k_new/v_new/prefill
+    done: torch.Tensor  # [L] int32 flags set here once out (and the stored prefill) is written
+    prefill_k: torch.Tensor | None = None  # [P, Hkv, D] staged K of CPU-bound prompt tokens
+    prefill_v: torch.Tensor | None = None  # [P, Hkv, D]
+    prefill_slots: torch.Tensor | None = None  # [P] int64, block * block_size + offset
 
 
 def _check(t: torch.Tensor, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
@@ -90,6 +112,80 @@ class CpuAttention:
         scores), or None; k_new / v_new: [B, Hkv, D] written at position seq_len - 1 of each
         request before the attention reads it; scale defaults to 1 / sqrt(D).
         """
+        spec = self._decode_spec(q, kv_layer, block_tables, seq_lens, out, lse, k_new, v_new, scale)
+        if q.shape[0] == 0:
+            return
+        if block_tables.shape[1] == 0:
+            raise ValueError("block_tables has no columns")
+        self._pool.decode(*spec)
+
+    def decode_layers(
+        self,
+        kv_pool: torch.Tensor,
+        flights: list[CpuFlight],
+        seq: int,
+        timeout_s: float = 60.0,
+        scale: float | None = None,
+    ) -> float:
+        """Every layer of one iteration in one native call, paced by flags (neod_layers.h).
+
+        kv_pool: [L, num_blocks, 2, Hkv, block_size, D]. For each layer l, flight by flight: wait
+        until `ready[l] == seq`, store the staged prefill K/V, run `decode` (appending k_new/v_new),
+        set `done[l] = seq`. `seq` must differ from the flags' previous values (1 <= seq < 2**31).
+        Every done flag is set on return, also on error, so nothing waiting on them hangs. Returns
+        the seconds spent computing; TimeoutError if a ready flag stays unset for `timeout_s`.
+        """
+        try:
+            if not 0 < seq < 2**31:
+                raise ValueError(f"seq must be in [1, 2**31), got {seq}")
+            if not isinstance(kv_pool, torch.Tensor) or kv_pool.dim() != 6:
+                raise ValueError("kv_pool must be a 6-d tensor [L, num_blocks, 2, Hkv, bs, D]")
+            if not flights:
+                raise ValueError("no flights")
+            _check(kv_pool, "kv_pool", tuple(kv_pool.shape), kv_pool.dtype)
+            num_layers = kv_pool.shape[0]
+            specs = [self._flight_spec(kv_pool, f, num_layers, scale) for f in flights]
+        except Exception:
+            for f in flights:
+                if isinstance(f.done, torch.Tensor):
+                    f.done.fill_(seq)
+            raise
+        layer_bytes = kv_pool.stride(0) * kv_pool.element_size()
+        return self._pool.decode_layers(specs, num_layers, layer_bytes, seq, timeout_s)
+
+    def _flight_spec(
+        self, kv_pool: torch.Tensor, f: CpuFlight, num_layers: int, scale: float | None
+    ) -> tuple:
+        spec = self._decode_spec(
+            f.q, kv_pool[0], f.block_tables, f.seq_lens, f.out, None, f.k_new, f.v_new, scale
+        )
+        if f.q.shape[0] and f.block_tables.shape[1] == 0:
+            raise ValueError("block_tables has no columns")
+        num_prefill = f.prefill_slots.shape[0] if f.prefill_slots is not None else 0
+        prefill = (0, 0, 0)
+        if num_prefill:
+            shape = (num_prefill, kv_pool.shape[3], kv_pool.shape[5])
+            _check(f.prefill_k, "prefill_k", shape, kv_pool.dtype)
+            _check(f.prefill_v, "prefill_v", shape, kv_pool.dtype)
+            _check(f.prefill_slots, "prefill_slots", (num_prefill,), torch.int64)
+            prefill = (f.prefill_k.data_ptr(), f.prefill_v.data_ptr(), f.prefill_slots.data_ptr())
+        _check(f.ready, "ready", (num_layers,), torch.int32)
+        _check(f.done, "done", (num_layers,), torch.int32)
+        return (*spec, *prefill, num_prefill, f.ready.data_ptr(), f.done.data_ptr())
+
+    def _decode_spec(
+        self,
+        q: torch.Tensor,
+        kv_layer: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor | None,
+        k_new: torch.Tensor | None,
+        v_new: torch.Tensor | None,
+        scale: float | None,
+    ) -> tuple:
+        """Checks one batch's tensors against each other; the native call's 17 arguments."""
         if not isinstance(kv_layer, torch.Tensor) or kv_layer.dim() != 5:
             raise ValueError("kv_layer must be a 5-d tensor [num_blocks, 2, Hkv, block_size, D]")
         num_blocks, two, num_kv_heads, block_size, head_dim = kv_layer.shape
@@ -120,11 +216,7 @@ class CpuAttention:
         if k_new is not None:
             _check(k_new, "k_new", (batch, num_kv_heads, head_dim), dtype)
             _check(v_new, "v_new", (batch, num_kv_heads, head_dim), dtype)
-        if batch == 0:
-            return
-        if max_blocks == 0:
-            raise ValueError("block_tables has no columns")
-        self._pool.decode(
+        return (
             q.data_ptr(),
             kv_layer.data_ptr(),
             block_tables.data_ptr(),
@@ -139,7 +231,7 @@ class CpuAttention:
             num_kv_heads,
             head_dim,
             block_size,
-            max_blocks,
+            max(max_blocks, 1),
             self._native.DTYPE_BF16 if dtype == torch.bfloat16 else self._native.DTYPE_FP16,
             1.0 / math.sqrt(head_dim) if scale is None else float(scale),
         )

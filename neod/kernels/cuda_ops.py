@@ -23,7 +23,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 LIB_ENV = "NEOD_CUDA_LIB"
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -33,9 +33,9 @@ DECODE_BLOCK_SIZES = (16, 32)
 SWAP_METHODS = {"memcpy": 0, "kernel": 1}
 
 # C signatures as "<result>:<arguments>", one letter per type: p pointer, l int64, i int,
-# f float, s char*. They must match cuda/neod_cuda.h.
+# u uint32, f float, s char*. They must match cuda/neod_cuda.h.
 _CTYPES = {"p": ctypes.c_void_p, "l": ctypes.c_int64, "i": ctypes.c_int, "f": ctypes.c_float,
-           "s": ctypes.c_char_p}  # fmt: skip
+           "s": ctypes.c_char_p, "u": ctypes.c_uint32}  # fmt: skip
 _SIGNATURES = {
     "neod_abi_version": "i:",
     "neod_cuda_error_string": "s:i",
@@ -48,6 +48,8 @@ _SIGNATURES = {
     "neod_paged_decode_workspace_bytes": "l:llll",
     "neod_paged_decode_attention": "i:plplpplplllllflplip",
     "neod_swap_blocks": "i:plpllplplip",
+    "neod_stream_write_flag": "i:pup",
+    "neod_stream_wait_flag": "i:pup",
 }
 
 
@@ -348,3 +350,26 @@ def swap_blocks(
         _call(op, "neod_swap_blocks", src_pool.data_ptr(), src_layer_bytes,
               dst_pool.data_ptr(), dst_layer_bytes, chunk_bytes, pairs.data_ptr(), pairs.shape[0],
               layer_ids.data_ptr(), layer_ids.numel(), method_code, stream.cuda_stream)  # fmt: skip
+
+
+def _flag_address(flags: torch.Tensor, index: int, op: str) -> int:
+    ok = flags.dtype == torch.int32 and flags.dim() == 1 and flags.is_pinned()
+    _require(ok and flags.is_contiguous(), op, "flags must be a pinned 1-d int32 tensor")
+    _require(0 <= index < flags.shape[0], op, f"flag index {index} out of range")
+    return flags.data_ptr() + 4 * index
+
+
+def stream_write_flag(
+    flags: torch.Tensor, index: int, value: int, stream: torch.cuda.Stream
+) -> None:
+    """`flags[index] = value` once `stream`'s earlier work is done (its host writes visible)."""
+    address = _flag_address(flags, index, "stream_write_flag")
+    _call("stream_write_flag", "neod_stream_write_flag", address, value, stream.cuda_stream)
+
+
+def stream_wait_flag(
+    flags: torch.Tensor, index: int, value: int, stream: torch.cuda.Stream
+) -> None:
+    """`stream`'s later work waits until `flags[index] == value`; the host does not wait."""
+    address = _flag_address(flags, index, "stream_wait_flag")
+    _call("stream_wait_flag", "neod_stream_wait_flag", address, value, stream.cuda_stream)

@@ -9,6 +9,7 @@ agree with the fp32 reference to the rounding of the output dtype. Needs build/l
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -302,3 +303,36 @@ def test_ops_dispatch_uses_the_library_on_cuda():
     ops.swap_blocks(src, dst, torch.tensor([[1, 7], [6, 0]]))
     torch.cuda.synchronize()
     assert torch.equal(dst[:, 7], src[:, 1].cpu()) and torch.equal(dst[:, 0], src[:, 6].cpu())
+
+
+def test_stream_flags_hold_and_announce_work_without_host_waits():
+    flags = torch.zeros(4, dtype=torch.int32, pin_memory=True)
+    stream = torch.cuda.Stream()
+    x = torch.zeros(1 << 20, device=DEV)
+    host = torch.empty(1 << 20, pin_memory=True)
+    with torch.cuda.stream(stream):
+        cuda_ops.stream_wait_flag(flags, 1, 7, stream)
+        x.fill_(3.0)
+        host.copy_(x, non_blocking=True)
+        cuda_ops.stream_write_flag(flags, 2, 9, stream)
+    time.sleep(0.05)
+    assert not stream.query(), "the stream ran past a flag nobody set"
+    assert int(flags[2]) == 0
+    flags[1] = 6  # not the awaited value: still held
+    time.sleep(0.05)
+    assert not stream.query()
+    flags[1] = 7
+    deadline = time.monotonic() + 10
+    while int(flags[2]) != 9:  # the host sees the flag without synchronising the stream
+        assert time.monotonic() < deadline, "the stream never wrote its flag"
+    assert bool((host == 3.0).all()), "the flag became visible before the copy it follows"
+    stream.synchronize()
+    assert int(flags[0]) == 0 and int(flags[3]) == 0
+
+
+def test_stream_flags_reject_unpinned_or_out_of_range_flags():
+    stream = torch.cuda.current_stream()
+    with pytest.raises(cuda_ops.CudaKernelError, match="pinned"):
+        cuda_ops.stream_write_flag(torch.zeros(2, dtype=torch.int32), 0, 1, stream)
+    with pytest.raises(cuda_ops.CudaKernelError, match="out of range"):
+        cuda_ops.stream_wait_flag(torch.zeros(2, dtype=torch.int32, pin_memory=True), 2, 1, stream)

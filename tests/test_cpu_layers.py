@@ -1,0 +1,179 @@
+"""`CpuAttention.decode_layers`: every layer of an iteration in one native call, paced by flags.
+
+A producer thread plays the GPU: layer by layer it fills the staging buffers and sets the ready
+flag, then waits for the done flag and checks the output against the float64 reference over the
+pool as it stands (the new token appended). Stored prefill rows are checked slot by slot.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import torch
+
+from neod.kernels.cpu_attention import CpuAttention, CpuFlight, reference_decode
+
+CPUS = sorted(os.sched_getaffinity(0))
+RTOL = {torch.bfloat16: 2**-8, torch.float16: 2**-11}
+
+
+@pytest.fixture(scope="module")
+def attn():
+    with CpuAttention(cores=CPUS[:2]) as pool:
+        yield pool
+
+
+def _flight(
+    gen: torch.Generator,
+    seq_lens: list[int],
+    first_block: int,
+    num_layers: int,
+    hq: int,
+    hkv: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    num_prefill: int = 0,
+    prefill_first_block: int = 0,
+) -> CpuFlight:
+    """A flight whose requests own consecutive blocks from first_block, in shuffled order."""
+    b = len(seq_lens)
+    needed = [-(-n // block_size) for n in seq_lens]
+    max_blocks = max(needed, default=1) + 1
+    tables = torch.full((b, max_blocks), -7, dtype=torch.int32)
+    ids = (torch.randperm(sum(needed), generator=gen) + first_block).tolist()
+    for i, n in enumerate(needed):
+        tables[i, :n] = torch.tensor(ids[:n], dtype=torch.int32)
+        ids = ids[n:]
+    def empty(rows: int, heads: int) -> torch.Tensor:
+        return torch.full((rows, heads, head_dim), float("nan"), dtype=dtype)
+    slots = None
+    if num_prefill:
+        slots = prefill_first_block * block_size + torch.randperm(num_prefill, generator=gen)
+    return CpuFlight(
+        q=empty(b, hq), k_new=empty(b, hkv), v_new=empty(b, hkv), out=empty(b, hq),
+        block_tables=tables, seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        ready=torch.zeros(num_layers, dtype=torch.int32),
+        done=torch.zeros(num_layers, dtype=torch.int32),
+        prefill_k=empty(num_prefill, hkv) if num_prefill else None,
+        prefill_v=empty(num_prefill, hkv) if num_prefill else None,
+        prefill_slots=slots,
+    )
+
+
+def _wait(flag: torch.Tensor, value: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while int(flag) != value:
+        assert time.monotonic() < deadline, "the native program did not set its done flag"
+        time.sleep(1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hq,hkv,head_dim,block_size", [(8, 2, 64, 16), (4, 4, 128, 32)])
+def test_layers_match_the_reference_flight_by_flight(attn, dtype, hq, hkv, head_dim, block_size):
+    num_layers, seq = 3, 41
+    gen = torch.Generator().manual_seed(hq * 1000 + head_dim + block_size)
+    lens0, lens1 = [1, block_size, 2 * block_size + 3], [block_size + 1, 5 * block_size - 1]
+    blocks0 = sum(-(-n // block_size) for n in lens0)
+    blocks1 = sum(-(-n // block_size) for n in lens1)
+    num_prefill = 2 * block_size + 5
+    num_blocks = blocks0 + blocks1 + -(-num_prefill // block_size) + 2
+    pool = torch.randn(num_layers, num_blocks, 2, hkv, block_size, head_dim, generator=gen)
+    pool = pool.to(dtype)
+    flights = [
+        _flight(gen, lens0, 0, num_layers, hq, hkv, head_dim, block_size, dtype,
+                num_prefill, blocks0 + blocks1),
+        _flight(gen, lens1, blocks0, num_layers, hq, hkv, head_dim, block_size, dtype),
+    ]
+    errors: list[BaseException] = []
+
+    def gpu() -> None:
+        try:
+            for layer in range(num_layers):
+                for f in flights:
+                    for t in (f.q, f.k_new, f.v_new):
+                        t.copy_(torch.randn(t.shape, generator=gen))
+                    if f.prefill_k is not None:
+                        f.prefill_k.copy_(torch.randn(f.prefill_k.shape, generator=gen))
+                        f.prefill_v.copy_(torch.randn(f.prefill_v.shape, generator=gen))
+                    f.ready[layer] = seq
+                    _wait(f.done[layer], seq)
+                    _check_layer(pool[layer], f, block_size, dtype)
+        except BaseException as exc:  # reported on the test's thread
+            errors.append(exc)
+            for f in flights:
+                f.ready.fill_(seq)
+
+    producer = threading.Thread(target=gpu)
+    producer.start()
+    busy = attn.decode_layers(pool, flights, seq, timeout_s=30.0)
+    producer.join()
+    if errors:
+        raise errors[0]
+    assert busy > 0
+    for f in flights:
+        assert f.done.tolist() == [seq] * num_layers
+
+
+def _check_layer(kv: torch.Tensor, f: CpuFlight, block_size: int, dtype: torch.dtype) -> None:
+    for i in range(f.q.shape[0]):  # the new token's K/V were appended before the attention
+        pos = int(f.seq_lens[i]) - 1
+        block, offset = int(f.block_tables[i, pos // block_size]), pos % block_size
+        assert torch.equal(kv[block, 0, :, offset], f.k_new[i])
+        assert torch.equal(kv[block, 1, :, offset], f.v_new[i])
+    if f.q.shape[0]:
+        ref, _ = reference_decode(f.q, kv, f.block_tables, f.seq_lens)
+        torch.testing.assert_close(f.out.double(), ref, rtol=RTOL[dtype], atol=2e-4)
+    if f.prefill_slots is not None:
+        for row, slot in enumerate(f.prefill_slots.tolist()):
+            block, offset = divmod(slot, block_size)
+            assert torch.equal(kv[block, 0, :, offset], f.prefill_k[row])
+            assert torch.equal(kv[block, 1, :, offset], f.prefill_v[row])
+
+
+def _small(num_layers: int = 2) -> tuple[torch.Tensor, CpuFlight]:
+    gen = torch.Generator().manual_seed(3)
+    pool = torch.randn(num_layers, 4, 2, 2, 16, 64, generator=gen).to(torch.bfloat16)
+    flight = _flight(gen, [5, 20], 0, num_layers, 4, 2, 64, 16, torch.bfloat16)
+    flight.q.normal_(generator=gen)
+    flight.k_new.normal_(generator=gen)
+    flight.v_new.normal_(generator=gen)
+    return pool, flight
+
+
+def test_a_missing_ready_flag_times_out_and_releases_every_done_flag(attn):
+    pool, flight = _small(num_layers=3)
+    flight.ready[0] = 9  # layer 0 may run; layer 1 never becomes ready
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="layer 1 of flight 0"):
+        attn.decode_layers(pool, [flight], 9, timeout_s=0.2)
+    assert time.monotonic() - start < 5
+    assert flight.done.tolist() == [9, 9, 9]
+
+
+def test_invalid_input_is_rejected_and_releases_every_done_flag(attn):
+    pool, flight = _small()
+    flight.block_tables[1, 0] = 99  # not a block of the pool
+    with pytest.raises(ValueError, match="block_tables"):
+        attn.decode_layers(pool, [flight], 5, timeout_s=1.0)
+    assert flight.done.tolist() == [5, 5]
+    pool, flight = _small()
+    flight.ready = torch.zeros(3, dtype=torch.int32)  # one flag per layer is required
+    with pytest.raises(ValueError, match="ready"):
+        attn.decode_layers(pool, [flight], 6, timeout_s=1.0)
+    assert flight.done.tolist() == [6, 6]
+
+
+def test_prefill_slots_outside_the_pool_are_rejected(attn):
+    gen = torch.Generator().manual_seed(4)
+    pool = torch.zeros(2, 4, 2, 2, 16, 64, dtype=torch.bfloat16)
+    flight = _flight(gen, [3], 0, 2, 4, 2, 64, 16, torch.bfloat16, num_prefill=2,
+                     prefill_first_block=3)
+    flight.prefill_slots[1] = 4 * 16
+    with pytest.raises(ValueError, match="prefill slot 64"):
+        attn.decode_layers(pool, [flight], 2, timeout_s=1.0)
+    assert flight.done.tolist() == [2, 2]
+    assert not pool.any(), "nothing may be written when the input is invalid"
