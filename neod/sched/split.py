@@ -187,6 +187,25 @@ class _Builder:
         return (side, trial, *self.pipe_times(s0, t0, t1, s0.num_seqs + s1.num_seqs + 1))
 
 
+def split_candidates(
+    cost: CostModel,
+    num_layers: int,
+    base: BatchLoad,
+    forced: Sequence[CpuCandidate],
+    optional: Sequence[CpuCandidate],
+    max_optional: int,
+    swap_blocks: int,
+    stretch: float = 0.1,
+) -> tuple[DecodeSplit, DecodeSplit | None]:
+    """The sequential and the pipelined candidate (None when no pipelined split exists); see
+    `split_cpu_decodes` for the arguments."""
+    builder = _Builder(cost, num_layers, swap_blocks, stretch)
+    seq = builder.sequential(base, forced, optional, max_optional)
+    if not forced and not optional:
+        return seq, None
+    return seq, builder.pipelined(base, forced, optional, max_optional)
+
+
 def split_cpu_decodes(
     cost: CostModel,
     num_layers: int,
@@ -202,11 +221,9 @@ def split_cpu_decodes(
     forced are always decoded; optional are in priority order, at most max_optional of them are
     taken; swap_blocks are the blocks copied per layer this iteration (swaps, CPU-bound prefills).
     """
-    builder = _Builder(cost, num_layers, swap_blocks, stretch)
-    seq = builder.sequential(base, forced, optional, max_optional)
-    if not forced and not optional:
-        return seq
-    pipe = builder.pipelined(base, forced, optional, max_optional)
+    seq, pipe = split_candidates(
+        cost, num_layers, base, forced, optional, max_optional, swap_blocks, stretch
+    )
     if pipe is not None and rate_beats(
         pipe.num_tokens_out, pipe.iter_s, seq.num_tokens_out, seq.iter_s
     ):
