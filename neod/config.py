@@ -129,6 +129,12 @@ class CpuConfig(_Section):
 
 
 @dataclass(frozen=True)
+class ParallelConfig(_Section):
+    _name = "parallel"
+    tp_size: int = _key(1, "tensor-parallel degree: processes (GPUs) one model is split over", lo=1)
+
+
+@dataclass(frozen=True)
 class ServerConfig(_Section):
     _name = "server"
     intake_endpoint: str = _key("tcp://127.0.0.1:7470", "ROUTER socket producers connect to",
@@ -167,7 +173,7 @@ class ProfileConfig(_Section):
 
 _SECTIONS: dict[str, type[_Section]] = {
     "model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "cpu": CpuConfig,
-    "server": ServerConfig, "profile": ProfileConfig,
+    "parallel": ParallelConfig, "server": ServerConfig, "profile": ProfileConfig,
 }
 
 
@@ -177,6 +183,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cpu: CpuConfig = field(default_factory=CpuConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 

@@ -36,17 +36,20 @@ def _stored_profile(cfg: Any) -> tuple[Any, Any, Any]:
     from neod.cache.pool import KVLayout
     from neod.config import profile_dir
     from neod.cpu import recommended_threads
+    from neod.dist.sharding import shard_config
     from neod.engine.profiler import host_key
     from neod.engine.runtime import resolve_device, resolve_dtype
     from neod.sched import load_profile, profile_path
 
-    mc = _model_config(cfg)
+    tp = cfg.parallel.tp_size
+    mc = shard_config(_model_config(cfg), tp)  # rank 0's shard is what its profile describes
     device, dtype = resolve_device(cfg.model.device), resolve_dtype(cfg.model.dtype)
     layout = KVLayout(
         mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, cfg.cache.block_size, dtype
     )
     threads = cfg.cpu.threads or recommended_threads(cfg.cpu.reserve_cores)
-    key = host_key(SimpleNamespace(config=mc, device=device), layout, threads)
+    rank0_threads = -(-threads // tp)  # rank 0 takes the larger share of the pool's cores
+    key = host_key(SimpleNamespace(config=mc, device=device), layout, rank0_threads, tp)
     path = profile_path(profile_dir(cfg), key)
     return load_profile(path, key), layout, path
 
@@ -87,6 +90,7 @@ def register(app: typer.Typer) -> None:
             runtime = build_runtime(cfg, refresh_profile=True)
         except (RuntimeError, ValueError, MemoryError, OSError) as exc:
             fail(f"profiling failed: {exc}")
+        runtime.close()  # stops the other tensor-parallel ranks, if any
         stored, _, path = _stored_profile(cfg)
         if stored is None:
             fail(f"the profile was measured but could not be read back from {path}")

@@ -4,7 +4,8 @@ Rows are ordered `[GPU prefill tokens | CPU prefill tokens | GPU decodes | CPU d
 attention metadata covers the first three groups (CPU-bound prefill rows carry slot -1: their KV
 goes to the host pool instead); the CPU decode rows are the tail, so their Q/K/V leave the GPU as
 one contiguous row range and their attention output comes back the same way. All host-side index
-tensors are built once per iteration.
+tensors are built once per iteration, in two steps: the sequences become `BatchRows` (plain
+integers), which become tensors; with tensor parallelism the other ranks receive the rows.
 """
 
 from __future__ import annotations
@@ -15,6 +16,25 @@ import torch
 
 from neod.engine.sequence import Sequence
 from neod.model.attention import AttentionMetadata
+
+
+@dataclass
+class BatchRows:
+    """One sub-batch's host-side contents as plain integers: everything its tensors are made from.
+
+    Built from the sequences on the rank that schedules; the other tensor-parallel ranks receive it
+    and make the same `SubBatch` on their own device without knowing any sequence.
+    """
+
+    input_ids: list[int]  # [T]
+    positions: list[int]  # [T]
+    cu_seqlens: list[int]  # [P+1] over all prefills, GPU then CPU
+    gpu_slots: list[int]  # [num_gpu_rows]; -1 on CPU-bound prefill rows
+    gpu_block_tables: list[list[int]]  # block ids of each GPU decode
+    cpu_prefill_slots: list[int]  # host-pool slots of the CPU-bound prefill rows
+    num_gpu_prefill_tokens: int
+    cpu_block_tables: list[list[int]]  # block ids of each CPU decode
+    sample_rows: list[int]  # last row of each sequence
 
 
 @dataclass
@@ -30,6 +50,7 @@ class SubBatch:
     cpu_block_tables: torch.Tensor  # [Bc, max_blocks] int32, host
     cpu_seq_lens: torch.Tensor  # [Bc] int32, host; includes the token computed now
     sample_indices: torch.Tensor  # [num seqs] int64, model device: last row of each sequence
+    rows: BatchRows  # what the tensors were made from (sent to the other tensor-parallel ranks)
 
     @property
     def num_tokens(self) -> int:
@@ -45,22 +66,21 @@ def _slots(seq: Sequence, start: int, end: int, block_size: int) -> list[int]:
     return [ids[t // block_size] * block_size + t % block_size for t in range(start, end)]
 
 
-def _block_table(seqs: list[Sequence]) -> torch.Tensor:
-    width = max((len(s.block_ids) for s in seqs), default=0)
-    table = torch.zeros((len(seqs), max(width, 1)), dtype=torch.int32)
-    for row, s in enumerate(seqs):
-        table[row, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int32)
+def _block_table(block_ids: list[list[int]]) -> torch.Tensor:
+    width = max((len(ids) for ids in block_ids), default=0)
+    table = torch.zeros((len(block_ids), max(width, 1)), dtype=torch.int32)
+    for row, ids in enumerate(block_ids):
+        table[row, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
     return table
 
 
-def build_sub_batch(
+def batch_rows(
     gpu_prefills: list[Sequence],
     cpu_prefills: list[Sequence],
     gpu_decodes: list[Sequence],
     cpu_decodes: list[Sequence],
     block_size: int,
-    device: torch.device,
-) -> SubBatch:
+) -> BatchRows:
     """Block ids must already cover every token computed in this step."""
     input_ids: list[int] = []
     positions: list[int] = []
@@ -80,8 +100,6 @@ def build_sub_batch(
             else:
                 gpu_slots += [-1] * n
                 cpu_slots += _slots(s, 0, n, block_size)
-    num_prefill_tokens = len(input_ids)
-    num_gpu_prefill_tokens = sum(len(s.token_ids) for s in gpu_prefills)
     for group, on_gpu in ((gpu_decodes, True), (cpu_decodes, False)):
         for s in group:
             pos = len(s.token_ids) - 1
@@ -90,7 +108,24 @@ def build_sub_batch(
             sample_rows.append(len(input_ids) - 1)
             if on_gpu:
                 gpu_slots += _slots(s, pos, pos + 1, block_size)
-    num_gpu_rows = num_prefill_tokens + len(gpu_decodes)
+    return BatchRows(
+        input_ids=input_ids,
+        positions=positions,
+        cu_seqlens=cu_seqlens,
+        gpu_slots=gpu_slots,
+        gpu_block_tables=[list(s.block_ids) for s in gpu_decodes],
+        cpu_prefill_slots=cpu_slots,
+        num_gpu_prefill_tokens=sum(len(s.token_ids) for s in gpu_prefills),
+        cpu_block_tables=[list(s.block_ids) for s in cpu_decodes],
+        sample_rows=sample_rows,
+    )
+
+
+def sub_batch_from_rows(
+    rows: BatchRows, seqs: list[Sequence], device: torch.device
+) -> SubBatch:
+    """The sub-batch's tensors on `device`; `seqs` in row order (empty on a rank that only
+    follows)."""
 
     def to_dev(values: list[int], dtype: torch.dtype) -> torch.Tensor:
         host = torch.tensor(values, dtype=dtype)
@@ -98,26 +133,46 @@ def build_sub_batch(
             return host.pin_memory().to(device, non_blocking=True)
         return host
 
+    cu_seqlens = rows.cu_seqlens
+    num_prefill_tokens = cu_seqlens[-1]
+    # A decode's sequence length (its new token included) is its position + 1.
+    decode_lens = [p + 1 for p in rows.positions[num_prefill_tokens:]]
+    num_gpu_decodes = len(rows.gpu_block_tables)
     meta = AttentionMetadata(
         num_prefill_tokens=num_prefill_tokens,
         cu_seqlens=to_dev(cu_seqlens, torch.int32),
         max_seqlen=max(
             (b - a for a, b in zip(cu_seqlens, cu_seqlens[1:], strict=False)), default=0
         ),
-        slot_ids=to_dev(gpu_slots, torch.int64),
-        block_tables=_block_table(gpu_decodes).to(device, non_blocking=True),
-        seq_lens=to_dev([len(s.token_ids) for s in gpu_decodes], torch.int32),
+        slot_ids=to_dev(rows.gpu_slots, torch.int64),
+        block_tables=_block_table(rows.gpu_block_tables).to(device, non_blocking=True),
+        seq_lens=to_dev(decode_lens[:num_gpu_decodes], torch.int32),
     )
     return SubBatch(
-        seqs=gpu_prefills + cpu_prefills + gpu_decodes + cpu_decodes,
-        input_ids=to_dev(input_ids, torch.int64),
-        positions=to_dev(positions, torch.int64),
+        seqs=seqs,
+        input_ids=to_dev(rows.input_ids, torch.int64),
+        positions=to_dev(rows.positions, torch.int64),
         gpu_meta=meta,
-        num_gpu_rows=num_gpu_rows,
-        cpu_prefill_rows=(num_gpu_prefill_tokens, num_prefill_tokens),
-        cpu_prefill_slots=torch.tensor(cpu_slots, dtype=torch.int64),
-        num_cpu_decodes=len(cpu_decodes),
-        cpu_block_tables=_block_table(cpu_decodes),
-        cpu_seq_lens=torch.tensor([len(s.token_ids) for s in cpu_decodes], dtype=torch.int32),
-        sample_indices=to_dev(sample_rows, torch.int64),
+        num_gpu_rows=len(rows.gpu_slots),
+        cpu_prefill_rows=(rows.num_gpu_prefill_tokens, num_prefill_tokens),
+        cpu_prefill_slots=torch.tensor(rows.cpu_prefill_slots, dtype=torch.int64),
+        num_cpu_decodes=len(rows.cpu_block_tables),
+        cpu_block_tables=_block_table(rows.cpu_block_tables),
+        cpu_seq_lens=torch.tensor(decode_lens[num_gpu_decodes:], dtype=torch.int32),
+        sample_indices=to_dev(rows.sample_rows, torch.int64),
+        rows=rows,
     )
+
+
+def build_sub_batch(
+    gpu_prefills: list[Sequence],
+    cpu_prefills: list[Sequence],
+    gpu_decodes: list[Sequence],
+    cpu_decodes: list[Sequence],
+    block_size: int,
+    device: torch.device,
+) -> SubBatch:
+    """The sub-batch of these sequences on `device` (see `batch_rows`)."""
+    rows = batch_rows(gpu_prefills, cpu_prefills, gpu_decodes, cpu_decodes, block_size)
+    seqs = gpu_prefills + cpu_prefills + gpu_decodes + cpu_decodes
+    return sub_batch_from_rows(rows, seqs, device)

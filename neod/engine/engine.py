@@ -89,7 +89,7 @@ class Engine:
         if order:
             start = time.perf_counter()
             cpu_busy_before = self.rt.executor.cpu_busy_s
-            logits = self.rt.executor.run(batches)
+            logits = self.rt.forward(batches)
             tokens = sample(
                 torch.cat(logits) if len(logits) > 1 else logits[0],
                 [s.params for s in order],
@@ -117,7 +117,8 @@ class Engine:
         return replace(self.limits, policy="gpu-only")
 
     def close(self) -> None:
-        """Releases the engine's threads; call once no step will run again."""
+        """Releases the engine's threads and stops the other tensor-parallel ranks; call once no
+        step will run again."""
         self.rt.close()
 
     def _take_outbox(self) -> list[RequestOutput]:
@@ -179,6 +180,7 @@ class Engine:
             "model": self.rt.model_name,
             "device": str(self.rt.device),
             "dtype": str(self.rt.layout.dtype).removeprefix("torch."),
+            "tp_size": self.rt.tp_size,
             "policy": self.limits.policy,
             "max_batch_size": self.limits.max_batch_size,
             "max_tokens_in_batch": self.limits.max_tokens_in_batch,
@@ -332,8 +334,7 @@ class Engine:
         in_pairs = [
             p for sid in plan.swap_in for p in self._move(self.running[sid], Residence.GPU)
         ]
-        rt.executor.swap(rt.gpu_pool, rt.cpu_pool, out_pairs, to_host=True)
-        rt.executor.swap(rt.cpu_pool, rt.gpu_pool, in_pairs, to_host=False)
+        rt.swap(out_pairs, in_pairs)
         waiting = {s.seq_id: s for s in self.waiting}
 
         def take(ids: list[int], residence: Residence) -> list[Sequence]:

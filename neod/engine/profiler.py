@@ -24,10 +24,12 @@ import torch
 from neod.cache.pool import KVLayout
 from neod.kernels import ops
 from neod.sched import (
+    CostModel,
     Profile,
     Table1D,
     Table2D,
     TableCostModel,
+    ZeroCostModel,
     load_profile,
     profile_key,
     profile_path,
@@ -329,9 +331,9 @@ class Profiler:
         return profile
 
 
-def host_key(model: Any, layout: KVLayout, threads: int) -> Any:
-    """Everything a profile depends on: another model, GPU, CPU, pool size or kernel gets a new
-    profile."""
+def host_key(model: Any, layout: KVLayout, threads: int, tp: int = 1) -> Any:
+    """Everything a profile depends on: another model, GPU, CPU, pool size, tensor-parallel degree
+    or kernel gets a new profile. Under tensor parallelism `model` is one rank's shard."""
     import platform
 
     cfg = model.config
@@ -356,7 +358,7 @@ def host_key(model: Any, layout: KVLayout, threads: int) -> Any:
     return profile_key(
         shape,
         str(layout.dtype).removeprefix("torch."),
-        1,
+        tp,
         gpu,
         f"{cpu} x{os.cpu_count()}",
         threads,
@@ -373,14 +375,24 @@ def load_or_profile(
     threads: int,
     max_model_len: int,
     refresh: bool = False,
-) -> TableCostModel:
-    """The stored profile for exactly this setup, or a fresh one measured now and stored."""
+    group: Any = None,
+) -> CostModel:
+    """The stored profile for exactly this setup, or a fresh one measured now and stored.
+
+    With tensor parallelism (`group`, a neod.dist.group.RankGroup) rank 0 decides and keeps the
+    profile; the other ranks measure in step with it (the projections' all-reduces need every
+    rank, and their CPU pools load the memory bus as they will when serving), then drop theirs:
+    they schedule nothing."""
     from neod.config import profile_dir
 
-    key = host_key(model, layout, threads)
+    key = host_key(model, layout, threads, 1 if group is None else group.world_size)
     path = profile_path(profile_dir(cfg), key)
-    profile = None if refresh else load_profile(path, key)
-    if profile is None:
+    leads = group is None or group.rank == 0
+    profile = None if refresh or not leads else load_profile(path, key)
+    measure = profile is None
+    if group is not None:
+        measure = group.leader_decides("profile", measure)
+    if measure:
         logger.info(
             "profiling this host for %s (no stored profile at %s)", key.fingerprint()[:16], path
         )
@@ -393,7 +405,8 @@ def load_or_profile(
             max_model_len,
         )
         profile = profiler.run(key)
-        save_profile(profile, path)
-    else:
+        if leads:
+            save_profile(profile, path)
+    elif leads:
         logger.info("profile reused path=%s", path)
-    return TableCostModel(profile)
+    return TableCostModel(profile) if leads else ZeroCostModel()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -49,6 +49,7 @@ class EngineRuntime:
     cpu_bandwidth_gbps: float | None
     executor: Executor
     scheduler: Scheduler
+    tp: Any = None  # neod.dist.launch.Leader on rank 0 of a tensor-parallel group, else None
 
     @property
     def num_gpu_blocks(self) -> int:
@@ -58,8 +59,28 @@ class EngineRuntime:
     def num_cpu_blocks(self) -> int:
         return 0 if self.cpu_pool is None else self.cpu_pool.shape[1]
 
+    @property
+    def tp_size(self) -> int:
+        return 1 if self.tp is None else self.tp.world_size
+
+    def swap(self, out_pairs: list[tuple[int, int]], in_pairs: list[tuple[int, int]]) -> None:
+        """Issue this iteration's block copies: swap-outs, then swap-ins (on every rank)."""
+        self.executor.swap(self.gpu_pool, self.cpu_pool, out_pairs, to_host=True)
+        self.executor.swap(self.cpu_pool, self.gpu_pool, in_pairs, to_host=False)
+        if self.tp is not None:
+            self.tp.swapped(out_pairs, in_pairs)
+
+    def forward(self, batches: list[Any]) -> list[torch.Tensor]:
+        """The executor's forward pass; with tensor parallelism, on every rank at once."""
+        if self.tp is None:
+            return self.executor.run(batches)
+        return self.tp.run(self.executor, batches)
+
     def close(self) -> None:
-        """Stops the CPU attention pool and the executor's helper thread."""
+        """Stops the other tensor-parallel ranks, the CPU attention pool and the executor's helper
+        thread."""
+        if self.tp is not None:
+            self.tp.close()
         self.executor.close()
         if self.cpu_attention is not None:
             self.cpu_attention.close()
@@ -71,6 +92,11 @@ class EngineRuntime:
             )
         from neod.kernels.cpu_attention import CpuAttention
 
+        if self.tp is not None:
+            raise ValueError(
+                "cpu_threads is fixed at start under tensor parallelism (the cores are split "
+                "between the ranks); change cpu.threads and restart"
+            )
         if not isinstance(threads, int) or threads < 1:
             raise ValueError(f"cpu_threads must be an integer >= 1, got {threads!r}")
         self.cpu_attention.close()
@@ -122,16 +148,24 @@ def activation_bytes(config: Any, max_tokens: int, max_rows: int, itemsize: int)
     return ACTIVATION_SAFETY_FACTOR * (max_tokens * per_token * itemsize + logits)
 
 
-def build_runtime(cfg: Any, refresh_profile: bool = False) -> EngineRuntime:
-    """refresh_profile measures this host again even when a stored profile matches."""
+def build_runtime(cfg: Any, refresh_profile: bool = False, group: Any = None) -> EngineRuntime:
+    """refresh_profile measures this host again even when a stored profile matches. `group` is
+    this process's neod.dist.group.RankGroup; without one and with parallel.tp_size > 1, this
+    process becomes rank 0 and starts the others."""
     from neod.engine.profiler import load_or_profile
 
-    device = resolve_device(cfg.model.device)
+    if group is None and cfg.parallel.tp_size > 1:
+        from neod.dist.launch import start_tensor_parallel
+
+        return start_tensor_parallel(cfg, refresh_profile)
+    world_size = 1 if group is None else group.world_size
+    device = resolve_device(cfg.model.device) if group is None else group.device
     dtype = resolve_dtype(cfg.model.dtype)
     max_rows = cfg.scheduler.max_batch_size
     max_tokens = cfg.scheduler.max_tokens_in_batch
     requested_len = cfg.model.max_model_len or None
-    model, name = load_model(cfg.model, device, dtype, requested_len)
+    load = load_model if group is None else group.load_model
+    model, name = load(cfg.model, device, dtype, requested_len)
     mc = model.config
     max_model_len = min(requested_len or mc.max_position_embeddings, model.max_positions)
     layout = KVLayout(
@@ -142,9 +176,12 @@ def build_runtime(cfg: Any, refresh_profile: bool = False) -> EngineRuntime:
     num_gpu = gpu_pool_blocks(
         layout, device, cfg.cache.gpu_kv_gib, cfg.cache.gpu_memory_utilization, reserve
     )
+    if group is not None:  # rank 0 allocates block ids for every rank
+        num_gpu = group.agree_min("gpu_blocks", num_gpu)
     gpu_pool = allocate_pool(layout, num_gpu, device)
     cpu_pool = cpu_attention = None
-    threads, bandwidth = 0, None
+    threads, bandwidth = 0, None  # threads: the whole pool's, over all tensor-parallel ranks
+    cores: list[int] = []  # this rank's
     wants_host_pool = cfg.scheduler.policy != "gpu-only" or cfg.cache.cpu_kv_gib > 0
     if wants_host_pool:
         if dtype not in (torch.bfloat16, torch.float16):
@@ -158,29 +195,36 @@ def build_runtime(cfg: Any, refresh_profile: bool = False) -> EngineRuntime:
         # A CPU-only host has no GPU memory to relieve: a small host pool keeps the demo light.
         on_cpu = device.type == "cpu"
         cpu_kv_gib = cfg.cache.cpu_kv_gib or (CPU_DEVICE_HOST_POOL_GIB if on_cpu else 0.0)
-        num_cpu = host_pool_blocks(layout, cpu_kv_gib, pinned=device.type == "cuda")
+        # One host budget for all ranks: count whole blocks, of which each rank holds its heads.
+        whole = replace(layout, num_kv_heads=layout.num_kv_heads * world_size)
+        num_cpu = host_pool_blocks(whole, cpu_kv_gib, pinned=device.type == "cuda")
         threads = cfg.cpu.threads or recommended_threads(cfg.cpu.reserve_cores)
         cores = pool_cores(threads, cfg.cpu.reserve_cores)
+        if group is not None:
+            num_cpu = group.agree_min("cpu_blocks", num_cpu)
+            cores = group.cores(cores)
         cpu_pool = allocate_pool(
             layout, num_cpu, torch.device("cpu"), pin=device.type == "cuda", local_to_cpus=cores
         )
         cpu_attention = CpuAttention(cores=cores)
     # torch's own CPU threads get what the pinned pool and the reserved cores leave: OpenMP workers
     # that spin on the pool's cores would slow the CPU attention (on a CPU host, the model too).
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - threads - cfg.cpu.reserve_cores))
+    free_cores = len(os.sched_getaffinity(0)) - threads - cfg.cpu.reserve_cores
+    torch.set_num_threads(max(1, free_cores // world_size))
     logger.info(
         "kv pools gpu_blocks=%d cpu_blocks=%d block_size=%d bytes_per_token=%d cpu_threads=%d",
         num_gpu,
         0 if cpu_pool is None else cpu_pool.shape[1],
         layout.block_size,
         layout.bytes_per_token,
-        threads,
+        len(cores),
     )
     executor = Executor(model, gpu_pool, cpu_pool, cpu_attention, max_rows, max_tokens)
     cost_model = load_or_profile(
-        cfg, model, layout, executor, threads, max_model_len, refresh=refresh_profile
+        cfg, model, layout, executor, len(cores), max_model_len, refresh_profile, group
     )
-    if device.type == "cuda":
+    # CUDA graphs would capture the all-reduces too: not done, nor validated, with TP.
+    if device.type == "cuda" and world_size == 1:
         executor.graphs = DecodeGraphs(model, gpu_pool, max_rows, max_model_len)
         executor.graphs.capture_all()
         if cpu_pool is not None:
@@ -199,7 +243,7 @@ def build_runtime(cfg: Any, refresh_profile: bool = False) -> EngineRuntime:
         gpu_pool=gpu_pool,
         cpu_pool=cpu_pool,
         cpu_attention=cpu_attention,
-        cpu_threads=threads,
+        cpu_threads=len(cores),
         cpu_bandwidth_gbps=bandwidth,
         executor=executor,
         scheduler=Scheduler(cost_model, mc.num_hidden_layers),
