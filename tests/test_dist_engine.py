@@ -13,6 +13,8 @@ import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -27,6 +29,7 @@ from test_engine import (
     tokens_of,
 )
 
+from neod.client import Client, ControlClient, DaemonUnavailable
 from neod.config import load_config
 from neod.dist.launch import RankExited
 from neod.dist.messages import Step, Swap, send
@@ -202,3 +205,49 @@ def test_tp_size_setting():
     assert cfg.parallel.tp_size == 4
     with pytest.raises(ValueError, match=r"\[parallel\] tp_size: 0 is not allowed"):
         load_config(None, env={}, overrides=["parallel.tp_size=0"])
+
+
+def test_daemon_with_tp_size_2_serves_and_stops_its_followers(tmp_path):
+    """`python -m neod` with tp_size=2: it serves; Ctrl-C (SIGINT to its process group) reaches
+    rank 0 alone, which drains and stops rank 1 with a message rather than a kill."""
+    config = tmp_path / "neod.toml"
+    config.write_text(
+        '[model]\ndevice = "cpu"\nmax_model_len = 128\n'
+        "[scheduler]\nmax_batch_size = 8\nmax_tokens_in_batch = 256\n"
+        "[cache]\ncpu_kv_gib = 0.05\n[cpu]\nthreads = 2\n[parallel]\ntp_size = 2\n"
+        f'[profile]\ndir = "{tmp_path}/profiles"\n'
+        f'[server]\nintake_endpoint = "ipc://{tmp_path}/intake.sock"\n'
+        f'control_endpoint = "ipc://{tmp_path}/control.sock"\n'
+    )
+    log = (tmp_path / "neod.log").open("a")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "neod", "--config", str(config)],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "neod.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "neod.log").read_text()
+            try:
+                with Client(f"ipc://{tmp_path}/intake.sock", timeout_s=30,
+                            connect_timeout_s=0.5) as c:
+                    reply = c.generate("Hello", max_tokens=8, temperature=0, ignore_eos=True)
+                    break
+            except DaemonUnavailable:
+                time.sleep(0.2)
+        assert reply.final.usage.completion_tokens == 8
+        with ControlClient(f"ipc://{tmp_path}/control.sock") as control:
+            assert control.call("status")["engine"]["tp_size"] == 2
+        children = psutil.Process(proc.pid).children()
+        (follower,) = [p for p in children if "spawn_main" in " ".join(p.cmdline())]
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(30) == 0
+        assert not psutil.pid_exists(follower.pid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = (tmp_path / "neod.log").read_text()
+    assert "tensor-parallel rank 1 of 2 joined" in text
+    assert "killing tensor-parallel rank" not in text

@@ -33,7 +33,7 @@ def test_unit_has_the_required_settings() -> None:
                 "LimitMEMLOCK": "infinity", "NoNewPrivileges": "yes", "ProtectSystem": "strict",
                 "ProtectHome": "yes", "PrivateTmp": "yes", "RuntimeDirectory": "neod",
                 "StateDirectory": "neod", "CacheDirectory": "neod", "DevicePolicy": "closed",
-                "KillSignal": "SIGTERM"}
+                "KillSignal": "SIGTERM", "KillMode": "mixed"}
     for key, value in required.items():
         assert s.get(key) == [value], key
     assert int(s["WatchdogSec"][0]) >= 30

@@ -34,7 +34,9 @@ def follower_main(cfg: Any, rank: int, world_size: int, port: int, parent_pid: i
     """The process target of rank `rank`; `port` is rank 0's TCPStore, `log_level` rank 0's."""
     from neod.engine.runtime import build_runtime, resolve_device
 
-    logging.basicConfig(level=log_level, format=f"neod-tp{rank} %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=log_level, format=f"%(asctime)s neod-tp{rank} %(levelname)s %(name)s %(message)s"
+    )
     os.setpgrp()
     _exit_with_parent(parent_pid)
     store = dist.TCPStore(HOST, port, world_size, is_master=False, timeout=FOLLOWER_TIMEOUT)
