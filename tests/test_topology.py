@@ -98,9 +98,11 @@ def test_this_host():
     assert topo.memory_bytes > topo.available_bytes > 0
 
 
-def make_probe(rates_gbps: list[float]) -> BandwidthProbe:
+def make_probe(rates_gbps: list[float], kernel_gbps: float = 0.0) -> BandwidthProbe:
     counts = tuple(range(1, len(rates_gbps) + 1))
-    return BandwidthProbe(counts, counts, tuple(r * 1e9 for r in rates_gbps), 1 << 30, 0.0)
+    return BandwidthProbe(
+        counts, counts, tuple(r * 1e9 for r in rates_gbps), 1 << 30, 0.0, kernel_gbps * 1e9
+    )
 
 
 def test_threads_for_fraction_of_peak():
@@ -111,6 +113,22 @@ def test_threads_for_fraction_of_peak():
     assert probe.rate_for(16) == pytest.approx(84e9)
     assert make_probe([20, 29, 30]).threads_for() == 2
     assert BandwidthProbe.from_dict(json.loads(json.dumps(probe.to_dict()))) == probe
+
+
+def test_a_slow_kernel_needs_more_threads_than_plain_reads():
+    # Reads saturate at 9 threads (~95 GB/s); a kernel reading 9 GB/s per thread needs 11.
+    rates = [13, 25, 38, 48, 57, 66, 76, 86, 95, 97, 98, 98, 99, 99, 100]
+    assert make_probe(rates).threads_for(0.95) == 9
+    assert make_probe(rates, kernel_gbps=9.0).threads_for(0.95) == 11
+    assert make_probe(rates, kernel_gbps=30.0).threads_for(0.95) == 9  # reads still bound it
+    slow = make_probe(rates, kernel_gbps=9.0)
+    assert BandwidthProbe.from_dict(json.loads(json.dumps(slow.to_dict()))) == slow
+
+
+def test_kernel_read_rate_is_measured_on_one_pinned_thread():
+    core = sorted(os.sched_getaffinity(0))[0]
+    rate = bandwidth.kernel_read_rate(core, repeats=1)
+    assert 1e8 < rate < 1e12  # bytes/s: a real measurement, not a constant
 
 
 def test_default_thread_counts():

@@ -51,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         print("threads   GB/s   of peak")
         for n, rate in zip(probe.thread_counts, probe.read_bytes_per_s, strict=True):
             print(f"{n:7d} {rate / 1e9:6.1f} {rate / probe.peak_bytes_per_s:8.0%}")
+        print(f"attention kernel on one thread: {probe.kernel_bytes_per_s / 1e9:.1f} GB/s")
         print(f"\nrecommended CPU attention threads: {report['recommended_threads']} "
-              f"(reach {args.fraction:.0%} of peak, {args.reserve_cores} core(s) reserved)")
+              f"(the kernel reaches {args.fraction:.0%} of peak, "
+              f"{args.reserve_cores} core(s) reserved)")
     return 0
 
 

@@ -1,11 +1,14 @@
 """Memory-read bandwidth of this host, measured by the CPU attention pool itself, and the pool size
 it implies.
 
-Decode attention on the CPU is bound by memory bandwidth, so the pool should have the fewest
-threads that reach (nearly) the host's peak read rate: more threads only take cores from the
-GPU-driving thread, the tokenizer and I/O. The probe reads a buffer much larger than the last-level
-cache with 1..N pinned workers of the same native pool, pinned as the attention pool would be. It
-is cached on disk, keyed by CPU model, usable cores and memory size, so it runs once per host.
+Decode attention on the CPU can go no faster than memory bandwidth, so the pool should have the
+fewest threads with which the attention kernel reaches (nearly) the host's peak read rate: more
+threads only take cores from the GPU-driving thread, the tokenizer and I/O. That count is the
+larger of two: the threads at which plain reads saturate memory, and the threads the kernel needs
+at its own per-thread rate (it does arithmetic on every byte, so one thread of it reads less than
+one thread of plain loads can). The probe reads a buffer much larger than the last-level cache with
+1..N pinned workers of the same native pool, then times the kernel on one worker. It is cached on
+disk, keyed by CPU model, usable cores and memory size, so it runs once per host.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -24,7 +28,10 @@ from neod.cpu.topology import CpuTopology, pool_cores, read_topology
 logger = logging.getLogger(__name__)
 
 _MIB = 1 << 20
-PROBE_VERSION = 1  # bump when the probe changes what it measures: old cache entries are ignored
+PROBE_VERSION = 2  # bump when the probe changes what it measures: old cache entries are ignored
+# The shape the kernel's per-thread rate is timed on: a Llama-3 layer (GQA 4, head_dim 128, bf16).
+_KERNEL_SHAPE = {"num_q_heads": 32, "num_kv_heads": 8, "head_dim": 128, "block_size": 16}
+_KERNEL_KV_BYTES = 64 * _MIB
 
 
 @dataclass(frozen=True)
@@ -34,16 +41,22 @@ class BandwidthProbe:
     read_bytes_per_s: tuple[float, ...]  # best read rate with thread_counts[i] workers
     buffer_bytes: int
     measured_at: float  # unix time
+    # KV read rate of the attention kernel on one thread; 0: not measured
+    kernel_bytes_per_s: float = 0.0
 
     @property
     def peak_bytes_per_s(self) -> float:
         return max(self.read_bytes_per_s)
 
     def threads_for(self, fraction: float = 0.95) -> int:
-        """The fewest measured thread count that reaches `fraction` of the peak read rate."""
+        """The fewest threads with which the attention kernel reaches `fraction` of the peak read
+        rate: where plain reads reach it, or more when one kernel thread reads less than that."""
         target = fraction * self.peak_bytes_per_s
-        return min(n for n, r in zip(self.thread_counts, self.read_bytes_per_s, strict=True)
-                   if r >= target)
+        reads = min(n for n, r in zip(self.thread_counts, self.read_bytes_per_s, strict=True)
+                    if r >= target)
+        if self.kernel_bytes_per_s <= 0:
+            return reads
+        return max(reads, math.ceil(target / self.kernel_bytes_per_s))
 
     def rate_for(self, num_threads: int) -> float:
         """Read rate with `num_threads` workers, interpolated between measured counts."""
@@ -68,6 +81,7 @@ class BandwidthProbe:
             read_bytes_per_s=tuple(float(r) for r in data["read_bytes_per_s"]),
             buffer_bytes=int(data["buffer_bytes"]),
             measured_at=float(data["measured_at"]),
+            kernel_bytes_per_s=float(data["kernel_bytes_per_s"]),
         )
 
 
@@ -109,14 +123,44 @@ def probe_bandwidth(
     started = time.monotonic()
     with CpuAttention(cores=cores) as pool:
         rates = pool.probe_read_bandwidth(nbytes, counts, repeats)
+    kernel_rate = kernel_read_rate(cores[0], repeats)
     logger.info(
-        "memory read bandwidth probe: %d..%d threads, peak %.1f GB/s, %.1f s",
+        "memory read bandwidth probe: %d..%d threads, peak %.1f GB/s, attention kernel %.1f GB/s "
+        "per thread, %.1f s",
         counts[0],
         counts[-1],
         max(rates) / 1e9,
+        kernel_rate / 1e9,
         time.monotonic() - started,
     )
-    return BandwidthProbe(tuple(cores), tuple(counts), tuple(rates), nbytes, time.time())
+    return BandwidthProbe(
+        tuple(cores), tuple(counts), tuple(rates), nbytes, time.time(), kernel_rate
+    )
+
+
+def kernel_read_rate(core: int, repeats: int = 3) -> float:
+    """KV bytes per second the decode-attention kernel reads on one thread pinned to `core`
+    (one long request, so the timing is the kernel's and not the hand-off's)."""
+    import torch
+
+    from neod.kernels.cpu_attention import CpuAttention
+
+    shape = _KERNEL_SHAPE
+    hkv, d, bs = shape["num_kv_heads"], shape["head_dim"], shape["block_size"]
+    num_blocks = _KERNEL_KV_BYTES // (2 * hkv * bs * d * 2)
+    gen = torch.Generator().manual_seed(0)
+    kv = torch.empty(num_blocks, 2, hkv, bs, d, dtype=torch.bfloat16).uniform_(-1, 1, generator=gen)
+    q = torch.empty(1, shape["num_q_heads"], d, dtype=torch.bfloat16).uniform_(-1, 1, generator=gen)
+    tables = torch.randperm(num_blocks, generator=gen).to(torch.int32).view(1, -1)
+    lens = torch.tensor([num_blocks * bs], dtype=torch.int32)
+    out = torch.empty_like(q)
+    best = math.inf
+    with CpuAttention(cores=[core]) as pool:
+        for _ in range(repeats + 1):  # the first call also faults the scratch in
+            start = time.perf_counter()
+            pool.decode(q, kv, tables, lens, out)
+            best = min(best, time.perf_counter() - start)
+    return kv.numel() * kv.element_size() / best
 
 
 def cache_dir(env: Mapping[str, str] | None = None) -> Path:
@@ -165,8 +209,9 @@ def cached_probe(
 
 
 def recommended_threads(reserve_cores: int = 1, fraction: float = 0.95) -> int:
-    """Pool size: the fewest threads reaching `fraction` of the host's peak read bandwidth, never
-    more than the physical cores left after `reserve_cores` (at least 1)."""
+    """Pool size: the fewest threads with which the attention kernel reaches `fraction` of the
+    host's peak read bandwidth, never more than the physical cores left after `reserve_cores`
+    (at least 1)."""
     topo = read_topology()
     limit = max(1, topo.num_physical_cores - reserve_cores)
     if limit == 1:
