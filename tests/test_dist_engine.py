@@ -112,6 +112,8 @@ def test_neo_swaps_and_cpu_decodes_tp2_equal_tp1(engines):
     engine = engines(2, **neo)
     assert engine.rt.cpu_threads == 1  # the pool's two cores, one per rank
     assert engine.rt.num_cpu_blocks > 0
+    with pytest.raises(ValueError, match="fixed at start under tensor parallelism"):
+        engine.tune(cpu_threads=2)  # rank 0 alone cannot resize every rank's pool
     engine.rt.scheduler = ScriptedScheduler()
     got = greedy_tokens(engine, ps, GREEDY)
     assert engine.stats()["iterations"]["pipelined"] > 0

@@ -69,12 +69,9 @@ def _follow(runtime: Any, group: RankGroup) -> None:
 
 
 def _run_step(runtime: Any, step: Step) -> bool:
-    executor = runtime.executor
+    executor, gpu_pool, cpu_pool = runtime.executor, runtime.gpu_pool, runtime.cpu_pool
     for swap in step.swaps:
-        src, dst = (
-            (runtime.gpu_pool, runtime.cpu_pool) if swap.to_host else (runtime.cpu_pool,
-                                                                       runtime.gpu_pool)
-        )
+        src, dst = (gpu_pool, cpu_pool) if swap.to_host else (cpu_pool, gpu_pool)
         executor.swap(src, dst, [tuple(p) for p in swap.pairs], to_host=swap.to_host)
     batches = [sub_batch_from_rows(rows, [], runtime.device) for rows in step.batches]
     executor.run(batches)  # logits discarded: rank 0 samples

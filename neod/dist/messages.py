@@ -27,7 +27,7 @@ class Swap:
 
 @dataclass
 class Step:
-    swaps: list[Swap]  # issued by rank 0 since the previous Step, in order; they precede the forward
+    swaps: list[Swap]  # issued by rank 0 since the previous Step, in order; done before the forward
     batches: list[BatchRows]  # one sub-batch (sequential) or two (pipelined)
 
 
