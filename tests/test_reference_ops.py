@@ -267,7 +267,7 @@ def _c_letter(c_type: str) -> str:
         return "s"
     if "*" in c_type or c_type == "cudaStream_t":
         return "p"
-    return {"int": "i", "int64_t": "l", "float": "f"}[c_type]
+    return {"int": "i", "int64_t": "l", "uint32_t": "u", "float": "f"}[c_type]
 
 
 def test_ctypes_signatures_match_the_c_header():

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     probe = None
     if not args.no_probe:
         probe = cached_probe(args.reserve_cores, refresh=args.refresh, topology=topo)
-        limit = max(1, topo.num_physical_cores - args.reserve_cores)
+        limit = max(1, topo.num_physical_cores - args.reserve_cores - 1)
         report["bandwidth"] = probe.to_dict()
         report["cache_file"] = str(cache_path(topo, args.reserve_cores))
         report["recommended_threads"] = min(limit, probe.threads_for(args.fraction))

@@ -210,10 +210,10 @@ def cached_probe(
 
 def recommended_threads(reserve_cores: int = 1, fraction: float = 0.95) -> int:
     """Pool size: the fewest threads with which the attention kernel reaches `fraction` of the
-    host's peak read bandwidth, never more than the physical cores left after `reserve_cores`
-    (at least 1)."""
+    host's peak read bandwidth, never more than the physical cores left after `reserve_cores` and
+    one more for the thread that drives the pool through an iteration (at least 1)."""
     topo = read_topology()
-    limit = max(1, topo.num_physical_cores - reserve_cores)
+    limit = max(1, topo.num_physical_cores - reserve_cores - 1)
     if limit == 1:
         return 1
     return min(limit, cached_probe(reserve_cores, topology=topo).threads_for(fraction))
