@@ -2,12 +2,15 @@
 // paged KV cache, as NEO offloads it (docs/architecture.md fixes the layout).
 //
 // Design: SIMD lanes run along head_dim, so a K or V row is a few contiguous vector loads,
-// converted to fp32 once and reused by every query head of its GQA group. Work advances in chunks
-// of whole blocks (>= 64 tokens): first the scores of the chunk's K tiles, head by head in memory
-// order, then one online-softmax step per query head (max, exp, rescale of the fp32 accumulator,
-// paid once per chunk), then the chunk's V tiles, again in memory order. Every K and V byte is
-// read from memory exactly once; the next tile is prefetched while one is computed, because every
-// 4 KiB tile is a new page and hardware prefetchers stop at page boundaries.
+// converted to fp32 in registers and reused by several query heads of its GQA group. The kernel is
+// bound by FMA issue, so it keeps the FMAs' operands in registers: K dots hold the query vectors
+// of 2-4 heads, V sums hold the output accumulators of several heads, both across a whole tile or
+// chunk. Work advances in chunks of whole blocks (>= 64 tokens): first the scores of the chunk's K
+// tiles, then one online-softmax step per query head (max, exp, rescale of the fp32 accumulator,
+// paid once per chunk), then the chunk's V tiles; both phases walk KV head by KV head, the chunk's
+// blocks inside. Every K and V byte is read from memory once (repeat passes over a tile hit L1);
+// tiles are prefetched a KV head ahead, because every 4 KiB tile is a new page and hardware
+// prefetchers stop at page boundaries.
 //
 // The caller (neod/cython/neod_decode.c) cuts the batch into work items of whole blocks, balanced
 // by KV bytes across threads; an item that covers a whole request writes the final output, a piece
@@ -16,7 +19,7 @@
 
 #include "decode_attention.isph"
 
-// Vectors in the longest supported row (head_dim 128); sizes the key-row register array.
+// Vectors in the longest supported row (head_dim 128); sizes the key-row array of dot_group.
 #define MAX_ROW_VECTORS (128 / TARGET_WIDTH)
 
 // ---- element conversion ---------------------------------------------------------------------
@@ -65,112 +68,267 @@ static inline void store_pair(uniform uint16 * uniform row, uniform int v, varyi
 
 // ---- building blocks ------------------------------------------------------------------------
 
-// In place over rows [0, programCount) of `rows` (one vector each): lane i of row 0 becomes the
-// sum of all lanes of row i. A transposing tree of programCount - 1 shuffle pairs, instead of one
-// horizontal reduction per row.
-static inline unmasked void transpose_sum(uniform float rows[]) {
+// Lane i of the result is the sum of all lanes of rows[i], i < programCount: a transposing tree of
+// programCount - 1 shuffle pairs in registers, instead of one horizontal reduction per row.
+static inline varying float transpose_sum(const uniform float rows[]) {
     // shuffle(a, b, i) indexes the concatenation [a | b]: lane i of `even` picks lane 2i of it.
     varying int32 even = 2 * programIndex;
     varying int32 odd = even + 1;
+    varying float r[programCount];
+    #pragma unroll
+    for (uniform int i = 0; i < programCount; i++) {
+        r[i] = rows[i * programCount + programIndex];
+    }
+    #pragma unroll
     for (uniform int n = programCount / 2; n >= 1; n /= 2) {
+        #pragma unroll
         for (uniform int i = 0; i < n; i++) {
-            varying float a = rows[(2 * i) * programCount + programIndex];
-            varying float b = rows[(2 * i + 1) * programCount + programIndex];
-            rows[i * programCount + programIndex] = shuffle(a, b, even) + shuffle(a, b, odd);
+            r[i] = shuffle(r[2 * i], r[2 * i + 1], even) + shuffle(r[2 * i], r[2 * i + 1], odd);
         }
     }
+    return r[0];
 }
 
-// Prefetches one row of D 16-bit elements into L2 (a no-op for NULL). L2, not L1: the row is
-// used a whole tile later, and L1 holds the working set of the tile being computed.
+// Prefetches one row of D 16-bit elements into L2. L2, not L1: the row is used a whole KV head
+// later, and L1 holds the working set of the tiles being computed.
 template <int D>
 static inline void prefetch_row(const uniform uint16 * uniform row) {
-    if (row != NULL) {
-        for (uniform int i = 0; i < D; i += 32) {
-            prefetch_l2(row + i);
-        }
+    for (uniform int i = 0; i < D; i += 32) {
+        prefetch_l2(row + i);
     }
 }
 
-// Converts rows [0, num_rows) of a (block, K|V, head) tile to fp32 rows of `tile`, prefetching
-// the same rows of `next`, the tile processed after this one.
+// Where the tiles of one chunk live, and which tiles to prefetch while computing them.
+struct Chunk {
+    const uniform uint16 * uniform kv;
+    const uniform int32 * uniform table;   // the request's block table
+    uniform int64 block_stride;            // elements per block (K and V of every KV head)
+    uniform int64 head_stride;             // elements per tile: one (block, K|V, KV head)
+    uniform int j0, j1;                    // the chunk's blocks [j0, j1) of the table
+    uniform int block_end;                 // the work item's end, for the next chunk's K
+    uniform int seq_len;
+    uniform int bs;
+};
+
+// Tile of block j (table index), KV head kh; kv_part 0 for K, 1 for V.
+static inline const uniform uint16 * uniform tile_at(const uniform Chunk &c, uniform int j,
+                                                     uniform int kv_part, uniform int kh,
+                                                     uniform int hkv) {
+    return c.kv + (uniform int64)c.table[j] * c.block_stride + (kv_part * hkv + kh) * c.head_stride;
+}
+
+// The tile read one KV head after (j, kv_part, kh): both phases walk KV head by KV head, the
+// chunk's blocks inside, so this is the same block's next head; after the last head, K leads to the
+// chunk's V and V to the next chunk's K (block j + chunk size), NULL past the work item.
+static inline const uniform uint16 * uniform tile_after(const uniform Chunk &c, uniform int j,
+                                                        uniform int kv_part, uniform int kh,
+                                                        uniform int hkv) {
+    if (kh + 1 < hkv) return tile_at(c, j, kv_part, kh + 1, hkv);
+    if (kv_part == 0) return tile_at(c, j, 1, 0, hkv);
+    uniform int next = j + (c.j1 - c.j0);
+    return next < c.block_end ? tile_at(c, next, 0, 0, hkv) : NULL;
+}
+
+// Named variables, not arrays: ISPC keeps varying arrays that live across a loop in memory.
+#define EACH8(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+#define EACH16(X) EACH8(X) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15)
+
+// x_i for a compile-time i < 8 (or < 16): folds to one variable.
+static inline varying float pick(uniform int i, varying float x0, varying float x1,
+                                 varying float x2, varying float x3, varying float x4,
+                                 varying float x5, varying float x6, varying float x7) {
+    return i == 0 ? x0 : i == 1 ? x1 : i == 2 ? x2 : i == 3 ? x3
+         : i == 4 ? x4 : i == 5 ? x5 : i == 6 ? x6 : x7;
+}
+
+static inline varying float pick16(uniform int i, varying float x0, varying float x1,
+                                   varying float x2, varying float x3, varying float x4,
+                                   varying float x5, varying float x6, varying float x7,
+                                   varying float x8, varying float x9, varying float x10,
+                                   varying float x11, varying float x12, varying float x13,
+                                   varying float x14, varying float x15) {
+    return i < 8 ? pick(i, x0, x1, x2, x3, x4, x5, x6, x7)
+                 : pick(i - 8, x8, x9, x10, x11, x12, x13, x14, x15);
+}
+
+#if TARGET_WIDTH == 16
+// Partial dot products of QH = 16 / NC query heads against the tile's key rows, the heads' 16
+// query vectors held in registers: each key row is loaded (half a vector load per vector, bf16)
+// and converted once per pass, and every FMA takes both operands from registers. Without this the
+// FMAs wait on the loads of the query (one vector load per FMA, the load ports' limit).
 template <int BF16, int D>
-static inline unmasked void load_tile(const uniform uint16 * uniform src, uniform int num_rows,
-                                      uniform float tile[], const uniform uint16 * uniform next) {
-    for (uniform int t = 0; t < num_rows; t++) {
-        prefetch_row<D>(next == NULL ? NULL : next + t * D);
-        for (uniform int c = 0; c < D / programCount; c++) {
-            tile[t * D + c * programCount + programIndex] = load_row<BF16>(src + t * D, c);
+static inline unmasked void dot_heads(const uniform uint16 * uniform tile, uniform int num_tokens,
+                                      const uniform float qg[], uniform float part[],
+                                      uniform int bs_padded,
+                                      const uniform uint16 * uniform next) {
+    uniform const int NC = D / programCount;
+    uniform const int QH = 16 / NC;
+#define LOAD_Q(i) varying float q##i = qg[i * programCount + programIndex];
+    EACH16(LOAD_Q)
+    for (uniform int t = 0; t < num_tokens; t++) {
+        if (next != NULL) {
+            prefetch_row<D>(next + t * D);
+        }
+#define LOAD_K(i) varying float k##i = 0.0f; if (i < NC) k##i = load_row<BF16>(tile + t * D, i);
+        EACH8(LOAD_K)
+#define QV(h, v) pick16((h) * NC + (v), q0, q1, q2, q3, q4, q5, q6, q7, q8, q9, q10, q11, q12, \
+                        q13, q14, q15)
+#define HEAD_DOT(h) if (h < QH) { \
+            varying float even = QV(h, 0) * k0; \
+            varying float odd = QV(h, 1) * k1; \
+            even += QV(h, 2) * k2; \
+            odd += QV(h, 3) * k3; \
+            if (NC == 8) { \
+                even += QV(h, 4) * k4; \
+                odd += QV(h, 5) * k5; \
+                even += QV(h, 6) * k6; \
+                odd += QV(h, 7) * k7; \
+            } \
+            part[(h * bs_padded + t) * programCount + programIndex] = even + odd; \
+        }
+        HEAD_DOT(0) HEAD_DOT(1) HEAD_DOT(2) HEAD_DOT(3)
+    }
+}
+#endif
+
+// Partial dot products of `group` query heads against the tile's key rows, the query read from
+// memory: each key row is converted once and used by every head (two FMA chains per dot).
+template <int BF16, int D>
+static inline unmasked void dot_group(const uniform uint16 * uniform tile, uniform int num_tokens,
+                                      uniform int group, const uniform float qg[],
+                                      uniform float part[], uniform int bs_padded,
+                                      const uniform uint16 * uniform next) {
+    uniform const int NC = D / programCount;
+    for (uniform int t = 0; t < num_tokens; t++) {
+        prefetch_row<D>(next + t * D);
+        varying float k[MAX_ROW_VECTORS];
+        for (uniform int v = 0; v < NC; v++) {
+            k[v] = load_row<BF16>(tile + t * D, v);
+        }
+        for (uniform int g = 0; g < group; g++) {
+            const uniform float * uniform qh = qg + g * D;
+            varying float even = qh[programIndex] * k[0];
+            varying float odd = qh[programCount + programIndex] * k[1];
+            for (uniform int v = 2; v < NC; v += 2) {
+                even += qh[v * programCount + programIndex] * k[v];
+                odd += qh[(v + 1) * programCount + programIndex] * k[v + 1];
+            }
+            part[(g * bs_padded + t) * programCount + programIndex] = even + odd;
         }
     }
 }
 
-// acc[0, 8 vectors) += sum over t < num_tokens of p[t] * rows[t * stride + (0, 8 vectors)].
-// Named accumulators, not an array: LLVM keeps them in registers (an array stays in memory), and
-// eight independent FMA chains cover the FMA latency.
-static inline unmasked void accumulate8(uniform float acc[], const uniform float rows[],
-                                        const uniform float p[], uniform int num_tokens,
-                                        uniform int stride) {
-    uniform const int W = programCount;
-    varying float o0 = acc[programIndex], o1 = acc[W + programIndex];
-    varying float o2 = acc[2 * W + programIndex], o3 = acc[3 * W + programIndex];
-    varying float o4 = acc[4 * W + programIndex], o5 = acc[5 * W + programIndex];
-    varying float o6 = acc[6 * W + programIndex], o7 = acc[7 * W + programIndex];
-    for (uniform int t = 0; t < num_tokens; t++) {
-        const uniform float * uniform r = rows + t * stride;
-        uniform const float w = p[t];
-        o0 += w * r[programIndex];
-        o1 += w * r[W + programIndex];
-        o2 += w * r[2 * W + programIndex];
-        o3 += w * r[3 * W + programIndex];
-        o4 += w * r[4 * W + programIndex];
-        o5 += w * r[5 * W + programIndex];
-        o6 += w * r[6 * W + programIndex];
-        o7 += w * r[7 * W + programIndex];
+// Scores of the chunk for the query heads [kh * group, (kh + 1) * group) against KV head kh. The
+// partial dot vectors are reduced programCount tokens at a time by transpose_sum; padding slots
+// get -inf.
+template <int BF16, int D>
+static inline unmasked void score_head(const uniform Chunk &c, uniform int kh, uniform int hkv,
+                                       uniform int group, const uniform float qg[],
+                                       uniform float part[], uniform float sg[], uniform int row,
+                                       uniform int bs_padded) {
+    for (uniform int j = c.j0; j < c.j1; j++) {
+        uniform const int num_tokens = min(c.bs, c.seq_len - j * c.bs);
+        const uniform uint16 * uniform tile = tile_at(c, j, 0, kh, hkv);
+        const uniform uint16 * uniform next = tile_after(c, j, 0, kh, hkv);
+#if TARGET_WIDTH == 16
+        // Passes of 16 / NC heads (2 for head_dim 128, 4 for 64); the tile stays in L1.
+        uniform const int QH = 16 / (D / programCount);
+        uniform int g = 0;
+        for (; g + QH <= group; g += QH) {
+            dot_heads<BF16, D>(tile, num_tokens, qg + g * D, part + g * bs_padded * programCount,
+                               bs_padded, g == 0 ? next : NULL);
+        }
+        if (g < group) {
+            dot_group<BF16, D>(tile, num_tokens, group - g, qg + g * D,
+                               part + g * bs_padded * programCount, bs_padded, next);
+        }
+#else
+        dot_group<BF16, D>(tile, num_tokens, group, qg, part, bs_padded, next);
+#endif
+        uniform const int num_padded = (num_tokens + programCount - 1) & ~(programCount - 1);
+        for (uniform int g = 0; g < group; g++) {
+            uniform float * uniform s = sg + g * row + (j - c.j0) * bs_padded;
+            for (uniform int t0 = 0; t0 < num_padded; t0 += programCount) {
+                varying float dots = transpose_sum(part + (g * bs_padded + t0) * programCount);
+                s[t0 + programIndex] = t0 + programIndex < num_tokens ? dots : -floatbits(0x7f800000);
+            }
+            for (uniform int t0 = num_padded; t0 < bs_padded; t0 += programCount) {
+                s[t0 + programIndex] = -floatbits(0x7f800000);
+            }
+        }
     }
-    acc[programIndex] = o0;
-    acc[W + programIndex] = o1;
-    acc[2 * W + programIndex] = o2;
-    acc[3 * W + programIndex] = o3;
-    acc[4 * W + programIndex] = o4;
-    acc[5 * W + programIndex] = o5;
-    acc[6 * W + programIndex] = o6;
-    acc[7 * W + programIndex] = o7;
 }
 
-// The same for 4-vector rows, with even and odd tokens in separate accumulators (8 chains).
-static inline unmasked void accumulate4(uniform float acc[], const uniform float rows[],
-                                        const uniform float p[], uniform int num_tokens,
-                                        uniform int stride) {
-    uniform const int W = programCount;
-    varying float e0 = acc[programIndex], e1 = acc[W + programIndex];
-    varying float e2 = acc[2 * W + programIndex], e3 = acc[3 * W + programIndex];
-    varying float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
-    uniform int t = 0;
-    for (; t + 1 < num_tokens; t += 2) {
-        const uniform float * uniform r = rows + t * stride;
-        uniform const float we = p[t], wd = p[t + 1];
-        e0 += we * r[programIndex];
-        e1 += we * r[W + programIndex];
-        e2 += we * r[2 * W + programIndex];
-        e3 += we * r[3 * W + programIndex];
-        d0 += wd * r[stride + programIndex];
-        d1 += wd * r[stride + W + programIndex];
-        d2 += wd * r[stride + 2 * W + programIndex];
-        d3 += wd * r[stride + 3 * W + programIndex];
+// acc[H heads][vectors v0 .. v0 + S) += probability-weighted V rows of KV head kh over the chunk.
+// The H x S <= 16 accumulators (o_i: head i / S, vector i % S) stay in registers across the
+// chunk's tiles; each V vector is converted once per pass and used by all H heads. S is capped at
+// the row's vector count and even: one bf16 load gives two vectors.
+template <int BF16, int D, int H, int S>
+static unmasked void weigh_values(const uniform Chunk &c, uniform int kh, uniform int hkv,
+                                  uniform float acc[], const uniform float p[], uniform int row,
+                                  uniform int bs_padded, uniform int v0, uniform bool prefetch) {
+    uniform const int SN = min(S, D / programCount);
+    uniform const int N = H * SN;
+#define LOAD_ACC(i) varying float o##i = 0.0f; \
+    if (i < N) o##i = acc[(i / SN) * D + (v0 + i % SN) * programCount + programIndex];
+    EACH16(LOAD_ACC)
+    for (uniform int j = c.j0; j < c.j1; j++) {
+        uniform const int num_tokens = min(c.bs, c.seq_len - j * c.bs);
+        const uniform uint16 * uniform tile = tile_at(c, j, 1, kh, hkv);
+        const uniform uint16 * uniform next = prefetch ? tile_after(c, j, 1, kh, hkv) : NULL;
+        const uniform float * uniform pj = p + (j - c.j0) * bs_padded;
+        for (uniform int t = 0; t < num_tokens; t++) {
+            if (next != NULL) {
+                prefetch_row<D>(next + t * D);
+            }
+#define LOAD_V(i) varying float x##i = 0.0f; if (i < SN) x##i = load_row<BF16>(tile + t * D, v0 + i);
+            EACH8(LOAD_V)
+#define WEIGH(i) if (i < N) o##i += pj[(i / SN) * row + t] * pick(i % SN, x0, x1, x2, x3, x4, x5, x6, x7);
+            EACH16(WEIGH)
+        }
     }
-    if (t < num_tokens) {
-        const uniform float * uniform r = rows + t * stride;
-        uniform const float we = p[t];
-        e0 += we * r[programIndex];
-        e1 += we * r[W + programIndex];
-        e2 += we * r[2 * W + programIndex];
-        e3 += we * r[3 * W + programIndex];
+#define STORE_ACC(i) if (i < N) acc[(i / SN) * D + (v0 + i % SN) * programCount + programIndex] = o##i;
+    EACH16(STORE_ACC)
+}
+
+// All query heads of KV head kh, `group` of them from acc and p on: passes of H heads over S
+// vectors of the row at a time (the last pass may be narrower), H x S accumulators being half the
+// vector registers. Heads go 8 (4 below AVX-512), then 4, 2, 1 at a time.
+template <int BF16, int D, int H, int S>
+static inline unmasked void weigh_heads(const uniform Chunk &c, uniform int kh, uniform int hkv,
+                                        uniform float acc[], const uniform float p[],
+                                        uniform int row, uniform int bs_padded, uniform bool first) {
+    uniform const int NC = D / programCount;
+    for (uniform int v0 = 0; v0 < NC; v0 += S) {
+        weigh_values<BF16, D, H, S>(c, kh, hkv, acc, p, row, bs_padded, v0, first && v0 == 0);
     }
-    acc[programIndex] = e0 + d0;
-    acc[W + programIndex] = e1 + d1;
-    acc[2 * W + programIndex] = e2 + d2;
-    acc[3 * W + programIndex] = e3 + d3;
+}
+
+template <int BF16, int D>
+static unmasked void weigh_group(const uniform Chunk &c, uniform int kh, uniform int hkv,
+                                 uniform int group, uniform float acc[], const uniform float p[],
+                                 uniform int row, uniform int bs_padded) {
+    uniform int h = 0;
+#if TARGET_WIDTH == 16
+    for (; h + 8 <= group; h += 8) {
+        weigh_heads<BF16, D, 8, 2>(c, kh, hkv, acc + h * D, p + h * row, row, bs_padded, h == 0);
+    }
+    for (; h + 4 <= group; h += 4) {
+        weigh_heads<BF16, D, 4, 4>(c, kh, hkv, acc + h * D, p + h * row, row, bs_padded, h == 0);
+    }
+#define PAIR_SLICE 8
+#else
+    for (; h + 4 <= group; h += 4) {
+        weigh_heads<BF16, D, 4, 2>(c, kh, hkv, acc + h * D, p + h * row, row, bs_padded, h == 0);
+    }
+#define PAIR_SLICE 4
+#endif
+    for (; h + 2 <= group; h += 2) {
+        weigh_heads<BF16, D, 2, PAIR_SLICE>(c, kh, hkv, acc + h * D, p + h * row, row, bs_padded, h == 0);
+    }
+    for (; h < group; h++) {
+        weigh_heads<BF16, D, 1, 8>(c, kh, hkv, acc + h * D, p + h * row, row, bs_padded, h == 0);
+    }
 }
 
 // ---- one work item: request `b`, blocks [block_begin, block_end) of its table ----------------
@@ -188,12 +346,7 @@ static unmasked void attend(const uniform NeodDecodeArgs * uniform a,
     uniform const int group = hq / hkv;
     uniform const int bs = a->block_size;
     uniform const int bs_padded = (bs + 15) & ~15;    // see NeodScratch
-    uniform const int seq_len = a->seq_lens[b];
-    uniform const int64 head_stride = (uniform int64)bs * D;         // one (block, K|V, head) tile
-    uniform const int64 block_stride = 2 * (uniform int64)hkv * head_stride;
-    const uniform uint16 * uniform kv = (const uniform uint16 * uniform)a->kv;
     const uniform uint16 * uniform q = (const uniform uint16 * uniform)a->q + (uniform int64)b * hq * D;
-    const uniform int32 * uniform table = a->block_tables + (uniform int64)b * a->max_blocks;
     uniform float * uniform qf = scr->q;       // [hq, D] scaled query
     uniform float * uniform acc = scr->acc;    // [hq, D] unnormalised output
     uniform float * uniform m = scr->max;      // [hq] running max of scores
@@ -202,75 +355,40 @@ static unmasked void attend(const uniform NeodDecodeArgs * uniform a,
     uniform const int row = chunk_blocks * bs_padded;    // one head's scores over a chunk
     uniform float * uniform s = scr->scores;   // [hq, row] scores, then probabilities
     uniform float * uniform part = scr->part;  // [group, bs_padded, programCount] partial dots
-    uniform float * uniform tile = scr->tile;  // [bs_padded, D] fp32 copy of a V tile
+
+    uniform Chunk c;
+    c.kv = (const uniform uint16 * uniform)a->kv;
+    c.table = a->block_tables + (uniform int64)b * a->max_blocks;
+    c.head_stride = (uniform int64)bs * D;
+    c.block_stride = 2 * (uniform int64)hkv * c.head_stride;
+    c.block_end = item->block_end;
+    c.seq_len = a->seq_lens[b];
+    c.bs = bs;
 
     for (uniform int h = 0; h < hq; h++) {
-        for (uniform int c = 0; c < NC; c++) {
-            uniform int col = c * programCount;
-            qf[h * D + col + programIndex] = load_row<BF16>(q + h * D, c) * a->scale;
+        for (uniform int v = 0; v < NC; v++) {
+            uniform int col = v * programCount;
+            qf[h * D + col + programIndex] = load_row<BF16>(q + h * D, v) * a->scale;
             acc[h * D + col + programIndex] = 0.0f;
         }
         m[h] = -floatbits(0x7f800000);
         l[h] = 0.0f;
     }
 
-    // Chunks of whole blocks: scores of the chunk's blocks (head by head, K tiles in memory order),
-    // one online-softmax step per query head for the whole chunk, then the chunk's V tiles.
+    // Chunks of whole blocks: the chunk's scores (KV head by KV head, its blocks inside), one
+    // online-softmax step per query head for the whole chunk, then the chunk's V tiles in the
+    // same order.
     for (uniform int j0 = item->block_begin; j0 < item->block_end; j0 += chunk_blocks) {
-        uniform const int j1 = min(j0 + chunk_blocks, item->block_end);
-        for (uniform int j = j0; j < j1; j++) {
-            uniform const int num_tokens = min(bs, seq_len - j * bs);
-            uniform const int num_padded = (num_tokens + programCount - 1) & ~(programCount - 1);
-            const uniform uint16 * uniform k_block = kv + (uniform int64)table[j] * block_stride;
-            for (uniform int kh = 0; kh < hkv; kh++) {
-                const uniform uint16 * uniform k_tile = k_block + kh * head_stride;
-                uniform float * uniform qg = qf + kh * group * D;
-                // Every tile is a fresh 4 KiB page, where hardware prefetchers stop: fetch the
-                // tile processed next (next head's K, next block's K, or the chunk's first V)
-                // a row at a time while this one is computed.
-                const uniform uint16 * uniform next = kh + 1 < hkv ? k_tile + head_stride
-                    : j + 1 < j1 ? kv + (uniform int64)table[j + 1] * block_stride
-                    : kv + (uniform int64)table[j0] * block_stride + hkv * head_stride;
-
-                // Partial dot products: each key row is converted once and used by the whole
-                // group; two accumulators per dot halve the FMA dependency chain.
-                for (uniform int t = 0; t < num_tokens; t++) {
-                    prefetch_row<D>(next + t * D);
-                    varying float k[MAX_ROW_VECTORS];
-                    for (uniform int c = 0; c < NC; c++) {
-                        k[c] = load_row<BF16>(k_tile + t * D, c);
-                    }
-                    for (uniform int g = 0; g < group; g++) {
-                        uniform float * uniform qh = qg + g * D;
-                        varying float even = qh[programIndex] * k[0];
-                        varying float odd = qh[programCount + programIndex] * k[1];
-                        for (uniform int c = 2; c < NC; c += 2) {
-                            even += qh[c * programCount + programIndex] * k[c];
-                            odd += qh[(c + 1) * programCount + programIndex] * k[c + 1];
-                        }
-                        part[(g * bs_padded + t) * programCount + programIndex] = even + odd;
-                    }
-                }
-
-                // Scores, programCount tokens at a time; padding slots get -inf (weight 0).
-                for (uniform int g = 0; g < group; g++) {
-                    uniform float * uniform sg = s + (kh * group + g) * row + (j - j0) * bs_padded;
-                    for (uniform int t0 = 0; t0 < num_padded; t0 += programCount) {
-                        uniform float * uniform rows = part + (g * bs_padded + t0) * programCount;
-                        transpose_sum(rows);
-                        sg[t0 + programIndex] = t0 + programIndex < num_tokens
-                            ? rows[programIndex] : -floatbits(0x7f800000);
-                    }
-                    for (uniform int t0 = num_padded; t0 < bs_padded; t0 += programCount) {
-                        sg[t0 + programIndex] = -floatbits(0x7f800000);
-                    }
-                }
-            }
+        c.j0 = j0;
+        c.j1 = min(j0 + chunk_blocks, item->block_end);
+        for (uniform int kh = 0; kh < hkv; kh++) {
+            score_head<BF16, D>(c, kh, hkv, group, qf + kh * group * D, part,
+                                s + kh * group * row, row, bs_padded);
         }
 
         // Online softmax over the chunk: probabilities overwrite the scores, and each head's
         // accumulator is rescaled once per chunk.
-        uniform const int chunk_len = (j1 - j0) * bs_padded;
+        uniform const int chunk_len = (c.j1 - j0) * bs_padded;
         for (uniform int h = 0; h < hq; h++) {
             uniform float * uniform sh = s + h * row;
             varying float vmax = -floatbits(0x7f800000);
@@ -287,37 +405,17 @@ static unmasked void attend(const uniform NeodDecodeArgs * uniform a,
             }
             uniform const float alpha = exp(m_old - m_new);
             if (alpha != 1.0f) {
-                for (uniform int c = 0; c < NC; c++) {
-                    acc[h * D + c * programCount + programIndex] *= alpha;
+                for (uniform int v = 0; v < NC; v++) {
+                    acc[h * D + v * programCount + programIndex] *= alpha;
                 }
             }
             l[h] = l[h] * alpha + reduce_add(vsum);
             m[h] = m_new;
         }
 
-        // Probability-weighted values, V tiles in memory order: each tile is converted once,
-        // then each query head keeps its accumulators in registers across the tile's tokens.
-        for (uniform int j = j0; j < j1; j++) {
-            uniform const int num_tokens = min(bs, seq_len - j * bs);
-            const uniform uint16 * uniform v_block =
-                kv + (uniform int64)table[j] * block_stride + hkv * head_stride;
-            for (uniform int kh = 0; kh < hkv; kh++) {
-                const uniform uint16 * uniform next = kh + 1 < hkv ? v_block + (kh + 1) * head_stride
-                    : j + 1 < j1 ? kv + (uniform int64)table[j + 1] * block_stride + hkv * head_stride
-                    : j1 < item->block_end ? kv + (uniform int64)table[j1] * block_stride : NULL;
-                load_tile<BF16, D>(v_block + kh * head_stride, num_tokens, tile, next);
-                for (uniform int h = kh * group; h < (kh + 1) * group; h++) {
-                    uniform float * uniform p = s + h * row + (j - j0) * bs_padded;
-                    if (NC == 4) {
-                        accumulate4(acc + h * D, tile, p, num_tokens, D);
-                    } else {
-                        for (uniform int c0 = 0; c0 < NC; c0 += 8) {
-                            accumulate8(acc + h * D + c0 * programCount,
-                                        tile + c0 * programCount, p, num_tokens, D);
-                        }
-                    }
-                }
-            }
+        for (uniform int kh = 0; kh < hkv; kh++) {
+            weigh_group<BF16, D>(c, kh, hkv, group, acc + kh * group * D, s + kh * group * row,
+                                 row, bs_padded);
         }
     }
 
@@ -328,14 +426,14 @@ static unmasked void attend(const uniform NeodDecodeArgs * uniform a,
         uniform const float inv = 1.0f / l[h];
         uniform const float lse = m[h] + log(l[h]);
         uniform float * uniform partial = out_partial + ((uniform int64)item->partial * hq + h) * D;
-        for (uniform int c = 0; c < NC; c += 2) {
-            varying float o0 = acc[h * D + c * programCount + programIndex] * inv;
-            varying float o1 = acc[h * D + (c + 1) * programCount + programIndex] * inv;
+        for (uniform int v = 0; v < NC; v += 2) {
+            varying float o0 = acc[h * D + v * programCount + programIndex] * inv;
+            varying float o1 = acc[h * D + (v + 1) * programCount + programIndex] * inv;
             if (whole) {
-                store_pair<BF16>(out + h * D, c, o0, o1);
+                store_pair<BF16>(out + h * D, v, o0, o1);
             } else {  // partials stay in SIMD order: only merge reads them
-                partial[c * programCount + programIndex] = o0;
-                partial[(c + 1) * programCount + programIndex] = o1;
+                partial[v * programCount + programIndex] = o0;
+                partial[(v + 1) * programCount + programIndex] = o1;
             }
         }
         if (whole) {

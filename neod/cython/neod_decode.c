@@ -64,7 +64,7 @@ static size_t scratch_floats(const struct NeodDecodeArgs *a) {
     size_t hq = a->num_q_heads, bs = pad16(a->block_size);
     size_t part = 16 * (hq / (size_t)a->num_kv_heads) * bs;
     size_t scores = hq * bs * (size_t)chunk_blocks(a);
-    return 2 * pad16(hq * a->head_dim) + 2 * pad16(hq) + scores + part + bs * a->head_dim;
+    return 2 * pad16(hq * a->head_dim) + 2 * pad16(hq) + scores + part;
 }
 
 /* Bump allocation inside the workspace; every region starts 64-byte aligned. */
@@ -102,10 +102,9 @@ static void decode_task(void *ctx, int t) {
     }
     size_t qd = pad16((size_t)a->num_q_heads * a->head_dim), h = pad16(a->num_q_heads);
     size_t scores = (size_t)a->num_q_heads * pad16(a->block_size) * (size_t)chunk_blocks(a);
-    size_t part = 16 * (size_t)(a->num_q_heads / a->num_kv_heads) * pad16(a->block_size);
     float *s = mem + 2 * qd + 2 * h;
-    struct NeodScratch scratch = {mem,           mem + qd, mem + 2 * qd, mem + 2 * qd + h, s,
-                                  s + scores, s + scores + part, chunk_blocks(a)};
+    struct NeodScratch scratch = {mem, mem + qd, mem + 2 * qd, mem + 2 * qd + h, s, s + scores,
+                                  chunk_blocks(a)};
     int append = a->k_new != NULL && a->v_new != NULL;
     for (int i = first; i < last; i++) {
         const struct NeodWorkItem *item = &job->items[i];
