@@ -27,6 +27,9 @@ from neod.config import load_config
 from neod.engine import Engine, SamplingParams
 from neod.engine.runtime import build_runtime
 
+logger = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 10.0
+
 
 def make_workload(
     num_requests: int, input_len: int, output_len: int, vocab_size: int, seed: int
@@ -59,7 +62,13 @@ def run_workload(engine: Engine, workload: list[tuple[list[int], int]]) -> dict[
             str(i), prompt, SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
         )
     errors = 0
+    next_report = start + PROGRESS_EVERY_S
     while engine.has_unfinished():
+        if time.perf_counter() > next_report:
+            next_report += PROGRESS_EVERY_S
+            logger.info("progress: %d output tokens, %d requests done, %s", sum(counts.values()),
+                        len(workload) - len(engine.running) - len(engine.waiting),
+                        engine.stats()["iterations"])
         for out in engine.step():
             now = time.perf_counter()
             errors += out.error is not None
