@@ -177,3 +177,21 @@ def test_prefill_slots_outside_the_pool_are_rejected(attn):
         attn.decode_layers(pool, [flight], 2, timeout_s=1.0)
     assert flight.done.tolist() == [2, 2]
     assert not pool.any(), "nothing may be written when the input is invalid"
+
+
+def test_a_flight_that_only_stores_prefill_rows_runs(attn):
+    """As the engine builds it: no decodes, so an empty [0, 1] block table and empty seq_lens."""
+    gen = torch.Generator().manual_seed(6)
+    num_layers, seq = 2, 8
+    pool = torch.zeros(num_layers, 6, 2, 2, 16, 64, dtype=torch.bfloat16)
+    staged = _flight(gen, [], 0, num_layers, 4, 2, 64, 16, torch.bfloat16, num_prefill=19,
+                     prefill_first_block=2)
+    staged.block_tables = torch.zeros((0, 1), dtype=torch.int32)
+    staged.seq_lens = torch.tensor([], dtype=torch.int32)
+    staged.prefill_k.normal_(generator=gen)
+    staged.prefill_v.normal_(generator=gen)
+    staged.ready.fill_(seq)
+    attn.decode_layers(pool, [staged], seq, timeout_s=5.0)
+    assert staged.done.tolist() == [seq] * num_layers
+    for layer in range(num_layers):
+        _check_layer(pool[layer], staged, 16, torch.bfloat16)

@@ -22,7 +22,9 @@ cdef _fill_args(NeodDecodeArgs *args, uintptr_t q, uintptr_t kv, uintptr_t block
                 uintptr_t lse, int64_t num_blocks, int batch, int num_q_heads, int num_kv_heads,
                 int head_dim, int block_size, int max_blocks, int dtype, float scale):
     """Checks what the C code relies on and fills one batch's arguments."""
-    if q == 0 or kv == 0 or block_tables == 0 or seq_lens == 0 or out == 0:
+    # An empty batch (a flight that only stores prefill rows) dereferences none of its tensors,
+    # whose empty storage may well be null.
+    if kv == 0 or batch != 0 and (q == 0 or block_tables == 0 or seq_lens == 0 or out == 0):
         raise ValueError("q, kv, block_tables, seq_lens and out must be non-null")
     if (k_new == 0) != (v_new == 0):
         raise ValueError("k_new and v_new must be given together")
@@ -30,7 +32,8 @@ cdef _fill_args(NeodDecodeArgs *args, uintptr_t q, uintptr_t kv, uintptr_t block
         raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
     if dtype != NEOD_DTYPE_FP16 and dtype != NEOD_DTYPE_BF16:
         raise ValueError(f"unknown dtype code {dtype}")
-    if (batch < 0 or num_blocks < 1 or block_size < 1 or max_blocks < 1 or num_kv_heads < 1
+    if (batch < 0 or num_blocks < 1 or block_size < 1 or (batch and max_blocks < 1)
+            or num_kv_heads < 1
             or num_q_heads < num_kv_heads or num_q_heads % num_kv_heads != 0):
         raise ValueError("inconsistent sizes: batch >= 0, num_blocks, block_size, max_blocks "
                          ">= 1, and num_q_heads a multiple of num_kv_heads are required")

@@ -145,13 +145,15 @@ class CpuAttention:
             _check(kv_pool, "kv_pool", tuple(kv_pool.shape), kv_pool.dtype)
             num_layers = kv_pool.shape[0]
             specs = [self._flight_spec(kv_pool, f, num_layers, scale) for f in flights]
+            layer_bytes = kv_pool.stride(0) * kv_pool.element_size()
+            return self._pool.decode_layers(specs, num_layers, layer_bytes, seq, timeout_s)
         except Exception:
+            # The native call releases them itself, but the binding may refuse its arguments
+            # first: a GPU stream waiting on one must never hang.
             for f in flights:
                 if isinstance(f.done, torch.Tensor):
                     f.done.fill_(seq)
             raise
-        layer_bytes = kv_pool.stride(0) * kv_pool.element_size()
-        return self._pool.decode_layers(specs, num_layers, layer_bytes, seq, timeout_s)
 
     def _flight_spec(
         self, kv_pool: torch.Tensor, f: CpuFlight, num_layers: int, scale: float | None
