@@ -87,3 +87,42 @@ def test_decode_graph_replay_matches_eager_forward(tmp_path):
     executor.graphs = graphs
     torch.testing.assert_close(graphed, eager, rtol=2e-3, atol=2e-3)
     assert torch.equal(graphed.argmax(-1), eager.argmax(-1))
+
+
+class PrefillOn:
+    """Every waiting request prefills on one side; nothing decodes (the test takes one step)."""
+
+    def __init__(self, cpu: bool) -> None:
+        self.cpu = cpu
+
+    def schedule(self, waiting, running, cache, limits, step):
+        from neod.sched import Plan
+
+        plan = Plan(pipelined=False)
+        (plan.prefill_cpu if self.cpu else plan.prefill_gpu).extend(s.seq_id for s in waiting)
+        return plan
+
+
+def test_a_cpu_bound_prefill_needs_no_more_gpu_memory_than_a_gpu_one(tmp_path):
+    """The engine thread issues every layer before the CPU stores the first: tensors the copy
+    stream reads must not stay reserved for all of them (the activation reserve covers one)."""
+    import torch
+
+    peaks = {}
+    for cpu in (False, True):
+        engine = make_engine(
+            tmp_path,
+            **{**SMALL_GPU, "cache.gpu_kv_gib": 300 * 16 * 2048 / 2**30, "scheduler.policy": "neo",
+               "model.max_model_len": 4096, "scheduler.max_tokens_in_batch": 4000,
+               "cache.cpu_kv_gib": 0.2},
+        )
+        engine.rt.scheduler = PrefillOn(cpu)
+        engine.add_request("long", [7] * 3900, SamplingParams(max_tokens=2, ignore_eos=True))
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        engine.step()
+        torch.cuda.synchronize()
+        peaks[cpu] = torch.cuda.max_memory_allocated() - before
+        engine.close()
+    assert peaks[True] <= 1.25 * peaks[False], peaks

@@ -87,6 +87,7 @@ class _Flight:
     k: torch.Tensor | None = None  # [T, Hkv, D]
     v: torch.Tensor | None = None  # [T, Hkv, D]
     out_on_device: torch.cuda.Event | None = None
+    qkv_on_host: torch.cuda.Event | None = None
     slot: int = 0  # index of its host buffers and flags
 
     @property
@@ -204,7 +205,6 @@ class Executor:
             f.attn_out[:g] = gpu_attention(
                 f.q[:g], f.k[:g], f.v[:g], self.gpu_pool[layer], b.gpu_meta, self.scale
             )
-        f.q = f.k = f.v = None
 
     def _qkv_to_host(self, f: _Flight, layer: int) -> None:
         b, buf = f.batch, f.buffers
@@ -225,12 +225,15 @@ class Executor:
         self.d2h.wait_stream(torch.cuda.current_stream(self.device))
         if layer > 0:  # the staging buffers are free once the CPU is done with the last layer
             cuda_ops.stream_wait_flag(done, layer - 1, self._seq, self.d2h)
+        # No record_stream: the engine thread runs layers ahead of the GPU, and memory recorded
+        # on this stream (paced by the CPU) would stay unusable for every layer issued meanwhile.
+        # `post` orders the compute stream after these copies instead (_post_pre).
         with torch.cuda.stream(self.d2h):
             for dst, src in copies:
                 if src.numel():
-                    if f.graph_slot is None:  # graph outputs are never freed
-                        src.record_stream(self.d2h)
                     dst.copy_(src, non_blocking=True)
+            f.qkv_on_host = torch.cuda.Event()
+            f.qkv_on_host.record(self.d2h)
         cuda_ops.stream_write_flag(ready, layer, self._seq, self.d2h)
 
     def _cpu_layer(self, f: _Flight, layer: int) -> None:
@@ -308,16 +311,20 @@ class Executor:
         # The rows may be a buffer that the compute stream still reads for the previous layer.
         self.h2d.wait_stream(torch.cuda.current_stream(self.device))
         cuda_ops.stream_wait_flag(self._flags[f.slot][1], layer, self._seq, self.h2d)
-        with torch.cuda.stream(self.h2d):
-            f.attn_out.record_stream(self.h2d)
+        with torch.cuda.stream(self.h2d):  # attn_out lives on until post has waited for this
             rows.copy_(buf.o[:n].view(n, -1), non_blocking=True)
             f.out_on_device = torch.cuda.Event()
             f.out_on_device.record(self.h2d)
 
     def _post_pre(self, f: _Flight, layer: int) -> None:
         """post(layer), then pre(layer + 1) unless it was the last layer."""
+        # Past this wait the copy streams are done with this layer's tensors (the output arrives
+        # after the CPU saw its inputs, which left before), so the compute stream may reuse them.
         if f.out_on_device is not None and f.batch.num_cpu_decodes:
             torch.cuda.current_stream(self.device).wait_event(f.out_on_device)
+        elif f.qkv_on_host is not None:
+            torch.cuda.current_stream(self.device).wait_event(f.qkv_on_host)
+        f.q = f.k = f.v = None
         if f.graph_slot is None:
             f.hidden, f.residual = self.model.layer_post(layer, f.attn_out, f.residual)
             if layer < self.num_layers - 1:
