@@ -87,9 +87,15 @@ def test_sequential_formula():
 def test_pipelined_formula():
     b0 = BatchLoad().plus_gpu_decodes(2, 100).plus_cpu_decodes(1, 50)
     b1 = BatchLoad().plus_cpu_decodes(3, 300)
-    # stage A = max(lin b0 1.0, cpu b1 0.9 + 0.3) = 1.2
-    # stage B = max(lin b1 1.0 + gpu 0.5, cpu b0 0.3 + 0.1) = 1.5
-    assert pipelined_s(FlatCost(), 2, b0, b1, 0) == pytest.approx(2 * (1.2 + 1.5) + 0.2)
+    # GPU 1.0 + 1.0 + 0.5 = 2.5; CPU (0.3 + 0.1) + (0.9 + 0.3) = 1.6; round trips 1.4 and 2.2
+    assert pipelined_s(FlatCost(), 2, b0, b1, 0) == pytest.approx(2 * 2.5 + 0.2)
+    # The CPU's own work sets the period: 6 + 6 decodes, 0.6 + 1.8 each side.
+    many = BatchLoad().plus_cpu_decodes(6, 600)
+    b0 = BatchLoad().plus_gpu_decodes(2, 100).plus_cpu_decodes(6, 600)
+    assert pipelined_s(FlatCost(), 2, b0, many, 0) == pytest.approx(2 * 4.8 + 0.2)
+    # A round trip sets it: b1's CPU attention (2.4) after its projections (1.0), b0 light.
+    b0 = BatchLoad().plus_gpu_decodes(2, 100)
+    assert pipelined_s(FlatCost(), 2, b0, many, 0) == pytest.approx(2 * 3.4 + 0.2)
     assert pipelined_s(FlatCost(), 2, BatchLoad(), BatchLoad(), 0) == 0.0
 
 

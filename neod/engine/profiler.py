@@ -12,17 +12,19 @@ under a key of everything it depends on.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from neod.cache.pool import KVLayout
 from neod.kernels import ops
+from neod.kernels.cpu_attention import CpuFlight
 from neod.sched import (
     CostModel,
     Profile,
@@ -38,7 +40,7 @@ from neod.sched import (
 
 logger = logging.getLogger(__name__)
 
-KERNEL_VERSION = "1"  # bump when a kernel changes enough to invalidate stored profiles
+KERNEL_VERSION = "2"  # bump when a kernel changes enough to invalidate stored profiles
 REPEATS = 5
 CPU_LAYERS_TIMED = (
     8  # layers cost the same; distinct ones keep a call from finding the last one's KV in cache
@@ -199,9 +201,11 @@ class Profiler:
             ops.paged_decode_attention(q, pool[i], tables, lens, self.cfg.head_dim**-0.5)
 
     def cpu_decode(self) -> dict[tuple[int, int], float]:
-        """CPU attention while a host-to-device copy competes for memory bandwidth (on a GPU
-        host)."""
+        """CPU attention through the engine's own path (one `decode_layers` program over several
+        layers, the pool's workers held between them), each layer's inputs already in place, while
+        host-to-device copies compete for memory bandwidth (on a GPU host)."""
         pool, attention = self.executor.cpu_pool, self.executor.cpu_attention
+        layers = min(self.num_layers, CPU_LAYERS_TIMED)
         table = {}
         contention = None
         if self.device.type == "cuda":
@@ -213,15 +217,21 @@ class Profiler:
 
             def contention() -> None:
                 with torch.cuda.stream(stream):
-                    dst.copy_(src, non_blocking=True)
+                    for _ in range(layers):
+                        dst.copy_(src, non_blocking=True)
 
+        seqs = itertools.count(1)
         for b, ctx in self._decode_grid(pool.shape[1] * self.layout.block_size):
             q, tables, lens = self._decode_inputs(pool, b, ctx)
-            out = torch.empty_like(q)
-
-            layers = min(self.num_layers, CPU_LAYERS_TIMED)
+            kv_new = torch.randn(b, self.cfg.num_key_value_heads, self.cfg.head_dim)
+            kv_new = kv_new.to(pool.dtype)
+            flight = CpuFlight(
+                q=q, k_new=kv_new, v_new=kv_new, out=torch.empty_like(q), block_tables=tables,
+                seq_lens=lens, ready=torch.zeros(layers, dtype=torch.int32),
+                done=torch.zeros(layers, dtype=torch.int32),
+            )  # fmt: skip
             run = functools.partial(
-                self._cpu_decode_layers, attention, pool, q, tables, lens, out, layers, contention
+                self._cpu_decode_layers, attention, pool[:layers], flight, seqs, contention
             )
             table[(b, ctx)] = self.time(run, layers, host=True)
         return table
@@ -230,20 +240,18 @@ class Profiler:
     def _cpu_decode_layers(
         attention: Any,
         pool: torch.Tensor,
-        q: torch.Tensor,
-        tables: torch.Tensor,
-        lens: torch.Tensor,
-        out: torch.Tensor,
-        layers: int,
+        flight: CpuFlight,
+        seqs: Iterator[int],
         contention: Callable[[], None] | None,
     ) -> None:
-        """The timed work of `cpu_decode`: CPU decode attention per layer, each one started
-        alongside a competing host-to-device copy when `contention` is given."""
-        # q, out: [B, Hq, D], pool: [L, N, 2, Hkv, bs, D] host, tables: [B, blocks], lens: [B]
-        for i in range(layers):
-            if contention is not None:
-                contention()
-            attention.decode(q, pool[i], tables, lens, out)
+        """The timed work of `cpu_decode`: one program over the pool's layers, every layer ready
+        at once, started alongside competing host-to-device copies when `contention` is given."""
+        # pool: [layers, N, 2, Hkv, bs, D] host; flight.ready / flight.done: [layers]
+        seq = next(seqs)
+        flight.ready.fill_(seq)
+        if contention is not None:
+            contention()
+        attention.decode_layers(pool, [flight], seq)
 
     def transfer(self) -> dict[int, float]:
         """Q/K/V of B CPU-decoded rows to the host and their output back, one layer."""

@@ -6,7 +6,8 @@ formulas below, which follow the order in which the engine issues work (docs/sch
 them):
 
   sequential  layer = max(lin(b) + max(gpu_attn(b), cpu(b)),  copy)
-  pipelined   layer = max(max(lin(b0), cpu(b1)) + max(lin(b1) + gpu_attn(b0), cpu(b0)),  copy)
+  pipelined   layer = max(lin(b0) + lin(b1) + gpu_attn(b0),  cpu(b0) + cpu(b1),
+                          lin(b0) + cpu(b0),  lin(b1) + cpu(b1),  copy)
   iteration   = num_layers * layer + overhead(all sequences)
 
 with cpu(b) = cpu_attn(b) + transfer(b) when b has CPU decodes (their QKV must reach the host and
@@ -133,9 +134,10 @@ def sequential_layer_s(lin: float, gpu_attn: float, cpu: float, copy: float) -> 
 def pipelined_layer_s(
     lin0: float, lin1: float, gpu_attn0: float, cpu0: float, cpu1: float, copy: float
 ) -> float:
-    """Stage A: the GPU runs b0's projections while the CPU attends b1; stage B: b1's projections
-    and b0's GPU attention while the CPU attends b0's CPU decodes."""
-    return max(max(lin0, cpu1) + max(lin1 + gpu_attn0, cpu0), copy)
+    """Steady-state period of the two-sub-batch pipeline (docs/scheduler.md): the slowest of the
+    GPU's own work, the CPU's own work, and each sub-batch's round trip between the devices
+    (projections, then the CPU attention that the next layer's projections wait for)."""
+    return max(lin0 + lin1 + gpu_attn0, cpu0 + cpu1, lin0 + cpu0, lin1 + cpu1, copy)
 
 
 def sequential_s(cost: CostModel, num_layers: int, b: BatchLoad, swap_blocks: int) -> float:
