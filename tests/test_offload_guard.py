@@ -1,39 +1,59 @@
-"""The offload guard: auto stops offloading when iterations that use the CPU are measured slower."""
+"""The offload guard: auto stops offloading when iterations that use the CPU are measured slower
+than the GPU alone would have been in the same iterations."""
+
+import pytest
 
 from neod.engine.guard import BACKOFF_STEPS, MIN_SAMPLES, OffloadGuard
 
 
-def feed(guard: OffloadGuard, start: int, used_cpu: bool, tokens_per_s: float, n: int,
-         predicted_s: float = 0.01) -> int:
+def gpu_only(guard: OffloadGuard, start: int, n: int, measured_over_predicted: float) -> int:
     for step in range(start, start + n):
-        guard.record(step, used_cpu, int(tokens_per_s / 100), 0.01, predicted_s)
+        guard.record(step, 6, 0.04 * measured_over_predicted, 0.04, 6, 0.04)
+    return start + n
+
+
+def offloaded(guard: OffloadGuard, start: int, n: int, elapsed_s: float,
+              predicted_s: float = 0.0, tokens: int = 15) -> int:
+    """Iterations of 6 GPU decodes (predicted 40 ms alone) plus CPU decodes."""
+    for step in range(start, start + n):
+        guard.record(step, tokens, elapsed_s, predicted_s or elapsed_s, 6, 0.04)
     return start + n
 
 
 def test_blocks_when_offloading_is_measured_slower_then_retries():
     guard = OffloadGuard(margin=0.05)
-    step = feed(guard, 0, False, 1000.0, MIN_SAMPLES)
-    step = feed(guard, step, True, 900.0, MIN_SAMPLES - 1)
-    assert guard.allows_offload(step)  # not enough CPU samples yet
-    step = feed(guard, step, True, 900.0, 1)
+    step = offloaded(guard, 0, MIN_SAMPLES - 1, 0.12)  # 125 tok/s against 150 alone
+    assert guard.allows_offload(step)  # not enough samples yet
+    step = offloaded(guard, step, 1, 0.12)
     assert not guard.allows_offload(step)
     assert guard.allows_offload(step + BACKOFF_STEPS)
-    assert guard.snapshot()["offload_tokens_per_s"] is None  # measured afresh after the pause
+    assert guard.snapshot()["offload_gain"] is None  # measured afresh after the pause
 
 
 def test_keeps_offloading_while_it_pays():
     guard = OffloadGuard(margin=0.05)
-    step = feed(guard, 0, False, 1000.0, MIN_SAMPLES)
-    step = feed(guard, step, True, 1400.0, 4 * MIN_SAMPLES)
+    step = offloaded(guard, 0, 4 * MIN_SAMPLES, 0.08)  # 187.5 tok/s against 150
     assert guard.allows_offload(step)
-    step = feed(guard, step, True, 980.0, MIN_SAMPLES)  # within the margin: still allowed
+    assert guard.snapshot()["offload_gain"] == pytest.approx(1.25)
+    step = offloaded(guard, step, MIN_SAMPLES, 0.0975)  # 0.985x: within the margin
+    assert guard.allows_offload(step)
+
+
+def test_the_gpu_alone_is_judged_by_its_measured_accuracy():
+    """GPU-only iterations measured 20% slower than predicted make the GPU alone's rate 125
+    tok/s, which offloaded iterations at 0.11 s (136 tok/s) beat."""
+    guard = OffloadGuard(margin=0.05)
+    step = offloaded(guard, 0, 2 * MIN_SAMPLES, 0.11)
+    assert not guard.allows_offload(step)
+    guard = OffloadGuard(margin=0.05)
+    step = gpu_only(guard, 0, 50, 1.2)
+    step = offloaded(guard, step, 2 * MIN_SAMPLES, 0.11)
     assert guard.allows_offload(step)
 
 
 def test_blocks_when_offloaded_iterations_are_badly_underestimated():
-    """With no GPU-only iteration to compare with, a predictor that is far off stops offloading."""
     guard = OffloadGuard()
-    step = feed(guard, 0, True, 1000.0, MIN_SAMPLES, predicted_s=0.009)  # 11% over: trusted
+    step = offloaded(guard, 0, MIN_SAMPLES, 0.08, predicted_s=0.072)  # 11% over: trusted
     assert guard.allows_offload(step)
-    step = feed(guard, step, True, 1000.0, MIN_SAMPLES, predicted_s=0.005)  # twice the prediction
+    step = offloaded(guard, step, MIN_SAMPLES, 0.08, predicted_s=0.04)  # twice the prediction
     assert not guard.allows_offload(step)

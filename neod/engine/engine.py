@@ -101,9 +101,13 @@ class Engine:
                 plan, elapsed, len(order), self.rt.executor.cpu_busy_s - cpu_busy_before
             )
             if not (plan.prefill_gpu or plan.prefill_cpu or plan.swap_out or plan.swap_in):
-                used_cpu = bool(plan.decode_cpu_b0 or plan.decode_cpu_b1)
                 self.guard.record(
-                    self.step_index, used_cpu, len(order), elapsed, plan.predicted_iter_s
+                    self.step_index,
+                    len(order),
+                    elapsed,
+                    plan.predicted_iter_s,
+                    len(plan.decode_gpu),
+                    plan.predicted_gpu_alone_s,
                 )
             for seq, token in zip(order, tokens, strict=True):
                 self._advance(seq, token, outputs)

@@ -4,14 +4,17 @@ The scheduler decides from predicted costs; when a prediction is wrong (a profil
 moment, host contention the profile never saw), offloading can lose throughput. The guard watches
 what decode iterations really did. Offloading is stopped when iterations that used the CPU took
 much longer than predicted (the predictor cannot be trusted with them), or when they produced
-tokens more slowly than iterations that did not. `auto` then places no new work on the CPU for a
-while (requests already there come back to the GPU), then tries again with fresh measurements.
+tokens more slowly than the GPU alone would have in the same iteration: its GPU decodes at the
+predicted GPU-only time, corrected by how far GPU-only iterations have been measured off their
+predictions. (Comparing with the rate of other GPU-only iterations would be unfair: they ran at
+other moments, on other batches.) `auto` then places no new work on the CPU for a while (requests
+already there come back to the GPU), then tries again with fresh measurements.
 """
 
 from __future__ import annotations
 
-MIN_SAMPLES = 16  # decode iterations of each kind before the rates are compared
-EWMA_WEIGHT = 0.1  # weight of the newest iteration in each rate
+MIN_SAMPLES = 16  # offloaded decode iterations before their gain is judged
+EWMA_WEIGHT = 0.1  # weight of the newest iteration in each average
 BACKOFF_STEPS = 512  # iterations without new offloading after it was measured to lose
 MAX_UNDERESTIMATE = 1.25  # measured / predicted time of offloaded iterations still trusted
 
@@ -19,43 +22,53 @@ MAX_UNDERESTIMATE = 1.25  # measured / predicted time of offloaded iterations st
 class OffloadGuard:
     def __init__(self, margin: float = 0.03) -> None:
         self.margin = margin
-        self._rates: dict[bool, float] = {}
-        self._samples = {False: 0, True: 0}
+        self._gpu_only_accuracy: float | None = None  # EWMA of measured / predicted, GPU-only
+        self._gain: float | None = None  # EWMA of offloaded rate / the GPU alone's rate
         self._underestimate: float | None = None  # EWMA of measured / predicted, offloaded
+        self._samples = 0  # offloaded iterations since the last verdict
         self._blocked_until = -1
 
-    def record(self, step: int, used_cpu: bool, num_tokens: int, elapsed_s: float,
-               predicted_s: float) -> None:
-        """One pure decode iteration (prefill iterations would skew the token rate)."""
-        if elapsed_s <= 0:
+    def record(
+        self,
+        step: int,
+        num_tokens: int,
+        elapsed_s: float,
+        predicted_s: float,
+        num_gpu_tokens: int,
+        gpu_alone_s: float,
+    ) -> None:
+        """One pure decode iteration (prefills would skew the token rate). num_gpu_tokens and
+        gpu_alone_s: the tokens of its GPU decodes and the predicted time of those alone; an
+        iteration that used no CPU has num_gpu_tokens == num_tokens."""
+        if elapsed_s <= 0 or predicted_s <= 0:
             return
-        self._rates[used_cpu] = self._ewma(self._rates.get(used_cpu), num_tokens / elapsed_s)
-        self._samples[used_cpu] += 1
-        if used_cpu and predicted_s > 0:
-            self._underestimate = self._ewma(self._underestimate, elapsed_s / predicted_s)
-        if self._samples[True] < MIN_SAMPLES:
+        if num_gpu_tokens == num_tokens:
+            self._gpu_only_accuracy = _ewma(self._gpu_only_accuracy, elapsed_s / predicted_s)
             return
-        mispredicted = self._underestimate is not None and self._underestimate > MAX_UNDERESTIMATE
-        slower = self._samples[False] >= MIN_SAMPLES and self._rates[True] < self._rates[False] * (
-            1 - self.margin
-        )
-        if mispredicted or slower:
+        alone_s = gpu_alone_s * (self._gpu_only_accuracy or 1.0)
+        alone_rate = num_gpu_tokens / alone_s if alone_s > 0 else 0.0
+        gain = (num_tokens / elapsed_s) / alone_rate if alone_rate > 0 else float("inf")
+        self._gain = _ewma(self._gain, gain)
+        self._underestimate = _ewma(self._underestimate, elapsed_s / predicted_s)
+        self._samples += 1
+        if self._samples < MIN_SAMPLES:
+            return
+        if self._underestimate > MAX_UNDERESTIMATE or self._gain < 1 - self.margin:
             self._blocked_until = step + BACKOFF_STEPS
-            self._rates.pop(True)  # retry later with fresh measurements
-            self._samples[True] = 0
-            self._underestimate = None
-
-    @staticmethod
-    def _ewma(old: float | None, value: float) -> float:
-        return value if old is None else (1 - EWMA_WEIGHT) * old + EWMA_WEIGHT * value
+            self._gain = self._underestimate = None  # retry later with fresh measurements
+            self._samples = 0
 
     def allows_offload(self, step: int) -> bool:
         return step >= self._blocked_until
 
     def snapshot(self) -> dict[str, float | int | None]:
         return {
-            "gpu_only_tokens_per_s": self._rates.get(False),
-            "offload_tokens_per_s": self._rates.get(True),
+            "offload_gain": self._gain,
             "offload_measured_over_predicted": self._underestimate,
+            "gpu_only_measured_over_predicted": self._gpu_only_accuracy,
             "blocked_until_step": self._blocked_until,
         }
+
+
+def _ewma(old: float | None, value: float) -> float:
+    return value if old is None else (1 - EWMA_WEIGHT) * old + EWMA_WEIGHT * value

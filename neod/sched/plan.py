@@ -37,6 +37,7 @@ class Plan:  # every list holds seq_ids, oldest first
     )  # KV dropped, back to waiting (recompute later)
     pipelined: bool = False
     predicted_iter_s: float = 0.0
+    predicted_gpu_alone_s: float = 0.0  # the same iteration without its CPU decodes
     # Can never run under the current limits and policy (a prompt longer than the token budget, KV
     # larger than every pool the policy may use): the engine frees their blocks and finishes them
     # (error if waiting, length if running).

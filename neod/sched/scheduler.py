@@ -21,7 +21,7 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 
-from neod.sched.cost import BatchLoad, CostModel
+from neod.sched.cost import BatchLoad, CostModel, sequential_s
 from neod.sched.outlook import candidates, outlook
 from neod.sched.plan import Plan
 from neod.sched.split import CpuCandidate, DecodeSplit, split_cpu_decodes
@@ -367,3 +367,6 @@ class _Pass:
         plan.decode_cpu_b1 = sorted(split.b1_ids, key=order.__getitem__)
         plan.pipelined = split.pipelined
         plan.predicted_iter_s = split.iter_s
+        plan.predicted_gpu_alone_s = sequential_s(
+            self.sched.cost, self.sched.num_layers, base, self.swap_blocks
+        )
