@@ -42,9 +42,9 @@ logger = logging.getLogger(__name__)
 
 KERNEL_VERSION = "2"  # bump when a kernel changes enough to invalidate stored profiles
 REPEATS = 5
-CPU_LAYERS_TIMED = (
-    8  # layers cost the same; distinct ones keep a call from finding the last one's KV in cache
-)
+# Layers cost the same, but a timed program must read more KV than the host's caches hold, as
+# serving does (a last-level cache of ~100 MB would otherwise serve small points from cache).
+CPU_BYTES_TIMED = 1 << 30
 
 
 def _ladder(top: int, start: int = 1) -> list[int]:
@@ -205,7 +205,6 @@ class Profiler:
         layers, the pool's workers held between them), each layer's inputs already in place, while
         host-to-device copies compete for memory bandwidth (on a GPU host)."""
         pool, attention = self.executor.cpu_pool, self.executor.cpu_attention
-        layers = min(self.num_layers, CPU_LAYERS_TIMED)
         table = {}
         contention = None
         if self.device.type == "cuda":
@@ -215,13 +214,15 @@ class Profiler:
             dst = torch.empty_like(src, device=self.device)
             stream = torch.cuda.Stream(self.device)
 
-            def contention() -> None:
+            def contention(layers: int) -> None:
                 with torch.cuda.stream(stream):
                     for _ in range(layers):
                         dst.copy_(src, non_blocking=True)
 
         seqs = itertools.count(1)
         for b, ctx in self._decode_grid(pool.shape[1] * self.layout.block_size):
+            layer_bytes = ctx * self.layout.bytes_per_token // self.num_layers
+            layers = min(self.num_layers, -(-CPU_BYTES_TIMED // layer_bytes))
             q, tables, lens = self._decode_inputs(pool, b, ctx)
             kv_new = torch.randn(b, self.cfg.num_key_value_heads, self.cfg.head_dim)
             kv_new = kv_new.to(pool.dtype)
@@ -242,7 +243,7 @@ class Profiler:
         pool: torch.Tensor,
         flight: CpuFlight,
         seqs: Iterator[int],
-        contention: Callable[[], None] | None,
+        contention: Callable[[int], None] | None,
     ) -> None:
         """The timed work of `cpu_decode`: one program over the pool's layers, every layer ready
         at once, started alongside competing host-to-device copies when `contention` is given."""
@@ -250,7 +251,7 @@ class Profiler:
         seq = next(seqs)
         flight.ready.fill_(seq)
         if contention is not None:
-            contention()
+            contention(pool.shape[0])
         attention.decode_layers(pool, [flight], seq)
 
     def transfer(self) -> dict[int, float]:
