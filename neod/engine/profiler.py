@@ -40,7 +40,7 @@ from neod.sched import (
 
 logger = logging.getLogger(__name__)
 
-KERNEL_VERSION = "2"  # bump when a kernel changes enough to invalidate stored profiles
+KERNEL_VERSION = "3"  # bump when a kernel changes enough to invalidate stored profiles
 REPEATS = 5
 # Layers cost the same, but a timed program must read more KV than the host's caches hold, as
 # serving does (a last-level cache of ~100 MB would otherwise serve small points from cache).
@@ -60,34 +60,55 @@ class _Timer:
     """Median time of one call of `fn`, divided by `per_call` (the layers it loops over).
 
     On a GPU, CUDA events bracket back-to-back calls, so host launch gaps count exactly as they do
-    in a real forward (a host-bound stage is measured as host-bound) and no synchronisation is
-    charged.
+    in an eager forward (a host-bound stage is measured as host-bound) and no synchronisation is
+    charged. Work the engine replays from CUDA graphs (decode-sized batches: whole steps, or one
+    stage per layer when pipelined) is timed the same way, as replays of a graph of `fn`.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
 
-    def __call__(self, fn: Callable[[], Any], per_call: int = 1, host: bool = False) -> float:
+    def __call__(
+        self, fn: Callable[[], Any], per_call: int = 1, host: bool = False, graph: bool = False
+    ) -> float:
         """host=True times host work (CPU attention) by the wall clock, after the GPU has
-        drained."""
+        drained; graph=True times replays of a CUDA graph of fn (on a GPU)."""
+        if graph and self.cuda:
+            try:
+                return self._replays(fn) / per_call
+            except RuntimeError as exc:  # an op that cannot be captured: its eager time stands
+                logger.warning("timing eagerly, graph capture failed: %s", exc)
         fn()  # warm-up (kernel selection, allocator)
         samples = []
         for _ in range(REPEATS):
             if self.cuda and not host:
-                start, end = (
-                    torch.cuda.Event(enable_timing=True),
-                    torch.cuda.Event(enable_timing=True),
-                )
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                samples.append(start.elapsed_time(end) / 1e3)
+                samples.append(self._cuda_seconds(fn))
             else:
                 begin = time.perf_counter()
                 fn()
                 samples.append(time.perf_counter() - begin)
         return statistics.median(samples) / per_call
+
+    def _replays(self, fn: Callable[[], Any]) -> float:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture: lazy initialisation, workspaces
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graph.replay()
+        return statistics.median(self._cuda_seconds(graph.replay) for _ in range(REPEATS))
+
+    @staticmethod
+    def _cuda_seconds(fn: Callable[[], Any]) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
 
 
 class Profiler:
@@ -129,7 +150,7 @@ class Profiler:
             )
             attn = torch.randn(t, self.cfg.q_size, device=self.device, dtype=self.model.dtype) * 0.1
             run = functools.partial(self._linear_layers, hidden, positions, attn)
-            table[t] = self.time(run, self.num_layers)
+            table[t] = self.time(run, self.num_layers, graph=t <= self.max_rows)
         return table
 
     def _linear_layers(
@@ -189,7 +210,7 @@ class Profiler:
             q, tables, lens = self._decode_inputs(pool, b, ctx)
             q, tables, lens = q.to(self.device), tables.to(self.device), lens.to(self.device)
             run = functools.partial(self._gpu_decode_layers, q, pool, tables, lens)
-            table[(b, ctx)] = self.time(run, self.num_layers)
+            table[(b, ctx)] = self.time(run, self.num_layers, graph=True)
         return table
 
     def _gpu_decode_layers(
