@@ -18,12 +18,13 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from neod.cache.pool import KVLayout
-from neod.kernels import ops
+from neod.kernels import cuda_ops, ops
 from neod.kernels.cpu_attention import CpuFlight
 from neod.sched import (
     CostModel,
@@ -40,7 +41,7 @@ from neod.sched import (
 
 logger = logging.getLogger(__name__)
 
-KERNEL_VERSION = "3"  # bump when a kernel changes enough to invalidate stored profiles
+KERNEL_VERSION = "4"  # bump when a kernel changes enough to invalidate stored profiles
 REPEATS = 5
 # Layers cost the same, but a timed program must read more KV than the host's caches hold, as
 # serving does (a last-level cache of ~100 MB would otherwise serve small points from cache).
@@ -276,19 +277,48 @@ class Profiler:
         attention.decode_layers(pool, [flight], seq)
 
     def transfer(self) -> dict[int, float]:
-        """Q/K/V of B CPU-decoded rows to the host and their output back, one layer."""
+        """Q/K/V of B CPU-decoded rows to the host and their output back, one layer, with the
+        handshake the engine makes between them when a CPU pool exists: the copy stream sets a
+        ready flag, the CPU program answers with a done flag (here at once: no rows to attend),
+        the GPU waits for it. That round trip costs the latency of each device polling the other,
+        which a pure copy time leaves out."""
         cfg, table = self.cfg, {}
         if self.device.type != "cuda":
             return dict.fromkeys(_ladder(self.max_rows), 0.0)
+        pool, attention = self.executor.cpu_pool, self.executor.cpu_attention
         width_out, width_in = cfg.q_size + 2 * cfg.kv_size, cfg.q_size
-        for b in _ladder(self.max_rows):
-            dev_in = torch.empty(b, width_out, device=self.device, dtype=self.model.dtype)
-            host_in = torch.empty(b, width_out, dtype=self.model.dtype, pin_memory=True)
-            host_out = torch.empty(b, width_in, dtype=self.model.dtype, pin_memory=True)
-            dev_out = torch.empty(b, width_in, device=self.device, dtype=self.model.dtype)
-            run = functools.partial(self._transfer_layers, dev_in, host_in, host_out, dev_out)
-            table[b] = self.time(run, self.num_layers)
+        seqs = itertools.count(1)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="neod-profile") as cpu_thread:
+            for b in _ladder(self.max_rows):
+                dev_in = torch.empty(b, width_out, device=self.device, dtype=self.model.dtype)
+                host_in = torch.empty(b, width_out, dtype=self.model.dtype, pin_memory=True)
+                host_out = torch.empty(b, width_in, dtype=self.model.dtype, pin_memory=True)
+                dev_out = torch.empty(b, width_in, device=self.device, dtype=self.model.dtype)
+                copies = (dev_in, host_in, host_out, dev_out)
+                if pool is None:
+                    run = functools.partial(self._transfer_layers, *copies, None)
+                else:
+                    flight = self._empty_flight(pool)
+                    handshake = (attention, pool, flight, seqs, cpu_thread)
+                    run = functools.partial(self._transfer_layers, *copies, handshake)
+                table[b] = self.time(run, self.num_layers)
         return table
+
+    def _empty_flight(self, pool: torch.Tensor) -> CpuFlight:
+        cfg = self.cfg
+
+        def rows(heads: int) -> torch.Tensor:
+            return torch.empty((0, heads, cfg.head_dim), dtype=pool.dtype)
+
+        def flags() -> torch.Tensor:  # written by the GPU: pinned
+            return torch.zeros(self.num_layers, dtype=torch.int32, pin_memory=True)
+
+        return CpuFlight(
+            q=rows(cfg.num_attention_heads), k_new=rows(cfg.num_key_value_heads),
+            v_new=rows(cfg.num_key_value_heads), out=rows(cfg.num_attention_heads),
+            block_tables=torch.zeros((0, 1), dtype=torch.int32),
+            seq_lens=torch.zeros(0, dtype=torch.int32), ready=flags(), done=flags(),
+        )  # fmt: skip
 
     def _transfer_layers(
         self,
@@ -296,12 +326,27 @@ class Profiler:
         host_in: torch.Tensor,
         host_out: torch.Tensor,
         dev_out: torch.Tensor,
+        handshake: tuple | None,
     ) -> None:
-        """The timed work of `transfer`: Q/K/V to the host and the output back, per layer."""
+        """The timed work of `transfer`: Q/K/V to the host and the output back, per layer, each
+        pair joined by the flag handshake when `handshake` (attention, pool, flight, seqs, thread)
+        is given."""
         # dev_in, host_in: [B, (Hq + 2 * Hkv) * D]; host_out, dev_out: [B, Hq * D]
-        for _ in range(self.num_layers):
+        if handshake is None:
+            for _ in range(self.num_layers):
+                host_in.copy_(dev_in, non_blocking=True)
+                dev_out.copy_(host_out, non_blocking=True)
+            return
+        attention, pool, flight, seqs, cpu_thread = handshake
+        seq = next(seqs)
+        program = cpu_thread.submit(attention.decode_layers, pool, [flight], seq, 10.0)
+        stream = torch.cuda.current_stream(self.device)
+        for layer in range(self.num_layers):
             host_in.copy_(dev_in, non_blocking=True)
+            cuda_ops.stream_write_flag(flight.ready, layer, seq, stream)
+            cuda_ops.stream_wait_flag(flight.done, layer, seq, stream)
             dev_out.copy_(host_out, non_blocking=True)
+        program.result()
 
     def overhead(self) -> dict[int, float]:
         """Per-iteration work outside the layers: embedding, final norm, LM head, for B
