@@ -95,27 +95,34 @@ def test_concurrent_callers_get_their_own_results():
 
 
 def test_close_while_others_call_is_safe():
+    """Callers in a loop keep taking the pool's lock back; close must still get it, and every
+    caller then sees a clean RuntimeError."""
     pool = CpuAttention(cores=CPUS)
     outcomes: list[str] = []
+    calling = threading.Barrier(4)
 
     def caller() -> None:
         batch = small_batch(2, seq_len=2_000)
-        for _ in range(50):
+        deadline = time.monotonic() + 30
+        calling.wait()
+        while time.monotonic() < deadline:
             try:
                 pool.decode(**batch, out=torch.empty_like(batch["q"]))
-                outcomes.append("ok")
             except RuntimeError:
                 outcomes.append("closed")
                 return
+        outcomes.append("never closed")
 
     threads = [threading.Thread(target=caller) for _ in range(3)]
     for t in threads:
         t.start()
+    calling.wait()
     time.sleep(0.02)
     pool.close()
     for t in threads:
         t.join()
-    assert outcomes.count("closed") == 3
+    assert outcomes == ["closed"] * 3
+    assert pool.closed
 
 
 def test_decode_releases_the_gil():

@@ -60,6 +60,7 @@ cdef class NativePool:
     cdef neod_pool *_pool
     cdef object _lock
     cdef tuple _cores
+    cdef bint _closing
 
     def __cinit__(self, cores):
         cdef char err[256]
@@ -97,6 +98,9 @@ cdef class NativePool:
 
     def close(self):
         cdef neod_pool *pool
+        # Refuse new calls first: the lock is not fair, and callers in a loop would otherwise
+        # keep taking it back before close gets it.
+        self._closing = True
         with self._lock:
             pool = self._pool
             self._pool = NULL
@@ -113,7 +117,7 @@ cdef class NativePool:
             return [tids[i] for i in range(len(self._cores))]
 
     cdef _check_open(self):
-        if self._pool == NULL:
+        if self._pool == NULL or self._closing:
             raise RuntimeError("the CPU pool is closed")
 
     def decode(self, uintptr_t q, uintptr_t kv, uintptr_t block_tables, uintptr_t seq_lens,

@@ -121,8 +121,12 @@ class Profiler:
         max_tokens: int,
         max_rows: int,
         max_model_len: int,
+        graphs: bool = True,
     ) -> None:
+        """graphs: time decode-sized work as CUDA graph replays, as the engine runs it (off under
+        tensor parallelism, where the engine runs eagerly)."""
         self.model = model
+        self.graphs = graphs
         self.cfg = model.config
         self.layout = layout
         self.executor = executor
@@ -151,7 +155,7 @@ class Profiler:
             )
             attn = torch.randn(t, self.cfg.q_size, device=self.device, dtype=self.model.dtype) * 0.1
             run = functools.partial(self._linear_layers, hidden, positions, attn)
-            table[t] = self.time(run, self.num_layers, graph=t <= self.max_rows)
+            table[t] = self.time(run, self.num_layers, graph=self.graphs and t <= self.max_rows)
         return table
 
     def _linear_layers(
@@ -211,7 +215,7 @@ class Profiler:
             q, tables, lens = self._decode_inputs(pool, b, ctx)
             q, tables, lens = q.to(self.device), tables.to(self.device), lens.to(self.device)
             run = functools.partial(self._gpu_decode_layers, q, pool, tables, lens)
-            table[(b, ctx)] = self.time(run, self.num_layers, graph=True)
+            table[(b, ctx)] = self.time(run, self.num_layers, graph=self.graphs)
         return table
 
     def _gpu_decode_layers(
@@ -478,6 +482,7 @@ def load_or_profile(
             cfg.scheduler.max_tokens_in_batch,
             cfg.scheduler.max_batch_size,
             max_model_len,
+            graphs=group is None or group.world_size == 1,
         )
         profile = profiler.run(key)
         if leads:
