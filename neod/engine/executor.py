@@ -205,6 +205,8 @@ class Executor:
             f.attn_out[:g] = gpu_attention(
                 f.q[:g], f.k[:g], f.v[:g], self.gpu_pool[layer], b.gpu_meta, self.scale
             )
+        if not f.has_cpu_work:  # else the copy streams may still read them: dropped in post
+            f.q = f.k = f.v = None
 
     def _qkv_to_host(self, f: _Flight, layer: int) -> None:
         b, buf = f.batch, f.buffers
