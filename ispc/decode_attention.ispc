@@ -19,6 +19,11 @@
 
 #include "decode_attention.isph"
 
+// The scores of one K tile on AMX (neod/cython/neod_amx.h): ISPC cannot emit AMX instructions.
+extern "C" void neod_amx_tile_scores(const uniform uint16 * uniform tile, uniform int num_tokens,
+                                     const uniform uint32 * uniform q_pairs, uniform int group,
+                                     uniform int head_dim, uniform float * uniform scores);
+
 // Vectors in the longest supported row (head_dim 128); sizes the key-row array of dot_group.
 #define MAX_ROW_VECTORS (128 / TARGET_WIDTH)
 
@@ -259,6 +264,41 @@ static inline unmasked void score_head(const uniform Chunk &c, uniform int kh, u
     }
 }
 
+// score_head on AMX tiles: 16 tokens x `group` heads per call, from the query pairs qp
+// ([D / 2, group], see neod_amx.h) into out ([16, group]), scaled and transposed into the scores.
+template <int D>
+static inline unmasked void score_head_amx(const uniform Chunk &c, uniform int kh,
+                                           uniform int hkv, uniform int group,
+                                           const uniform uint32 qp[], uniform float scale,
+                                           uniform float out[], uniform float sg[],
+                                           uniform int row, uniform int bs_padded) {
+    for (uniform int j = c.j0; j < c.j1; j++) {
+        uniform const int num_tokens = min(c.bs, c.seq_len - j * c.bs);
+        const uniform uint16 * uniform tile = tile_at(c, j, 0, kh, hkv);
+        const uniform uint16 * uniform next = tile_after(c, j, 0, kh, hkv);
+        if (next != NULL) {
+            for (uniform int t = 0; t < num_tokens; t++) {
+                prefetch_row<D>(next + t * D);
+            }
+        }
+        uniform float * uniform s = sg + (j - c.j0) * bs_padded;
+        for (uniform int t0 = 0; t0 < num_tokens; t0 += 16) {
+            uniform const int n = min(16, num_tokens - t0);
+            neod_amx_tile_scores(tile + t0 * D, n, qp, group, D, out);
+            for (uniform int g = 0; g < group; g++) {
+                foreach (t = 0 ... n) {
+                    s[g * row + t0 + t] = out[t * group + g] * scale;
+                }
+            }
+        }
+        for (uniform int g = 0; g < group; g++) {
+            foreach (t = num_tokens ... bs_padded) {
+                s[g * row + t] = -floatbits(0x7f800000);
+            }
+        }
+    }
+}
+
 // acc[H heads][vectors v0 .. v0 + S) += probability-weighted V rows of KV head kh over the chunk.
 // The H x S <= 16 accumulators (o_i: head i / S, vector i % S) stay in registers across the
 // chunk's tiles; each V vector is converted once per pass and used by all H heads. S is capped at
@@ -374,6 +414,18 @@ static unmasked void attend(const uniform NeodDecodeArgs * uniform a,
         m[h] = -floatbits(0x7f800000);
         l[h] = 0.0f;
     }
+    // AMX scores take the raw bf16 query as pairs, per KV head [D / 2, group], in qf's place.
+    uniform const bool amx = BF16 && a->amx_scores != 0;
+    uniform uint32 * uniform qp = (uniform uint32 * uniform)qf;
+    if (amx) {
+        const uniform uint32 * uniform q_words = (const uniform uint32 * uniform)q;  // [hq, D / 2]
+        for (uniform int h = 0; h < hq; h++) {
+            uniform const int kh = h / group, g = h % group;
+            foreach (w = 0 ... D / 2) {
+                qp[(kh * (D / 2) + w) * group + g] = q_words[h * (D / 2) + w];
+            }
+        }
+    }
 
     // Chunks of whole blocks: the chunk's scores (KV head by KV head, its blocks inside), one
     // online-softmax step per query head for the whole chunk, then the chunk's V tiles in the
@@ -382,8 +434,13 @@ static unmasked void attend(const uniform NeodDecodeArgs * uniform a,
         c.j0 = j0;
         c.j1 = min(j0 + chunk_blocks, item->block_end);
         for (uniform int kh = 0; kh < hkv; kh++) {
-            score_head<BF16, D>(c, kh, hkv, group, qf + kh * group * D, part,
-                                s + kh * group * row, row, bs_padded);
+            if (amx) {
+                score_head_amx<D>(c, kh, hkv, group, qp + kh * (D / 2) * group, a->scale, part,
+                                  s + kh * group * row, row, bs_padded);
+            } else {
+                score_head<BF16, D>(c, kh, hkv, group, qf + kh * group * D, part,
+                                    s + kh * group * row, row, bs_padded);
+            }
         }
 
         // Online softmax over the chunk: probabilities overwrite the scores, and each head's

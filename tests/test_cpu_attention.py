@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from neod.kernels.cpu_attention import CpuAttention, reference_decode
+from neod.kernels.cpu_attention import CpuAttention, amx_in_use, reference_decode, use_amx
 
 CPUS = sorted(os.sched_getaffinity(0))
 DTYPES = (torch.bfloat16, torch.float16)
@@ -74,16 +74,21 @@ def check(batch: dict, out: torch.Tensor, lse: torch.Tensor, scale: float | None
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def attn():
+@pytest.fixture(scope="module", params=["amx", "fp32"])
+def attn(request):
+    """The pool, once per score loop: AMX tiles (bf16 KV, where the host has AMX) and fp32 FMAs."""
+    amx = request.param == "amx"
+    if use_amx(amx) != amx:
+        pytest.skip("no AMX on this host")
     with CpuAttention(cores=CPUS[:2]) as pool:
         yield pool
+    use_amx(False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("group", [1, 2, 4, 8])
-@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("group", [1, 2, 4, 8, 16, 20])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
 def test_matches_reference_at_block_boundaries(attn, dtype, head_dim, group, block_size):
     bs = block_size
     lens = [1, bs - 1, bs, bs + 1, 2 * bs, 5 * bs + 3, 300]
@@ -268,3 +273,16 @@ def test_reference_is_softmax_attention():
     w0 = math.e / (math.e + 1)
     assert out[0, 0, 0].item() == pytest.approx(2 * w0 - (1 - w0))
     assert lse[0, 0].item() == pytest.approx(math.log(math.e + 1))
+
+
+def test_amx_switch_reports_what_runs():
+    from neod.cython import load_native
+
+    supported = load_native().AMX_SUPPORTED
+    try:
+        assert use_amx(True) is supported
+        assert amx_in_use() is supported
+        assert use_amx(False) is False
+        assert amx_in_use() is False
+    finally:
+        use_amx(False)

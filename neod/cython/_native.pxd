@@ -35,10 +35,16 @@ cdef extern from "neod_decode.h" nogil:
         int32_t max_blocks
         NeodDtype dtype
         float scale
+        int32_t amx_scores
 
     int neod_decode(neod_pool *pool, const NeodDecodeArgs *args, char *err, size_t err_len)
     int neod_probe_read_bandwidth(neod_pool *pool, size_t nbytes, const int *thread_counts,
                                   int num_counts, int repeats, double *rates)
+
+
+cdef extern from "neod_amx.h" nogil:
+    enum: NEOD_AMX_MAX_GROUP
+    int neod_amx_supported()
 
 
 cdef extern from "neod_layers.h" nogil:

@@ -1,6 +1,10 @@
 DTYPE_FP16: int
 DTYPE_BF16: int
 HEAD_DIMS: tuple[int, ...]
+AMX_SUPPORTED: bool
+
+def use_amx(enabled: bool) -> bool: ...
+def amx_in_use() -> bool: ...
 
 class NativePool:
     def __init__(self, cores: list[int] | tuple[int, ...]) -> None: ...

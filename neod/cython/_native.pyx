@@ -15,6 +15,22 @@ from libc.stdlib cimport free, malloc
 DTYPE_FP16 = NEOD_DTYPE_FP16
 DTYPE_BF16 = NEOD_DTYPE_BF16
 HEAD_DIMS = (64, 128)
+# bf16 batches may compute their scores on AMX tiles (neod_amx.h) where the CPU and the OS allow.
+AMX_SUPPORTED = bool(neod_amx_supported())
+cdef bint _amx = False
+
+
+def use_amx(bint enabled):
+    """Turns the AMX score loop on or off for later batches; returns whether it is on (never
+    where the CPU or the OS lacks AMX). Both loops compute the same scores: the switch is for
+    tests and for benchmarks that compare them."""
+    global _amx
+    _amx = enabled and AMX_SUPPORTED
+    return _amx
+
+
+def amx_in_use():
+    return _amx
 
 
 cdef _fill_args(NeodDecodeArgs *args, uintptr_t q, uintptr_t kv, uintptr_t block_tables,
@@ -54,6 +70,8 @@ cdef _fill_args(NeodDecodeArgs *args, uintptr_t q, uintptr_t kv, uintptr_t block
     args.max_blocks = max_blocks
     args.dtype = <NeodDtype>dtype
     args.scale = scale
+    args.amx_scores = (_amx and dtype == NEOD_DTYPE_BF16
+                       and num_q_heads // num_kv_heads <= NEOD_AMX_MAX_GROUP)
 
 
 cdef class NativePool:

@@ -7,6 +7,7 @@
  * wait for each other. At most 2 * (workers - 1) pieces are partial, which bounds every buffer. */
 #define _GNU_SOURCE
 #include "neod_decode.h"
+#include "neod_amx.h"
 
 #include <stdatomic.h>
 #include <stdio.h>
@@ -106,6 +107,7 @@ static void decode_task(void *ctx, int t) {
     struct NeodScratch scratch = {mem, mem + qd, mem + 2 * qd, mem + 2 * qd + h, s, s + scores,
                                   chunk_blocks(a)};
     int append = a->k_new != NULL && a->v_new != NULL;
+    if (a->amx_scores) neod_amx_configure(a->num_q_heads / a->num_kv_heads);
     for (int i = first; i < last; i++) {
         const struct NeodWorkItem *item = &job->items[i];
         int last_block = (a->seq_lens[item->request] - 1) / a->block_size;
@@ -120,6 +122,7 @@ static void decode_task(void *ctx, int t) {
                                 job->partial_out, job->partial_lse);
         }
     }
+    if (a->amx_scores) neod_amx_release();
 }
 
 /* Checks every seq_len and every block id the batch will touch; returns its total block count. */

@@ -25,7 +25,7 @@ import torch
 
 from neod.cache.pool import KVLayout
 from neod.kernels import cuda_ops, ops
-from neod.kernels.cpu_attention import CpuFlight
+from neod.kernels.cpu_attention import CpuFlight, amx_in_use
 from neod.sched import (
     CostModel,
     Profile,
@@ -441,7 +441,7 @@ def host_key(model: Any, layout: KVLayout, threads: int, tp: int = 1) -> Any:
         gpu,
         f"{cpu} x{os.cpu_count()}",
         threads,
-        KERNEL_VERSION,
+        KERNEL_VERSION + ("-amx" if amx_in_use() else ""),
         layout.block_size,
     )
 

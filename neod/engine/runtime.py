@@ -190,7 +190,7 @@ def build_runtime(cfg: Any, refresh_profile: bool = False, group: Any = None) ->
                 f"bfloat16 or float16 KV cache; model.dtype is {cfg.model.dtype!r}"
             )
         from neod.cpu import pool_cores, recommended_threads
-        from neod.kernels.cpu_attention import CpuAttention
+        from neod.kernels.cpu_attention import CpuAttention, use_amx
 
         # A CPU-only host has no GPU memory to relieve: a small host pool keeps the demo light.
         on_cpu = device.type == "cpu"
@@ -207,6 +207,7 @@ def build_runtime(cfg: Any, refresh_profile: bool = False, group: Any = None) ->
             layout, num_cpu, torch.device("cpu"), pin=device.type == "cuda", local_to_cpus=cores
         )
         cpu_attention = CpuAttention(cores=cores)
+        use_amx(cfg.cpu.amx)
     # torch's own CPU threads get what the pinned pool and the reserved cores leave: OpenMP workers
     # that spin on the pool's cores would slow the CPU attention (on a CPU host, the model too).
     free_cores = len(os.sched_getaffinity(0)) - threads - cfg.cpu.reserve_cores

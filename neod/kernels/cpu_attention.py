@@ -24,6 +24,18 @@ logger = logging.getLogger(__name__)
 _KV_DTYPES = (torch.bfloat16, torch.float16)
 
 
+def amx_in_use() -> bool:
+    """Whether bf16 batches compute their scores on AMX tiles now (see `use_amx`)."""
+    return bool(load_native().amx_in_use())
+
+
+def use_amx(enabled: bool) -> bool:
+    """Whether bf16 batches compute their scores on AMX tiles (where the CPU and the OS allow) or
+    with the ISPC kernel's fp32 FMAs (the default); returns whether they now do. Both give the same
+    scores up to fp32 summation order. Process-wide: the engine sets it from `cpu.amx`."""
+    return bool(load_native().use_amx(enabled))
+
+
 @dataclass
 class CpuFlight:
     """One sub-batch's CPU work in every layer of an iteration (`CpuAttention.decode_layers`).
