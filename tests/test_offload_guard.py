@@ -28,6 +28,7 @@ def test_blocks_when_offloading_is_measured_slower_then_retries():
     assert not guard.allows_offload(step)
     assert guard.allows_offload(step + BACKOFF_STEPS)
     assert guard.snapshot()["offload_gain"] is None  # measured afresh after the pause
+    assert guard.snapshot()["stops"] == 1
 
 
 def test_keeps_offloading_while_it_pays():
@@ -37,6 +38,7 @@ def test_keeps_offloading_while_it_pays():
     assert guard.snapshot()["offload_gain"] == pytest.approx(1.25)
     step = offloaded(guard, step, MIN_SAMPLES, 0.0975)  # 0.985x: within the margin
     assert guard.allows_offload(step)
+    assert guard.snapshot()["stops"] == 0
 
 
 def test_the_gpu_alone_is_judged_by_its_measured_accuracy():

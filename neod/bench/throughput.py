@@ -95,6 +95,7 @@ def run_workload(engine: Engine, workload: list[tuple[list[int], int]]) -> dict[
         "mean_cpu_decodes": iterations["mean_cpu_decodes"],
         "median_iter_ms": iterations["median_iter_ms"],
         "median_prediction_error": iterations["median_prediction_error"],
+        "offload_guard": engine.stats()["offload_guard"],
     }
 
 
@@ -182,6 +183,11 @@ def main(argv: list[str] | None = None) -> None:
             f"{100 * r['pipelined_share']:6.1f} {'-' if err is None else f'{100 * err:7.1f}%'} "
             f"{r['mean_cpu_decodes']:8.1f} {100 * (r['cpu_busy_share'] or 0):7.1f}%"
         )
+    for policy, r in results.items():
+        guard = r["offload_guard"]
+        if policy == "auto" and guard["stops"]:
+            print(f"auto: the offload guard stopped offloading {guard['stops']} time(s); last "
+                  f"state {guard}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ already there come back to the GPU), then tries again with fresh measurements.
 
 from __future__ import annotations
 
+import logging
+
+logger = logging.getLogger(__name__)
+
 MIN_SAMPLES = 16  # offloaded decode iterations before their gain is judged
 EWMA_WEIGHT = 0.1  # weight of the newest iteration in each average
 BACKOFF_STEPS = 512  # iterations without new offloading after it was measured to lose
@@ -27,6 +31,7 @@ class OffloadGuard:
         self._underestimate: float | None = None  # EWMA of measured / predicted, offloaded
         self._samples = 0  # offloaded iterations since the last verdict
         self._blocked_until = -1
+        self._stops = 0  # verdicts against offloading so far
 
     def record(
         self,
@@ -54,7 +59,12 @@ class OffloadGuard:
         if self._samples < MIN_SAMPLES:
             return
         if self._underestimate > MAX_UNDERESTIMATE or self._gain < 1 - self.margin:
+            logger.warning(
+                "offloading stopped for %d iterations: %.2fx the GPU alone's rate, %.2fx the "
+                "predicted time", BACKOFF_STEPS, self._gain, self._underestimate,
+            )
             self._blocked_until = step + BACKOFF_STEPS
+            self._stops += 1
             self._gain = self._underestimate = None  # retry later with fresh measurements
             self._samples = 0
 
@@ -67,6 +77,7 @@ class OffloadGuard:
             "offload_measured_over_predicted": self._underestimate,
             "gpu_only_measured_over_predicted": self._gpu_only_accuracy,
             "blocked_until_step": self._blocked_until,
+            "stops": self._stops,
         }
 
 
