@@ -53,9 +53,11 @@ def test_the_gpu_alone_is_judged_by_its_measured_accuracy():
     assert guard.allows_offload(step)
 
 
-def test_blocks_when_offloaded_iterations_are_badly_underestimated():
+def test_underestimated_iterations_that_beat_the_gpu_alone_keep_offloading():
+    """Twice the predicted time, yet 187.5 tok/s against 150 alone: the rate decides."""
     guard = OffloadGuard()
-    step = offloaded(guard, 0, MIN_SAMPLES, 0.08, predicted_s=0.072)  # 11% over: trusted
+    step = offloaded(guard, 0, 4 * MIN_SAMPLES, 0.08, predicted_s=0.04)
     assert guard.allows_offload(step)
-    step = offloaded(guard, step, MIN_SAMPLES, 0.08, predicted_s=0.04)  # twice the prediction
+    assert guard.snapshot()["offload_measured_over_predicted"] == pytest.approx(2.0)
+    step = offloaded(guard, step, 2 * MIN_SAMPLES, 0.12, predicted_s=0.06)  # 125 tok/s: loses
     assert not guard.allows_offload(step)

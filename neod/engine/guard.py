@@ -2,13 +2,16 @@
 
 The scheduler decides from predicted costs; when a prediction is wrong (a profile from a quieter
 moment, host contention the profile never saw), offloading can lose throughput. The guard watches
-what decode iterations really did. Offloading is stopped when iterations that used the CPU took
-much longer than predicted (the predictor cannot be trusted with them), or when they produced
-tokens more slowly than the GPU alone would have in the same iteration: its GPU decodes at the
-predicted GPU-only time, corrected by how far GPU-only iterations have been measured off their
-predictions. (Comparing with the rate of other GPU-only iterations would be unfair: they ran at
-other moments, on other batches.) `auto` then places no new work on the CPU for a while (requests
-already there come back to the GPU), then tries again with fresh measurements.
+what decode iterations really did. Offloading is stopped when iterations that used the CPU
+produced tokens more slowly than the GPU alone would have in the same iteration: its GPU decodes
+at the predicted GPU-only time, corrected by how far GPU-only iterations have been measured off
+their predictions. (Comparing with the rate of other GPU-only iterations would be unfair: they ran
+at other moments, on other batches.) `auto` then places no new work on the CPU for a while
+(requests already there come back to the GPU), then tries again with fresh measurements.
+
+How far offloaded iterations run over their prediction is tracked, not judged: on the 70B shape
+they ran 1.25-1.3x over while beating the GPU alone by 1.2-1.3x, and stopping them then threw the
+gain away. The verdict is the measured rate alone.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ logger = logging.getLogger(__name__)
 MIN_SAMPLES = 16  # offloaded decode iterations before their gain is judged
 EWMA_WEIGHT = 0.1  # weight of the newest iteration in each average
 BACKOFF_STEPS = 512  # iterations without new offloading after it was measured to lose
-MAX_UNDERESTIMATE = 1.25  # measured / predicted time of offloaded iterations still trusted
 
 
 class OffloadGuard:
@@ -58,7 +60,7 @@ class OffloadGuard:
         self._samples += 1
         if self._samples < MIN_SAMPLES:
             return
-        if self._underestimate > MAX_UNDERESTIMATE or self._gain < 1 - self.margin:
+        if self._gain < 1 - self.margin:
             logger.warning(
                 "offloading stopped for %d iterations: %.2fx the GPU alone's rate, %.2fx the "
                 "predicted time", BACKOFF_STEPS, self._gain, self._underestimate,
