@@ -3,7 +3,7 @@ than the GPU alone would have been in the same iterations."""
 
 import pytest
 
-from neod.engine.guard import BACKOFF_STEPS, MIN_SAMPLES, OffloadGuard
+from neod.engine.guard import BACKOFF_STEPS, MAX_BACKOFF_STEPS, MIN_SAMPLES, OffloadGuard
 
 
 def gpu_only(guard: OffloadGuard, start: int, n: int, measured_over_predicted: float) -> int:
@@ -61,3 +61,22 @@ def test_underestimated_iterations_that_beat_the_gpu_alone_keep_offloading():
     assert guard.snapshot()["offload_measured_over_predicted"] == pytest.approx(2.0)
     step = offloaded(guard, step, 2 * MIN_SAMPLES, 0.12, predicted_s=0.06)  # 125 tok/s: loses
     assert not guard.allows_offload(step)
+
+
+def test_repeated_losses_pause_longer_and_a_paying_trial_resets_the_pause():
+    def pause_after_losing(guard: OffloadGuard, step: int) -> tuple[int, int]:
+        """Offloaded iterations at 125 tok/s (against 150 alone) until the guard stops them."""
+        while guard.allows_offload(step + 1):
+            step = offloaded(guard, step, 1, 0.12)
+        resume = guard.snapshot()["blocked_until_step"]
+        return resume - (step - 1), resume
+
+    guard = OffloadGuard(margin=0.05)
+    step, pauses = 0, []
+    for _ in range(6):
+        pause, step = pause_after_losing(guard, step)
+        pauses.append(pause)
+    assert pauses == [BACKOFF_STEPS * 2**i for i in range(5)] + [MAX_BACKOFF_STEPS]
+    step = offloaded(guard, step, MIN_SAMPLES, 0.08)  # 187.5 tok/s: pays
+    assert guard.allows_offload(step)
+    assert pause_after_losing(guard, step)[0] == BACKOFF_STEPS

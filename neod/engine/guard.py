@@ -7,7 +7,9 @@ produced tokens more slowly than the GPU alone would have in the same iteration:
 at the predicted GPU-only time, corrected by how far GPU-only iterations have been measured off
 their predictions. (Comparing with the rate of other GPU-only iterations would be unfair: they ran
 at other moments, on other batches.) `auto` then places no new work on the CPU for a while
-(requests already there come back to the GPU), then tries again with fresh measurements.
+(requests already there come back to the GPU), then tries again with fresh measurements. Each
+trial costs slow iterations, so a pause after a repeated verdict lasts twice as long as the one
+before; a trial that pays resets it.
 
 How far offloaded iterations run over their prediction is tracked, not judged: on the 70B shape
 they ran 1.25-1.3x over while beating the GPU alone by 1.2-1.3x, and stopping them then threw the
@@ -22,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 MIN_SAMPLES = 16  # offloaded decode iterations before their gain is judged
 EWMA_WEIGHT = 0.1  # weight of the newest iteration in each average
-BACKOFF_STEPS = 512  # iterations without new offloading after it was measured to lose
+BACKOFF_STEPS = 512  # iterations without new offloading after it was first measured to lose
+MAX_BACKOFF_STEPS = 16 * BACKOFF_STEPS
 
 
 class OffloadGuard:
@@ -33,6 +36,7 @@ class OffloadGuard:
         self._underestimate: float | None = None  # EWMA of measured / predicted, offloaded
         self._samples = 0  # offloaded iterations since the last verdict
         self._blocked_until = -1
+        self._backoff = BACKOFF_STEPS  # the next pause
         self._stops = 0  # verdicts against offloading so far
 
     def record(
@@ -60,15 +64,18 @@ class OffloadGuard:
         self._samples += 1
         if self._samples < MIN_SAMPLES:
             return
-        if self._gain < 1 - self.margin:
-            logger.warning(
-                "offloading stopped for %d iterations: %.2fx the GPU alone's rate, %.2fx the "
-                "predicted time", BACKOFF_STEPS, self._gain, self._underestimate,
-            )
-            self._blocked_until = step + BACKOFF_STEPS
-            self._stops += 1
-            self._gain = self._underestimate = None  # retry later with fresh measurements
-            self._samples = 0
+        if self._gain >= 1 - self.margin:
+            self._backoff = BACKOFF_STEPS
+            return
+        logger.warning(
+            "offloading stopped for %d iterations: %.2fx the GPU alone's rate, %.2fx the "
+            "predicted time", self._backoff, self._gain, self._underestimate,
+        )
+        self._blocked_until = step + self._backoff
+        self._backoff = min(2 * self._backoff, MAX_BACKOFF_STEPS)
+        self._stops += 1
+        self._gain = self._underestimate = None  # retry later with fresh measurements
+        self._samples = 0
 
     def allows_offload(self, step: int) -> bool:
         return step >= self._blocked_until
