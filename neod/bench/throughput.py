@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"{args.preset} on {report['gpu'] or report['device']}: "
         f"gpu_kv_blocks={runtime.num_gpu_blocks} cpu_kv_blocks={runtime.num_cpu_blocks} "
-        f"in~{args.input_len} out~{args.output_len} n={args.num_requests}"
+        f"cpu_threads={runtime.cpu_threads} in~{args.input_len} out~{args.output_len} "
+        f"n={args.num_requests}"
     )
     print(
         f"{'policy':10} {'tok/s':>9} {'x':>6} {'TTFT p50':>9} {'p99':>8} {'TPOT p50':>9} "
