@@ -51,6 +51,8 @@ def _describe(meta: Mapping[str, Any], kind: type) -> str:
     if meta["pattern"] is not None:
         return meta["allowed"]
     lo, hi = meta["lo"], meta["hi"]
+    if kind is bool:
+        return "true or false"
     name = {int: "an integer", float: "a number", str: "a string"}[kind]
     if lo is not None and hi is not None:
         return f"{name} in {'(' if meta['lo_open'] else '['}{lo}, {hi}]"
@@ -205,6 +207,13 @@ def _parse_text(section: str, name: str, text: str) -> Any:
     kind = type(f.default)
     if kind is str:
         return text
+    if kind is bool:  # bool("false") is True: read the word instead
+        word = text.strip().lower()
+        if word in ("true", "1", "yes", "on"):
+            return True
+        if word in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"[{section}] {name}: {text!r} is not allowed; expected true or false")
     try:
         return kind(text.strip())
     except ValueError:

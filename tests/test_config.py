@@ -65,6 +65,14 @@ def test_typed_overrides_and_with_overrides() -> None:
     assert again.server.grace_period_s == 1.0 and again.model.device == "cpu"
 
 
+@pytest.mark.parametrize("text, value", [("false", False), ("False", False), ("0", False),
+                                         ("off", False), ("true", True), ("1", True),
+                                         ("yes", True)])
+def test_boolean_keys_read_the_word(text: str, value: bool) -> None:
+    assert load_config(None, env={}, overrides=[f"cpu.amx={text}"]).cpu.amx is value
+    assert load_config(None, env={"NEOD_CPU_AMX": text}).cpu.amx is value
+
+
 @pytest.mark.parametrize("override, fragment", [
     ("scheduler.policy=fast", "[scheduler] policy: 'fast' is not allowed; expected one of auto, "
                               "gpu-only, neo"),
@@ -79,6 +87,7 @@ def test_typed_overrides_and_with_overrides() -> None:
     ("server.log_format=xml", "one of text, json"),
     ("model.dtype=int8", "auto, bfloat16, float16, float32"),
     ("server.heartbeat_interval_s=nan", "[server] heartbeat_interval_s"),
+    ("cpu.amx=maybe", "[cpu] amx: 'maybe' is not allowed; expected true or false"),
 ])
 def test_bad_values_name_the_key_and_allowed_values(override: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -124,6 +133,9 @@ def test_toml_types_are_checked(tmp_path: Path) -> None:
         load_config(path, env={})
     path.write_text('[server]\ngrace_period_s = "30"\n')
     with pytest.raises(ConfigError, match="grace_period_s: '30' is not allowed"):
+        load_config(path, env={})
+    path.write_text("[cpu]\namx = 1\n")
+    with pytest.raises(ConfigError, match="amx: 1 is not allowed; expected true or false"):
         load_config(path, env={})
 
 
