@@ -1,4 +1,5 @@
-"""Test-suite wide markers: `gpu` tests skip without CUDA; `slow` tests run only with `-m slow`."""
+"""Test-suite wide markers (`gpu` tests skip without CUDA; `slow` tests run only with `-m slow`)
+and the CPU attention's score loops."""
 
 from __future__ import annotations
 
@@ -10,6 +11,20 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "slow: long-running; deselected by default (pyproject addopts), run with -m slow"
     )
+
+
+@pytest.fixture(scope="module", params=["amx", "fp32"])
+def score_loop(request: pytest.FixtureRequest):
+    """Each CPU attention module once per score loop: AMX tiles (bf16 KV, where the host has AMX)
+    and the ISPC kernel's fp32 FMAs; the process-wide switch is restored afterwards."""
+    from neod.kernels.cpu_attention import amx_in_use, use_amx
+
+    before = amx_in_use()
+    amx = request.param == "amx"
+    if use_amx(amx) != amx:
+        pytest.skip("no AMX on this host")
+    yield request.param
+    use_amx(before)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -74,15 +74,10 @@ def check(batch: dict, out: torch.Tensor, lse: torch.Tensor, scale: float | None
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(scope="module", params=["amx", "fp32"])
-def attn(request):
-    """The pool, once per score loop: AMX tiles (bf16 KV, where the host has AMX) and fp32 FMAs."""
-    amx = request.param == "amx"
-    if use_amx(amx) != amx:
-        pytest.skip("no AMX on this host")
+@pytest.fixture(scope="module")
+def attn(score_loop):
     with CpuAttention(cores=CPUS[:2]) as pool:
         yield pool
-    use_amx(False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

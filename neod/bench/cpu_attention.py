@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from neod.cpu.topology import pool_cores, read_topology
-from neod.kernels.cpu_attention import CpuAttention, use_amx
+from neod.kernels.cpu_attention import CpuAttention, amx_in_use, use_amx
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ class Point:
 def run(args: argparse.Namespace) -> list[dict]:
     topo = read_topology()
     cores = {n: pool_cores(n, args.reserve_cores, topo) for n in args.threads}
+    amx_before = amx_in_use()
     host_rates = {}
     for threads in args.threads:  # the host's read rate with exactly the pool's cores
         with CpuAttention(cores=cores[threads]) as pool:
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                         rows.append(measure(args, pool, point, host_rates[threads]))
                         rows[-1]["scores"] = scores
                         print_row(rows[-1], args)
-    use_amx(False)
+    use_amx(amx_before)
     return rows
 
 
