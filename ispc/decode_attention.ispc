@@ -19,10 +19,17 @@
 
 #include "decode_attention.isph"
 
-// The scores of one K tile on AMX (neod/cython/neod_amx.h): ISPC cannot emit AMX instructions.
-extern "C" void neod_amx_tile_scores(const uniform uint16 * uniform tile, uniform int num_tokens,
-                                     const uniform uint32 * uniform q_pairs, uniform int group,
-                                     uniform int head_dim, uniform float * uniform scores);
+// Tile products on AMX (neod/cython/neod_amx.h, which gives the operand layouts): ISPC cannot
+// emit AMX instructions. soft: the same products in software, for tests.
+extern "C" void neod_amx_tile_scores(const uniform uint16 * uniform * uniform tiles,
+                                     const uniform int * uniform num_tokens, uniform int num_tiles,
+                                     const uniform uint32 * uniform q_pairs, uniform int head_dim,
+                                     uniform float * uniform scores, uniform int soft);
+extern "C" void neod_amx_tile_values(const uniform uint16 * uniform probs, uniform int steps,
+                                     const uniform uint32 * uniform pairs, uniform int head_dim,
+                                     uniform float * uniform out, uniform int soft);
+// K tiles per neod_amx_tile_scores call (NEOD_AMX_SCORE_TILES).
+#define AMX_SCORE_TILES 4
 
 // Vectors in the longest supported row (head_dim 128); sizes the key-row array of dot_group.
 #define MAX_ROW_VECTORS (128 / TARGET_WIDTH)
@@ -264,14 +271,38 @@ static inline unmasked void score_head(const uniform Chunk &c, uniform int kh, u
     }
 }
 
-// score_head on AMX tiles: 16 tokens x `group` heads per call, from the query pairs qp
-// ([D / 2, group], see neod_amx.h) into out ([16, group]), scaled and transposed into the scores.
+// The scores of the K tiles gathered so far (AMX_SCORE_TILES at most), scaled and transposed
+// from out ([tile, token, head]) into the chunk's score rows.
+static inline unmasked void flush_amx_scores(const uniform uint16 * uniform * uniform tiles,
+                                             const uniform int counts[], const uniform int slots[],
+                                             uniform int num_tiles, uniform int group,
+                                             const uniform uint32 qp[], uniform int head_dim,
+                                             uniform float scale, uniform float out[],
+                                             uniform float sg[], uniform int row,
+                                             uniform int soft) {
+    neod_amx_tile_scores(tiles, counts, num_tiles, qp, head_dim, out, soft);
+    for (uniform int i = 0; i < num_tiles; i++) {
+        for (uniform int g = 0; g < group; g++) {
+            foreach (t = 0 ... counts[i]) {
+                sg[g * row + slots[i] + t] = out[(i * 16 + t) * 16 + g] * scale;
+            }
+        }
+    }
+}
+
+// score_head on AMX tiles: the chunk's K tiles of KV head kh, AMX_SCORE_TILES of 16 tokens per
+// call, against the query pairs qp ([D / 2, 16], see neod_amx.h).
 template <int D>
 static inline unmasked void score_head_amx(const uniform Chunk &c, uniform int kh,
                                            uniform int hkv, uniform int group,
                                            const uniform uint32 qp[], uniform float scale,
                                            uniform float out[], uniform float sg[],
-                                           uniform int row, uniform int bs_padded) {
+                                           uniform int row, uniform int bs_padded,
+                                           uniform int soft) {
+    const uniform uint16 * uniform tiles[AMX_SCORE_TILES];
+    uniform int counts[AMX_SCORE_TILES];
+    uniform int slots[AMX_SCORE_TILES];
+    uniform int n = 0;
     for (uniform int j = c.j0; j < c.j1; j++) {
         uniform const int num_tokens = min(c.bs, c.seq_len - j * c.bs);
         const uniform uint16 * uniform tile = tile_at(c, j, 0, kh, hkv);
@@ -281,21 +312,23 @@ static inline unmasked void score_head_amx(const uniform Chunk &c, uniform int k
                 prefetch_row<D>(next + t * D);
             }
         }
-        uniform float * uniform s = sg + (j - c.j0) * bs_padded;
         for (uniform int t0 = 0; t0 < num_tokens; t0 += 16) {
-            uniform const int n = min(16, num_tokens - t0);
-            neod_amx_tile_scores(tile + t0 * D, n, qp, group, D, out);
-            for (uniform int g = 0; g < group; g++) {
-                foreach (t = 0 ... n) {
-                    s[g * row + t0 + t] = out[t * group + g] * scale;
-                }
+            tiles[n] = tile + t0 * D;
+            counts[n] = min(16, num_tokens - t0);
+            slots[n] = (j - c.j0) * bs_padded + t0;
+            if (++n == AMX_SCORE_TILES) {
+                flush_amx_scores(tiles, counts, slots, n, group, qp, D, scale, out, sg, row, soft);
+                n = 0;
             }
         }
         for (uniform int g = 0; g < group; g++) {
             foreach (t = num_tokens ... bs_padded) {
-                s[g * row + t] = -floatbits(0x7f800000);
+                sg[g * row + (j - c.j0) * bs_padded + t] = -floatbits(0x7f800000);
             }
         }
+    }
+    if (n > 0) {
+        flush_amx_scores(tiles, counts, slots, n, group, qp, D, scale, out, sg, row, soft);
     }
 }
 
@@ -371,6 +404,90 @@ static unmasked void weigh_group(const uniform Chunk &c, uniform int kh, uniform
     }
 }
 
+// weigh_group on AMX tiles, for groups of up to 8 heads: the chunk's probabilities become a
+// [2 group, steps * 32] bf16 operand (high and low parts, so that 16 bits of each survive) and its V
+// rows a [slot pairs, elements] one (neod_amx.h gives both layouts), one tile product per 32 slots
+// and 16 elements; the fp32 sums are added to acc, whose vectors hold a row in SIMD order.
+template <int D>
+static unmasked void weigh_group_amx(const uniform Chunk &c, uniform int kh, uniform int hkv,
+                                     uniform int group, uniform float acc[],
+                                     const uniform float p[], uniform int row,
+                                     uniform int bs_padded, uniform float tiles[],
+                                     uniform int soft) {
+    uniform const int slices = D / 32;
+    uniform const int chunk_len = (c.j1 - c.j0) * bs_padded;
+    uniform const int steps = (chunk_len + 31) / 32;
+    uniform const int stride = steps * 32;
+    uniform uint16 * uniform probs = (uniform uint16 * uniform)tiles;          // [16, stride]
+    uniform uint32 * uniform pairs = (uniform uint32 * uniform)(tiles + 8 * stride);
+    uniform float * uniform out = tiles + 8 * stride + stride * D / 2;  // [slices, 2, 16, 16]
+
+    // The high part is truncated (x - high is then exact), the low one rounded to nearest even; a
+    // NaN probability stays NaN in the low part (the result of an operation is a quiet NaN).
+    for (uniform int g = 0; g < group; g++) {
+        foreach (t = 0 ... stride) {
+            varying float x = t < chunk_len ? p[g * row + t] : 0.0f;
+            varying uint32 high = intbits(x) & 0xffff0000;
+            varying uint32 low = intbits(x - floatbits(high));
+            probs[g * stride + t] = (uint16)(high >> 16);
+            probs[(group + g) * stride + t] = (uint16)((low + 0x7fff + ((low >> 16) & 1)) >> 16);
+        }
+    }
+
+    // Slot pair k of the chunk: slots 2k and 2k + 1 (a block's slots are a multiple of 16), the
+    // pair row k % 16 of step k / 16.
+    for (uniform int j = c.j0; j < c.j1; j++) {
+        uniform const int num_tokens = min(c.bs, c.seq_len - j * c.bs);
+        const uniform uint32 * uniform tile = (const uniform uint32 * uniform)tile_at(c, j, 1, kh, hkv);
+        const uniform uint16 * uniform next = tile_after(c, j, 1, kh, hkv);
+        for (uniform int t = 0; t < bs_padded; t += 2) {
+            if (next != NULL && t < num_tokens) {
+                prefetch_row<D>(next + t * D);
+                prefetch_row<D>(next + (t + 1) * D);
+            }
+            uniform const int k = ((j - c.j0) * bs_padded + t) / 2;
+            uniform uint32 * uniform dst = pairs + (k / 16) * slices * 2 * 256 + (k % 16) * 16;
+            for (uniform int sl = 0; sl < slices; sl++) {
+                foreach (i = 0 ... 16) {
+                    varying uint32 w0 = 0, w1 = 0;
+                    if (t < num_tokens) w0 = tile[t * (D / 2) + sl * 16 + i];
+                    if (t + 1 < num_tokens) w1 = tile[(t + 1) * (D / 2) + sl * 16 + i];
+                    dst[2 * sl * 256 + i] = (w0 & 0xffff) | (w1 << 16);
+                    dst[(2 * sl + 1) * 256 + i] = (w0 >> 16) | (w1 & 0xffff0000);
+                }
+            }
+        }
+    }
+    for (uniform int k = chunk_len / 2; k < steps * 16; k++) {
+        uniform uint32 * uniform dst = pairs + (k / 16) * slices * 2 * 256 + (k % 16) * 16;
+        for (uniform int m = 0; m < 2 * slices; m++) {
+            foreach (i = 0 ... 16) {
+                dst[m * 256 + i] = 0;
+            }
+        }
+    }
+
+    neod_amx_tile_values(probs, steps, pairs, D, out, soft);
+
+    // out[sl, e, r, i] is element 32 sl + 2 i + e of row r (the high parts' sums, then the low).
+    for (uniform int m = 0; m < 2 * slices; m++) {
+        uniform const int sl = m / 2, e = m % 2;
+        const uniform float * uniform o = out + m * 16 * 16;
+        for (uniform int h = 0; h < group; h++) {
+            foreach (i = 0 ... 16) {
+                varying float x = o[h * 16 + i] + o[(group + h) * 16 + i];
+#if TARGET_WIDTH == 16
+                acc[h * D + m * 16 + i] += x;
+#else
+                varying int d = 32 * sl + 2 * i + e;
+                acc[h * D + (2 * (d / (2 * programCount)) + e) * programCount
+                    + (d % (2 * programCount)) / 2] += x;
+#endif
+            }
+        }
+    }
+}
+
 // ---- one work item: request `b`, blocks [block_begin, block_end) of its table ----------------
 
 // D (head_dim) is a compile-time constant so that the loops over a row unroll into registers.
@@ -414,15 +531,18 @@ static unmasked void attend(const uniform NeodDecodeArgs * uniform a,
         m[h] = -floatbits(0x7f800000);
         l[h] = 0.0f;
     }
-    // AMX scores take the raw bf16 query as pairs, per KV head [D / 2, group], in qf's place.
-    uniform const bool amx = BF16 && a->amx_scores != 0;
+    // AMX scores take the raw bf16 query as pairs, per KV head [D / 2, 16], in qf's place.
+    uniform const bool amx = BF16 && a->amx_scores != NEOD_AMX_OFF;
+    uniform const bool amx_values = BF16 && a->amx_values != NEOD_AMX_OFF;
     uniform uint32 * uniform qp = (uniform uint32 * uniform)qf;
     if (amx) {
         const uniform uint32 * uniform q_words = (const uniform uint32 * uniform)q;  // [hq, D / 2]
-        for (uniform int h = 0; h < hq; h++) {
-            uniform const int kh = h / group, g = h % group;
-            foreach (w = 0 ... D / 2) {
-                qp[(kh * (D / 2) + w) * group + g] = q_words[h * (D / 2) + w];
+        for (uniform int kh = 0; kh < hkv; kh++) {
+            for (uniform int w = 0; w < D / 2; w++) {
+                foreach (g = 0 ... 16) {
+                    qp[(kh * (D / 2) + w) * 16 + g] =
+                        g < group ? q_words[(kh * group + g) * (D / 2) + w] : 0;
+                }
             }
         }
     }
@@ -435,8 +555,9 @@ static unmasked void attend(const uniform NeodDecodeArgs * uniform a,
         c.j1 = min(j0 + chunk_blocks, item->block_end);
         for (uniform int kh = 0; kh < hkv; kh++) {
             if (amx) {
-                score_head_amx<D>(c, kh, hkv, group, qp + kh * (D / 2) * group, a->scale, part,
-                                  s + kh * group * row, row, bs_padded);
+                score_head_amx<D>(c, kh, hkv, group, qp + kh * (D / 2) * 16, a->scale,
+                                  scr->tiles, s + kh * group * row, row, bs_padded,
+                                  a->amx_scores == NEOD_AMX_SOFT);
             } else {
                 score_head<BF16, D>(c, kh, hkv, group, qf + kh * group * D, part,
                                     s + kh * group * row, row, bs_padded);
@@ -471,8 +592,13 @@ static unmasked void attend(const uniform NeodDecodeArgs * uniform a,
         }
 
         for (uniform int kh = 0; kh < hkv; kh++) {
-            weigh_group<BF16, D>(c, kh, hkv, group, acc + kh * group * D, s + kh * group * row,
-                                 row, bs_padded);
+            if (amx_values) {
+                weigh_group_amx<D>(c, kh, hkv, group, acc + kh * group * D, s + kh * group * row,
+                                   row, bs_padded, scr->tiles, a->amx_values == NEOD_AMX_SOFT);
+            } else {
+                weigh_group<BF16, D>(c, kh, hkv, group, acc + kh * group * D,
+                                     s + kh * group * row, row, bs_padded);
+            }
         }
     }
 

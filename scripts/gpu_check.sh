@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Validates and times neod on a GPU host that has torch and a compiler but no ispc and no network
 # (the prebuilt build/ispc objects and build/libneod_cuda.so travel with the tree; docs/build.md).
-# Usage: scripts/gpu_check.sh OUTDIR [tests] [step] [cpu] [throughput ARGS...]
+# Usage: scripts/gpu_check.sh OUTDIR [tests] [step] [cpu] [amx] [throughput ARGS...]
 set -uo pipefail
-out=${1:?usage: scripts/gpu_check.sh OUTDIR [tests] [step] [cpu] [throughput ARGS...]}
+out=${1:?usage: scripts/gpu_check.sh OUTDIR [tests] [step] [cpu] [amx] [throughput ARGS...]}
 shift
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 mkdir -p "$out"
@@ -12,6 +12,7 @@ if ! NEOD_ISPC_OBJECTS=build/ispc python3 setup.py -q build_ext --inplace >"$out
     exit 1
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c "from neod.cython import load_native; print('AMX:', load_native().AMX_SUPPORTED)" | tee -a "$out/gpu.txt"
 while [ $# -gt 0 ]; do
     what=$1
     shift
@@ -25,6 +26,10 @@ while [ $# -gt 0 ]; do
             python3 -m neod.bench.cpu_attention --threads 1,4,8,12,15,16 --batch 1,16,64 \
                 --context 1024,4096,16384 --max-kv-gib 1 --seconds 0.3 --torch-at 16 \
                 --reserve-cores 0 --out "$out/cpu_attention.json" 2>&1 | tee "$out/cpu_attention.txt" ;;
+        amx)  # the tile products' paths side by side on the GQA-8 shape of Llama-3.1-8B/70B
+            python3 -m neod.bench.cpu_attention --batch 16,64 --context 1024,4096 --threads 1,14 \
+                --q-heads 64 --kv-heads 8 --head-dim 128 --no-torch --seconds 0.3 \
+                --reserve-cores 1 --out "$out/amx.json" 2>&1 | tee "$out/amx.txt" ;;
         throughput)
             python3 -m neod.bench.throughput "$@" 2>&1 | grep -v " INFO " | tee -a "$out/throughput.txt"
             break ;;

@@ -15,9 +15,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from neod.cython import load_native
 from neod.kernels.cpu_attention import CpuAttention, amx_in_use, reference_decode, use_amx
 
 CPUS = sorted(os.sched_getaffinity(0))
+AMX_SUPPORTED = load_native().AMX_SUPPORTED
 DTYPES = (torch.bfloat16, torch.float16)
 # Output rounding (half an ulp of the KV dtype) plus fp32 accumulation.
 RTOL = {torch.bfloat16: 2**-8, torch.float16: 2**-11}
@@ -75,7 +77,7 @@ def check(batch: dict, out: torch.Tensor, lse: torch.Tensor, scale: float | None
 
 
 @pytest.fixture(scope="module")
-def attn(score_loop):
+def attn(tile_products):
     with CpuAttention(cores=CPUS[:2]) as pool:
         yield pool
 
@@ -271,13 +273,37 @@ def test_reference_is_softmax_attention():
 
 
 def test_amx_switch_reports_what_runs():
-    from neod.cython import load_native
-
-    supported = load_native().AMX_SUPPORTED
+    supported = AMX_SUPPORTED
     try:
         assert use_amx(True) is supported
-        assert amx_in_use() is supported
+        assert amx_in_use() == ("scores+values" if supported else None)
+        assert use_amx(True, values=False) is supported
+        assert amx_in_use() == ("scores" if supported else None)
         assert use_amx(False) is False
-        assert amx_in_use() is False
+        assert amx_in_use() is None
+        assert use_amx(True, soft=True) is True
+        assert amx_in_use() == "scores+values"
     finally:
         use_amx(False)
+
+
+@pytest.mark.skipif(not AMX_SUPPORTED, reason="no AMX on this host")
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 5, 8, 16])
+def test_software_tiles_compute_what_amx_tiles_compute(head_dim, group):
+    # The software tiles stand in for AMX on hosts without it: same operands, same sums (up to
+    # fp32 summation order and the final bf16 rounding).
+    batch = make_batch([3, 16, 47, 300], num_kv_heads=2, group=group, head_dim=head_dim,
+                       block_size=16, dtype=torch.bfloat16, seed=group * head_dim)
+    outs = []
+    try:
+        with CpuAttention(cores=CPUS[:2]) as pool:
+            for soft in (False, True):
+                assert use_amx(True, soft=soft)
+                out, lse = poisoned_outputs(batch)
+                pool.decode(**batch, out=out, lse=lse)
+                outs.append((out.float(), lse))
+    finally:
+        use_amx(False)
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=2**-7, atol=ATOL)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-5)

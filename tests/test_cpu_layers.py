@@ -21,7 +21,7 @@ RTOL = {torch.bfloat16: 2**-8, torch.float16: 2**-11}
 
 
 @pytest.fixture(scope="module")
-def attn(score_loop):
+def attn(tile_products):
     with CpuAttention(cores=CPUS[:2]) as pool:
         yield pool
 

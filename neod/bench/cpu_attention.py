@@ -108,14 +108,15 @@ def run(args: argparse.Namespace) -> list[dict]:
             point = Point(args, batch, context, seed=batch * 100_003 + context)
             for threads in args.threads:
                 with CpuAttention(cores=cores[threads]) as pool:
-                    for scores in args.scores:
-                        amx = scores == "amx"
-                        if amx and args.dtype != torch.bfloat16 or use_amx(amx) != amx:
+                    for products in args.products:
+                        amx = products != "fp32"
+                        on = use_amx(amx, values=products == "amx")
+                        if amx and (args.dtype != torch.bfloat16 or not on):
                             continue  # fp16 KV, or no AMX here
                         rows.append(measure(args, pool, point, host_rates[threads]))
-                        rows[-1]["scores"] = scores
+                        rows[-1]["products"] = products
                         print_row(rows[-1], args)
-    use_amx(amx_before)
+    use_amx(amx_before is not None, values=amx_before == "scores+values")
     return rows
 
 
@@ -152,7 +153,7 @@ def measure(args: argparse.Namespace, pool: CpuAttention, point: Point, host_rat
     }
 
 
-HEADER = (f"{'batch':>5} {'context':>7} {'threads':>7} {'scores':>6} {'KV MiB':>8} {'ms':>8} "
+HEADER = (f"{'batch':>5} {'context':>7} {'threads':>7} {'products':>10} {'KV MiB':>8} {'ms':>8} "
           f"{'GB/s':>7} "
           f"{'host GB/s':>9} {'of host':>7} {'torch ms':>9} {'speedup':>7}")
 
@@ -162,7 +163,7 @@ def print_row(row: dict, args: argparse.Namespace) -> None:
         return
     torch_ms = "-" if row["torch_ms"] is None else f"{row['torch_ms']:.2f}"
     speedup = "-" if row["speedup_vs_torch"] is None else f"{row['speedup_vs_torch']:.1f}x"
-    print(f"{row['batch']:5d} {row['context']:7d} {row['threads']:7d} {row['scores']:>6} "
+    print(f"{row['batch']:5d} {row['context']:7d} {row['threads']:7d} {row['products']:>10} "
           f"{row['kv_mib']:8.1f} "
           f"{row['kernel_ms']:8.3f} {row['kernel_gbps']:7.1f} {row['host_read_gbps']:9.1f} "
           f"{row['share_of_host']:7.0%} {torch_ms:>9} {speedup:>7}", flush=True)
@@ -187,9 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-kv-gib", type=float, default=4.0, help="skip larger points")
     parser.add_argument("--probe-bytes", type=int, default=1 << 30)
     parser.add_argument("--seconds", type=float, default=0.5, help="minimum timing per point")
-    parser.add_argument("--scores", type=lambda text: text.split(","), default=["amx", "fp32"],
-                        help="score loops to compare: amx (AMX tiles, bf16 KV on CPUs that have "
-                             "them), fp32 (the ISPC kernel's FMAs)")
+    parser.add_argument("--products", type=lambda text: text.split(","),
+                        default=["amx", "amx-scores", "fp32"],
+                        help="where the tile products run, compared: amx (scores and values on "
+                             "AMX tiles, bf16 KV on CPUs that have them), amx-scores (scores "
+                             "only), fp32 (the ISPC kernel's FMAs)")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch baseline")
     parser.add_argument("--torch-at", type=parse_ints, default=[],
                         help="run the torch baseline only at these thread counts (default: all)")

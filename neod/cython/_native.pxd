@@ -17,6 +17,11 @@ cdef extern from "neod_decode.h" nogil:
         NEOD_DTYPE_FP16
         NEOD_DTYPE_BF16
 
+    cdef enum NeodAmx:
+        NEOD_AMX_OFF
+        NEOD_AMX_TILES
+        NEOD_AMX_SOFT
+
     cdef struct NeodDecodeArgs:
         const void *q
         void *kv
@@ -35,7 +40,8 @@ cdef extern from "neod_decode.h" nogil:
         int32_t max_blocks
         NeodDtype dtype
         float scale
-        int32_t amx_scores
+        NeodAmx amx_scores
+        NeodAmx amx_values
 
     int neod_decode(neod_pool *pool, const NeodDecodeArgs *args, char *err, size_t err_len)
     int neod_probe_read_bandwidth(neod_pool *pool, size_t nbytes, const int *thread_counts,
@@ -44,6 +50,7 @@ cdef extern from "neod_decode.h" nogil:
 
 cdef extern from "neod_amx.h" nogil:
     enum: NEOD_AMX_MAX_GROUP
+    enum: NEOD_AMX_MAX_VALUE_GROUP
     int neod_amx_supported()
 
 

@@ -15,22 +15,34 @@ from libc.stdlib cimport free, malloc
 DTYPE_FP16 = NEOD_DTYPE_FP16
 DTYPE_BF16 = NEOD_DTYPE_BF16
 HEAD_DIMS = (64, 128)
-# bf16 batches may compute their scores on AMX tiles (neod_amx.h) where the CPU and the OS allow.
+# bf16 batches may run their tile products on AMX (neod_amx.h) where the CPU and the OS allow.
 AMX_SUPPORTED = bool(neod_amx_supported())
-cdef bint _amx = False
+cdef NeodAmx _amx_scores = NEOD_AMX_OFF
+cdef NeodAmx _amx_values = NEOD_AMX_OFF
 
 
-def use_amx(bint enabled):
-    """Turns the AMX score loop on or off for later batches; returns whether it is on (never
-    where the CPU or the OS lacks AMX). Both loops compute the same scores: the switch is for
-    tests and for benchmarks that compare them."""
-    global _amx
-    _amx = enabled and AMX_SUPPORTED
-    return _amx
+def use_amx(bint enabled, bint values=True, bint soft=False):
+    """Turns the AMX tile products on or off for later batches: the scores, and with `values` the
+    weighted sums of V too. Returns whether they are on: never where the CPU or the OS lacks AMX,
+    unless `soft` (software tiles, which run the AMX paths' operand layouts on any CPU; tests
+    only). Both paths compute the same attention: the switch is for tests and benchmarks."""
+    global _amx_scores, _amx_values
+    cdef NeodAmx mode = NEOD_AMX_OFF
+    if enabled and soft:
+        mode = NEOD_AMX_SOFT
+    elif enabled and AMX_SUPPORTED:
+        mode = NEOD_AMX_TILES
+    _amx_scores = mode
+    _amx_values = mode if values else NEOD_AMX_OFF
+    return mode != NEOD_AMX_OFF
 
 
 def amx_in_use():
-    return _amx
+    """"scores+values", "scores" or None: the tile products later bf16 batches run on AMX (real
+    or software tiles)."""
+    if _amx_scores == NEOD_AMX_OFF:
+        return None
+    return "scores+values" if _amx_values != NEOD_AMX_OFF else "scores"
 
 
 cdef _fill_args(NeodDecodeArgs *args, uintptr_t q, uintptr_t kv, uintptr_t block_tables,
@@ -70,8 +82,10 @@ cdef _fill_args(NeodDecodeArgs *args, uintptr_t q, uintptr_t kv, uintptr_t block
     args.max_blocks = max_blocks
     args.dtype = <NeodDtype>dtype
     args.scale = scale
-    args.amx_scores = (_amx and dtype == NEOD_DTYPE_BF16
-                       and num_q_heads // num_kv_heads <= NEOD_AMX_MAX_GROUP)
+    cdef int group = num_q_heads // num_kv_heads
+    cdef bint bf16 = dtype == NEOD_DTYPE_BF16
+    args.amx_scores = _amx_scores if bf16 and group <= NEOD_AMX_MAX_GROUP else NEOD_AMX_OFF
+    args.amx_values = _amx_values if bf16 and group <= NEOD_AMX_MAX_VALUE_GROUP else NEOD_AMX_OFF
 
 
 cdef class NativePool:

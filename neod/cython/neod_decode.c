@@ -60,12 +60,34 @@ static int chunk_blocks(const struct NeodDecodeArgs *a) {
     return bs >= CHUNK_TOKENS ? 1 : (int)(CHUNK_TOKENS / bs);
 }
 
+/* Floats of the per-worker query region: the fp32 query, or with AMX scores the query pairs
+ * ([num_kv_heads, head_dim / 2, 16], neod_amx.h), whichever is larger. */
+static size_t query_floats(const struct NeodDecodeArgs *a) {
+    size_t q = (size_t)a->num_q_heads * a->head_dim;
+    size_t pairs = (size_t)a->num_kv_heads * a->head_dim * 8;
+    return pad16(a->amx_scores != NEOD_AMX_OFF && pairs > q ? pairs : q);
+}
+
+/* Floats of the AMX operands and results of one chunk (neod_amx.h), 0 without AMX: the score
+ * tiles [4, 16, 16] fp32, then, in the same place, the values' probabilities [16, slots] bf16,
+ * V pairs [slots / 2, head_dim] uint32 and sums [head_dim / 32, 2, 16, 16] fp32, slots being the
+ * chunk's score slots rounded up to 32. */
+static size_t tile_floats(const struct NeodDecodeArgs *a) {
+    size_t scores = a->amx_scores != NEOD_AMX_OFF ? NEOD_AMX_SCORE_TILES * 256 : 0;
+    if (a->amx_values == NEOD_AMX_OFF) return scores;
+    size_t d = (size_t)a->head_dim;
+    size_t slots = (pad16(a->block_size) * (size_t)chunk_blocks(a) + 31) & ~(size_t)31;
+    size_t values = 8 * slots + slots * d / 2 + 16 * d;
+    return values > scores ? values : scores;
+}
+
 /* Floats of per-worker scratch (struct NeodScratch, each array a multiple of 16 floats). */
 static size_t scratch_floats(const struct NeodDecodeArgs *a) {
     size_t hq = a->num_q_heads, bs = pad16(a->block_size);
     size_t part = 16 * (hq / (size_t)a->num_kv_heads) * bs;
     size_t scores = hq * bs * (size_t)chunk_blocks(a);
-    return 2 * pad16(hq * a->head_dim) + 2 * pad16(hq) + scores + part;
+    return query_floats(a) + pad16(hq * a->head_dim) + 2 * pad16(hq) + scores + part +
+           tile_floats(a);
 }
 
 /* Bump allocation inside the workspace; every region starts 64-byte aligned. */
@@ -101,13 +123,17 @@ static void decode_task(void *ctx, int t) {
         atomic_store(&job->out_of_memory, 1);
         return;
     }
-    size_t qd = pad16((size_t)a->num_q_heads * a->head_dim), h = pad16(a->num_q_heads);
+    size_t qf = query_floats(a), acc = pad16((size_t)a->num_q_heads * a->head_dim);
+    size_t h = pad16(a->num_q_heads);
     size_t scores = (size_t)a->num_q_heads * pad16(a->block_size) * (size_t)chunk_blocks(a);
-    float *s = mem + 2 * qd + 2 * h;
-    struct NeodScratch scratch = {mem, mem + qd, mem + 2 * qd, mem + 2 * qd + h, s, s + scores,
-                                  chunk_blocks(a)};
+    size_t part = 16 * (size_t)(a->num_q_heads / a->num_kv_heads) * pad16(a->block_size);
+    float *s = mem + qf + acc + 2 * h;
+    float *tiles = tile_floats(a) ? s + scores + part : NULL;
+    struct NeodScratch scratch = {mem, mem + qf, mem + qf + acc, mem + qf + acc + h, s,
+                                  s + scores, tiles, chunk_blocks(a)};
     int append = a->k_new != NULL && a->v_new != NULL;
-    if (a->amx_scores) neod_amx_configure(a->num_q_heads / a->num_kv_heads);
+    int amx = a->amx_scores == NEOD_AMX_TILES || a->amx_values == NEOD_AMX_TILES;
+    if (amx) neod_amx_configure();
     for (int i = first; i < last; i++) {
         const struct NeodWorkItem *item = &job->items[i];
         int last_block = (a->seq_lens[item->request] - 1) / a->block_size;
@@ -122,7 +148,7 @@ static void decode_task(void *ctx, int t) {
                                 job->partial_out, job->partial_lse);
         }
     }
-    if (a->amx_scores) neod_amx_release();
+    if (amx) neod_amx_release();
 }
 
 /* Checks every seq_len and every block id the batch will touch; returns its total block count. */

@@ -41,7 +41,7 @@ from neod.sched import (
 
 logger = logging.getLogger(__name__)
 
-KERNEL_VERSION = "4"  # bump when a kernel changes enough to invalidate stored profiles
+KERNEL_VERSION = "5"  # bump when a kernel changes enough to invalidate stored profiles
 REPEATS = 5
 # Layers cost the same, but a timed program must read more KV than the host's caches hold, as
 # serving does (a last-level cache of ~100 MB would otherwise serve small points from cache).
@@ -441,7 +441,7 @@ def host_key(model: Any, layout: KVLayout, threads: int, tp: int = 1) -> Any:
         gpu,
         f"{cpu} x{os.cpu_count()}",
         threads,
-        KERNEL_VERSION + ("-amx" if amx_in_use() else ""),
+        KERNEL_VERSION + (f"-amx-{amx}" if (amx := amx_in_use()) else ""),
         layout.block_size,
     )
 

@@ -24,16 +24,19 @@ logger = logging.getLogger(__name__)
 _KV_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def amx_in_use() -> bool:
-    """Whether bf16 batches compute their scores on AMX tiles now (see `use_amx`)."""
-    return bool(load_native().amx_in_use())
+def amx_in_use() -> str | None:
+    """The tile products bf16 batches run on AMX now: "scores+values", "scores" or None (see
+    `use_amx`)."""
+    return load_native().amx_in_use()
 
 
-def use_amx(enabled: bool) -> bool:
-    """Whether bf16 batches compute their scores on AMX tiles (where the CPU and the OS allow) or
-    with the ISPC kernel's fp32 FMAs (the default); returns whether they now do. Both give the same
-    scores up to fp32 summation order. Process-wide: the engine sets it from `cpu.amx`."""
-    return bool(load_native().use_amx(enabled))
+def use_amx(enabled: bool, *, values: bool = True, soft: bool = False) -> bool:
+    """Whether bf16 batches run their scores (and, with `values`, their weighted sums of V) on AMX
+    tiles, where the CPU and the OS allow, or with the ISPC kernel's fp32 FMAs; returns whether
+    they now do. Both give the same attention up to fp32 summation order (the probabilities meet V
+    as two bf16 parts, 16 bits). `soft` runs the AMX paths on software tiles, on any CPU: tests
+    only. Process-wide: the engine sets it from `cpu.amx`."""
+    return bool(load_native().use_amx(enabled, values, soft))
 
 
 @dataclass
