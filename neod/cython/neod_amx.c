@@ -22,7 +22,6 @@
 #define TILE_ZERO(tile) __asm__ volatile("tilezero %%tmm" #tile ::)
 /* tile c += a x b, bf16 pairs summed in fp32 */
 #define TILE_DPBF16PS(c, a, b) __asm__ volatile("tdpbf16ps %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::)
-#define ARCH_GET_XCOMP_PERM 0x1022
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 /* Every tile is 16 rows x 64 bytes. Scores: A (K rows) tmm0/tmm1, B (query pairs) tmm2/tmm3,
@@ -48,13 +47,8 @@ int neod_amx_supported(void) {
         unsigned eax, ebx, ecx, edx;
         int cpu = __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx >> 22 & 1) &&
                   (edx >> 24 & 1); /* AMX-BF16, AMX-TILE */
-        /* Linux hands out the 8 KiB tile state only on request (5.16 and later). Some kernels
-         * (seen in a KVM guest) answer the request with success without granting it, and the
-         * first tile instruction then ends the process: the grant itself is checked. */
-        unsigned long granted = 0;
-        supported = cpu && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 &&
-                    syscall(SYS_arch_prctl, ARCH_GET_XCOMP_PERM, &granted) == 0 &&
-                    (granted >> XFEATURE_XTILEDATA & 1);
+        /* Linux hands out the 8 KiB tile state only on request (5.16 and later). */
+        supported = cpu && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
     }
     return supported;
 }
