@@ -25,11 +25,14 @@ extern "C" void neod_amx_tile_scores(const uniform uint16 * uniform * uniform ti
                                      const uniform int * uniform num_tokens, uniform int num_tiles,
                                      const uniform uint32 * uniform q_pairs, uniform int head_dim,
                                      uniform float * uniform scores, uniform int soft);
-extern "C" void neod_amx_tile_values(const uniform uint16 * uniform probs, uniform int steps,
-                                     const uniform uint32 * uniform pairs, uniform int head_dim,
+extern "C" void neod_amx_tile_values(const uniform uint16 * uniform * uniform tiles,
+                                     const uniform int * uniform num_tokens, uniform int steps,
+                                     const uniform uint32 * uniform probs, uniform int head_dim,
                                      uniform float * uniform out, uniform int soft);
-// K tiles per neod_amx_tile_scores call (NEOD_AMX_SCORE_TILES).
+// K tiles per neod_amx_tile_scores call (NEOD_AMX_SCORE_TILES), V tiles per
+// neod_amx_tile_values call (NEOD_AMX_VALUE_STEPS).
 #define AMX_SCORE_TILES 4
+#define AMX_VALUE_STEPS 4
 
 // Vectors in the longest supported row (head_dim 128); sizes the key-row array of dot_group.
 #define MAX_ROW_VECTORS (128 / TARGET_WIDTH)
@@ -404,87 +407,91 @@ static unmasked void weigh_group(const uniform Chunk &c, uniform int kh, uniform
     }
 }
 
-// weigh_group on AMX tiles, for groups of up to 8 heads: the chunk's probabilities become a
-// [2 group, steps * 32] bf16 operand (high and low parts, so that 16 bits of each survive) and its V
-// rows a [slot pairs, elements] one (neod_amx.h gives both layouts), one tile product per 32 slots
-// and 16 elements; the fp32 sums are added to acc, whose vectors hold a row in SIMD order.
+// The weighted V rows of the steps gathered so far (AMX_VALUE_STEPS at most) added to acc, whose
+// vectors hold a row in SIMD order: the probabilities of each step become the tile operands
+// ([2 parts, 16 rows, 16 tokens] pairs, neod_amx.h), and out ([slices, 16, 16]) gives the sums
+// of each slice's even and odd elements.
+static inline unmasked void flush_amx_values(const uniform uint16 * uniform * uniform tiles,
+                                             const uniform int counts[], const uniform int slots[],
+                                             uniform int steps, uniform int group,
+                                             uniform int head_dim, const uniform float p[],
+                                             uniform int row, uniform float acc[],
+                                             uniform uint32 probs[], uniform float out[],
+                                             uniform int soft) {
+    // The high part is truncated (x - high is then exact), the low one rounded to nearest even; a
+    // NaN probability stays NaN in the low part (the result of an operation is a quiet NaN).
+    for (uniform int i = 0; i < steps; i++) {
+        uniform uint32 * uniform high_part = probs + i * 2 * 256;
+        uniform uint32 * uniform low_part = high_part + 256;
+        for (uniform int g = 0; g < group; g++) {
+            foreach (t = 0 ... 16) {
+                varying float x = p[g * row + slots[i] + t];
+                varying uint32 high = intbits(x) & 0xffff0000;
+                varying uint32 low = intbits(x - floatbits(high));
+                low = (low + 0x7fff + ((low >> 16) & 1)) >> 16;
+                high_part[g * 16 + t] = high >> 16;
+                high_part[(group + g) * 16 + t] = high;
+                low_part[g * 16 + t] = low;
+                low_part[(group + g) * 16 + t] = low << 16;
+            }
+        }
+    }
+    neod_amx_tile_values(tiles, counts, steps, probs, head_dim, out, soft);
+    // out[sl, g, n] is element 32 sl + 2 n of head g's row, out[sl, group + g, n] element
+    // 32 sl + 2 n + 1.
+    for (uniform int sl = 0; sl < head_dim / 32; sl++) {
+        for (uniform int e = 0; e < 2; e++) {
+            const uniform float * uniform o = out + (sl * 16 + e * group) * 16;
+            for (uniform int g = 0; g < group; g++) {
+                foreach (n = 0 ... 16) {
+#if TARGET_WIDTH == 16
+                    acc[g * head_dim + (2 * sl + e) * 16 + n] += o[g * 16 + n];
+#else
+                    varying int d = 32 * sl + 2 * n + e;
+                    acc[g * head_dim + (2 * (d / (2 * programCount)) + e) * programCount
+                        + (d % (2 * programCount)) / 2] += o[g * 16 + n];
+#endif
+                }
+            }
+        }
+    }
+}
+
+// weigh_group on AMX tiles, for groups of up to 8 heads: AMX_VALUE_STEPS steps of 16 tokens per
+// call, the V rows taken from the cache as they are.
 template <int D>
 static unmasked void weigh_group_amx(const uniform Chunk &c, uniform int kh, uniform int hkv,
                                      uniform int group, uniform float acc[],
                                      const uniform float p[], uniform int row,
                                      uniform int bs_padded, uniform float tiles[],
                                      uniform int soft) {
-    uniform const int slices = D / 32;
-    uniform const int chunk_len = (c.j1 - c.j0) * bs_padded;
-    uniform const int steps = (chunk_len + 31) / 32;
-    uniform const int stride = steps * 32;
-    uniform uint16 * uniform probs = (uniform uint16 * uniform)tiles;          // [16, stride]
-    uniform uint32 * uniform pairs = (uniform uint32 * uniform)(tiles + 8 * stride);
-    uniform float * uniform out = tiles + 8 * stride + stride * D / 2;  // [slices, 2, 16, 16]
-
-    // The high part is truncated (x - high is then exact), the low one rounded to nearest even; a
-    // NaN probability stays NaN in the low part (the result of an operation is a quiet NaN).
-    for (uniform int g = 0; g < group; g++) {
-        foreach (t = 0 ... stride) {
-            varying float x = t < chunk_len ? p[g * row + t] : 0.0f;
-            varying uint32 high = intbits(x) & 0xffff0000;
-            varying uint32 low = intbits(x - floatbits(high));
-            probs[g * stride + t] = (uint16)(high >> 16);
-            probs[(group + g) * stride + t] = (uint16)((low + 0x7fff + ((low >> 16) & 1)) >> 16);
-        }
-    }
-
-    // Slot pair k of the chunk: slots 2k and 2k + 1 (a block's slots are a multiple of 16), the
-    // pair row k % 16 of step k / 16.
+    uniform uint32 * uniform probs = (uniform uint32 * uniform)tiles;  // [steps, 2, 16, 16]
+    uniform float * uniform out = tiles + AMX_VALUE_STEPS * 2 * 256;   // [D / 32, 16, 16]
+    const uniform uint16 * uniform steps[AMX_VALUE_STEPS];
+    uniform int counts[AMX_VALUE_STEPS];
+    uniform int slots[AMX_VALUE_STEPS];
+    uniform int n = 0;
     for (uniform int j = c.j0; j < c.j1; j++) {
         uniform const int num_tokens = min(c.bs, c.seq_len - j * c.bs);
-        const uniform uint32 * uniform tile = (const uniform uint32 * uniform)tile_at(c, j, 1, kh, hkv);
+        const uniform uint16 * uniform tile = tile_at(c, j, 1, kh, hkv);
         const uniform uint16 * uniform next = tile_after(c, j, 1, kh, hkv);
-        for (uniform int t = 0; t < bs_padded; t += 2) {
-            if (next != NULL && t < num_tokens) {
+        if (next != NULL) {
+            for (uniform int t = 0; t < num_tokens; t++) {
                 prefetch_row<D>(next + t * D);
-                prefetch_row<D>(next + (t + 1) * D);
             }
-            uniform const int k = ((j - c.j0) * bs_padded + t) / 2;
-            uniform uint32 * uniform dst = pairs + (k / 16) * slices * 2 * 256 + (k % 16) * 16;
-            for (uniform int sl = 0; sl < slices; sl++) {
-                foreach (i = 0 ... 16) {
-                    varying uint32 w0 = 0, w1 = 0;
-                    if (t < num_tokens) w0 = tile[t * (D / 2) + sl * 16 + i];
-                    if (t + 1 < num_tokens) w1 = tile[(t + 1) * (D / 2) + sl * 16 + i];
-                    dst[2 * sl * 256 + i] = (w0 & 0xffff) | (w1 << 16);
-                    dst[(2 * sl + 1) * 256 + i] = (w0 >> 16) | (w1 & 0xffff0000);
-                }
+        }
+        for (uniform int t0 = 0; t0 < num_tokens; t0 += 16) {
+            steps[n] = tile + t0 * D;
+            counts[n] = min(16, num_tokens - t0);
+            slots[n] = (j - c.j0) * bs_padded + t0;
+            if (++n == AMX_VALUE_STEPS) {
+                flush_amx_values(steps, counts, slots, n, group, D, p, row, acc, probs, out, soft);
+                n = 0;
             }
         }
     }
-    for (uniform int k = chunk_len / 2; k < steps * 16; k++) {
-        uniform uint32 * uniform dst = pairs + (k / 16) * slices * 2 * 256 + (k % 16) * 16;
-        for (uniform int m = 0; m < 2 * slices; m++) {
-            foreach (i = 0 ... 16) {
-                dst[m * 256 + i] = 0;
-            }
-        }
-    }
-
-    neod_amx_tile_values(probs, steps, pairs, D, out, soft);
-
-    // out[sl, e, r, i] is element 32 sl + 2 i + e of row r (the high parts' sums, then the low).
-    for (uniform int m = 0; m < 2 * slices; m++) {
-        uniform const int sl = m / 2, e = m % 2;
-        const uniform float * uniform o = out + m * 16 * 16;
-        for (uniform int h = 0; h < group; h++) {
-            foreach (i = 0 ... 16) {
-                varying float x = o[h * 16 + i] + o[(group + h) * 16 + i];
-#if TARGET_WIDTH == 16
-                acc[h * D + m * 16 + i] += x;
-#else
-                varying int d = 32 * sl + 2 * i + e;
-                acc[h * D + (2 * (d / (2 * programCount)) + e) * programCount
-                    + (d % (2 * programCount)) / 2] += x;
-#endif
-            }
-        }
+    if (n > 0) {
+        flush_amx_values(steps, counts, slots, n, group, D, p, row, acc, probs, out, soft);
     }
 }
 

@@ -25,10 +25,10 @@
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 /* Every tile is 16 rows x 64 bytes. Scores: A (K rows) tmm0/tmm1, B (query pairs) tmm2/tmm3,
- * C tmm4-7 (four 16-token tiles at a time). Values: A (probabilities) tmm2/tmm3, B (V pairs)
- * tmm0/tmm1, C tmm4-7 (two 32-element slices of the row at a time, even and odd elements).
- * Operands alternate between two registers so that a load never waits for the multiply that
- * still reads the register's previous contents. */
+ * C tmm4-7 (four 16-token tiles at a time). Values: A (probabilities, high and low parts)
+ * tmm2/tmm3, B (V rows) tmm0/tmm1, C tmm4-7 (one per 32-element slice of the row). Operands
+ * alternate between two registers so that a load need not wait for the multiply that still reads
+ * the register's previous contents. */
 #define TILE_ROWS 16
 #define TILE_BYTES 64
 #define TILE_WORDS (TILE_ROWS * TILE_BYTES / 4)
@@ -66,8 +66,9 @@ void neod_amx_configure(void) {
 
 void neod_amx_release(void) { __asm__ volatile("tilerelease"); }
 
-/* Copies a short K tile into zeroed rows: the 16 rows a tile load reads may run past the end of
- * the KV pool. */
+/* Copies a short K or V tile into zeroed rows: the 16 rows a tile load reads may run past the
+ * end of the KV pool, and rows past the request's tokens hold whatever was there (NaN bits
+ * included, which a zero probability would not cancel). */
 static const uint16_t *full_tile(const uint16_t *tile, int num_tokens, int head_dim,
                                  uint16_t *padded) {
     if (num_tokens >= TILE_ROWS) return tile;
@@ -113,41 +114,37 @@ static void tile_scores(const uint16_t *const *tiles, const int *num_tokens, int
     if (num_tiles > 3) TILE_STORE(7, scores + 3 * TILE_WORDS, TILE_BYTES);
 }
 
-#define VALUE_STEP(probs_tile)                                    \
-    TILE_LOAD(probs_tile, probs + 32 * s, probs_stride);          \
-    TILE_LOAD(0, b, TILE_BYTES);                                  \
-    TILE_DPBF16PS(4, probs_tile, 0);                              \
-    TILE_LOAD(1, b + TILE_WORDS, TILE_BYTES);                     \
-    TILE_DPBF16PS(5, probs_tile, 1);                              \
-    TILE_LOAD(0, b + 2 * TILE_WORDS, TILE_BYTES);                 \
-    TILE_DPBF16PS(6, probs_tile, 0);                              \
-    TILE_LOAD(1, b + 3 * TILE_WORDS, TILE_BYTES);                 \
-    TILE_DPBF16PS(7, probs_tile, 1);
+/* V slice `slice` (32 elements) of step s against the probabilities' high and low parts. */
+#define VALUE_SLICE(c_tile, v_tile, slice)                 \
+    TILE_LOAD(v_tile, v + 32 * (slice), row_bytes);        \
+    TILE_DPBF16PS(c_tile, 2, v_tile);                      \
+    TILE_DPBF16PS(c_tile, 3, v_tile);
 
-/* One pass over the steps for the 32-element slices c0 and c0 + 1: four accumulators (even and
- * odd elements of each) stay in tiles 4-7 across the steps. */
-static void tile_values(const uint16_t *probs, int steps, const uint32_t *pairs, int head_dim,
-                        float *out) {
-    const int slices = head_dim / 32;
-    const int probs_stride = steps * TILE_BYTES;
-    for (int c0 = 0; c0 < slices; c0 += 2) {
-        TILE_ZERO(4);
-        TILE_ZERO(5);
-        TILE_ZERO(6);
-        TILE_ZERO(7);
-        for (int s = 0; s < steps; s++) {
-            const uint32_t *b = pairs + ((size_t)s * slices + c0) * 2 * TILE_WORDS;
-            if (s & 1) {
-                VALUE_STEP(3)
-            } else {
-                VALUE_STEP(2)
-            }
+/* One accumulator per 32-element slice of the row, in tmm4-7 across the steps. */
+static void tile_values(const uint16_t *const *tiles, const int *num_tokens, int steps,
+                        const uint32_t *probs, int head_dim, float *out) {
+    uint16_t padded[TILE_ROWS * 128] __attribute__((aligned(64)));
+    const int row_bytes = head_dim * 2;
+    TILE_ZERO(4);
+    TILE_ZERO(5);
+    TILE_ZERO(6);
+    TILE_ZERO(7);
+    for (int s = 0; s < steps; s++) {
+        const uint16_t *v = full_tile(tiles[s], num_tokens[s], head_dim, padded);
+        TILE_LOAD(2, probs + (size_t)s * 2 * TILE_WORDS, TILE_BYTES);
+        TILE_LOAD(3, probs + ((size_t)s * 2 + 1) * TILE_WORDS, TILE_BYTES);
+        VALUE_SLICE(4, 0, 0)
+        VALUE_SLICE(5, 1, 1)
+        if (head_dim == 128) {
+            VALUE_SLICE(6, 0, 2)
+            VALUE_SLICE(7, 1, 3)
         }
-        float *o = out + (size_t)c0 * 2 * TILE_WORDS;
-        TILE_STORE(4, o, TILE_BYTES);
-        TILE_STORE(5, o + TILE_WORDS, TILE_BYTES);
-        TILE_STORE(6, o + 2 * TILE_WORDS, TILE_BYTES);
-        TILE_STORE(7, o + 3 * TILE_WORDS, TILE_BYTES);
+    }
+    TILE_STORE(4, out, TILE_BYTES);
+    TILE_STORE(5, out + TILE_WORDS, TILE_BYTES);
+    if (head_dim == 128) {
+        TILE_STORE(6, out + 2 * TILE_WORDS, TILE_BYTES);
+        TILE_STORE(7, out + 3 * TILE_WORDS, TILE_BYTES);
     }
 }
 
@@ -184,25 +181,24 @@ static void soft_scores(const uint16_t *const *tiles, const int *num_tokens, int
     }
 }
 
-static void soft_values(const uint16_t *probs, int steps, const uint32_t *pairs, int head_dim,
-                        float *out) {
-    const int slices = head_dim / 32;
-    const size_t stride = (size_t)steps * 32;
-    for (int c = 0; c < slices; c++) {
-        for (int e = 0; e < 2; e++) {
-            for (int r = 0; r < TILE_ROWS; r++) {
-                for (int i = 0; i < 16; i++) {
-                    float sum = 0.0f;
-                    for (int s = 0; s < steps; s++) {
-                        for (int k = 0; k < TILE_ROWS; k++) {
-                            uint32_t v = pairs[((((size_t)s * slices + c) * 2 + e) * 16 + k) * 16 + i];
-                            size_t slot = r * stride + (size_t)s * 32 + 2 * k;
-                            sum += bf16_at(probs, slot) * pair_half(v, 0) +
-                                   bf16_at(probs, slot + 1) * pair_half(v, 1);
+static void soft_values(const uint16_t *const *tiles, const int *num_tokens, int steps,
+                        const uint32_t *probs, int head_dim, float *out) {
+    for (int c = 0; c < head_dim / 32; c++) {
+        for (int r = 0; r < TILE_ROWS; r++) {
+            for (int n = 0; n < 16; n++) {
+                float sum = 0.0f;
+                for (int s = 0; s < steps; s++) {
+                    int count = num_tokens[s] < TILE_ROWS ? num_tokens[s] : TILE_ROWS;
+                    for (int part = 0; part < 2; part++) {
+                        const uint32_t *a = probs + ((size_t)s * 2 + part) * TILE_WORDS;
+                        for (int k = 0; k < count; k++) {
+                            size_t at = (size_t)k * head_dim + 32 * c + 2 * n;
+                            sum += pair_half(a[r * 16 + k], 0) * bf16_at(tiles[s], at) +
+                                   pair_half(a[r * 16 + k], 1) * bf16_at(tiles[s], at + 1);
                         }
                     }
-                    out[(((size_t)c * 2 + e) * TILE_ROWS + r) * 16 + i] = sum;
                 }
+                out[((size_t)c * TILE_ROWS + r) * 16 + n] = sum;
             }
         }
     }
@@ -216,10 +212,10 @@ void neod_amx_tile_scores(const uint16_t *const *tiles, const int *num_tokens, i
         tile_scores(tiles, num_tokens, num_tiles, q_pairs, head_dim, scores);
 }
 
-void neod_amx_tile_values(const uint16_t *probs, int steps, const uint32_t *pairs, int head_dim,
-                          float *out, int soft) {
+void neod_amx_tile_values(const uint16_t *const *tiles, const int *num_tokens, int steps,
+                          const uint32_t *probs, int head_dim, float *out, int soft) {
     if (soft)
-        soft_values(probs, steps, pairs, head_dim, out);
+        soft_values(tiles, num_tokens, steps, probs, head_dim, out);
     else
-        tile_values(probs, steps, pairs, head_dim, out);
+        tile_values(tiles, num_tokens, steps, probs, head_dim, out);
 }

@@ -68,16 +68,13 @@ static size_t query_floats(const struct NeodDecodeArgs *a) {
     return pad16(a->amx_scores != NEOD_AMX_OFF && pairs > q ? pairs : q);
 }
 
-/* Floats of the AMX operands and results of one chunk (neod_amx.h), 0 without AMX: the score
- * tiles [4, 16, 16] fp32, then, in the same place, the values' probabilities [16, slots] bf16,
- * V pairs [slots / 2, head_dim] uint32 and sums [head_dim / 32, 2, 16, 16] fp32, slots being the
- * chunk's score slots rounded up to 32. */
+/* Floats of the AMX operands and results (neod_amx.h), 0 without AMX: the score tiles
+ * [4, 16, 16] fp32, then, in the same place, the values' probabilities [4, 2, 16, 16] uint32 and
+ * sums [head_dim / 32, 16, 16] fp32. */
 static size_t tile_floats(const struct NeodDecodeArgs *a) {
     size_t scores = a->amx_scores != NEOD_AMX_OFF ? NEOD_AMX_SCORE_TILES * 256 : 0;
     if (a->amx_values == NEOD_AMX_OFF) return scores;
-    size_t d = (size_t)a->head_dim;
-    size_t slots = (pad16(a->block_size) * (size_t)chunk_blocks(a) + 31) & ~(size_t)31;
-    size_t values = 8 * slots + slots * d / 2 + 16 * d;
+    size_t values = NEOD_AMX_VALUE_STEPS * 512 + (size_t)a->head_dim / 32 * 256;
     return values > scores ? values : scores;
 }
 
