@@ -4,7 +4,9 @@ bandwidth, and against torch on the CPU (gather + scaled_dot_product_attention),
 Decode attention is bound by memory bandwidth, so the figure of merit is KV bytes read per second
 as a share of what the same number of pinned threads can read at all (the pool's own probe, same
 cores). Each point validates the kernel against the torch baseline before timing it. Calls rotate
-over several layers' worth of KV so that no call finds the previous one's data in cache.
+over several layers' worth of KV so that no call finds the previous one's data in cache; with
+`--resident-blocks N` every request reads the same N blocks instead, which stay in cache, so the
+rate is the kernel's compute bound (the same work without the memory).
 
     python -m neod.bench.cpu_attention [--quick] [--json] [--out FILE]
         [--batch 1,16,64] [--context 1024,4096,16384] [--threads 1,8,16] [--torch-at 16]
@@ -60,13 +62,18 @@ class Point:
         blocks_per_req = -(-context // bs)
         num_blocks = batch * blocks_per_req
         self.kv_bytes = batch * context * hkv * d * 2 * args.dtype.itemsize
-        self.num_layers = max(1, min(16, math.ceil(ROTATE_BYTES / self.kv_bytes)))
+        if args.resident_blocks:
+            num_blocks = min(num_blocks, args.resident_blocks)
+            self.num_layers = 1
+        else:
+            self.num_layers = max(1, min(16, math.ceil(ROTATE_BYTES / self.kv_bytes)))
         shape = (self.num_layers, num_blocks, 2, hkv, bs, d)
         self.kv = torch.empty(shape, dtype=args.dtype)
         self.kv.normal_(generator=gen)
-        # Requests' blocks scattered over the pool, as after a while of allocation and freeing.
-        order = torch.randperm(num_blocks, generator=gen).to(torch.int32)
-        self.block_tables = order.view(batch, blocks_per_req).contiguous()
+        # Requests' blocks scattered over the pool, as after a while of allocation and freeing
+        # (or, cache-resident, the same few blocks over and over).
+        order = torch.randperm(batch * blocks_per_req, generator=gen) % num_blocks
+        self.block_tables = order.to(torch.int32).view(batch, blocks_per_req).contiguous()
         self.seq_lens = torch.full((batch,), context, dtype=torch.int32)
         self.q = torch.randn(batch, args.q_heads, d, generator=gen).to(args.dtype)
         self.out = torch.empty_like(self.q)
@@ -186,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--reserve-cores", type=int, default=1)
     parser.add_argument("--max-kv-gib", type=float, default=4.0, help="skip larger points")
+    parser.add_argument("--resident-blocks", type=int, default=0,
+                        help="every request reads the same N blocks (cache-resident: the "
+                             "compute bound); 0 = distinct blocks from memory")
     parser.add_argument("--probe-bytes", type=int, default=1 << 30)
     parser.add_argument("--seconds", type=float, default=0.5, help="minimum timing per point")
     parser.add_argument("--products", type=lambda text: text.split(","),
