@@ -12,6 +12,11 @@
 // tiles are prefetched a KV head ahead, because every 4 KiB tile is a new page and hardware
 // prefetchers stop at page boundaries.
 //
+// On CPUs with AMX (bf16 KV), the tile products run on AMX instead (neod/cython/neod_amx.h): the
+// scores of four 16-token K tiles per call, the weighted V rows of four 16-token steps per call,
+// both reading the KV rows where they lie; this file keeps the rest (operands, online softmax,
+// sums into the fp32 accumulator).
+//
 // The caller (neod/cython/neod_decode.c) cuts the batch into work items of whole blocks, balanced
 // by KV bytes across threads; an item that covers a whole request writes the final output, a piece
 // of a longer request writes an fp32 partial that neod_merge_partials folds in by log-sum-exp.
