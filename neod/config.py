@@ -128,8 +128,9 @@ class CpuConfig(_Section):
     _name = "cpu"
     threads: int = _key(0, "CPU attention threads; 0 = sized from the bandwidth probe", lo=0)
     reserve_cores: int = _key(1, "cores kept free for the engine thread and I/O", lo=0)
-    amx: bool = _key(True, "bf16 attention scores and weighted values on AMX tiles where the "
-                     "CPU has them")
+    amx: bool = _key(True, "bf16 attention scores on AMX tiles where the CPU has them")
+    amx_values: bool = _key(False, "also the weighted sums of V on AMX (pays only where no two "
+                            "pool threads share a core's AMX unit)")
 
 
 @dataclass(frozen=True)

@@ -207,7 +207,7 @@ def build_runtime(cfg: Any, refresh_profile: bool = False, group: Any = None) ->
             layout, num_cpu, torch.device("cpu"), pin=device.type == "cuda", local_to_cpus=cores
         )
         cpu_attention = CpuAttention(cores=cores)
-        use_amx(cfg.cpu.amx)
+        use_amx(cfg.cpu.amx, values=cfg.cpu.amx_values)
     # torch's own CPU threads get what the pinned pool and the reserved cores leave: OpenMP workers
     # that spin on the pool's cores would slow the CPU attention (on a CPU host, the model too).
     free_cores = len(os.sched_getaffinity(0)) - threads - cfg.cpu.reserve_cores
