@@ -129,8 +129,8 @@ class CpuConfig(_Section):
     threads: int = _key(0, "CPU attention threads; 0 = sized from the bandwidth probe", lo=0)
     reserve_cores: int = _key(1, "cores kept free for the engine thread and I/O", lo=0)
     amx: bool = _key(True, "bf16 attention scores on AMX tiles where the CPU has them")
-    amx_values: bool = _key(False, "also the weighted sums of V on AMX (pays only where no two "
-                            "pool threads share a core's AMX unit)")
+    amx_values: bool = _key(True, "also the weighted sums of V on AMX (up to 8 query heads per "
+                            "KV head)")
 
 
 @dataclass(frozen=True)
