@@ -129,8 +129,9 @@ class CpuConfig(_Section):
     threads: int = _key(0, "CPU attention threads; 0 = sized from the bandwidth probe", lo=0)
     reserve_cores: int = _key(1, "cores kept free for the engine thread and I/O", lo=0)
     amx: bool = _key(True, "bf16 attention scores on AMX tiles where the CPU has them")
-    amx_values: bool = _key(True, "also the weighted sums of V on AMX (up to 8 query heads per "
-                            "KV head)")
+    amx_values: str = _key("auto", "the weighted sums of V on AMX too (up to 8 query heads per "
+                           "KV head): on, off, or auto = whichever the profile times faster",
+                           choices=("auto", "on", "off"))
 
 
 @dataclass(frozen=True)

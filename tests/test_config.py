@@ -88,6 +88,8 @@ def test_boolean_keys_read_the_word(text: str, value: bool) -> None:
     ("model.dtype=int8", "auto, bfloat16, float16, float32"),
     ("server.heartbeat_interval_s=nan", "[server] heartbeat_interval_s"),
     ("cpu.amx=maybe", "[cpu] amx: 'maybe' is not allowed; expected true or false"),
+    ("cpu.amx_values=true", "[cpu] amx_values: 'true' is not allowed; expected one of auto, on, "
+                            "off"),
 ])
 def test_bad_values_name_the_key_and_allowed_values(override: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import orjson
 import pytest
 import torch
 
@@ -350,3 +351,51 @@ def test_a_failed_step_loses_no_final_output_and_no_block(tmp_path):
     assert "step failed" in finals["b"].error
     assert not engine.has_unfinished()
     assert_all_free(engine)
+
+
+@pytest.mark.parametrize("faster", ["scores", "scores+values"])
+def test_the_profile_chooses_the_faster_tile_path_and_keeps_it(tmp_path, monkeypatch, faster):
+    """cpu.amx_values = auto: the profile times the CPU program with and without the V products on
+    AMX, keeps the faster, and a reused profile brings its choice back (software tiles where the
+    host has no AMX, so every host runs this)."""
+    from neod.cython import load_native
+    from neod.engine import profiler
+    from neod.kernels import cpu_attention
+
+    soft = not load_native().AMX_SUPPORTED
+    hard_switch, before = cpu_attention.use_amx, cpu_attention.amx_in_use()
+    def switch(on: bool, *, values: bool = True) -> bool:
+        return hard_switch(on, values=values, soft=soft)
+
+    monkeypatch.setattr(cpu_attention, "use_amx", switch)
+    monkeypatch.setattr(profiler, "use_amx", switch)
+    timed = []
+
+    def fake_point(self, b, ctx):
+        timed.append(cpu_attention.amx_in_use())
+        return 1e-3 if cpu_attention.amx_in_use() == faster else 2e-3
+
+    monkeypatch.setattr(profiler.Profiler, "_cpu_point", fake_point)
+    overrides = {"scheduler.policy": "neo", "cache.cpu_kv_gib": 0.01, "cpu.amx_values": "auto"}
+    try:
+        engine = make_engine(tmp_path, **overrides)
+        assert {"scores", "scores+values"} <= set(timed)
+        assert engine.rt.cpu_tile_path == faster == cpu_attention.amx_in_use()
+        assert engine.stats()["cpu_pool"]["amx"] == faster
+        (stored,) = (tmp_path / "profiles").glob("profile-*.json")
+        assert orjson.loads(stored.read_bytes())["cpu_tile_path"] == faster
+        engine.close()
+
+        cpu_attention.use_tile_path("scores" if faster == "scores+values" else "scores+values")
+        timed.clear()
+        engine = make_engine(tmp_path, **overrides)  # reuses the stored profile: nothing timed
+        assert timed == [] and engine.rt.cpu_tile_path == faster == cpu_attention.amx_in_use()
+        engine.add_request("a", [1, 2, 3], GREEDY)
+        assert len(tokens_of(run_all(engine)["a"])) == GREEDY.max_tokens
+        engine.close()
+
+        engine = make_engine(tmp_path, **{**overrides, "cpu.amx_values": "off"})
+        assert engine.rt.cpu_tile_path == "scores" == cpu_attention.amx_in_use()
+        engine.close()
+    finally:
+        hard_switch(before is not None, values=before == "scores+values")

@@ -59,6 +59,7 @@ def make_profile(key=None, with_cpu=True) -> Profile:
         transfer=Table1D.from_points({1: 8e-6, 256: 40e-6}),
         swap=Table1D.from_points({1: 3e-6, 1024: 600e-6}),
         iteration_overhead=Table1D.from_points({1: 200e-6, 256: 900e-6}),
+        cpu_tile_path="scores" if with_cpu else None,
         meta={"profiled_s": 73.5, "tool": "test"},
     )
 

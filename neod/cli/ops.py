@@ -53,7 +53,8 @@ def render_status(result: dict[str, Any]) -> str:
         pool = eng.get("cpu_pool") or {}
         bandwidth = pool.get("read_bandwidth_gbps")
         lines.append(f"CPU pool  {pool.get('threads', 0)} threads"
-                     + (f", {bandwidth:g} GB/s read bandwidth" if bandwidth else ""))
+                     + (f", {bandwidth:g} GB/s read bandwidth" if bandwidth else "")
+                     + (f", AMX {pool['amx']}" if pool.get("amx") else ""))
     else:
         lines.append(f"engine    {eng.get('state', 'not ready')}")
     lines += [

@@ -37,7 +37,7 @@ def _stored_profile(cfg: Any) -> tuple[Any, Any, Any]:
     from neod.config import profile_dir
     from neod.cpu import recommended_threads
     from neod.dist.sharding import shard_config
-    from neod.engine.profiler import host_key
+    from neod.engine.profiler import host_key, select_tile_paths
     from neod.engine.runtime import resolve_device, resolve_dtype
     from neod.sched import load_profile, profile_path
 
@@ -49,7 +49,8 @@ def _stored_profile(cfg: Any) -> tuple[Any, Any, Any]:
     )
     threads = cfg.cpu.threads or recommended_threads(cfg.cpu.reserve_cores)
     rank0_threads = -(-threads // tp)  # rank 0 takes the larger share of the pool's cores
-    key = host_key(SimpleNamespace(config=mc, device=device), layout, rank0_threads, tp)
+    paths = select_tile_paths(cfg.cpu)
+    key = host_key(SimpleNamespace(config=mc, device=device), layout, rank0_threads, tp, paths)
     path = profile_path(profile_dir(cfg), key)
     return load_profile(path, key), layout, path
 

@@ -206,6 +206,7 @@ class Engine:
             "cpu_pool": {
                 "threads": self.rt.cpu_threads,
                 "read_bandwidth_gbps": self.rt.cpu_bandwidth_gbps,
+                "amx": self.rt.cpu_tile_path,
             },
             "iterations": self.iteration_stats.snapshot(),
             "offload_guard": self.guard.snapshot(),

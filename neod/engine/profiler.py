@@ -17,7 +17,7 @@ import logging
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -25,7 +25,7 @@ import torch
 
 from neod.cache.pool import KVLayout
 from neod.kernels import cuda_ops, ops
-from neod.kernels.cpu_attention import CpuFlight, amx_in_use
+from neod.kernels.cpu_attention import CpuFlight, amx_in_use, use_amx, use_tile_path
 from neod.sched import (
     CostModel,
     Profile,
@@ -46,6 +46,7 @@ REPEATS = 5
 # Layers cost the same, but a timed program must read more KV than the host's caches hold, as
 # serving does (a last-level cache of ~100 MB would otherwise serve small points from cache).
 CPU_BYTES_TIMED = 1 << 30
+TILE_PROBE_CONTEXT = 1024  # tokens per request in the batches that choose the CPU tile path
 
 
 def _ladder(top: int, start: int = 1) -> list[int]:
@@ -122,9 +123,11 @@ class Profiler:
         max_rows: int,
         max_model_len: int,
         graphs: bool = True,
+        tile_paths: Sequence[str | None] | None = None,
     ) -> None:
         """graphs: time decode-sized work as CUDA graph replays, as the engine runs it (off under
-        tensor parallelism, where the engine runs eagerly)."""
+        tensor parallelism, where the engine runs eagerly). tile_paths: the CPU tile paths to
+        choose from (names as `amx_in_use` gives them); default: the one selected now."""
         self.model = model
         self.graphs = graphs
         self.cfg = model.config
@@ -136,6 +139,8 @@ class Profiler:
         self.max_model_len = max_model_len
         self.time = _Timer(self.device)
         self.num_layers = self.cfg.num_hidden_layers
+        self.tile_paths = tuple(tile_paths) if tile_paths else (amx_in_use(),)
+        self._seqs = itertools.count(1)  # flag values of successive timed CPU programs
 
     def _hidden(self, num_tokens: int) -> torch.Tensor:
         return (
@@ -230,38 +235,69 @@ class Profiler:
         """CPU attention through the engine's own path (one `decode_layers` program over several
         layers, the pool's workers held between them), each layer's inputs already in place, while
         host-to-device copies compete for memory bandwidth (on a GPU host)."""
+        capacity = self.executor.cpu_pool.shape[1] * self.layout.block_size
+        return {(b, ctx): self._cpu_point(b, ctx) for b, ctx in self._decode_grid(capacity)}
+
+    def choose_tile_path(self) -> tuple[str | None, dict[str, float]]:
+        """Of the candidate tile paths, the one under which the engine's CPU program attends
+        offload-sized batches (8 and 32 requests of ~1k tokens) fastest; it stays selected.
+
+        Timed, not assumed: on hosts whose hyperthreads share a core's AMX unit, moving the V
+        products onto AMX too can lose where the kernel alone on one thread wins."""
+        if len(self.tile_paths) == 1:
+            return self.tile_paths[0], {}
+        capacity = self.executor.cpu_pool.shape[1] * self.layout.block_size
+        points = {
+            (b, max(16, min(capacity, b * TILE_PROBE_CONTEXT)))
+            for b in (min(8, self.max_rows), min(32, self.max_rows))
+        }
+        seconds = {}
+        for path in self.tile_paths:
+            use_tile_path(path)
+            seconds[str(path)] = sum(self._cpu_point(b, ctx) for b, ctx in sorted(points))
+        best = min(self.tile_paths, key=lambda path: seconds[str(path)])
+        use_tile_path(best)
+        logger.info(
+            "cpu tile path %s (probe ms per layer: %s)",
+            best,
+            ", ".join(f"{path} {s * 1e3:.3f}" for path, s in seconds.items()),
+        )
+        return best, seconds
+
+    def _cpu_point(self, b: int, ctx: int) -> float:
+        """Seconds per layer of the CPU program for b requests sharing ctx context tokens."""
         pool, attention = self.executor.cpu_pool, self.executor.cpu_attention
-        table = {}
-        contention = None
-        if self.device.type == "cuda":
-            src = torch.empty(
-                4 << 20, dtype=torch.uint8, pin_memory=True
-            )  # a prefill's KV of one layer
-            dst = torch.empty_like(src, device=self.device)
-            stream = torch.cuda.Stream(self.device)
+        layer_bytes = ctx * self.layout.bytes_per_token // self.num_layers
+        layers = min(self.num_layers, -(-CPU_BYTES_TIMED // layer_bytes))
+        q, tables, lens = self._decode_inputs(pool, b, ctx)
+        kv_new = torch.randn(b, self.cfg.num_key_value_heads, self.cfg.head_dim)
+        kv_new = kv_new.to(pool.dtype)
+        flight = CpuFlight(
+            q=q, k_new=kv_new, v_new=kv_new, out=torch.empty_like(q), block_tables=tables,
+            seq_lens=lens, ready=torch.zeros(layers, dtype=torch.int32),
+            done=torch.zeros(layers, dtype=torch.int32),
+        )  # fmt: skip
+        run = functools.partial(
+            self._cpu_decode_layers, attention, pool[:layers], flight, self._seqs, self._contention
+        )
+        return self.time(run, layers, host=True)
 
-            def contention(layers: int) -> None:
-                with torch.cuda.stream(stream):
-                    for _ in range(layers):
-                        dst.copy_(src, non_blocking=True)
+    @functools.cached_property
+    def _contention(self) -> Callable[[int], None] | None:
+        """Host-to-device copies of a prefill's KV of one layer each, per timed layer, on a side
+        stream (on a GPU host; None elsewhere)."""
+        if self.device.type != "cuda":
+            return None
+        src = torch.empty(4 << 20, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty_like(src, device=self.device)
+        stream = torch.cuda.Stream(self.device)
 
-        seqs = itertools.count(1)
-        for b, ctx in self._decode_grid(pool.shape[1] * self.layout.block_size):
-            layer_bytes = ctx * self.layout.bytes_per_token // self.num_layers
-            layers = min(self.num_layers, -(-CPU_BYTES_TIMED // layer_bytes))
-            q, tables, lens = self._decode_inputs(pool, b, ctx)
-            kv_new = torch.randn(b, self.cfg.num_key_value_heads, self.cfg.head_dim)
-            kv_new = kv_new.to(pool.dtype)
-            flight = CpuFlight(
-                q=q, k_new=kv_new, v_new=kv_new, out=torch.empty_like(q), block_tables=tables,
-                seq_lens=lens, ready=torch.zeros(layers, dtype=torch.int32),
-                done=torch.zeros(layers, dtype=torch.int32),
-            )  # fmt: skip
-            run = functools.partial(
-                self._cpu_decode_layers, attention, pool[:layers], flight, seqs, contention
-            )
-            table[(b, ctx)] = self.time(run, layers, host=True)
-        return table
+        def contention(layers: int) -> None:
+            with torch.cuda.stream(stream):
+                for _ in range(layers):
+                    dst.copy_(src, non_blocking=True)
+
+        return contention
 
     @staticmethod
     def _cpu_decode_layers(
@@ -390,6 +426,9 @@ class Profiler:
     def run(self, key) -> Profile:
         start = time.perf_counter()
         with torch.inference_mode():
+            tile_path, tile_seconds = (None, {})
+            if self.executor.cpu_pool is not None:
+                tile_path, tile_seconds = self.choose_tile_path()
             profile = Profile(
                 key=key,
                 linear=Table1D.from_points(self.linear()),
@@ -401,18 +440,38 @@ class Profiler:
                 cpu_decode_attn=None
                 if self.executor.cpu_pool is None
                 else Table2D.from_points(self.cpu_decode()),
+                cpu_tile_path=tile_path,
                 meta={
                     "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "duration_s": round(time.perf_counter() - start, 2),
+                    "cpu_tile_probe_s": tile_seconds,
                 },
             )
         logger.info("profiled this host in %.1f s", time.perf_counter() - start)
         return profile
 
 
-def host_key(model: Any, layout: KVLayout, threads: int, tp: int = 1) -> Any:
-    """Everything a profile depends on: another model, GPU, CPU, pool size, tensor-parallel degree
-    or kernel gets a new profile. Under tensor parallelism `model` is one rank's shard."""
+def select_tile_paths(cpu_cfg: Any) -> tuple[str | None, ...]:
+    """Selects the CPU tile path the `cpu` config section asks for on this host and returns the
+    candidates the profile chooses from: two when `amx_values` is auto and AMX is available, else
+    the one selected."""
+    use_amx(cpu_cfg.amx, values=cpu_cfg.amx_values != "off")
+    path = amx_in_use()
+    if cpu_cfg.amx_values == "auto" and path == "scores+values":
+        return ("scores+values", "scores")
+    return (path,)
+
+
+def host_key(
+    model: Any,
+    layout: KVLayout,
+    threads: int,
+    tp: int = 1,
+    tile_paths: Sequence[str | None] | None = None,
+) -> Any:
+    """Everything a profile depends on: another model, GPU, CPU, pool size, tensor-parallel degree,
+    kernel or tile paths to choose from gets a new profile. Under tensor parallelism `model` is one
+    rank's shard."""
     import platform
 
     cfg = model.config
@@ -441,9 +500,15 @@ def host_key(model: Any, layout: KVLayout, threads: int, tp: int = 1) -> Any:
         gpu,
         f"{cpu} x{os.cpu_count()}",
         threads,
-        KERNEL_VERSION + (f"-amx-{amx}" if (amx := amx_in_use()) else ""),
+        KERNEL_VERSION + _tile_tag(tile_paths or (amx_in_use(),)),
         layout.block_size,
     )
+
+
+def _tile_tag(paths: Sequence[str | None]) -> str:
+    if len(paths) > 1:
+        return "-amx-auto"
+    return f"-amx-{paths[0]}" if paths[0] else ""
 
 
 def load_or_profile(
@@ -455,16 +520,18 @@ def load_or_profile(
     max_model_len: int,
     refresh: bool = False,
     group: Any = None,
-) -> CostModel:
-    """The stored profile for exactly this setup, or a fresh one measured now and stored.
+) -> tuple[CostModel, str | None]:
+    """The stored profile for exactly this setup, or a fresh one measured now and stored, and the
+    CPU tile path it was measured with, which stays selected.
 
     With tensor parallelism (`group`, a neod.dist.group.RankGroup) rank 0 decides and keeps the
     profile; the other ranks measure in step with it (the projections' all-reduces need every
     rank, and their CPU pools load the memory bus as they will when serving), then drop theirs:
-    they schedule nothing."""
+    they schedule nothing, and take rank 0's tile path."""
     from neod.config import profile_dir
 
-    key = host_key(model, layout, threads, 1 if group is None else group.world_size)
+    tile_paths = select_tile_paths(cfg.cpu)
+    key = host_key(model, layout, threads, 1 if group is None else group.world_size, tile_paths)
     path = profile_path(profile_dir(cfg), key)
     leads = group is None or group.rank == 0
     profile = None if refresh or not leads else load_profile(path, key)
@@ -483,10 +550,19 @@ def load_or_profile(
             cfg.scheduler.max_batch_size,
             max_model_len,
             graphs=group is None or group.world_size == 1,
+            tile_paths=tile_paths,
         )
         profile = profiler.run(key)
         if leads:
             save_profile(profile, path)
     elif leads:
         logger.info("profile reused path=%s", path)
-    return TableCostModel(profile) if leads else ZeroCostModel()
+    tile_path = tile_paths[0]
+    if len(tile_paths) > 1:
+        chosen = None if profile is None else profile.cpu_tile_path
+        values = chosen == "scores+values" if chosen in tile_paths else True
+        if group is not None:
+            values = group.leader_decides("amx_values", values)
+        tile_path = "scores+values" if values else "scores"
+        use_tile_path(tile_path)
+    return (TableCostModel(profile) if leads else ZeroCostModel()), tile_path

@@ -47,6 +47,7 @@ class EngineRuntime:
     cpu_attention: Any  # CpuAttention | None
     cpu_threads: int
     cpu_bandwidth_gbps: float | None
+    cpu_tile_path: str | None  # the products on AMX tiles ("scores+values", "scores") or None
     executor: Executor
     scheduler: Scheduler
     tp: Any = None  # neod.dist.launch.Leader on rank 0 of a tensor-parallel group, else None
@@ -190,7 +191,7 @@ def build_runtime(cfg: Any, refresh_profile: bool = False, group: Any = None) ->
                 f"bfloat16 or float16 KV cache; model.dtype is {cfg.model.dtype!r}"
             )
         from neod.cpu import pool_cores, recommended_threads
-        from neod.kernels.cpu_attention import CpuAttention, use_amx
+        from neod.kernels.cpu_attention import CpuAttention
 
         # A CPU-only host has no GPU memory to relieve: a small host pool keeps the demo light.
         on_cpu = device.type == "cpu"
@@ -207,7 +208,6 @@ def build_runtime(cfg: Any, refresh_profile: bool = False, group: Any = None) ->
             layout, num_cpu, torch.device("cpu"), pin=device.type == "cuda", local_to_cpus=cores
         )
         cpu_attention = CpuAttention(cores=cores)
-        use_amx(cfg.cpu.amx, values=cfg.cpu.amx_values)
     # torch's own CPU threads get what the pinned pool and the reserved cores leave: OpenMP workers
     # that spin on the pool's cores would slow the CPU attention (on a CPU host, the model too).
     free_cores = len(os.sched_getaffinity(0)) - threads - cfg.cpu.reserve_cores
@@ -221,7 +221,7 @@ def build_runtime(cfg: Any, refresh_profile: bool = False, group: Any = None) ->
         len(cores),
     )
     executor = Executor(model, gpu_pool, cpu_pool, cpu_attention, max_rows, max_tokens)
-    cost_model = load_or_profile(
+    cost_model, tile_path = load_or_profile(
         cfg, model, layout, executor, len(cores), max_model_len, refresh_profile, group
     )
     # CUDA graphs would capture the all-reduces too: not done, nor validated, with TP.
@@ -246,6 +246,7 @@ def build_runtime(cfg: Any, refresh_profile: bool = False, group: Any = None) ->
         cpu_attention=cpu_attention,
         cpu_threads=len(cores),
         cpu_bandwidth_gbps=bandwidth,
+        cpu_tile_path=tile_path if cpu_pool is not None else None,
         executor=executor,
         scheduler=Scheduler(cost_model, mc.num_hidden_layers),
     )

@@ -39,6 +39,11 @@ def use_amx(enabled: bool, *, values: bool = True, soft: bool = False) -> bool:
     return bool(load_native().use_amx(enabled, values, soft))
 
 
+def use_tile_path(path: str | None) -> None:
+    """Select a tile path by the name `amx_in_use` reports for it."""
+    use_amx(path is not None, values=path == "scores+values")
+
+
 @dataclass
 class CpuFlight:
     """One sub-batch's CPU work in every layer of an iteration (`CpuAttention.decode_layers`).

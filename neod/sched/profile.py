@@ -185,6 +185,7 @@ class Profile:
     cpu_decode_attn: Table2D | None = (
         None  # per layer, vs (sequences, context tokens); None: no host pool
     )
+    cpu_tile_path: str | None = None  # the AMX products cpu_decode_attn ran with (amx_in_use)
     meta: Mapping[str, Any] = field(
         default_factory=dict
     )  # for operators: when, how long, which tool
@@ -199,6 +200,7 @@ class Profile:
             "fingerprint": self.key.fingerprint(),
             "key": self.key.to_json(),
             "tables": tables,
+            "cpu_tile_path": self.cpu_tile_path,
             "meta": dict(self.meta),
         }
 
@@ -210,6 +212,7 @@ class Profile:
             key=ProfileKey.from_json(data["key"]),
             gpu_decode_attn=Table2D.from_json(tables["gpu_decode_attn"]),
             cpu_decode_attn=None if cpu is None else Table2D.from_json(cpu),
+            cpu_tile_path=data.get("cpu_tile_path"),
             meta=dict(data.get("meta", {})),
             **{name: Table1D.from_json(tables[name]) for name in _TABLES_1D},
         )
