@@ -31,7 +31,8 @@ while [ $# -gt 0 ]; do
                 --q-heads 64 --kv-heads 8 --head-dim 128 --no-torch --seconds 0.3 \
                 --reserve-cores 1 --out "$out/amx.json" 2>&1 | tee "$out/amx.txt" ;;
         throughput)
-            python3 -m neod.bench.throughput "$@" 2>&1 | grep -v " INFO " | tee -a "$out/throughput.txt"
+            python3 -m neod.bench.throughput "$@" 2>&1 | tee -a "$out/throughput.log" \
+                | grep -v " INFO " | tee -a "$out/throughput.txt"
             break ;;
         *) echo "unknown step $what" >&2; exit 2 ;;
     esac

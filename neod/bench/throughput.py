@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         "cpu_kv_blocks": runtime.num_cpu_blocks,
         "block_size": runtime.layout.block_size,
         "cpu_threads": runtime.cpu_threads,
+        "cpu_amx": runtime.cpu_tile_path,
         "input_len": args.input_len,
         "output_len": args.output_len,
         "num_requests": args.num_requests,
@@ -168,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"{args.preset} on {report['gpu'] or report['device']}: "
         f"gpu_kv_blocks={runtime.num_gpu_blocks} cpu_kv_blocks={runtime.num_cpu_blocks} "
-        f"cpu_threads={runtime.cpu_threads} in~{args.input_len} out~{args.output_len} "
+        f"cpu_threads={runtime.cpu_threads} cpu_amx={runtime.cpu_tile_path} "
+        f"in~{args.input_len} out~{args.output_len} "
         f"n={args.num_requests}"
     )
     print(
