@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from neod.cache.allocator import BlockAllocator
-from neod.cache.pool import KVLayout, allocate_pool, host_pool_blocks
+from neod.cache.pool import KVLayout, allocate_pool, gpu_pool_blocks, host_pool_blocks
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.bfloat16)
 
@@ -34,6 +34,23 @@ def test_host_pool_request_beyond_the_limits_names_the_limit():
         host_pool_blocks(LAYOUT, kv_gib=10**6, pinned=False)
     wanted = int(0.001 * (1 << 30))
     assert host_pool_blocks(LAYOUT, kv_gib=0.001, pinned=False) == wanted // LAYOUT.block_bytes
+
+
+@pytest.mark.parametrize(
+    ("free_gib", "fix"),
+    [(20, "set cache.gpu_memory_utilization to 0.86 or more"), (2, "use a smaller model")],
+)
+def test_a_gpu_without_room_for_kv_names_the_fix(monkeypatch, free_gib, fix):
+    """100 GiB device, 5 GiB kept for activations, utilisation 0.8: the error says what utilisation
+    would leave 1 GiB of KV, or that none would."""
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free_gib * gib, 100 * gib))
+    with pytest.raises(MemoryError, match="no GPU memory left") as err:
+        gpu_pool_blocks(LAYOUT, torch.device("cuda"), 0.0, 0.8, 5 * gib)
+    assert fix in str(err.value) and "5.0 GiB kept for activations" in str(err.value)
+    if free_gib == 20:  # the advice holds: 86 - 80 - 5 = 1 GiB of KV
+        blocks = gpu_pool_blocks(LAYOUT, torch.device("cuda"), 0.0, 0.86, 5 * gib)
+        assert abs(blocks * LAYOUT.block_bytes - gib) <= 0.01 * gib
 
 
 def test_allocator_is_exact_and_rejects_double_free():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import resource
 from collections.abc import Iterator
@@ -99,10 +100,18 @@ def gpu_pool_blocks(
         used = total - free
         budget = int(total * utilization) - used - reserve_bytes
         if budget <= 0:
+            # The utilisation that would leave 1 GiB of KV, where the device has it.
+            wanted = math.ceil(1000 * (used + reserve_bytes + GIB) / total) / 1000
+            fix = (
+                f"set cache.gpu_memory_utilization to {wanted:g} or more"
+                if wanted <= 1.0
+                else "the model leaves no room on this GPU: use a smaller model or more GPUs "
+                "(parallel.tp_size)"
+            )
             raise MemoryError(
                 f"no GPU memory left for the KV cache: {used / GIB:.1f} GiB in use of "
-                f"{total / GIB:.1f} GiB, utilization {utilization}; "
-                "raise cache.gpu_memory_utilization or use a smaller model"
+                f"{total / GIB:.1f} GiB, {reserve_bytes / GIB:.1f} GiB kept for activations "
+                f"(scheduler.max_tokens_in_batch), utilization {utilization}; {fix}"
             )
     else:
         budget = CPU_DEVICE_DEFAULT_POOL_BYTES
