@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Validates and times neod on a GPU host that has torch and a compiler but no ispc and no network
 # (the prebuilt build/ispc objects and build/libneod_cuda.so travel with the tree; docs/build.md).
-# Usage: scripts/gpu_check.sh OUTDIR [tests] [step] [cpu] [amx] [throughput ARGS...]
+# Usage: scripts/gpu_check.sh OUTDIR [tests] [step] [cpu] [amx] [pipeline] [throughput ARGS...]
 set -uo pipefail
-out=${1:?usage: scripts/gpu_check.sh OUTDIR [tests] [step] [cpu] [amx] [throughput ARGS...]}
+out=${1:?usage: scripts/gpu_check.sh OUTDIR [tests] [step] [cpu] [amx] [pipeline] [throughput ARGS...]}
 shift
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 mkdir -p "$out"
@@ -30,6 +30,10 @@ while [ $# -gt 0 ]; do
             python3 -m neod.bench.cpu_attention --batch 16,64 --context 1024,4096 --threads 1,14 \
                 --q-heads 64 --kv-heads 8 --head-dim 128 --no-torch --seconds 0.3 \
                 --reserve-cores 1 --out "$out/amx.json" 2>&1 | tee "$out/amx.txt" ;;
+        pipeline)  # one iteration of G GPU and K CPU decodes, each mode, measured and predicted
+            python3 -m neod.bench.pipeline --preset llama-3.1-8b --gpu-decodes 4 \
+                --cpu-decodes 0,4,8,16 --context 1100 --repeats 5 2>&1 \
+                | tee "$out/pipeline.log" | grep -v " INFO " | tee "$out/pipeline.txt" ;;
         throughput)
             python3 -m neod.bench.throughput "$@" 2>&1 | tee -a "$out/throughput.log" \
                 | grep -v " INFO " | tee -a "$out/throughput.txt"
