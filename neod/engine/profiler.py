@@ -557,12 +557,12 @@ def load_or_profile(
             save_profile(profile, path)
     elif leads:
         logger.info("profile reused path=%s", path)
-    tile_path = tile_paths[0]
+    tile_path = tile_paths[0]  # also what a profile measured without a host pool stands for
     if len(tile_paths) > 1:
-        chosen = None if profile is None else profile.cpu_tile_path
-        values = chosen == "scores+values" if chosen in tile_paths else True
+        if profile is not None and profile.cpu_tile_path in tile_paths:
+            tile_path = profile.cpu_tile_path
         if group is not None:
-            values = group.leader_decides("amx_values", values)
-        tile_path = "scores+values" if values else "scores"
+            values = group.leader_decides("amx_values", tile_path == "scores+values")
+            tile_path = "scores+values" if values else "scores"
         use_tile_path(tile_path)
     return (TableCostModel(profile) if leads else ZeroCostModel()), tile_path
