@@ -149,6 +149,20 @@ def test_abort_of_a_request_still_held_by_neod_never_reaches_the_engine() -> Non
     assert "held" not in engine.added
 
 
+def test_abort_that_arrives_with_its_requests_admission_stops_it() -> None:
+    engine = ScriptedEngine(tokens=10_000)
+    runner, sink = make(engine, window=8)
+    runner.submit("x", [1], PARAMS)
+    runner.abort("x")  # both wait for the same take: admitted and aborted in one batch
+    runner.start()
+    try:
+        (out,) = sink.wait_finished(1)
+    finally:
+        assert runner.stop(5.0)
+    assert out.request_id == "x" and out.finish_reason == FinishReason.ABORT
+    assert engine.running == {}
+
+
 def test_calls_run_between_steps_and_carry_exceptions() -> None:
     engine = ScriptedEngine()
     runner, _ = make(engine)

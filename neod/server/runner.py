@@ -193,9 +193,11 @@ class EngineRunner:
                         future.set_result(fn(self.engine))
                     except Exception as exc:  # the caller gets the error; the engine goes on
                         future.set_exception(exc)
-            outputs = self._abort(aborts)
             for item in admits:
                 self.engine.add_request(item.request_id, item.prompt_token_ids, item.params)
+            # After the admissions: an abort that came with its own request's admission must
+            # reach the engine after that request, or the engine ignores it and runs it to the end.
+            outputs = self._abort(aborts)
             if self.engine.has_unfinished():
                 try:
                     outputs += self.engine.step()
