@@ -279,6 +279,66 @@ def test_tune_validates_and_applies(tmp_path):
     assert engine.stats()["max_batch_size"] == 8
 
 
+def test_resizing_the_cpu_pool_brings_its_profile_along(tmp_path, monkeypatch):
+    """tune(cpu_threads=N): the pool is rebuilt pinned, the CPU side of the profile is measured
+    for N threads (the GPU tables kept) or reused if stored; a bad size or a failed measurement
+    leaves the old pool and profile in force."""
+    from neod.engine import profiler
+
+    timed_with = []
+
+    def fake_point(self, b, ctx):  # a pool of n threads attends n times faster
+        timed_with.append(self.executor.cpu_attention.num_threads)
+        return 1e-3 * b / self.executor.cpu_attention.num_threads
+
+    monkeypatch.setattr(profiler.Profiler, "_cpu_point", fake_point)
+    engine = make_engine(
+        tmp_path, **{"scheduler.policy": "neo", "cache.cpu_kv_gib": 0.01, "cpu.threads": 1}
+    )
+    start = engine.rt.scheduler.cost.profile
+    assert start.key.pool_threads == 1 and set(timed_with) == {1}
+    full_runs = []
+    monkeypatch.setattr(profiler.Profiler, "run", lambda self, key: full_runs.append(key))
+
+    timed_with.clear()
+    assert engine.tune(cpu_threads=2)["cpu_threads"] == 2
+    pool = engine.rt.cpu_attention
+    assert pool.num_threads == 2 and engine.rt.executor.cpu_attention is pool
+    resized = engine.rt.scheduler.cost.profile
+    assert resized.key.pool_threads == 2 and set(timed_with) == {2} and full_runs == []
+    assert resized.linear == start.linear and resized.gpu_decode_attn == start.gpu_decode_attn
+    cost = engine.rt.scheduler.cost
+    assert cost.cpu_decode_attn_s(8, 4096) == pytest.approx(4e-3, rel=0.05)
+    assert len(list((tmp_path / "profiles").glob("profile-*.json"))) == 2
+    prompt = [5, 6, 7, 8]
+    engine.add_request("after", prompt, GREEDY)
+    assert tokens_of(run_all(engine)["after"]) == reference_greedy(engine, prompt, 12)
+    assert_all_free(engine)
+
+    timed_with.clear()
+    engine.tune(cpu_threads=1)  # measured at start: the stored profile comes back
+    assert timed_with == [] and engine.rt.scheduler.cost.profile.key.pool_threads == 1
+
+    with pytest.raises(ValueError, match="pool threads requested"):
+        engine.tune(cpu_threads=10_000)
+
+    def broken(self, b, ctx):
+        raise RuntimeError("pool died")
+
+    monkeypatch.setattr(profiler.Profiler, "_cpu_point", broken)
+    (tmp_path / "profiles" / "moved").mkdir()
+    for stored in (tmp_path / "profiles").glob("profile-*.json"):
+        stored.rename(tmp_path / "profiles" / "moved" / stored.name)
+    with pytest.raises(RuntimeError, match="pool died"):
+        engine.tune(cpu_threads=2)
+    assert engine.rt.cpu_threads == engine.rt.cpu_attention.num_threads == 1
+    assert engine.rt.executor.cpu_attention is engine.rt.cpu_attention
+    assert engine.rt.scheduler.cost.profile.key.pool_threads == 1
+    engine.add_request("still", prompt, GREEDY)
+    assert tokens_of(run_all(engine)["still"]) == reference_greedy(engine, prompt, 12)
+    engine.close()
+
+
 class ScriptedScheduler:
     """Drives every data path on purpose: CPU prefills, swaps both ways every few steps, CPU decodes
     in both sub-batches of a pipelined iteration, GPU decodes beside them."""

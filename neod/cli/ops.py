@@ -9,6 +9,7 @@ import typer
 
 from neod.cli.common import Ctl, echo_json, fail
 from neod.client import DaemonUnavailable, RequestError
+from neod.protocol import CPU_RETUNE_TIMEOUT_S
 
 _SHOWN_ENGINE_KEYS = {"model", "device", "dtype", "policy", "mode", "max_batch_size",
                       "max_tokens_in_batch", "max_model_len", "waiting", "decoding_gpu",
@@ -91,7 +92,9 @@ def register(app: typer.Typer) -> None:
              policy: str | None = typer.Option(None, help="auto, gpu-only or neo"),
              max_batch_size: int | None = typer.Option(None, help="most requests per iteration"),
              max_tokens_in_batch: int | None = typer.Option(None, help="most tokens per iteration"),
-             cpu_threads: int | None = typer.Option(None, help="CPU attention threads"),
+             cpu_threads: int | None = typer.Option(
+                 None, help="CPU attention threads (the pool is profiled again unless a profile "
+                 "of that size is stored)"),
              json: bool = typer.Option(False, "--json", help="print the raw JSON")) -> None:
         """Change scheduling knobs live; the daemon validates them and reports what it applied."""
         knobs = {k: v for k, v in (("policy", policy), ("max_batch_size", max_batch_size),
@@ -100,7 +103,8 @@ def register(app: typer.Typer) -> None:
         if not knobs:
             fail("give at least one of --policy, --max-batch-size, --max-tokens-in-batch, "
                  "--cpu-threads", 2)
-        result = ctx.obj.call("tune", **knobs)
+        wait = {"timeout_s": CPU_RETUNE_TIMEOUT_S + 10} if cpu_threads is not None else {}
+        result = ctx.obj.call("tune", **wait, **knobs)
         if json:
             echo_json(result)
         else:

@@ -167,7 +167,10 @@ class Engine:
                 f"buffers were sized at start), got {max_tokens!r}"
             )
         if threads is not None:
+            before = self.rt.cpu_threads
             self.rt.set_cpu_threads(threads)
+            if self.rt.cpu_threads != before:
+                self.guard = OffloadGuard()  # its verdicts were on the old pool
         self.limits = Limits(
             max_batch_size=max_batch, max_tokens_in_batch=max_tokens, policy=policy
         )

@@ -19,6 +19,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -450,6 +451,27 @@ class Profiler:
         logger.info("profiled this host in %.1f s", time.perf_counter() - start)
         return profile
 
+    def run_cpu(self, key, base: Profile) -> Profile:
+        """`base` with its CPU side (tile path, CPU attention table) measured again: all that a
+        resized CPU pool changes."""
+        start = time.perf_counter()
+        with torch.inference_mode():
+            tile_path, tile_seconds = self.choose_tile_path()
+            profile = replace(
+                base,
+                key=key,
+                cpu_decode_attn=Table2D.from_points(self.cpu_decode()),
+                cpu_tile_path=tile_path,
+                meta={
+                    **base.meta,
+                    "cpu_measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "cpu_duration_s": round(time.perf_counter() - start, 2),
+                    "cpu_tile_probe_s": tile_seconds,
+                },
+            )
+        logger.info("profiled the CPU pool again in %.1f s", time.perf_counter() - start)
+        return profile
+
 
 def select_tile_paths(cpu_cfg: Any) -> tuple[str | None, ...]:
     """Selects the CPU tile path the `cpu` config section asks for on this host and returns the
@@ -520,9 +542,13 @@ def load_or_profile(
     max_model_len: int,
     refresh: bool = False,
     group: Any = None,
+    cpu_base: Profile | None = None,
 ) -> tuple[CostModel, str | None]:
     """The stored profile for exactly this setup, or a fresh one measured now and stored, and the
     CPU tile path it was measured with, which stays selected.
+
+    `cpu_base`: the profile in force when only the CPU pool changed since (its thread count); a
+    fresh profile then measures just the CPU side and keeps the GPU tables of `cpu_base`.
 
     With tensor parallelism (`group`, a neod.dist.group.RankGroup) rank 0 decides and keeps the
     profile; the other ranks measure in step with it (the projections' all-reduces need every
@@ -552,7 +578,7 @@ def load_or_profile(
             graphs=group is None or group.world_size == 1,
             tile_paths=tile_paths,
         )
-        profile = profiler.run(key)
+        profile = profiler.run(key) if cpu_base is None else profiler.run_cpu(key, cpu_base)
         if leads:
             save_profile(profile, path)
     elif leads:

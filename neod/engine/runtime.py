@@ -33,6 +33,7 @@ CPU_DEVICE_HOST_POOL_GIB = 1.0  # default host KV pool when the model itself run
 
 @dataclass
 class EngineRuntime:
+    cfg: Any  # what it was built from; a resized CPU pool is profiled again under it
     device: torch.device
     model: Any  # LlamaModel
     model_name: str
@@ -87,23 +88,58 @@ class EngineRuntime:
             self.cpu_attention.close()
 
     def set_cpu_threads(self, threads: int) -> None:
+        """Resize the CPU attention pool, pinned as at start, and bring the cost model along: the
+        stored profile for the new size, or this one with its CPU side measured again now (a
+        profile of the old size would mislead every offload decision)."""
         if self.cpu_attention is None:
             raise ValueError(
                 "this engine has no CPU attention pool (policy gpu-only without a host KV pool)"
             )
-        from neod.kernels.cpu_attention import CpuAttention
-
         if self.tp is not None:
             raise ValueError(
                 "cpu_threads is fixed at start under tensor parallelism (the cores are split "
                 "between the ranks); change cpu.threads and restart"
             )
-        if not isinstance(threads, int) or threads < 1:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"cpu_threads must be an integer >= 1, got {threads!r}")
+        if threads == self.cpu_threads:
+            return
+        from neod.cpu import pool_cores
+        from neod.engine.profiler import load_or_profile
+        from neod.kernels.cpu_attention import use_tile_path
+
+        cores = pool_cores(threads, self.cfg.cpu.reserve_cores)  # raises on too many: no change
+        old_threads, profile = self.cpu_threads, getattr(self.scheduler.cost, "profile", None)
+        self._use_cpu_cores(cores)
+        try:
+            cost_model, self.cpu_tile_path = load_or_profile(
+                self.cfg, self.model, self.layout, self.executor, threads, self.max_model_len,
+                cpu_base=profile,
+            )  # fmt: skip
+        except BaseException:
+            self._use_cpu_cores(pool_cores(old_threads, self.cfg.cpu.reserve_cores))
+            if self.cpu_tile_path is not None:
+                use_tile_path(self.cpu_tile_path)
+            raise
+        self.scheduler.cost = cost_model
+
+    def _use_cpu_cores(self, cores: list[int]) -> None:
+        from neod.kernels.cpu_attention import CpuAttention
+
+        assert self.cpu_attention is not None
         self.cpu_attention.close()
-        self.cpu_attention = CpuAttention(num_threads=threads)
+        self.cpu_attention = CpuAttention(cores=cores)
         self.executor.cpu_attention = self.cpu_attention
-        self.cpu_threads = threads
+        self.cpu_threads = len(cores)
+        set_torch_threads(self.cfg.cpu, len(cores), self.tp_size)
+
+
+def set_torch_threads(cpu_cfg: Any, pool_threads: int, world_size: int) -> None:
+    """torch's own CPU threads get what the pinned pool and the reserved cores leave: OpenMP
+    workers that spin on the pool's cores would slow the CPU attention (on a CPU host, the model
+    too)."""
+    free_cores = len(os.sched_getaffinity(0)) - pool_threads - cpu_cfg.reserve_cores
+    torch.set_num_threads(max(1, free_cores // world_size))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -208,10 +244,7 @@ def build_runtime(cfg: Any, refresh_profile: bool = False, group: Any = None) ->
             layout, num_cpu, torch.device("cpu"), pin=device.type == "cuda", local_to_cpus=cores
         )
         cpu_attention = CpuAttention(cores=cores)
-    # torch's own CPU threads get what the pinned pool and the reserved cores leave: OpenMP workers
-    # that spin on the pool's cores would slow the CPU attention (on a CPU host, the model too).
-    free_cores = len(os.sched_getaffinity(0)) - threads - cfg.cpu.reserve_cores
-    torch.set_num_threads(max(1, free_cores // world_size))
+    set_torch_threads(cfg.cpu, threads, world_size)
     logger.info(
         "kv pools gpu_blocks=%d cpu_blocks=%d block_size=%d bytes_per_token=%d cpu_threads=%d",
         num_gpu,
@@ -232,6 +265,7 @@ def build_runtime(cfg: Any, refresh_profile: bool = False, group: Any = None) ->
             executor.stage_graphs = StageGraphs(model, max_rows)
             executor.stage_graphs.capture_all()
     return EngineRuntime(
+        cfg=cfg,
         device=device,
         model=model,
         model_name=name,

@@ -15,7 +15,14 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from neod import __version__
-from neod.protocol import ControlRequest, ErrorCode, ProtocolError, decode_control, encode_reply
+from neod.protocol import (
+    CPU_RETUNE_TIMEOUT_S,
+    ControlRequest,
+    ErrorCode,
+    ProtocolError,
+    decode_control,
+    encode_reply,
+)
 
 if TYPE_CHECKING:
     from neod.server.app import Server
@@ -94,7 +101,8 @@ class ControlHandler:
             except ValueError as exc:  # the engine's validation: a bad value changes nothing
                 raise ProtocolError(ErrorCode.BAD_REQUEST, str(exc)) from None
 
-        applied = await self._on_engine(apply, TUNE_TIMEOUT_S, "tune")
+        timeout_s = CPU_RETUNE_TIMEOUT_S if "cpu_threads" in args else TUNE_TIMEOUT_S
+        applied = await self._on_engine(apply, timeout_s, "tune")
         server = self.server
         if "max_tokens_in_batch" in applied:
             server.model_info["max_tokens_in_batch"] = applied["max_tokens_in_batch"]
