@@ -427,9 +427,6 @@ class Profiler:
     def run(self, key) -> Profile:
         start = time.perf_counter()
         with torch.inference_mode():
-            tile_path, tile_seconds = (None, {})
-            if self.executor.cpu_pool is not None:
-                tile_path, tile_seconds = self.choose_tile_path()
             profile = Profile(
                 key=key,
                 linear=Table1D.from_points(self.linear()),
@@ -438,39 +435,36 @@ class Profiler:
                 transfer=Table1D.from_points(self.transfer()),
                 swap=Table1D.from_points(self.swap()),
                 iteration_overhead=Table1D.from_points(self.overhead()),
-                cpu_decode_attn=None
-                if self.executor.cpu_pool is None
-                else Table2D.from_points(self.cpu_decode()),
-                cpu_tile_path=tile_path,
-                meta={
-                    "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "duration_s": round(time.perf_counter() - start, 2),
-                    "cpu_tile_probe_s": tile_seconds,
-                },
+                meta={"measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
             )
-        logger.info("profiled this host in %.1f s", time.perf_counter() - start)
-        return profile
+            if self.executor.cpu_pool is not None:
+                profile = self._with_cpu_side(profile)
+        seconds = time.perf_counter() - start
+        logger.info("profiled this host in %.1f s", seconds)
+        return replace(profile, meta={**profile.meta, "duration_s": round(seconds, 2)})
 
     def run_cpu(self, key, base: Profile) -> Profile:
-        """`base` with its CPU side (tile path, CPU attention table) measured again: all that a
-        resized CPU pool changes."""
-        start = time.perf_counter()
+        """`base` with its CPU side measured again: all that a resized CPU pool changes."""
         with torch.inference_mode():
-            tile_path, tile_seconds = self.choose_tile_path()
-            profile = replace(
-                base,
-                key=key,
-                cpu_decode_attn=Table2D.from_points(self.cpu_decode()),
-                cpu_tile_path=tile_path,
-                meta={
-                    **base.meta,
-                    "cpu_measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "cpu_duration_s": round(time.perf_counter() - start, 2),
-                    "cpu_tile_probe_s": tile_seconds,
-                },
-            )
-        logger.info("profiled the CPU pool again in %.1f s", time.perf_counter() - start)
+            profile = self._with_cpu_side(replace(base, key=key))
+        logger.info("profiled the CPU pool again in %.1f s", profile.meta["cpu_duration_s"])
         return profile
+
+    def _with_cpu_side(self, profile: Profile) -> Profile:
+        """The tile path chosen, then the CPU attention table measured under it."""
+        start = time.perf_counter()
+        tile_path, tile_seconds = self.choose_tile_path()
+        return replace(
+            profile,
+            cpu_decode_attn=Table2D.from_points(self.cpu_decode()),
+            cpu_tile_path=tile_path,
+            meta={
+                **profile.meta,
+                "cpu_measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "cpu_duration_s": round(time.perf_counter() - start, 2),
+                "cpu_tile_probe_s": tile_seconds,
+            },
+        )
 
 
 def select_tile_paths(cpu_cfg: Any) -> tuple[str | None, ...]:
