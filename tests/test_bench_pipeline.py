@@ -1,0 +1,24 @@
+"""The pipeline benchmark on the tiny model, on CPU: every mode is measured and set against its
+prediction, the CPU pool's busy time against the profile's CPU attention time."""
+
+from __future__ import annotations
+
+from neod.bench import pipeline
+
+
+def test_each_mode_is_measured_against_its_prediction(tmp_path, capsys):
+    report = pipeline.main([
+        "--preset", "tiny", "--gpu-decodes", "2", "--cpu-decodes", "0,3", "--context", "40",
+        "--repeats", "2", "--cpu-threads", "1", "--set", f"profile.dir={tmp_path}",
+    ])  # fmt: skip
+    without, with_cpu = report["rows"]
+    assert (without["cpu_decodes"], with_cpu["cpu_decodes"]) == (0, 3)
+    assert without["sequential"]["cpu_busy_ms"] == without["sequential"]["cpu_predicted_ms"] == 0
+    assert "pipelined" not in without  # nothing to split
+    for mode in ("sequential", "pipelined"):
+        r = with_cpu[mode]
+        assert r["cpu_busy_ms"] > 0 and r["cpu_predicted_ms"] > 0
+        assert r["x_predicted"] == r["wall_ms"] / r["predicted_ms"]
+    assert sum(with_cpu["pipelined"]["split"]) == 3
+    out = capsys.readouterr().out
+    assert "CPU pool busy ms measured / predicted" in out and out.count(" cpu ") == 3
