@@ -387,7 +387,7 @@ def _control_fields(obj: dict[str, Any]) -> ControlRequest:
         knobs = (("policy", policy),
                  ("max_batch_size", f.integer("max_batch_size", None, 1, 1 << 20)),
                  ("max_tokens_in_batch", f.integer("max_tokens_in_batch", None, 1, 1 << 24)),
-                 ("cpu_threads", f.integer("cpu_threads", None, 0, 4096)))
+                 ("cpu_threads", f.integer("cpu_threads", None, 1, 4096)))
         args = {name: value for name, value in knobs if value is not None}
         if not args:
             raise _bad(f"tune needs at least one of {', '.join(_TUNE_KNOBS)}")

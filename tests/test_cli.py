@@ -28,6 +28,7 @@ def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp / "neod.toml"
     path.write_text(f'[model]\ndevice = "cpu"\n[scheduler]\nmax_batch_size = 16\n'
                     f'[cache]\ncpu_kv_gib = 0.25\n'
+                    f'[profile]\ndir = "{tmp}/profiles"\n'
                     f'[server]\nintake_endpoint = "tcp://127.0.0.1:{free_port()}"\n'
                     f'control_endpoint = "ipc://{tmp}/control.sock"\n')
     return path
@@ -63,6 +64,23 @@ def test_tune_applies_and_validates(daemon: EmbeddedDaemon, config_file: Path) -
     assert code == 1 and "neod refused 'tune'" in err and "policy" in err
     code, _, err = ctl(config_file, "tune")
     assert code == 2 and "give at least one of" in err
+
+
+def test_tune_resizes_the_cpu_pool(daemon: EmbeddedDaemon, config_file: Path) -> None:
+    def threads() -> int:
+        code, out, _ = ctl(config_file, "status", "--json")
+        return orjson.loads(out)["engine"]["cpu_pool"]["threads"]
+
+    before = threads()
+    other = 2 if before == 1 else 1
+    code, out, _ = ctl(config_file, "tune", "--cpu-threads", str(other))
+    assert code == 0 and f"cpu_threads={other}" in out and threads() == other
+    code, _, err = ctl(config_file, "tune", "--cpu-threads", "4000")
+    assert code == 1 and "neod refused 'tune'" in err and "pool threads" in err
+    assert threads() == other
+    code, out, _ = ctl(config_file, "generate", "Hello", "--max-tokens", "3", "--ignore-eos")
+    assert code == 0
+    assert ctl(config_file, "tune", "--cpu-threads", str(before))[0] == 0 and threads() == before
 
 
 def test_generate_streams_text(daemon: EmbeddedDaemon, config_file: Path) -> None:
