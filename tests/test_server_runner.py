@@ -12,6 +12,8 @@ import time
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from neod.engine.request import FinishReason, RequestOutput, SamplingParams
 from neod.server.runner import MAX_CONSECUTIVE_STEP_FAILURES, EngineRunner
@@ -161,6 +163,44 @@ def test_abort_that_arrives_with_its_requests_admission_stops_it() -> None:
         assert runner.stop(5.0)
     assert out.request_id == "x" and out.finish_reason == FinishReason.ABORT
     assert engine.running == {}
+
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("submit"), st.integers(-2, 2)),  # priority
+        st.tuples(st.just("abort"), st.integers(0, 30)),  # the n-th request submitted so far
+        st.tuples(st.just("pause"), st.just(0)),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=OPS, window=st.integers(1, 4))
+def test_every_request_ends_exactly_once_whatever_the_interleaving(ops, window) -> None:
+    """Submissions and aborts race the engine thread; requests never finish by themselves, so
+    each must end through its abort, once, and leave nothing running."""
+    engine = ScriptedEngine(tokens=10**9)
+    runner, sink = make(engine, window=window)
+    runner.start()
+    submitted: list[str] = []
+    try:
+        for op, arg in ops:
+            if op == "submit":
+                submitted.append(f"r{len(submitted)}")
+                runner.submit(submitted[-1], [1], PARAMS, priority=arg)
+            elif op == "abort" and submitted:
+                runner.abort(submitted[arg % len(submitted)])
+            else:
+                time.sleep(0.001)
+        for rid in submitted:
+            runner.abort(rid)
+        ends = sink.wait_finished(len(submitted))
+    finally:
+        assert runner.stop(5.0)
+    assert sorted(o.request_id for o in ends) == sorted(submitted)
+    assert all(o.finish_reason == FinishReason.ABORT for o in ends)
+    assert engine.running == {} and runner.num_pending == 0
 
 
 def test_calls_run_between_steps_and_carry_exceptions() -> None:
