@@ -339,6 +339,38 @@ def test_resizing_the_cpu_pool_brings_its_profile_along(tmp_path, monkeypatch):
     engine.close()
 
 
+def test_resizing_the_cpu_pool_while_requests_decode_there_keeps_their_tokens(tmp_path):
+    """The resized pool is measured on the live host KV pool: that must not touch the KV of the
+    requests decoding from it (fp16 for the reason given above)."""
+    small = {
+        "cache.gpu_kv_gib": 32 * 16 * 1024 / 2**30,
+        "cache.cpu_kv_gib": 0.01,
+        "model.dtype": "float16",
+    }
+    ps = prompts(16, seed=3)
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    engine = make_engine(tmp_path, **{"scheduler.policy": "gpu-only"}, **small)
+    for i, p in enumerate(ps):
+        engine.add_request(f"r{i}", p, params)
+    expected = {k: tokens_of(v) for k, v in run_all(engine).items()}
+
+    engine = make_engine(tmp_path, **{"scheduler.policy": "neo"}, **small)
+    for i, p in enumerate(ps):
+        engine.add_request(f"r{i}", p, params)
+    outs: dict[str, list[RequestOutput]] = {}
+    resized = False
+    while engine.has_unfinished():
+        for out in engine.step():
+            outs.setdefault(out.request_id, []).append(out)
+        if not resized and engine.stats()["decoding_cpu"] >= 2:
+            engine.tune(cpu_threads=1)
+            resized = True
+    assert resized and engine.rt.scheduler.cost.profile.key.pool_threads == 1
+    got = {k: tokens_of(v) for k, v in outs.items()}
+    assert_greedy_equal(engine, {f"r{i}": p for i, p in enumerate(ps)}, expected, got)
+    assert_all_free(engine)
+
+
 class ScriptedScheduler:
     """Drives every data path on purpose: CPU prefills, swaps both ways every few steps, CPU decodes
     in both sub-batches of a pipelined iteration, GPU decodes beside them."""

@@ -266,15 +266,17 @@ class Profiler:
         return best, seconds
 
     def _cpu_point(self, b: int, ctx: int) -> float:
-        """Seconds per layer of the CPU program for b requests sharing ctx context tokens."""
+        """Seconds per layer of the CPU program for b requests sharing ctx context tokens.
+
+        It only reads: the engine's program also appends each request's new K/V (b rows, against
+        ctx rows read), but a resized pool is measured while serving, over blocks that live
+        requests own."""
         pool, attention = self.executor.cpu_pool, self.executor.cpu_attention
         layer_bytes = ctx * self.layout.bytes_per_token // self.num_layers
         layers = min(self.num_layers, -(-CPU_BYTES_TIMED // layer_bytes))
         q, tables, lens = self._decode_inputs(pool, b, ctx)
-        kv_new = torch.randn(b, self.cfg.num_key_value_heads, self.cfg.head_dim)
-        kv_new = kv_new.to(pool.dtype)
         flight = CpuFlight(
-            q=q, k_new=kv_new, v_new=kv_new, out=torch.empty_like(q), block_tables=tables,
+            q=q, k_new=None, v_new=None, out=torch.empty_like(q), block_tables=tables,
             seq_lens=lens, ready=torch.zeros(layers, dtype=torch.int32),
             done=torch.zeros(layers, dtype=torch.int32),
         )  # fmt: skip

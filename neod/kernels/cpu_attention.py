@@ -53,8 +53,8 @@ class CpuFlight:
     """
 
     q: torch.Tensor  # [B, Hq, D]
-    k_new: torch.Tensor  # [B, Hkv, D], appended at position seq_len - 1
-    v_new: torch.Tensor  # [B, Hkv, D]
+    k_new: torch.Tensor | None  # [B, Hkv, D], appended at position seq_len - 1 (None: no append)
+    v_new: torch.Tensor | None  # [B, Hkv, D]
     out: torch.Tensor  # [B, Hq, D]
     block_tables: torch.Tensor  # [B, max_blocks] int32
     seq_lens: torch.Tensor  # [B] int32, including the new token
