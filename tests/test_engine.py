@@ -339,9 +339,11 @@ def test_resizing_the_cpu_pool_brings_its_profile_along(tmp_path, monkeypatch):
     engine.close()
 
 
-def test_resizing_the_cpu_pool_while_requests_decode_there_keeps_their_tokens(tmp_path):
-    """The resized pool is measured on the live host KV pool: that must not touch the KV of the
-    requests decoding from it (fp16 for the reason given above)."""
+@pytest.mark.parametrize("knobs", [{"cpu_threads": 1}, {"policy": "gpu-only"}])
+def test_live_tuning_while_requests_decode_on_the_cpu_keeps_their_tokens(tmp_path, knobs):
+    """A resized pool is measured on the live host KV pool, which must not touch the KV of the
+    requests decoding from it; switching to gpu-only brings them home. fp16 for the reason
+    given above."""
     small = {
         "cache.gpu_kv_gib": 32 * 16 * 1024 / 2**30,
         "cache.cpu_kv_gib": 0.01,
@@ -358,14 +360,16 @@ def test_resizing_the_cpu_pool_while_requests_decode_there_keeps_their_tokens(tm
     for i, p in enumerate(ps):
         engine.add_request(f"r{i}", p, params)
     outs: dict[str, list[RequestOutput]] = {}
-    resized = False
+    tuned = False
     while engine.has_unfinished():
         for out in engine.step():
             outs.setdefault(out.request_id, []).append(out)
-        if not resized and engine.stats()["decoding_cpu"] >= 2:
-            engine.tune(cpu_threads=1)
-            resized = True
-    assert resized and engine.rt.scheduler.cost.profile.key.pool_threads == 1
+        if not tuned and engine.stats()["decoding_cpu"] >= 2:
+            engine.tune(**knobs)
+            tuned = True
+    assert tuned
+    if "cpu_threads" in knobs:
+        assert engine.rt.scheduler.cost.profile.key.pool_threads == 1
     got = {k: tokens_of(v) for k, v in outs.items()}
     assert_greedy_equal(engine, {f"r{i}": p for i, p in enumerate(ps)}, expected, got)
     assert_all_free(engine)
