@@ -163,23 +163,24 @@ def test_batched_greedy_matches_single_request_forward(tmp_path):
     assert_all_free(engine)
 
 
+# A GPU pool of 32 blocks: swaps and CPU placement. fp16, not bf16: a random model's top logits
+# lie within ~1e-3 of each other, and bf16's 8-bit mantissa turns the different summation orders
+# of the two attention kernels into flipped near-ties.
+SMALL_GPU_POOL = {
+    "cache.gpu_kv_gib": 32 * 16 * 1024 / 2**30,
+    "cache.cpu_kv_gib": 0.01,
+    "model.dtype": "float16",
+}
+
+
 @pytest.mark.parametrize("policy", ["neo", "auto"])
 def test_neo_mode_greedy_equals_gpu_only(tmp_path, policy):
-    """A GPU pool of 32 blocks forces swaps and CPU placement; tokens must not change.
-
-    fp16, not bf16: a random model's top logits lie within ~1e-3 of each other, and bf16's 8-bit
-    mantissa turns the different summation orders of the two attention kernels into flipped
-    near-ties."""
-    small = {
-        "cache.gpu_kv_gib": 32 * 16 * 1024 / 2**30,
-        "cache.cpu_kv_gib": 0.01,
-        "model.dtype": "float16",
-    }
+    """A small GPU pool forces swaps and CPU placement; tokens must not change."""
     ps = prompts(24, seed=1)
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     results = {}
     for mode in ("gpu-only", policy):
-        engine = make_engine(tmp_path, **{"scheduler.policy": mode}, **small)
+        engine = make_engine(tmp_path, **{"scheduler.policy": mode}, **SMALL_GPU_POOL)
         for i, p in enumerate(ps):
             engine.add_request(f"r{i}", p, params)
         seen_cpu = False
@@ -342,21 +343,15 @@ def test_resizing_the_cpu_pool_brings_its_profile_along(tmp_path, monkeypatch):
 @pytest.mark.parametrize("knobs", [{"cpu_threads": 1}, {"policy": "gpu-only"}])
 def test_live_tuning_while_requests_decode_on_the_cpu_keeps_their_tokens(tmp_path, knobs):
     """A resized pool is measured on the live host KV pool, which must not touch the KV of the
-    requests decoding from it; switching to gpu-only brings them home. fp16 for the reason
-    given above."""
-    small = {
-        "cache.gpu_kv_gib": 32 * 16 * 1024 / 2**30,
-        "cache.cpu_kv_gib": 0.01,
-        "model.dtype": "float16",
-    }
+    requests decoding from it; switching to gpu-only brings them home."""
     ps = prompts(16, seed=3)
     params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
-    engine = make_engine(tmp_path, **{"scheduler.policy": "gpu-only"}, **small)
+    engine = make_engine(tmp_path, **{"scheduler.policy": "gpu-only"}, **SMALL_GPU_POOL)
     for i, p in enumerate(ps):
         engine.add_request(f"r{i}", p, params)
     expected = {k: tokens_of(v) for k, v in run_all(engine).items()}
 
-    engine = make_engine(tmp_path, **{"scheduler.policy": "neo"}, **small)
+    engine = make_engine(tmp_path, **{"scheduler.policy": "neo"}, **SMALL_GPU_POOL)
     for i, p in enumerate(ps):
         engine.add_request(f"r{i}", p, params)
     outs: dict[str, list[RequestOutput]] = {}
