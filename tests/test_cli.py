@@ -48,7 +48,8 @@ def ctl(config_file: Path, *args: str) -> tuple[int, str, str]:
 def test_status_human_and_json(daemon: EmbeddedDaemon, config_file: Path) -> None:
     code, out, _ = ctl(config_file, "status")
     assert code == 0
-    for label in ("serving", "model", "policy", "requests", "KV", "CPU pool", "TTFT ms", "TPOT ms"):
+    for label in ("serving", "model", "policy", "requests", "KV", "CPU pool", "TTFT ms", "TPOT ms",
+                  "profile   id="):
         assert label in out, out
     code, out, _ = ctl(config_file, "status", "--json")
     data = orjson.loads(out)

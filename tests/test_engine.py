@@ -311,6 +311,9 @@ def test_resizing_the_cpu_pool_brings_its_profile_along(tmp_path, monkeypatch):
     cost = engine.rt.scheduler.cost
     assert cost.cpu_decode_attn_s(8, 4096) == pytest.approx(4e-3, rel=0.05)
     assert len(list((tmp_path / "profiles").glob("profile-*.json"))) == 2
+    shown = engine.stats()["profile"]
+    assert shown["pool_threads"] == 2 and shown["cpu_measured_at"]
+    assert (tmp_path / "profiles" / f"profile-{shown['id']}.json").is_file()
     prompt = [5, 6, 7, 8]
     engine.add_request("after", prompt, GREEDY)
     assert tokens_of(run_all(engine)["after"]) == reference_greedy(engine, prompt, 12)

@@ -213,6 +213,19 @@ class Engine:
             },
             "iterations": self.iteration_stats.snapshot(),
             "offload_guard": self.guard.snapshot(),
+            "profile": self._profile_stats(),
+        }
+
+    def _profile_stats(self) -> dict[str, Any] | None:
+        """Which stored profile the scheduler decides from (its file is profile-<id>.json)."""
+        profile = getattr(self.rt.scheduler.cost, "profile", None)
+        if profile is None:
+            return None
+        return {
+            "id": profile.key.short_id(),
+            "pool_threads": profile.key.pool_threads,
+            "measured_at": profile.meta.get("measured_at"),
+            "cpu_measured_at": profile.meta.get("cpu_measured_at"),
         }
 
     # ---- internals -------------------------------------------------------------------------------

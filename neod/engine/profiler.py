@@ -562,7 +562,7 @@ def load_or_profile(
         measure = group.leader_decides("profile", measure)
     if measure:
         logger.info(
-            "profiling this host for %s (no stored profile at %s)", key.fingerprint()[:16], path
+            "profiling this host for %s (no stored profile at %s)", key.short_id(), path
         )
         profiler = Profiler(
             model,

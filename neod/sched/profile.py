@@ -148,6 +148,10 @@ class ProfileKey:
         canonical = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
+    def short_id(self) -> str:
+        """What names the profile's file, and what operators see of it."""
+        return self.fingerprint()[:16]
+
 
 def profile_key(
     model: Mapping[str, Any],
@@ -223,7 +227,7 @@ _TABLES_1D = ("linear", "prefill_attn", "transfer", "swap", "iteration_overhead"
 
 def profile_path(directory: str | os.PathLike[str], key: ProfileKey) -> Path:
     """One file per setup, so profiles of several models or thread counts live side by side."""
-    return Path(directory) / f"profile-{key.fingerprint()[:16]}.json"
+    return Path(directory) / f"profile-{key.short_id()}.json"
 
 
 def save_profile(profile: Profile, path: str | os.PathLike[str]) -> None:
