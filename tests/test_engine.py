@@ -343,18 +343,17 @@ def test_resizing_the_cpu_pool_brings_its_profile_along(tmp_path, monkeypatch):
     engine.close()
 
 
-@pytest.mark.parametrize("knobs", [{"cpu_threads": 1}, {"policy": "gpu-only"}])
-def test_live_tuning_while_requests_decode_on_the_cpu_keeps_their_tokens(tmp_path, knobs):
-    """A resized pool is measured on the live host KV pool, which must not touch the KV of the
-    requests decoding from it; switching to gpu-only brings them home."""
+def check_live_tuning_keeps_cpu_requests_tokens(tmp_path, pool: dict, knobs: dict) -> None:
+    """Tune the engine while requests decode on the CPU (`pool` forces that); tokens must equal
+    GPU-only's and every block must come back."""
     ps = prompts(16, seed=3)
     params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
-    engine = make_engine(tmp_path, **{"scheduler.policy": "gpu-only"}, **SMALL_GPU_POOL)
+    engine = make_engine(tmp_path, **{"scheduler.policy": "gpu-only"}, **pool)
     for i, p in enumerate(ps):
         engine.add_request(f"r{i}", p, params)
     expected = {k: tokens_of(v) for k, v in run_all(engine).items()}
 
-    engine = make_engine(tmp_path, **{"scheduler.policy": "neo"}, **SMALL_GPU_POOL)
+    engine = make_engine(tmp_path, **{"scheduler.policy": "neo"}, **pool)
     for i, p in enumerate(ps):
         engine.add_request(f"r{i}", p, params)
     outs: dict[str, list[RequestOutput]] = {}
@@ -367,10 +366,17 @@ def test_live_tuning_while_requests_decode_on_the_cpu_keeps_their_tokens(tmp_pat
             tuned = True
     assert tuned
     if "cpu_threads" in knobs:
-        assert engine.rt.scheduler.cost.profile.key.pool_threads == 1
+        assert engine.rt.scheduler.cost.profile.key.pool_threads == knobs["cpu_threads"]
     got = {k: tokens_of(v) for k, v in outs.items()}
     assert_greedy_equal(engine, {f"r{i}": p for i, p in enumerate(ps)}, expected, got)
     assert_all_free(engine)
+
+
+@pytest.mark.parametrize("knobs", [{"cpu_threads": 1}, {"policy": "gpu-only"}])
+def test_live_tuning_while_requests_decode_on_the_cpu_keeps_their_tokens(tmp_path, knobs):
+    """A resized pool is measured on the live host KV pool, which must not touch the KV of the
+    requests decoding from it; switching to gpu-only brings them home."""
+    check_live_tuning_keeps_cpu_requests_tokens(tmp_path, SMALL_GPU_POOL, knobs)
 
 
 class ScriptedScheduler:

@@ -13,6 +13,7 @@ from test_engine import (
     ScriptedScheduler,
     assert_all_free,
     assert_greedy_equal,
+    check_live_tuning_keeps_cpu_requests_tokens,
     make_engine,
     prompts,
     run_all,
@@ -56,6 +57,12 @@ def test_gpu_neo_greedy_equals_gpu_only(tmp_path, policy):
     assert_all_free(engine)
     if policy == "scripted":
         assert engine.stats()["iterations"]["pipelined"] > 0
+
+
+@pytest.mark.parametrize("knobs", [{"cpu_threads": 1}, {"policy": "gpu-only"}])
+def test_gpu_live_tuning_while_requests_decode_on_the_cpu_keeps_their_tokens(tmp_path, knobs):
+    """The CPU side measured again on a GPU host (copies competing) over the live host pool."""
+    check_live_tuning_keeps_cpu_requests_tokens(tmp_path, SMALL_GPU, knobs)
 
 
 def test_decode_graph_replay_matches_eager_forward(tmp_path):
