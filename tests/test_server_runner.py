@@ -217,6 +217,25 @@ def test_calls_run_between_steps_and_carry_exceptions() -> None:
         runner.call(lambda e: e.stats()).result(1)
 
 
+def test_a_long_call_keeps_the_beat_for_its_allowance_only() -> None:
+    engine = ScriptedEngine()
+    runner, _ = make(engine)
+    runner.start()
+    try:
+        slow = runner.call(lambda e: time.sleep(0.6), allowance_s=30.0)
+        time.sleep(0.3)
+        assert runner.last_beat > time.monotonic() + 20  # a resize measuring the pool: alive
+        slow.result(5)
+        time.sleep(0.05)
+        assert abs(time.monotonic() - runner.last_beat) < 1.0
+        stuck = runner.call(lambda e: time.sleep(1.0))  # no allowance: silent while it runs
+        time.sleep(0.6)
+        assert time.monotonic() - runner.last_beat >= 0.3
+        stuck.result(5)
+    finally:
+        assert runner.stop(5.0)
+
+
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on() -> None:
     engine = ScriptedEngine(tokens=2, fail_steps=1)
     runner, sink = make(engine)

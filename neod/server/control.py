@@ -72,7 +72,8 @@ class ControlHandler:
             raise ProtocolError(ErrorCode.OVERLOADED, f"cannot {what} yet: the daemon is "
                                                       f"{self.server.state.value}; retry shortly")
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(runner.call(fn)), timeout_s)
+            call = runner.call(fn, allowance_s=timeout_s)  # as long as this waits for it
+            return await asyncio.wait_for(asyncio.wrap_future(call), timeout_s)
         except TimeoutError:
             raise ProtocolError(ErrorCode.INTERNAL, f"the engine did not answer {what} within "
                                                     f"{timeout_s:.0f}s; it may be stuck in a step "

@@ -7,7 +7,8 @@ The event loop hands work over through a lock-protected inbox (submissions, abor
 fewer than `window` handed-over requests still await their first token: that keeps priorities
 meaningful without starving the engine's own batching. With nothing to do the thread sleeps on a
 condition variable (no polling) and still refreshes `last_beat` every second, which is what the
-systemd watchdog checks: a hung `step()` stops the beat.
+systemd watchdog checks: a hung `step()` stops the beat. A call states how long it may take (its
+caller's timeout), and the beat is set that far ahead while it runs.
 
 The engine is built on this same thread: on CPU hosts, tensors created on one thread and computed
 on another ran 5-20x slower (each OS thread that starts torch's OpenMP work gets its own team of
@@ -79,7 +80,8 @@ class EngineRunner:
         self._heap: list[_Pending] = []
         self._pending: dict[str, _Pending] = {}
         self._aborts: list[str] = []
-        self._calls: list[tuple[Callable[[EngineLike], Any], concurrent.futures.Future]] = []
+        # (fn, its future, seconds it may keep the engine thread busy without stopping the beat)
+        self._calls: list[tuple[Callable[[EngineLike], Any], concurrent.futures.Future, float]] = []
         self._not_started: set[str] = set()
         self._admitted: list[tuple[str, float]] = []
         self._arrival = itertools.count()
@@ -107,14 +109,18 @@ class EngineRunner:
             self._aborts.append(request_id)
             self._cond.notify()
 
-    def call(self, fn: Callable[[EngineLike], Any]) -> concurrent.futures.Future:
-        """Run `fn(engine)` on the engine thread between two steps."""
+    def call(
+        self, fn: Callable[[EngineLike], Any], allowance_s: float = 0.0
+    ) -> concurrent.futures.Future:
+        """Run `fn(engine)` on the engine thread between two steps. `allowance_s`: how long it may
+        legitimately take (a CPU pool measured again) with the heartbeat kept; past that, a call
+        that has not returned counts as a hang, like a step."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._cond:
             if self._stopping or self.failed:
                 future.set_exception(RuntimeError("the engine thread is not running"))
                 return future
-            self._calls.append((fn, future))
+            self._calls.append((fn, future, allowance_s))
             self._cond.notify()
         return future
 
@@ -178,7 +184,7 @@ class EngineRunner:
             self.engine = None  # let its pools be freed once the thread is done
             with self._cond:
                 calls, self._calls = self._calls, []
-            for _, future in calls:
+            for _, future, _ in calls:
                 if future.set_running_or_notify_cancel():
                     future.set_exception(RuntimeError("the engine thread stopped"))
 
@@ -187,12 +193,14 @@ class EngineRunner:
         failures = 0
         while (work := self._take_work()) is not None:
             calls, aborts, admits = work
-            for fn, future in calls:
+            for fn, future, allowance_s in calls:
                 if future.set_running_or_notify_cancel():
+                    self.last_beat = time.monotonic() + allowance_s  # a beat ahead, for its length
                     try:
                         future.set_result(fn(self.engine))
                     except Exception as exc:  # the caller gets the error; the engine goes on
                         future.set_exception(exc)
+                    self.last_beat = time.monotonic()
             for item in admits:
                 self.engine.add_request(item.request_id, item.prompt_token_ids, item.params)
             # After the admissions: an abort that came with its own request's admission must
