@@ -296,7 +296,7 @@ def test_resizing_the_cpu_pool_brings_its_profile_along(tmp_path, monkeypatch):
     engine = make_engine(
         tmp_path, **{"scheduler.policy": "neo", "cache.cpu_kv_gib": 0.01, "cpu.threads": 1}
     )
-    start = engine.rt.scheduler.cost.profile
+    start = engine.rt.profile
     assert start.key.pool_threads == 1 and set(timed_with) == {1}
     full_runs = []
     monkeypatch.setattr(profiler.Profiler, "run", lambda self, key: full_runs.append(key))
@@ -305,7 +305,7 @@ def test_resizing_the_cpu_pool_brings_its_profile_along(tmp_path, monkeypatch):
     assert engine.tune(cpu_threads=2)["cpu_threads"] == 2
     pool = engine.rt.cpu_attention
     assert pool.num_threads == 2 and engine.rt.executor.cpu_attention is pool
-    resized = engine.rt.scheduler.cost.profile
+    resized = engine.rt.profile
     assert resized.key.pool_threads == 2 and set(timed_with) == {2} and full_runs == []
     assert resized.linear == start.linear and resized.gpu_decode_attn == start.gpu_decode_attn
     cost = engine.rt.scheduler.cost
@@ -321,7 +321,7 @@ def test_resizing_the_cpu_pool_brings_its_profile_along(tmp_path, monkeypatch):
 
     timed_with.clear()
     engine.tune(cpu_threads=1)  # measured at start: the stored profile comes back
-    assert timed_with == [] and engine.rt.scheduler.cost.profile.key.pool_threads == 1
+    assert timed_with == [] and engine.rt.profile.key.pool_threads == 1
 
     with pytest.raises(ValueError, match="pool threads requested"):
         engine.tune(cpu_threads=10_000)
@@ -337,7 +337,7 @@ def test_resizing_the_cpu_pool_brings_its_profile_along(tmp_path, monkeypatch):
         engine.tune(cpu_threads=2)
     assert engine.rt.cpu_threads == engine.rt.cpu_attention.num_threads == 1
     assert engine.rt.executor.cpu_attention is engine.rt.cpu_attention
-    assert engine.rt.scheduler.cost.profile.key.pool_threads == 1
+    assert engine.rt.profile.key.pool_threads == 1
     engine.add_request("still", prompt, GREEDY)
     assert tokens_of(run_all(engine)["still"]) == reference_greedy(engine, prompt, 12)
     engine.close()
@@ -366,7 +366,7 @@ def check_live_tuning_keeps_cpu_requests_tokens(tmp_path, pool: dict, knobs: dic
             tuned = True
     assert tuned
     if "cpu_threads" in knobs:
-        assert engine.rt.scheduler.cost.profile.key.pool_threads == knobs["cpu_threads"]
+        assert engine.rt.profile.key.pool_threads == knobs["cpu_threads"]
     got = {k: tokens_of(v) for k, v in outs.items()}
     assert_greedy_equal(engine, {f"r{i}": p for i, p in enumerate(ps)}, expected, got)
     assert_all_free(engine)

@@ -218,7 +218,7 @@ class Engine:
 
     def _profile_stats(self) -> dict[str, Any] | None:
         """Which stored profile the scheduler decides from (its file is profile-<id>.json)."""
-        profile = getattr(self.rt.scheduler.cost, "profile", None)
+        profile = self.rt.profile
         if profile is None:
             return None
         return {

@@ -28,12 +28,9 @@ from neod.cache.pool import KVLayout
 from neod.kernels import cuda_ops, ops
 from neod.kernels.cpu_attention import CpuFlight, amx_in_use, use_amx, use_tile_path
 from neod.sched import (
-    CostModel,
     Profile,
     Table1D,
     Table2D,
-    TableCostModel,
-    ZeroCostModel,
     load_profile,
     profile_key,
     profile_path,
@@ -539,7 +536,7 @@ def load_or_profile(
     refresh: bool = False,
     group: Any = None,
     cpu_base: Profile | None = None,
-) -> tuple[CostModel, str | None]:
+) -> tuple[Profile | None, str | None]:
     """The stored profile for exactly this setup, or a fresh one measured now and stored, and the
     CPU tile path it was measured with, which stays selected.
 
@@ -548,8 +545,8 @@ def load_or_profile(
 
     With tensor parallelism (`group`, a neod.dist.group.RankGroup) rank 0 decides and keeps the
     profile; the other ranks measure in step with it (the projections' all-reduces need every
-    rank, and their CPU pools load the memory bus as they will when serving), then drop theirs:
-    they schedule nothing, and take rank 0's tile path."""
+    rank, and their CPU pools load the memory bus as they will when serving), then drop theirs
+    (None): they schedule nothing, and take rank 0's tile path."""
     from neod.config import profile_dir
 
     tile_paths = select_tile_paths(cfg.cpu)
@@ -587,4 +584,4 @@ def load_or_profile(
             values = group.leader_decides("amx_values", tile_path == "scores+values")
             tile_path = "scores+values" if values else "scores"
         use_tile_path(tile_path)
-    return (TableCostModel(profile) if leads else ZeroCostModel()), tile_path
+    return (profile if leads else None), tile_path

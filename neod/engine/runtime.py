@@ -21,7 +21,7 @@ from neod.engine.graphs import DecodeGraphs
 from neod.engine.stage_graphs import StageGraphs
 from neod.model.llama import LlamaModel
 from neod.model.presets import get_preset
-from neod.sched import Scheduler
+from neod.sched import CostModel, Profile, Scheduler, TableCostModel, ZeroCostModel
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class EngineRuntime:
     cpu_threads: int
     cpu_bandwidth_gbps: float | None
     cpu_tile_path: str | None  # the products on AMX tiles ("scores+values", "scores") or None
+    profile: Profile | None  # what the scheduler's costs come from; None on ranks other than 0
     executor: Executor
     scheduler: Scheduler
     tp: Any = None  # neod.dist.launch.Leader on rank 0 of a tensor-parallel group, else None
@@ -109,19 +110,19 @@ class EngineRuntime:
         from neod.kernels.cpu_attention import use_tile_path
 
         cores = pool_cores(threads, self.cfg.cpu.reserve_cores)  # raises on too many: no change
-        old_threads, profile = self.cpu_threads, getattr(self.scheduler.cost, "profile", None)
+        old_threads = self.cpu_threads
         self._use_cpu_cores(cores)
         try:
-            cost_model, self.cpu_tile_path = load_or_profile(
+            self.profile, self.cpu_tile_path = load_or_profile(
                 self.cfg, self.model, self.layout, self.executor, threads, self.max_model_len,
-                cpu_base=profile,
+                cpu_base=self.profile,
             )  # fmt: skip
         except BaseException:
             self._use_cpu_cores(pool_cores(old_threads, self.cfg.cpu.reserve_cores))
             if self.cpu_tile_path is not None:
                 use_tile_path(self.cpu_tile_path)
             raise
-        self.scheduler.cost = cost_model
+        self.scheduler.cost = cost_model_of(self.profile)
 
     def _use_cpu_cores(self, cores: list[int]) -> None:
         from neod.kernels.cpu_attention import CpuAttention
@@ -132,6 +133,12 @@ class EngineRuntime:
         self.executor.cpu_attention = self.cpu_attention
         self.cpu_threads = len(cores)
         set_torch_threads(self.cfg.cpu, len(cores), self.tp_size)
+
+
+def cost_model_of(profile: Profile | None) -> CostModel:
+    """The scheduler's costs: the profile's tables; free where this rank keeps no profile (it
+    schedules nothing)."""
+    return ZeroCostModel() if profile is None else TableCostModel(profile)
 
 
 def set_torch_threads(cpu_cfg: Any, pool_threads: int, world_size: int) -> None:
@@ -254,7 +261,7 @@ def build_runtime(cfg: Any, refresh_profile: bool = False, group: Any = None) ->
         len(cores),
     )
     executor = Executor(model, gpu_pool, cpu_pool, cpu_attention, max_rows, max_tokens)
-    cost_model, tile_path = load_or_profile(
+    profile, tile_path = load_or_profile(
         cfg, model, layout, executor, len(cores), max_model_len, refresh_profile, group
     )
     # CUDA graphs would capture the all-reduces too: not done, nor validated, with TP.
@@ -281,6 +288,7 @@ def build_runtime(cfg: Any, refresh_profile: bool = False, group: Any = None) ->
         cpu_threads=len(cores),
         cpu_bandwidth_gbps=bandwidth,
         cpu_tile_path=tile_path if cpu_pool is not None else None,
+        profile=profile,
         executor=executor,
-        scheduler=Scheduler(cost_model, mc.num_hidden_layers),
+        scheduler=Scheduler(cost_model_of(profile), mc.num_hidden_layers),
     )
