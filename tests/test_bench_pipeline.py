@@ -18,7 +18,7 @@ def test_each_mode_is_measured_against_its_prediction(tmp_path, capsys):
     for mode in ("sequential", "pipelined"):
         r = with_cpu[mode]
         assert r["cpu_busy_ms"] > 0 and r["cpu_predicted_ms"] > 0
-        assert r["x_predicted"] == r["wall_ms"] / r["predicted_ms"]
+        assert r["predicted_ms"] > 0 and r["x_gpu_only"] > 0
     assert sum(with_cpu["pipelined"]["split"]) == 3
     out = capsys.readouterr().out
     assert "CPU pool busy ms measured / predicted" in out and out.count(" cpu ") == 3

@@ -302,7 +302,9 @@ def test_resizing_the_cpu_pool_brings_its_profile_along(tmp_path, monkeypatch):
     monkeypatch.setattr(profiler.Profiler, "run", lambda self, key: full_runs.append(key))
 
     timed_with.clear()
+    guard = engine.guard
     assert engine.tune(cpu_threads=2)["cpu_threads"] == 2
+    assert engine.guard is not guard  # its verdicts were on the old pool
     pool = engine.rt.cpu_attention
     assert pool.num_threads == 2 and engine.rt.executor.cpu_attention is pool
     resized = engine.rt.profile
@@ -333,7 +335,7 @@ def test_resizing_the_cpu_pool_brings_its_profile_along(tmp_path, monkeypatch):
     (tmp_path / "profiles" / "moved").mkdir()
     for stored in (tmp_path / "profiles").glob("profile-*.json"):
         stored.rename(tmp_path / "profiles" / "moved" / stored.name)
-    with pytest.raises(RuntimeError, match="pool died"):
+    with pytest.raises(RuntimeError, match="pool died.*the pool of 1 threads and its profile"):
         engine.tune(cpu_threads=2)
     assert engine.rt.cpu_threads == engine.rt.cpu_attention.num_threads == 1
     assert engine.rt.executor.cpu_attention is engine.rt.cpu_attention

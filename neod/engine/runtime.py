@@ -117,10 +117,15 @@ class EngineRuntime:
                 self.cfg, self.model, self.layout, self.executor, threads, self.max_model_len,
                 cpu_base=self.profile,
             )  # fmt: skip
-        except BaseException:
+        except BaseException as exc:
             self._use_cpu_cores(pool_cores(old_threads, self.cfg.cpu.reserve_cores))
             if self.cpu_tile_path is not None:
                 use_tile_path(self.cpu_tile_path)
+            if isinstance(exc, Exception):
+                raise RuntimeError(
+                    f"measuring the CPU pool at {threads} threads failed ({exc}); the pool of "
+                    f"{old_threads} threads and its profile stay in force"
+                ) from exc
             raise
         self.scheduler.cost = cost_model_of(self.profile)
 
