@@ -355,7 +355,7 @@ class ControlRequest:
 
 
 _TUNE_KNOBS = ("policy", "max_batch_size", "max_tokens_in_batch", "cpu_threads")
-# A tune that resizes the CPU pool may measure the pool again (tens of seconds on a big host):
+# A tune that resizes the CPU pool may measure the pool again (its CPU side of the profile):
 # the daemon waits this long for the engine, and neoctl a little longer for the reply.
 CPU_RETUNE_TIMEOUT_S = 300.0
 CONTROL_COMMANDS = ("status", "tune", "drain", "resume", "ping")
