@@ -515,7 +515,7 @@ static unmasked void attend(const uniform NeodDecodeArgs * uniform a,
     uniform const int group = hq / hkv;
     uniform const int bs = a->block_size;
     uniform const int bs_padded = (bs + 15) & ~15;    // see NeodScratch
-    const uniform uint16 * uniform q = (const uniform uint16 * uniform)a->q + (uniform int64)b * hq * D;
+    const uniform uint16 * uniform q = (const uniform uint16 * uniform)a->q + (uniform int64)b * a->q_stride;
     uniform float * uniform qf = scr->q;       // [hq, D] scaled query
     uniform float * uniform acc = scr->acc;    // [hq, D] unnormalised output
     uniform float * uniform m = scr->max;      // [hq] running max of scores

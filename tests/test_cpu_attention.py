@@ -145,6 +145,34 @@ def test_append_writes_exactly_the_new_slot(attn, block_size):
     check(batch, out, lse)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_rows_of_a_fused_qkv_tensor(attn, dtype, head_dim, group):
+    # The engine hands over q, k_new and v_new as views of one [B, Hq + 2 Hkv, D] tensor (one copy
+    # from the GPU): the result must be the one of contiguous copies, bit for bit, KV included.
+    lens = [1, 17, 40, 9_000]
+    hkv = 2
+    batch = make_batch(lens, num_kv_heads=hkv, group=group, head_dim=head_dim, block_size=16,
+                       dtype=dtype, seed=group * 1000 + head_dim)
+    hq = hkv * group
+    gen = torch.Generator().manual_seed(7)
+    fused = torch.randn(len(lens), hq + 2 * hkv, head_dim, generator=gen).to(dtype)
+    q, k_new, v_new = fused.split([hq, hkv, hkv], dim=1)
+    assert not q.is_contiguous() and not k_new.is_contiguous()
+    kv_copy = batch["kv_layer"].clone()
+    out, lse = poisoned_outputs(batch)
+    attn.decode(q, batch["kv_layer"], batch["block_tables"], batch["seq_lens"], out, lse,
+                k_new=k_new, v_new=v_new)
+    out_ref, lse_ref = poisoned_outputs(batch)
+    attn.decode(q.contiguous(), kv_copy, batch["block_tables"], batch["seq_lens"], out_ref,
+                lse_ref, k_new=k_new.contiguous(), v_new=v_new.contiguous())
+    assert torch.equal(batch["kv_layer"].view(torch.int16), kv_copy.view(torch.int16))
+    assert torch.equal(out.view(torch.int16), out_ref.view(torch.int16))
+    assert torch.equal(lse, lse_ref)
+    check({**batch, "q": q.contiguous()}, out, lse)
+
+
 def test_blocks_far_into_a_large_pool(attn):
     # Block ids whose byte offsets pass 2 and 4 GiB: every offset must be computed in 64 bits.
     # The pool is never touched outside the used blocks, so it costs no memory.
@@ -231,6 +259,10 @@ def _valid(dtype=torch.bfloat16) -> dict:
         (lambda b: b.update(lse=torch.empty(2, 4, dtype=torch.float64)), "lse must be"),
         (lambda b: b.update(k_new=torch.empty(2, 2, 64, dtype=torch.bfloat16)),
          "k_new and v_new must be given together"),
+        (lambda b: b.update(k_new=torch.empty(2, 2, 64, dtype=torch.bfloat16),
+                            v_new=torch.empty(2, 3, 64, dtype=torch.bfloat16)[:, :2]),
+         "k_new and v_new rows must be equally far apart"),
+        (lambda b: b.update(q=b["q"][:1].expand(2, -1, -1)), "row strides must cover a row"),
         (lambda b: b.update(q=b["q"][:, :3].contiguous(), out=b["out"][:, :3].contiguous()),
          "not a multiple of Hkv"),
         (lambda b: b.update(seq_lens=torch.tensor([0, 7], dtype=torch.int32)),

@@ -38,8 +38,10 @@ def _flight(
     dtype: torch.dtype,
     num_prefill: int = 0,
     prefill_first_block: int = 0,
+    fused: bool = False,
 ) -> CpuFlight:
-    """A flight whose requests own consecutive blocks from first_block, in shuffled order."""
+    """A flight whose requests own consecutive blocks from first_block, in shuffled order; with
+    `fused`, q, k_new and v_new are views of one [B, Hq + 2 Hkv, D] tensor, as in the engine."""
     b = len(seq_lens)
     needed = [-(-n // block_size) for n in seq_lens]
     max_blocks = max(needed, default=1) + 1
@@ -53,8 +55,12 @@ def _flight(
     slots = None
     if num_prefill:
         slots = prefill_first_block * block_size + torch.randperm(num_prefill, generator=gen)
+    if fused:
+        q, k_new, v_new = empty(b, hq + 2 * hkv).split([hq, hkv, hkv], dim=1)
+    else:
+        q, k_new, v_new = empty(b, hq), empty(b, hkv), empty(b, hkv)
     return CpuFlight(
-        q=empty(b, hq), k_new=empty(b, hkv), v_new=empty(b, hkv), out=empty(b, hq),
+        q=q, k_new=k_new, v_new=v_new, out=empty(b, hq),
         block_tables=tables, seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
         ready=torch.zeros(num_layers, dtype=torch.int32),
         done=torch.zeros(num_layers, dtype=torch.int32),
@@ -86,7 +92,8 @@ def test_layers_match_the_reference_flight_by_flight(attn, dtype, hq, hkv, head_
     flights = [
         _flight(gen, lens0, 0, num_layers, hq, hkv, head_dim, block_size, dtype,
                 num_prefill, blocks0 + blocks1),
-        _flight(gen, lens1, blocks0, num_layers, hq, hkv, head_dim, block_size, dtype),
+        _flight(gen, lens1, blocks0, num_layers, hq, hkv, head_dim, block_size, dtype,
+                fused=True),
     ]
     errors: list[BaseException] = []
 

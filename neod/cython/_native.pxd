@@ -38,6 +38,8 @@ cdef extern from "neod_decode.h" nogil:
         int32_t head_dim
         int32_t block_size
         int32_t max_blocks
+        int64_t q_stride
+        int64_t kv_new_stride
         NeodDtype dtype
         float scale
         NeodAmx amx_scores

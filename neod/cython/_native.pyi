@@ -33,6 +33,8 @@ class NativePool:
         max_blocks: int,
         dtype: int,
         scale: float,
+        q_stride: int,
+        kv_new_stride: int,
     ) -> None: ...
     def probe_read_bandwidth(
         self, nbytes: int, thread_counts: list[int], repeats: int

@@ -48,7 +48,8 @@ def amx_in_use():
 cdef _fill_args(NeodDecodeArgs *args, uintptr_t q, uintptr_t kv, uintptr_t block_tables,
                 uintptr_t seq_lens, uintptr_t k_new, uintptr_t v_new, uintptr_t out,
                 uintptr_t lse, int64_t num_blocks, int batch, int num_q_heads, int num_kv_heads,
-                int head_dim, int block_size, int max_blocks, int dtype, float scale):
+                int head_dim, int block_size, int max_blocks, int dtype, float scale,
+                int64_t q_stride, int64_t kv_new_stride):
     """Checks what the C code relies on and fills one batch's arguments."""
     # An empty batch (a flight that only stores prefill rows) dereferences none of its tensors,
     # whose empty storage may well be null.
@@ -65,6 +66,10 @@ cdef _fill_args(NeodDecodeArgs *args, uintptr_t q, uintptr_t kv, uintptr_t block
             or num_q_heads < num_kv_heads or num_q_heads % num_kv_heads != 0):
         raise ValueError("inconsistent sizes: batch >= 0, num_blocks, block_size, max_blocks "
                          ">= 1, and num_q_heads a multiple of num_kv_heads are required")
+    if q_stride < <int64_t>num_q_heads * head_dim or (
+            k_new != 0 and kv_new_stride < <int64_t>num_kv_heads * head_dim):
+        raise ValueError("row strides must cover a row: q_stride >= num_q_heads * head_dim, "
+                         "kv_new_stride >= num_kv_heads * head_dim")
     args.q = <const void *>q
     args.kv = <void *>kv
     args.block_tables = <const int32_t *>block_tables
@@ -80,6 +85,8 @@ cdef _fill_args(NeodDecodeArgs *args, uintptr_t q, uintptr_t kv, uintptr_t block
     args.head_dim = head_dim
     args.block_size = block_size
     args.max_blocks = max_blocks
+    args.q_stride = q_stride
+    args.kv_new_stride = kv_new_stride
     args.dtype = <NeodDtype>dtype
     args.scale = scale
     cdef int group = num_q_heads // num_kv_heads
@@ -155,13 +162,14 @@ cdef class NativePool:
     def decode(self, uintptr_t q, uintptr_t kv, uintptr_t block_tables, uintptr_t seq_lens,
                uintptr_t k_new, uintptr_t v_new, uintptr_t out, uintptr_t lse,
                int64_t num_blocks, int batch, int num_q_heads, int num_kv_heads, int head_dim,
-               int block_size, int max_blocks, int dtype, float scale):
+               int block_size, int max_blocks, int dtype, float scale, int64_t q_stride,
+               int64_t kv_new_stride):
         cdef NeodDecodeArgs args
         cdef char err[512]
         cdef int rc = 0
         _fill_args(&args, q, kv, block_tables, seq_lens, k_new, v_new, out, lse, num_blocks,
                    batch, num_q_heads, num_kv_heads, head_dim, block_size, max_blocks, dtype,
-                   scale)
+                   scale, q_stride, kv_new_stride)
         err[0] = 0
         with self._lock:
             self._check_open()
@@ -176,7 +184,7 @@ cdef class NativePool:
                       double timeout_s):
         """Every layer of one iteration in one call (neod_layers.h); returns the busy seconds.
 
-        flights: sequences of 23 ints/floats each: the 17 `decode` arguments with kv pointing
+        flights: sequences of 25 ints/floats each: the 19 `decode` arguments with kv pointing
         at layer 0 and lse 0, then prefill_k, prefill_v, prefill_slots, num_prefill, ready, done.
         """
         cdef NeodFlight c_flights[NEOD_MAX_FLIGHTS]
@@ -192,22 +200,22 @@ cdef class NativePool:
                              "layer_bytes >= 1 and a positive timeout")
         for i in range(n):
             spec = flights[i]
-            if len(spec) != 23:
-                raise ValueError(f"flight {i} must have 23 fields, got {len(spec)}")
+            if len(spec) != 25:
+                raise ValueError(f"flight {i} must have 25 fields, got {len(spec)}")
             f = &c_flights[i]
             _fill_args(&f.decode, spec[0], spec[1], spec[2], spec[3], spec[4], spec[5], spec[6],
                        spec[7], spec[8], spec[9], spec[10], spec[11], spec[12], spec[13],
-                       spec[14], spec[15], spec[16])
-            if spec[20] < 0 or (spec[20] > 0 and 0 in (spec[17], spec[18], spec[19])):
+                       spec[14], spec[15], spec[16], spec[17], spec[18])
+            if spec[22] < 0 or (spec[22] > 0 and 0 in (spec[19], spec[20], spec[21])):
                 raise ValueError(f"flight {i}: prefill rows need K, V and slots")
-            if spec[21] == 0 or spec[22] == 0:
+            if spec[23] == 0 or spec[24] == 0:
                 raise ValueError(f"flight {i}: ready and done flags must be non-null")
-            f.prefill_k = <const void *><uintptr_t>spec[17]
-            f.prefill_v = <const void *><uintptr_t>spec[18]
-            f.prefill_slots = <const int64_t *><uintptr_t>spec[19]
-            f.num_prefill = spec[20]
-            f.ready = <const uint32_t *><uintptr_t>spec[21]
-            f.done = <uint32_t *><uintptr_t>spec[22]
+            f.prefill_k = <const void *><uintptr_t>spec[19]
+            f.prefill_v = <const void *><uintptr_t>spec[20]
+            f.prefill_slots = <const int64_t *><uintptr_t>spec[21]
+            f.num_prefill = spec[22]
+            f.ready = <const uint32_t *><uintptr_t>spec[23]
+            f.done = <uint32_t *><uintptr_t>spec[24]
         err[0] = 0
         with self._lock:
             self._check_open()

@@ -102,8 +102,8 @@ static void append_new_kv(const struct NeodDecodeArgs *a, int b) {
     int64_t d = a->head_dim, hkv = a->num_kv_heads;
     int64_t tile = (int64_t)a->block_size * d;
     uint16_t *kv = a->kv;
-    const uint16_t *k_new = (const uint16_t *)a->k_new + (int64_t)b * hkv * d;
-    const uint16_t *v_new = (const uint16_t *)a->v_new + (int64_t)b * hkv * d;
+    const uint16_t *k_new = (const uint16_t *)a->k_new + (int64_t)b * a->kv_new_stride;
+    const uint16_t *v_new = (const uint16_t *)a->v_new + (int64_t)b * a->kv_new_stride;
     for (int64_t h = 0; h < hkv; h++) {
         memcpy(kv + ((block * 2 + 0) * hkv + h) * tile + slot * d, k_new + h * d, d * 2);
         memcpy(kv + ((block * 2 + 1) * hkv + h) * tile + slot * d, v_new + h * d, d * 2);

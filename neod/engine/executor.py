@@ -41,11 +41,15 @@ from neod.model.attention import gpu_attention
 
 @dataclass
 class _HostBuffers:
-    """Staging for one sub-batch; pinned on a GPU host so the copies are asynchronous."""
+    """Staging for one sub-batch; pinned on a GPU host so the copies are asynchronous.
 
-    q: torch.Tensor  # [max_rows, Hq, D]
-    k: torch.Tensor  # [max_rows, Hkv, D]
-    v: torch.Tensor  # [max_rows, Hkv, D]
+    The CPU rows' Q, K and V arrive as the projection left them, one fused row per request, so
+    that they cross in one contiguous copy (no gather kernel, one DMA); q, k and v view it."""
+
+    qkv: torch.Tensor  # [max_rows, Hq + 2 Hkv, D]
+    q: torch.Tensor  # [max_rows, Hq, D], a view of qkv
+    k: torch.Tensor  # [max_rows, Hkv, D], a view of qkv
+    v: torch.Tensor  # [max_rows, Hkv, D], a view of qkv
     o: torch.Tensor  # [max_rows, Hq, D]
     prefill_k: torch.Tensor  # [max_tokens, Hkv, D]
     prefill_v: torch.Tensor  # [max_tokens, Hkv, D]
@@ -64,14 +68,31 @@ class _HostBuffers:
         def buf(rows: int, heads: int) -> torch.Tensor:
             return torch.empty((rows, heads, head_dim), dtype=dtype, pin_memory=pin)
 
+        qkv = buf(max_rows, num_heads + 2 * num_kv_heads)
         return cls(
-            buf(max_rows, num_heads),
-            buf(max_rows, num_kv_heads),
-            buf(max_rows, num_kv_heads),
+            qkv,
+            *qkv.split([num_heads, num_kv_heads, num_kv_heads], dim=1),
             buf(max_rows, num_heads),
             buf(max_tokens, num_kv_heads),
             buf(max_tokens, num_kv_heads),
         )
+
+
+def _fused_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The [T, Hq + 2 Hkv, D] projection output that q, k and v are views of (the model's
+    `layer_pre` contract): its rows are contiguous, so a range of them copies in one piece."""
+    heads = q.shape[1] + k.shape[1] + v.shape[1]
+    row = heads * q.shape[2]
+    step = q.shape[2] * q.element_size()
+    # A single row's stride is arbitrary (views give size-1 dims contiguous-style strides).
+    strided = q.shape[0] < 2 or q.stride(0) == k.stride(0) == v.stride(0) == row
+    adjacent = (
+        k.data_ptr() == q.data_ptr() + q.shape[1] * step
+        and v.data_ptr() == k.data_ptr() + k.shape[1] * step
+    )
+    if not (strided and adjacent):
+        raise ValueError("q, k and v must be views of one fused [T, Hq + 2 Hkv, D] tensor")
+    return q.as_strided((q.shape[0], heads, q.shape[2]), (row, q.shape[2], 1))
 
 
 @dataclass
@@ -213,9 +234,7 @@ class Executor:
         c, n = b.cpu_decode_start, b.num_cpu_decodes
         p0, p1 = b.cpu_prefill_rows
         copies = [
-            (buf.q[:n], f.q[c:]),
-            (buf.k[:n], f.k[c:]),
-            (buf.v[:n], f.v[c:]),
+            (buf.qkv[:n], _fused_rows(f.q, f.k, f.v)[c:]),
             (buf.prefill_k[: p1 - p0], f.k[p0:p1]),
             (buf.prefill_v[: p1 - p0], f.v[p0:p1]),
         ]

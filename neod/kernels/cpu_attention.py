@@ -52,9 +52,9 @@ class CpuFlight:
     the same block tables and lengths serve every layer.
     """
 
-    q: torch.Tensor  # [B, Hq, D]
+    q: torch.Tensor  # [B, Hq, D], rows may be strided (views of one fused Q/K/V row)
     k_new: torch.Tensor | None  # [B, Hkv, D], appended at position seq_len - 1 (None: no append)
-    v_new: torch.Tensor | None  # [B, Hkv, D]
+    v_new: torch.Tensor | None  # [B, Hkv, D], rows as far apart as k_new's
     out: torch.Tensor  # [B, Hq, D]
     block_tables: torch.Tensor  # [B, max_blocks] int32
     seq_lens: torch.Tensor  # [B] int32, including the new token
@@ -76,6 +76,17 @@ def _check(t: torch.Tensor, name: str, shape: tuple[int, ...], dtype: torch.dtyp
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
+
+
+def _check_rows(t: torch.Tensor, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Like `_check` for a [B, H, D] tensor whose rows (dim 0) may be strided, as in views of a
+    fused Q/K/V row; returns the row stride in elements."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    _check(t[:1], f"each row of {name}", tuple(t[:1].shape), dtype)
+    return t.stride(0) if shape[0] > 1 else shape[1] * shape[2]
 
 
 class CpuAttention:
@@ -207,7 +218,7 @@ class CpuAttention:
         v_new: torch.Tensor | None,
         scale: float | None,
     ) -> tuple:
-        """Checks one batch's tensors against each other; the native call's 17 arguments."""
+        """Checks one batch's tensors against each other; the native call's 19 arguments."""
         if not isinstance(kv_layer, torch.Tensor) or kv_layer.dim() != 5:
             raise ValueError("kv_layer must be a 5-d tensor [num_blocks, 2, Hkv, block_size, D]")
         num_blocks, two, num_kv_heads, block_size, head_dim = kv_layer.shape
@@ -224,7 +235,7 @@ class CpuAttention:
         batch, num_q_heads = q.shape[0], q.shape[1]
         if num_q_heads % num_kv_heads != 0:
             raise ValueError(f"Hq={num_q_heads} is not a multiple of Hkv={num_kv_heads}")
-        _check(q, "q", (batch, num_q_heads, head_dim), dtype)
+        q_stride = _check_rows(q, "q", (batch, num_q_heads, head_dim), dtype)
         if not isinstance(block_tables, torch.Tensor) or block_tables.dim() != 2:
             raise ValueError("block_tables must be a 2-d tensor [B, max_blocks]")
         max_blocks = block_tables.shape[1]
@@ -235,9 +246,15 @@ class CpuAttention:
             _check(lse, "lse", (batch, num_q_heads), torch.float32)
         if (k_new is None) != (v_new is None):
             raise ValueError("k_new and v_new must be given together")
+        kv_new_stride = num_kv_heads * head_dim
         if k_new is not None:
-            _check(k_new, "k_new", (batch, num_kv_heads, head_dim), dtype)
-            _check(v_new, "v_new", (batch, num_kv_heads, head_dim), dtype)
+            kv_new_stride = _check_rows(k_new, "k_new", (batch, num_kv_heads, head_dim), dtype)
+            v_stride = _check_rows(v_new, "v_new", (batch, num_kv_heads, head_dim), dtype)
+            if v_stride != kv_new_stride:
+                raise ValueError(
+                    f"k_new and v_new rows must be equally far apart, got {kv_new_stride} and "
+                    f"{v_stride} elements"
+                )
         return (
             q.data_ptr(),
             kv_layer.data_ptr(),
@@ -256,6 +273,8 @@ class CpuAttention:
             max(max_blocks, 1),
             self._native.DTYPE_BF16 if dtype == torch.bfloat16 else self._native.DTYPE_FP16,
             1.0 / math.sqrt(head_dim) if scale is None else float(scale),
+            q_stride,
+            kv_new_stride,
         )
 
     def probe_read_bandwidth(
