@@ -9,7 +9,10 @@ All requests arrive at once (offline serving, as in NEO's evaluation); lengths a
 output length. The model is loaded once and shared by the runs, so the policies are compared on
 identical weights and requests in one process. Reports output tokens/s, TTFT and TPOT
 percentiles, the share of pipelined iterations, the CPU pool's busy share and the predictor's
-median error.
+median error; then what the advisor (`neoctl predict`) says of the same workload on the same pools
+and profile, next to the measured gains. The advisor models the steady state (finished requests
+replaced at once); a run of n requests has a ramp-up and a tail, so the two agree best when n is
+several times the number of requests the pools hold.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import torch
 
 from neod.config import load_config
 from neod.engine import Engine, SamplingParams
-from neod.engine.runtime import build_runtime
+from neod.engine.runtime import EngineRuntime, build_runtime, cost_model_of
+from neod.sched import Limits, predict_workload
 
 logger = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 10.0
@@ -99,7 +103,28 @@ def run_workload(engine: Engine, workload: list[tuple[list[int], int]]) -> dict[
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def advisor_prediction(
+    runtime: EngineRuntime, cfg: Any, input_len: int, output_len: int
+) -> dict[str, Any] | None:
+    """What `neoctl predict` says of this workload on this run's pools and profile (None where
+    this process keeps no profile)."""
+    if runtime.profile is None:
+        return None
+    layout = runtime.layout
+    return predict_workload(
+        cost_model_of(runtime.profile),
+        layout.num_layers,
+        layout.bytes_per_token,
+        runtime.num_gpu_blocks * layout.block_bytes,
+        runtime.num_cpu_blocks * layout.block_bytes,
+        input_len,
+        output_len,
+        Limits(cfg.scheduler.max_batch_size, cfg.scheduler.max_tokens_in_batch),
+        block_size=layout.block_size,
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--path", default="")
@@ -157,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         "output_len": args.output_len,
         "num_requests": args.num_requests,
         "results": results,
+        "advisor": advisor_prediction(runtime, cfg, args.input_len, args.output_len),
     }
     if "gpu-only" in results:
         base = results["gpu-only"]["output_tokens_per_s"]
@@ -165,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         }
     if args.json:
         print(json.dumps(report, indent=2))
-        return
+        return report
     print(
         f"{args.preset} on {report['gpu'] or report['device']}: "
         f"gpu_kv_blocks={runtime.num_gpu_blocks} cpu_kv_blocks={runtime.num_cpu_blocks} "
@@ -191,6 +217,22 @@ def main(argv: list[str] | None = None) -> None:
         if policy == "auto" and guard["stops"]:
             print(f"auto: the offload guard stopped offloading {guard['stops']} time(s); last "
                   f"state {guard}")
+    advice = report["advisor"]
+    if advice is not None:
+        gpu, neo = advice["gpu_only"], advice["neo"]
+        mode = "pipelined" if neo["pipelined"] else "sequential"
+        gain = "-" if advice["gain"] is None else f"{advice['gain']:.2f}x"
+        measured = ", ".join(
+            f"{p} {x:.2f}x" for p, x in report.get("speedup_vs_gpu_only", {}).items()
+            if p != "gpu-only"
+        )
+        print(
+            f"advisor (steady state): gpu-only {gpu['tokens_per_s']:.1f} tok/s with "
+            f"{gpu['gpu_batch']} requests, neo {neo['tokens_per_s']:.1f} tok/s with "
+            f"{neo['gpu_batch']} + {neo['cpu_batch']} ({mode}), gain {gain}, advice "
+            f"{advice['mode']}; measured: {measured or '-'}"
+        )
+    return report
 
 
 if __name__ == "__main__":

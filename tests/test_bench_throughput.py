@@ -1,0 +1,30 @@
+"""The throughput benchmark on the tiny model, on CPU: each policy is measured on the same
+requests, and the advisor's prediction for the same workload, pools and profile is reported next
+to the measured gains."""
+
+from __future__ import annotations
+
+from neod.bench import throughput
+
+
+def test_policies_are_measured_and_set_against_the_advisor(tmp_path, capsys):
+    report = throughput.main([
+        "--preset", "tiny", "--policies", "gpu-only,neo", "--num-requests", "6",
+        "--input-len", "40", "--output-len", "6", "--gpu-kv-gib", "0.0005",
+        "--cpu-kv-gib", "0.01", "--cpu-threads", "1", "--set", f"profile.dir={tmp_path}",
+    ])  # fmt: skip
+    gpu_only, neo = report["results"]["gpu-only"], report["results"]["neo"]
+    assert gpu_only["errors"] == neo["errors"] == 0
+    # Every request produced exactly its output length (EOS ignored), 6 +- 10%: 5 to 7 tokens.
+    assert gpu_only["output_tokens"] == neo["output_tokens"]
+    assert 6 * 5 <= neo["output_tokens"] <= 6 * 7
+    assert report["speedup_vs_gpu_only"]["gpu-only"] == 1.0
+    advice = report["advisor"]
+    blocks = report["gpu_kv_blocks"]
+    assert advice["input_len"] == 40 and advice["output_len"] == 6
+    # The GPU-only batch is bounded by this run's GPU pool: ~43 tokens a request, 16 per block.
+    assert 0 < advice["gpu_only"]["gpu_batch"] <= blocks * 16 // 40
+    assert advice["gpu_only"]["tokens_per_s"] > 0 and advice["neo"]["tokens_per_s"] > 0
+    assert advice["mode"] in ("neo", "gpu-only")
+    out = capsys.readouterr().out
+    assert "advisor (steady state): gpu-only" in out and "measured: neo" in out
