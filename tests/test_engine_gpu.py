@@ -65,6 +65,23 @@ def test_gpu_live_tuning_while_requests_decode_on_the_cpu_keeps_their_tokens(tmp
     check_live_tuning_keeps_cpu_requests_tokens(tmp_path, SMALL_GPU, knobs)
 
 
+def test_the_gpus_numa_node_is_read_from_its_pci_address():
+    from pathlib import Path
+
+    import torch
+
+    from neod.engine.runtime import gpu_numa_node
+
+    props = torch.cuda.get_device_properties(0)
+    address = f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+    node_file = Path("/sys/bus/pci/devices") / address / "numa_node"
+    if not node_file.parent.parent.is_dir() or not any(node_file.parent.parent.iterdir()):
+        pytest.skip("this machine's sysfs lists no PCI devices")
+    assert node_file.exists(), f"no PCI device at {address}"
+    expected = int(node_file.read_text())
+    assert gpu_numa_node(torch.device("cuda:0")) == (expected if expected >= 0 else None)
+
+
 def test_decode_graph_replay_matches_eager_forward(tmp_path):
     import torch
 

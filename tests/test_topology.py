@@ -12,7 +12,7 @@ import pytest
 
 from neod.cpu import bandwidth
 from neod.cpu.bandwidth import BandwidthProbe, cached_probe, default_thread_counts
-from neod.cpu.topology import parse_cpu_list, pool_cores, read_topology
+from neod.cpu.topology import parse_cpu_list, pci_numa_node, pool_cores, read_topology
 
 
 def fake_sysfs(root: Path, cpus: dict[int, tuple[int, int]], nodes: dict[int, str]) -> Path:
@@ -71,6 +71,29 @@ def test_fake_two_socket_host(two_socket_smt: Path):
     assert pool_cores(16, 1, topo)[-2:] == [0, 8]
     with pytest.raises(ValueError, match="only 16 CPUs"):
         pool_cores(17, 1, topo)
+
+
+def test_the_gpus_node_comes_first(two_socket_smt: Path):
+    topo = read_topology(two_socket_smt / "sys", two_socket_smt / "proc", allowed=set(range(16)))
+    # GPU on node 1: its cores, then their siblings, then node 0 past the reserved core.
+    assert pool_cores(3, 1, topo, near_node=1) == [4, 5, 6]
+    assert pool_cores(9, 1, topo, near_node=1) == [4, 5, 6, 7, 12, 13, 14, 15, 1]
+    assert pool_cores(16, 1, topo, near_node=1)[-2:] == [0, 8]
+    # Node 0 keeps its siblings before node 1's cores; an unknown node changes nothing.
+    assert pool_cores(7, 1, topo, near_node=0) == [1, 2, 3, 9, 10, 11, 4]
+    assert pool_cores(9, 1, topo, near_node=7) == pool_cores(9, 1, topo)
+
+
+def test_pci_numa_node(tmp_path: Path):
+    devices = tmp_path / "bus/pci/devices"
+    nodes = {"0000:3b:00.0": "1\n", "0000:17:00.0": "-1\n", "0000:18:00.0": "?"}
+    for address, text in nodes.items():
+        (devices / address).mkdir(parents=True)
+        (devices / address / "numa_node").write_text(text)
+    assert pci_numa_node("0000:3b:00.0", tmp_path) == 1
+    assert pci_numa_node("0000:17:00.0", tmp_path) is None  # one node: the platform says -1
+    assert pci_numa_node("0000:18:00.0", tmp_path) is None
+    assert pci_numa_node("0000:99:00.0", tmp_path) is None
 
 
 def test_affinity_mask_restricts_everything(two_socket_smt: Path):

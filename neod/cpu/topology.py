@@ -2,7 +2,9 @@
 
 The CPU attention pool wants one worker per physical core (SMT siblings share the core's load
 ports and gain nothing on a bandwidth-bound kernel), inside the process's affinity mask, and away
-from the first cores, which the OS, interrupts and the GPU-driving thread use. Everything is read
+from the first cores, which the OS, interrupts and the GPU-driving thread use. On a host with
+several NUMA nodes it wants the GPU's node: the host KV pool lives there (its pages are placed by
+the pool's first touch), so PCIe copies and the workers' reads stay on one node. Everything is read
 from a sysfs root given as an argument so that tests can feed a fake tree; missing files (as in
 some sandboxes) degrade to "every CPU is its own core, one NUMA node".
 """
@@ -141,18 +143,39 @@ def read_topology(
     )
 
 
+def pci_numa_node(address: str, sysfs: Path = Path("/sys")) -> int | None:
+    """NUMA node of the PCI device at `address` ("0000:3b:00.0"), None where the platform does
+    not say (no such file, or -1 on a host with one node)."""
+    text = _read(sysfs / "bus/pci/devices" / address / "numa_node")
+    try:
+        node = int(text) if text is not None else -1
+    except ValueError:
+        return None
+    return node if node >= 0 else None
+
+
 def pool_cores(
-    num_threads: int, reserve_cores: int = 1, topology: CpuTopology | None = None
+    num_threads: int,
+    reserve_cores: int = 1,
+    topology: CpuTopology | None = None,
+    near_node: int | None = None,
 ) -> list[int]:
     """CPUs for `num_threads` pinned workers, in order of preference: one per physical core past
     the first `reserve_cores` cores, then those cores' SMT siblings, then the reserved cores (an
-    explicit request for that many threads is honoured, with a warning)."""
+    explicit request for that many threads is honoured, with a warning). With `near_node` (the
+    GPU's NUMA node), that node's cores and their siblings come before any other node's."""
     topo = topology or read_topology()
     if num_threads < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
     reserved = topo.cores[: min(reserve_cores, len(topo.cores) - 1)]
     usable = topo.cores[len(reserved) :]
-    preferred = [core[0] for core in usable] + [cpu for core in usable for cpu in core[1:]]
+    local = set(topo.numa_nodes.get(near_node, ())) if near_node is not None else set()
+    groups = [[c for c in usable if c[0] in local], [c for c in usable if c[0] not in local]]
+    preferred = [
+        cpu
+        for group in groups
+        for cpu in [core[0] for core in group] + [cpu for core in group for cpu in core[1:]]
+    ]
     fallback = [cpu for core in reserved for cpu in core]
     if num_threads > len(preferred) + len(fallback):
         raise ValueError(

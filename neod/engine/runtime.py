@@ -53,6 +53,7 @@ class EngineRuntime:
     executor: Executor
     scheduler: Scheduler
     tp: Any = None  # neod.dist.launch.Leader on rank 0 of a tensor-parallel group, else None
+    cpu_node: int | None = None  # the GPU's NUMA node, whose cores the CPU pool prefers
 
     @property
     def num_gpu_blocks(self) -> int:
@@ -109,7 +110,8 @@ class EngineRuntime:
         from neod.engine.profiler import load_or_profile
         from neod.kernels.cpu_attention import use_tile_path
 
-        cores = pool_cores(threads, self.cfg.cpu.reserve_cores)  # raises on too many: no change
+        reserve = self.cfg.cpu.reserve_cores
+        cores = pool_cores(threads, reserve, near_node=self.cpu_node)  # too many: raises, no change
         old_threads = self.cpu_threads
         self._use_cpu_cores(cores)
         try:
@@ -118,7 +120,7 @@ class EngineRuntime:
                 cpu_base=self.profile,
             )  # fmt: skip
         except BaseException as exc:
-            self._use_cpu_cores(pool_cores(old_threads, self.cfg.cpu.reserve_cores))
+            self._use_cpu_cores(pool_cores(old_threads, reserve, near_node=self.cpu_node))
             if self.cpu_tile_path is not None:
                 use_tile_path(self.cpu_tile_path)
             if isinstance(exc, Exception):
@@ -144,6 +146,21 @@ def cost_model_of(profile: Profile | None) -> CostModel:
     """The scheduler's costs: the profile's tables; free where this rank keeps no profile (it
     schedules nothing)."""
     return ZeroCostModel() if profile is None else TableCostModel(profile)
+
+
+def gpu_numa_node(device: torch.device) -> int | None:
+    """The NUMA node the GPU is attached to; None for a CPU device, a one-node host, or where
+    torch or the platform does not tell."""
+    from neod.cpu.topology import pci_numa_node
+
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    try:
+        address = f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+    except AttributeError:
+        return None
+    return pci_numa_node(address)
 
 
 def set_torch_threads(cpu_cfg: Any, pool_threads: int, world_size: int) -> None:
@@ -228,7 +245,7 @@ def build_runtime(cfg: Any, refresh_profile: bool = False, group: Any = None) ->
     if group is not None:  # rank 0 allocates block ids for every rank
         num_gpu = group.agree_min("gpu_blocks", num_gpu)
     gpu_pool = allocate_pool(layout, num_gpu, device)
-    cpu_pool = cpu_attention = None
+    cpu_pool = cpu_attention = cpu_node = None
     threads, bandwidth = 0, None  # threads: the whole pool's, over all tensor-parallel ranks
     cores: list[int] = []  # this rank's
     wants_host_pool = cfg.scheduler.policy != "gpu-only" or cfg.cache.cpu_kv_gib > 0
@@ -238,7 +255,7 @@ def build_runtime(cfg: Any, refresh_profile: bool = False, group: Any = None) ->
                 f"policy {cfg.scheduler.policy!r} offloads attention to the CPU, which needs a "
                 f"bfloat16 or float16 KV cache; model.dtype is {cfg.model.dtype!r}"
             )
-        from neod.cpu import pool_cores, recommended_threads
+        from neod.cpu import pool_cores, read_topology, recommended_threads
         from neod.kernels.cpu_attention import CpuAttention
 
         # A CPU-only host has no GPU memory to relieve: a small host pool keeps the demo light.
@@ -248,12 +265,25 @@ def build_runtime(cfg: Any, refresh_profile: bool = False, group: Any = None) ->
         whole = replace(layout, num_kv_heads=layout.num_kv_heads * world_size)
         num_cpu = host_pool_blocks(whole, cpu_kv_gib, pinned=device.type == "cuda")
         threads = cfg.cpu.threads or recommended_threads(cfg.cpu.reserve_cores)
-        cores = pool_cores(threads, cfg.cpu.reserve_cores)
+        topo = read_topology()
+        # Under tensor parallelism the ranks split one core list (group.cores): no preference.
+        cpu_node = gpu_numa_node(device) if group is None and len(topo.numa_nodes) > 1 else None
+        cores = pool_cores(threads, cfg.cpu.reserve_cores, topo, near_node=cpu_node)
         if group is not None:
             num_cpu = group.agree_min("cpu_blocks", num_cpu)
             cores = group.cores(cores)
+        # The pages go where they are first touched: on the GPU's node when the pool has cores
+        # there.
+        on_node = [c for c in cores if c in topo.numa_nodes.get(cpu_node, ())]
+        if cpu_node is not None and on_node:
+            logger.info("the GPU is on NUMA node %d: %d of the %d CPU pool threads and the host "
+                        "KV pool are there", cpu_node, len(on_node), len(cores))
+        elif cpu_node is not None:
+            logger.warning("the GPU is on NUMA node %d, where this process may run no CPU pool "
+                           "thread (CPU affinity): the host KV pool is remote to it", cpu_node)
         cpu_pool = allocate_pool(
-            layout, num_cpu, torch.device("cpu"), pin=device.type == "cuda", local_to_cpus=cores
+            layout, num_cpu, torch.device("cpu"), pin=device.type == "cuda",
+            local_to_cpus=on_node or cores,
         )
         cpu_attention = CpuAttention(cores=cores)
     set_torch_threads(cfg.cpu, threads, world_size)
@@ -296,4 +326,5 @@ def build_runtime(cfg: Any, refresh_profile: bool = False, group: Any = None) ->
         profile=profile,
         executor=executor,
         scheduler=Scheduler(cost_model_of(profile), mc.num_hidden_layers),
+        cpu_node=cpu_node,
     )
