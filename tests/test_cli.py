@@ -49,11 +49,15 @@ def test_status_human_and_json(daemon: EmbeddedDaemon, config_file: Path) -> Non
     code, out, _ = ctl(config_file, "status")
     assert code == 0
     for label in ("serving", "model", "policy", "requests", "KV", "CPU pool", "TTFT ms", "TPOT ms",
-                  "profile   id="):
+                  "profile   id=", "threads on CPUs "):
         assert label in out, out
     code, out, _ = ctl(config_file, "status", "--json")
     data = orjson.loads(out)
     assert code == 0 and data["server"]["state"] == "serving" and "model" in data["engine"]
+    pool = data["engine"]["cpu_pool"]
+    assert len(pool["cores"]) == pool["threads"] >= 1
+    assert set(pool["cores"]) <= os.sched_getaffinity(0)
+    assert pool["numa_node"] is None  # no GPU here
 
 
 def test_tune_applies_and_validates(daemon: EmbeddedDaemon, config_file: Path) -> None:
@@ -70,7 +74,9 @@ def test_tune_applies_and_validates(daemon: EmbeddedDaemon, config_file: Path) -
 def test_tune_resizes_the_cpu_pool(daemon: EmbeddedDaemon, config_file: Path) -> None:
     def threads() -> int:
         code, out, _ = ctl(config_file, "status", "--json")
-        return orjson.loads(out)["engine"]["cpu_pool"]["threads"]
+        pool = orjson.loads(out)["engine"]["cpu_pool"]
+        assert len(pool["cores"]) == pool["threads"]  # the cores of the pool in force
+        return pool["threads"]
 
     before = threads()
     other = 2 if before == 1 else 1

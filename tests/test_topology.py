@@ -12,7 +12,13 @@ import pytest
 
 from neod.cpu import bandwidth
 from neod.cpu.bandwidth import BandwidthProbe, cached_probe, default_thread_counts
-from neod.cpu.topology import parse_cpu_list, pci_numa_node, pool_cores, read_topology
+from neod.cpu.topology import (
+    format_cpu_list,
+    parse_cpu_list,
+    pci_numa_node,
+    pool_cores,
+    read_topology,
+)
 
 
 def fake_sysfs(root: Path, cpus: dict[int, tuple[int, int]], nodes: dict[int, str]) -> Path:
@@ -54,6 +60,13 @@ def test_parse_cpu_list():
     assert parse_cpu_list("0-3,8,10-11\n") == (0, 1, 2, 3, 8, 10, 11)
     assert parse_cpu_list("5") == (5,)
     assert parse_cpu_list("") == ()
+
+
+def test_format_cpu_list_is_what_parse_reads():
+    assert format_cpu_list([11, 0, 1, 2, 3, 8, 10]) == "0-3,8,10-11"
+    assert format_cpu_list([5]) == "5" and format_cpu_list([]) == ""
+    for cpus in [(1, 3, 5), (0, 1), tuple(range(64))]:
+        assert parse_cpu_list(format_cpu_list(cpus)) == cpus
 
 
 def test_fake_two_socket_host(two_socket_smt: Path):

@@ -9,6 +9,7 @@ import typer
 
 from neod.cli.common import Ctl, echo_json, fail
 from neod.client import DaemonUnavailable, RequestError
+from neod.cpu.topology import format_cpu_list
 from neod.protocol import CPU_RETUNE_TIMEOUT_S
 
 _SHOWN_ENGINE_KEYS = {"model", "device", "dtype", "policy", "mode", "max_batch_size",
@@ -54,6 +55,9 @@ def render_status(result: dict[str, Any]) -> str:
         pool = eng.get("cpu_pool") or {}
         bandwidth = pool.get("read_bandwidth_gbps")
         lines.append(f"CPU pool  {pool.get('threads', 0)} threads"
+                     + (f" on CPUs {format_cpu_list(pool['cores'])}" if pool.get("cores") else "")
+                     + (f" (the GPU's NUMA node {pool['numa_node']})"
+                        if pool.get("numa_node") is not None else "")
                      + (f", {bandwidth:g} GB/s read bandwidth" if bandwidth else "")
                      + (f", AMX {pool['amx']}" if pool.get("amx") else ""))
     else:

@@ -32,6 +32,17 @@ def parse_cpu_list(text: str) -> tuple[int, ...]:
     return tuple(sorted(set(cpus)))
 
 
+def format_cpu_list(cpus: list[int] | tuple[int, ...]) -> str:
+    """(0, 1, 2, 3, 8, 10, 11) -> '0-3,8,10-11', the kernel's notation (parse_cpu_list reads it)."""
+    runs: list[list[int]] = []
+    for cpu in sorted(set(cpus)):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 def _read(path: Path) -> str | None:
     try:
         return path.read_text()

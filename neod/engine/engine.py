@@ -208,6 +208,8 @@ class Engine:
             },
             "cpu_pool": {
                 "threads": self.rt.cpu_threads,
+                "cores": self._pool_cores(),
+                "numa_node": self.rt.cpu_node,
                 "read_bandwidth_gbps": self.rt.cpu_bandwidth_gbps,
                 "amx": self.rt.cpu_tile_path,
             },
@@ -215,6 +217,10 @@ class Engine:
             "offload_guard": self.guard.snapshot(),
             "profile": self._profile_stats(),
         }
+
+    def _pool_cores(self) -> list[int]:
+        attention = self.rt.cpu_attention
+        return [] if attention is None else list(attention.cores)
 
     def _profile_stats(self) -> dict[str, Any] | None:
         """Which stored profile the scheduler decides from (its file is profile-<id>.json)."""
