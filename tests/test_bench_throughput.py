@@ -9,7 +9,7 @@ from neod.bench import throughput
 
 def test_policies_are_measured_and_set_against_the_advisor(tmp_path, capsys):
     report = throughput.main([
-        "--preset", "tiny", "--policies", "gpu-only,neo", "--num-requests", "6",
+        "--preset", "tiny", "--policies", "gpu-only,neo", "--num-requests", "12",
         "--input-len", "40", "--output-len", "6", "--gpu-kv-gib", "0.0005",
         "--cpu-kv-gib", "0.01", "--cpu-threads", "1", "--set", f"profile.dir={tmp_path}",
     ])  # fmt: skip
@@ -17,8 +17,11 @@ def test_policies_are_measured_and_set_against_the_advisor(tmp_path, capsys):
     assert gpu_only["errors"] == neo["errors"] == 0
     # Every request produced exactly its output length (EOS ignored), 6 +- 10%: 5 to 7 tokens.
     assert gpu_only["output_tokens"] == neo["output_tokens"]
-    assert 6 * 5 <= neo["output_tokens"] <= 6 * 7
+    assert 12 * 5 <= neo["output_tokens"] <= 12 * 7
     assert report["speedup_vs_gpu_only"]["gpu-only"] == 1.0
+    # GPU-only holds ~5 of the 12 requests: finished ones are replaced from the queue for a while
+    # (the steady window); NEO's host pool may take them all at once and have none.
+    assert gpu_only["steady_tokens_per_s"] > 0
     advice = report["advisor"]
     blocks = report["gpu_kv_blocks"]
     assert advice["input_len"] == 40 and advice["output_len"] == 6
@@ -27,4 +30,4 @@ def test_policies_are_measured_and_set_against_the_advisor(tmp_path, capsys):
     assert advice["gpu_only"]["tokens_per_s"] > 0 and advice["neo"]["tokens_per_s"] > 0
     assert advice["mode"] in ("neo", "gpu-only")
     out = capsys.readouterr().out
-    assert "advisor (steady state): gpu-only" in out and "measured: neo" in out
+    assert "advisor (steady state): gpu-only" in out and "measured in the steady window" in out
