@@ -31,6 +31,11 @@ def test_prompt_errors() -> None:
     assert prompt_error([], INFO, srv) == (ErrorCode.BAD_REQUEST, "the prompt is empty")
     code, message = prompt_error([1] * 65, INFO, srv)
     assert code == ErrorCode.PROMPT_TOO_LONG and "65 tokens; at most 64" in message
+    assert "scheduler.max_tokens_in_batch" in message  # the bound that binds is named
+    code, message = prompt_error([1] * 100, {**INFO, "max_tokens_in_batch": 8192}, srv)
+    assert "at most 99" in message and "context of 100 tokens" in message
+    code, message = prompt_error([1] * 11, INFO, ServerConfig(max_prompt_tokens=10))
+    assert "at most 10" in message and "server.max_prompt_tokens" in message
     code, message = prompt_error([1, 300], INFO, srv)
     assert code == ErrorCode.BAD_REQUEST and "outside the vocabulary [0, 300)" in message
 

@@ -34,19 +34,31 @@ def limits_error(msg: Generate, srv: ServerConfig) -> Refusal | None:
 def prompt_limit(model_info: Mapping[str, Any], srv: ServerConfig) -> int:
     """Longest prompt: the engine's (context minus one token, one prefill batch), narrowed by
     [server] max_prompt_tokens."""
-    limit = min(model_info["max_model_len"] - 1, model_info["max_tokens_in_batch"])
-    return min(limit, srv.max_prompt_tokens or limit)
+    return min(_prompt_limits(model_info, srv).values())
+
+
+def _prompt_limits(model_info: Mapping[str, Any], srv: ServerConfig) -> dict[str, int]:
+    """Each bound on the prompt's length, by what sets it."""
+    limits = {
+        f"the model's context of {model_info['max_model_len']} tokens, less one to generate":
+            model_info["max_model_len"] - 1,
+        "the tokens one engine iteration takes (scheduler.max_tokens_in_batch: prompts are "
+        "prefilled whole)": model_info["max_tokens_in_batch"],
+    }
+    if srv.max_prompt_tokens:
+        limits["server.max_prompt_tokens"] = srv.max_prompt_tokens
+    return limits
 
 
 def prompt_error(token_ids: list[int], model_info: Mapping[str, Any],
                  srv: ServerConfig) -> Refusal | None:
     if not token_ids:
         return ErrorCode.BAD_REQUEST, "the prompt is empty"
-    limit = prompt_limit(model_info, srv)
+    bound, limit = min(_prompt_limits(model_info, srv).items(), key=lambda kv: kv[1])
     if len(token_ids) > limit:
         return ErrorCode.PROMPT_TOO_LONG, (
-            f"the prompt has {len(token_ids)} tokens; at most {limit} are accepted "
-            f"(model context {model_info['max_model_len']} tokens); shorten it")
+            f"the prompt has {len(token_ids)} tokens; at most {limit} are accepted ({bound}); "
+            "shorten it")
     vocab = model_info["vocab_size"]
     if max(token_ids) >= vocab:
         return ErrorCode.BAD_REQUEST, (f"prompt token id {max(token_ids)} is outside the "
