@@ -12,7 +12,7 @@ import torch
 from neod.cache.pool import KVLayout, allocate_pool
 from neod.config import load_config
 from neod.engine import Engine
-from neod.engine.request import FinishReason, RequestOutput, SamplingParams
+from neod.engine.request import EngineError, FinishReason, RequestOutput, SamplingParams
 from neod.model.attention import AttentionMetadata
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -224,11 +224,16 @@ def test_bad_requests_get_errors_and_nothing_else_breaks(tmp_path):
     engine.add_request("ok", [1, 2, 3], GREEDY)
     engine.add_request("ok", [4, 5], GREEDY)
     outs = run_all(engine)
-    for rid, text in (("empty", "empty"), ("vocab", "token ids"), ("long", "prompt_too_long")):
-        assert outs[rid][-1].finish_reason == FinishReason.ERROR and text in outs[rid][-1].error
+    for rid, text, kind in (("empty", "empty", EngineError.INVALID),
+                            ("vocab", "token ids", EngineError.INVALID),
+                            ("long", "5000 tokens", EngineError.PROMPT_TOO_LONG)):
+        last = outs[rid][-1]
+        assert last.finish_reason == FinishReason.ERROR and text in last.error
+        assert last.error_kind == kind
     finals = [o for o in outs["ok"] if o.finished]
     assert len(finals) == 2  # one error for the duplicate id, one normal end
     assert {o.finish_reason for o in finals} == {FinishReason.ERROR, FinishReason.LENGTH}
+    assert {o.error_kind for o in finals} == {EngineError.INVALID, None}
     assert len(tokens_of(outs["ok"])) == GREEDY.max_tokens
     assert_all_free(engine)
 
@@ -267,6 +272,19 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(tmp_path):
     engine.add_request("batched", [7, 8, 9], params)
     assert tokens_of(run_all(engine)["batched"]) == alone
     assert len(set(alone)) > 1
+
+
+def test_a_queued_prompt_over_a_lowered_token_budget_ends_as_too_long(tmp_path):
+    engine = make_engine(tmp_path, **{"scheduler.policy": "gpu-only"})
+    engine.add_request("short", [1] * 10, GREEDY)
+    engine.add_request("long", [2] * 300, GREEDY)
+    engine.tune(max_tokens_in_batch=64)  # before either is scheduled
+    outs = run_all(engine)
+    last = outs["long"][-1]
+    assert last.finish_reason == FinishReason.ERROR
+    assert last.error_kind == EngineError.PROMPT_TOO_LONG and "300 tokens" in last.error
+    assert outs["short"][-1].finish_reason == FinishReason.LENGTH
+    assert_all_free(engine)
 
 
 def test_tune_validates_and_applies(tmp_path):

@@ -25,6 +25,17 @@ def test_short_soak_accounts_for_every_request() -> None:
     assert sum(report["outcomes"].values()) == 150 and not report["problems"]
 
 
+def test_soak_while_retuned_at_random(tmp_path) -> None:
+    """Policy flips, batch limits up and down, CPU pool resizes, all while requests run: every
+    request still ends once, no block leaks, every tune is applied."""
+    report = soak("--requests", "300", "--concurrency", "16", "--seed", "2", "--tune-every",
+                  "0.1", "--set", "cache.gpu_kv_gib=0.002", "--set", "cache.cpu_kv_gib=0.25",
+                  "--set", "cpu.reserve_cores=0", "--set", f"profile.dir={tmp_path}",
+                  timeout_s=600)
+    assert sum(report["outcomes"].values()) == 300 and not report["problems"]
+    assert report["tunes"]["tunes"] >= 5
+
+
 @pytest.mark.slow
 def test_long_soak() -> None:
     report = soak("--requests", "5000", "--concurrency", "64", timeout_s=3600)

@@ -1,6 +1,6 @@
 """Soak test: thousands of requests with random cancellations, deadlines and abandoned streams.
 
-    python -m neod.bench.soak --requests 5000 --concurrency 64
+    python -m neod.bench.soak --requests 5000 --concurrency 64 [--tune-every 0.5]
 
 Checks, and exits non-zero if any fails: every request ends in exactly one `final` or `error`,
 with only the error codes the workload can cause; nothing is left in flight; every KV block is
@@ -8,7 +8,10 @@ free again; the daemon's memory stays bounded: the number of live Python objects
 over the second half of the run (RSS is reported too, but it also grows while the KV pools'
 pages are touched for the first time, which is not a leak).
 Without `--intake` it starts an embedded daemon (tiny model on the CPU unless configured
-otherwise); with `--intake/--control` it soaks a running daemon.
+otherwise); with `--intake/--control` it soaks a running daemon. `--tune-every S` also retunes the
+daemon every S seconds while it serves (policy, batch limits, now and then the CPU pool's size, all
+at random); every tune must be applied, and the checks above must hold regardless. The daemon is
+left with the knobs it started with.
 """
 
 from __future__ import annotations
@@ -28,11 +31,15 @@ import psutil
 
 from neod.client import AsyncClient, ControlClient, RequestError, RequestTimeout
 from neod.config import load_config
+from neod.protocol import CPU_RETUNE_TIMEOUT_S
 
 ALLOWED_ERRORS = {"deadline_exceeded", "overloaded", "prompt_too_long"}
+# Retunes of the CPU pool's size among all retunes (each measures the pool again: seconds).
+CPU_RESIZE_SHARE = 0.1
 
 
-async def abandoned_request(intake: str, rng: random.Random, outcomes: collections.Counter) -> None:
+async def abandoned_request(intake: str, rng: random.Random, outcomes: collections.Counter,
+                            problems: list[str]) -> None:
     """A producer that vanishes mid-stream, without cancelling: the daemon must clean up."""
     client = AsyncClient(intake, timeout_s=120)
     try:
@@ -40,6 +47,11 @@ async def abandoned_request(intake: str, rng: random.Random, outcomes: collectio
                                      ignore_eos=True)
         async for _ in stream:
             break
+    except RequestError as exc:  # refused at once (a retune may have narrowed the limits)
+        outcomes[f"error_{exc.code}"] += 1
+        if exc.code not in ALLOWED_ERRORS:
+            problems.append(f"unexpected error {exc.code}: {exc.message}")
+        return
     finally:
         await client.close()
     outcomes["abandoned"] += 1
@@ -82,9 +94,11 @@ async def one_request(client: AsyncClient, rng: random.Random, outcomes: collect
         problems.append("a request got no answer within the client timeout")
 
 
-async def soak(intake: str, num_requests: int, concurrency: int, seed: int,
-               memory: Any) -> tuple[collections.Counter, list[str], list[tuple[int, int]]]:
+async def soak(intake: str, num_requests: int, concurrency: int, seed: int, memory: Any,
+               control: str | None = None, tune_every_s: float = 0.0,
+               ) -> tuple[collections.Counter, list[str], list[tuple[int, int]], dict[str, int]]:
     outcomes: collections.Counter = collections.Counter()
+    tunes: collections.Counter = collections.Counter()
     problems: list[str] = []
     samples: list[tuple[int, int]] = []
     rng = random.Random(seed)
@@ -98,14 +112,66 @@ async def soak(intake: str, num_requests: int, concurrency: int, seed: int,
                 i = queue.get_nowait()
                 request_rng = random.Random(rng.random() + k)
                 if request_rng.random() < 0.03:
-                    await abandoned_request(intake, request_rng, outcomes)
+                    await abandoned_request(intake, request_rng, outcomes, problems)
                 else:
                     await one_request(client, request_rng, outcomes, problems)
                 if i % 100 == 0:
                     samples.append(memory())
 
-    await asyncio.gather(*(worker(k) for k in range(concurrency)))
-    return outcomes, problems, samples
+    done = asyncio.Event()
+    tuning = None
+    if control is not None and tune_every_s > 0:
+        tuning = asyncio.create_task(
+            retune(control, tune_every_s, random.Random(seed + 1), done, tunes, problems))
+    try:
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    finally:
+        done.set()
+        if tuning is not None:
+            await tuning
+    return outcomes, problems, samples, dict(tunes)
+
+
+def random_knobs(rng: random.Random, start: dict[str, Any]) -> dict[str, Any]:
+    """Random values within what the daemon started with (its staging buffers' sizes)."""
+    knobs: dict[str, Any] = {"policy": rng.choice(["auto", "neo", "gpu-only"])}
+    if rng.random() < 0.5:
+        knobs["max_batch_size"] = rng.choice([1, 2, 8, start["max_batch_size"]])
+    if rng.random() < 0.3:
+        # Below some prompts' lengths: those still queued end with prompt_too_long.
+        knobs["max_tokens_in_batch"] = rng.choice([64, 256, start["max_tokens_in_batch"]])
+    if start.get("cpu_threads") and rng.random() < CPU_RESIZE_SHARE:
+        knobs["cpu_threads"] = rng.randint(1, start["cpu_threads"])
+    return knobs
+
+
+async def retune(control: str, every_s: float, rng: random.Random, done: asyncio.Event,
+                 tunes: collections.Counter, problems: list[str]) -> None:
+    """Retunes the daemon at random until `done`, then restores its knobs; every tune must be
+    applied as asked."""
+    with ControlClient(control) as ctl:
+        engine = (await asyncio.to_thread(ctl.call, "status"))["engine"]
+        start = {"policy": engine["policy"], "max_batch_size": engine["max_batch_size"],
+                 "max_tokens_in_batch": engine["max_tokens_in_batch"]}
+        if engine.get("cpu_pool", {}).get("threads"):
+            start["cpu_threads"] = engine["cpu_pool"]["threads"]
+        last = False
+        while not last:
+            try:
+                await asyncio.wait_for(done.wait(), every_s)
+                knobs, last = start, True
+            except TimeoutError:
+                knobs = random_knobs(rng, start)
+            try:
+                applied = (await asyncio.to_thread(
+                    ctl.call, "tune", timeout_s=CPU_RETUNE_TIMEOUT_S + 10, **knobs))["applied"]
+            except RequestError as exc:
+                problems.append(f"tune {knobs} refused: {exc}")
+                continue
+            if any(applied.get(k) != v for k, v in knobs.items()):
+                problems.append(f"tune {knobs} applied {applied}")
+            tunes["tunes"] += 1
+            tunes["cpu_resizes"] += "cpu_threads" in knobs
 
 
 def _own_memory() -> tuple[int, int]:
@@ -139,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                         "embedded daemon, section.key=value")
     parser.add_argument("--max-object-growth", type=float, default=0.01,
                         help="allowed growth of live Python objects over the second half")
+    parser.add_argument("--tune-every", type=float, default=0.0, metavar="SECONDS",
+                        help="retune the daemon at random this often while it serves (0: never)")
     args = parser.parse_args(argv)
 
     daemon = None
@@ -161,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.monotonic()
     try:
-        outcomes, problems, samples = asyncio.run(
-            soak(intake, args.requests, args.concurrency, args.seed, memory))
+        outcomes, problems, samples, tunes = asyncio.run(
+            soak(intake, args.requests, args.concurrency, args.seed, memory, control,
+                 args.tune_every))
         status = wait_idle(control)
     finally:
         if daemon is not None:
@@ -186,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"({half[0][1]} -> {half[-1][1]})")
     report = {"requests": args.requests, "elapsed_s": round(elapsed, 1),
               "requests_per_s": round(args.requests / elapsed, 1), "outcomes": dict(outcomes),
+              "tunes": tunes,
               "rss_growth_second_half_mib": round(growth_mib, 1),
               "python_object_growth_second_half": round(objects, 4), "problems": problems[:20]}
     sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")

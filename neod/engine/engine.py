@@ -22,7 +22,7 @@ import torch
 from neod.cache.allocator import BlockAllocator
 from neod.engine.batch import SubBatch, build_sub_batch
 from neod.engine.guard import OffloadGuard
-from neod.engine.request import FinishReason, RequestOutput, SamplingParams
+from neod.engine.request import EngineError, FinishReason, RequestOutput, SamplingParams
 from neod.engine.runtime import EngineRuntime, build_runtime
 from neod.engine.sampler import sample
 from neod.engine.sequence import Sequence
@@ -244,10 +244,20 @@ class Engine:
             num_free_cpu_blocks=self.cpu_blocks.num_free,
         )
 
-    def _reject(self, request_id: str, message: str, out: list[RequestOutput]) -> None:
+    def _reject(
+        self,
+        request_id: str,
+        message: str,
+        out: list[RequestOutput],
+        kind: EngineError = EngineError.INVALID,
+    ) -> None:
         out.append(
             RequestOutput(
-                request_id, finished=True, finish_reason=FinishReason.ERROR, error=message
+                request_id,
+                finished=True,
+                finish_reason=FinishReason.ERROR,
+                error=message,
+                error_kind=kind,
             )
         )
 
@@ -266,7 +276,10 @@ class Engine:
         limit = min(rt.max_model_len - 1, self.limits.max_tokens_in_batch)
         if len(prompt) > limit:
             return self._reject(
-                request_id, f"prompt_too_long: {len(prompt)} tokens, at most {limit} allowed", out
+                request_id,
+                f"the prompt has {len(prompt)} tokens, at most {limit} allowed",
+                out,
+                EngineError.PROMPT_TOO_LONG,
             )
         generator = None
         if params.seed is not None:
@@ -303,6 +316,7 @@ class Engine:
         out: list[RequestOutput],
         new_tokens: list[int] = (),
         error: str | None = None,
+        error_kind: EngineError | None = None,
     ) -> None:
         self._release(seq)
         self.running.pop(seq.seq_id, None)
@@ -317,6 +331,7 @@ class Engine:
                 error,
                 seq.num_prompt_tokens,
                 seq.num_output_tokens,
+                (error_kind or EngineError.INTERNAL) if reason == FinishReason.ERROR else None,
             )
         )
 
@@ -342,9 +357,10 @@ class Engine:
                     FinishReason.ERROR,
                     out,
                     error=(
-                        f"prompt_too_long: {len(seq.token_ids)} tokens cannot fit in the KV "
-                        "cache or the token budget under the current limits"
+                        f"its {len(seq.token_ids)} tokens to prefill fit neither the KV cache "
+                        "nor the token budget under the current limits"
                     ),
+                    error_kind=EngineError.PROMPT_TOO_LONG,
                 )
             else:
                 self._finish(seq, FinishReason.LENGTH, out)

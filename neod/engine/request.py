@@ -17,6 +17,14 @@ class FinishReason(enum.StrEnum):
     ERROR = "error"  # the engine could not serve it; RequestOutput.error says why
 
 
+class EngineError(enum.StrEnum):
+    """What kind of failure a FinishReason.ERROR is, for the server's error code."""
+
+    PROMPT_TOO_LONG = "prompt_too_long"  # over the limits in force (which a retune may lower)
+    INVALID = "invalid"  # refused as given (empty prompt, token ids, a duplicate request id)
+    INTERNAL = "internal"  # the engine failed (a step that raised, a device error)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -55,3 +63,4 @@ class RequestOutput:
     error: str | None = None  # set only with FinishReason.ERROR
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    error_kind: EngineError | None = None  # set only with FinishReason.ERROR

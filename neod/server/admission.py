@@ -42,8 +42,8 @@ def _prompt_limits(model_info: Mapping[str, Any], srv: ServerConfig) -> dict[str
     limits = {
         f"the model's context of {model_info['max_model_len']} tokens, less one to generate":
             model_info["max_model_len"] - 1,
-        "the tokens one engine iteration takes (scheduler.max_tokens_in_batch: prompts are "
-        "prefilled whole)": model_info["max_tokens_in_batch"],
+        "scheduler.max_tokens_in_batch: a prompt is prefilled in one iteration":
+            model_info["max_tokens_in_batch"],
     }
     if srv.max_prompt_tokens:
         limits["server.max_prompt_tokens"] = srv.max_prompt_tokens

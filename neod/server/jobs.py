@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from neod.engine.request import FinishReason, RequestOutput
+from neod.engine.request import EngineError, FinishReason, RequestOutput
 from neod.protocol import Delta, Error, ErrorCode, Final, Timings, Usage
 from neod.server.textstream import OutputText
 
@@ -77,6 +77,10 @@ class Job:
         if cause is not None and cause not in (CAUSE_CANCEL, CAUSE_STOP_STRING):
             return [Error(self.client_id, cause, _CAUSE_MESSAGES.get(cause, cause))]
         if cause is None and out is not None and out.finish_reason == FinishReason.ERROR:
+            if out.error_kind == EngineError.PROMPT_TOO_LONG:  # the limits in force when scheduled
+                return [Error(self.client_id, ErrorCode.PROMPT_TOO_LONG.value, out.error or "")]
+            if out.error_kind == EngineError.INVALID:
+                return [Error(self.client_id, ErrorCode.BAD_REQUEST.value, out.error or "")]
             return [Error(self.client_id, ErrorCode.INTERNAL.value,
                           f"the engine failed this request: {out.error}")]
         if cause is None and out is not None and out.finish_reason == FinishReason.ABORT:

@@ -1,0 +1,30 @@
+"""A job's last event from the engine's final output: the engine's kind of failure decides the
+error code the producer sees."""
+
+from __future__ import annotations
+
+import pytest
+
+from neod.engine.request import EngineError, FinishReason, RequestOutput
+from neod.protocol import Error
+from neod.server.jobs import Job
+from neod.server.textstream import OutputText
+from neod.tokenizer import ByteTokenizer
+
+
+def job() -> Job:
+    text = OutputText(ByteTokenizer().detokenizer([]), ())
+    return Job(b"peer", "c1", "e1", False, (), 0.0, 3, text)
+
+
+@pytest.mark.parametrize("kind,code", [
+    (EngineError.PROMPT_TOO_LONG, "prompt_too_long"),  # e.g. queued while the budget was lowered
+    (EngineError.INVALID, "bad_request"),
+    (EngineError.INTERNAL, "internal"),
+    (None, "internal"),
+])
+def test_an_engine_error_becomes_the_code_of_its_kind(kind, code):
+    out = RequestOutput("e1", finished=True, finish_reason=FinishReason.ERROR,
+                        error="its 300 tokens to prefill fit neither", error_kind=kind)
+    [event] = job().ending(out, now=1.0)
+    assert isinstance(event, Error) and event.code == code and "300 tokens" in event.message
