@@ -134,12 +134,14 @@ async def soak(intake: str, num_requests: int, concurrency: int, seed: int, memo
 
 def random_knobs(rng: random.Random, start: dict[str, Any]) -> dict[str, Any]:
     """Random values within what the daemon started with (its staging buffers' sizes)."""
-    knobs: dict[str, Any] = {"policy": rng.choice(["auto", "neo", "gpu-only"])}
-    if rng.random() < 0.5:
-        knobs["max_batch_size"] = rng.choice([1, 2, 8, start["max_batch_size"]])
-    if rng.random() < 0.3:
-        # Below some prompts' lengths: those still queued end with prompt_too_long.
-        knobs["max_tokens_in_batch"] = rng.choice([64, 256, start["max_tokens_in_batch"]])
+    knobs: dict[str, Any] = {
+        "policy": rng.choice(["auto", "neo", "gpu-only"]),
+        "max_batch_size": rng.choice([1, 2, 8]) if rng.random() < 0.5 else start["max_batch_size"],
+        # Below some prompts' lengths: those still queued then end with prompt_too_long.
+        "max_tokens_in_batch": (
+            rng.choice([64, 256]) if rng.random() < 0.2 else start["max_tokens_in_batch"]
+        ),
+    }
     if start.get("cpu_threads") and rng.random() < CPU_RESIZE_SHARE:
         knobs["cpu_threads"] = rng.randint(1, start["cpu_threads"])
     return knobs
