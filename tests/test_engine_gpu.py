@@ -57,6 +57,9 @@ def test_gpu_neo_greedy_equals_gpu_only(tmp_path, policy):
     assert_all_free(engine)
     if policy == "scripted":
         assert engine.stats()["iterations"]["pipelined"] > 0
+        # The script puts rows on the CPU every iteration: the pool's accounting is live.
+        share = engine.stats()["cpu_pool"]["computing_share"]
+        assert share is not None and 0 < share <= 1
 
 
 @pytest.mark.parametrize("knobs", [{"cpu_threads": 1}, {"policy": "gpu-only"}])

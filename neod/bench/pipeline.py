@@ -37,11 +37,13 @@ GIB = 1 << 30
 
 
 def _time_iterations(runtime: EngineRuntime, batches: list, repeats: int) -> dict[str, float]:
-    """Median wall time of one iteration and the CPU attention's busy time in it."""
+    """Median wall time of one iteration, the CPU attention's busy time in it and, on a GPU host,
+    the share of the pool's thread time in that busy time that computed (None elsewhere)."""
     executor = runtime.executor
     for _ in range(2):
         executor.run(batches)
     walls, busy = [], []
+    worker_before, capacity_before = executor.cpu_worker_s, executor.cpu_capacity_s
     for _ in range(repeats):
         cpu_before = executor.cpu_busy_s
         start = time.perf_counter()
@@ -50,7 +52,13 @@ def _time_iterations(runtime: EngineRuntime, batches: list, repeats: int) -> dic
             t.argmax(dim=-1).cpu()  # what sampling waits for
         walls.append(time.perf_counter() - start)
         busy.append(executor.cpu_busy_s - cpu_before)
-    return {"wall_ms": statistics.median(walls) * 1e3, "cpu_busy_ms": statistics.median(busy) * 1e3}
+    capacity = executor.cpu_capacity_s - capacity_before
+    worker = executor.cpu_worker_s - worker_before
+    return {
+        "wall_ms": statistics.median(walls) * 1e3,
+        "cpu_busy_ms": statistics.median(busy) * 1e3,
+        "cpu_pool_share": worker / capacity if capacity > 0 else None,
+    }
 
 
 def _seqs(runtime: EngineRuntime, num: int, ctx: int, first_block: int, pool: torch.Tensor):
@@ -171,7 +179,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"{args.preset} on {report['gpu']}, {report['cpu_threads']} CPU attention threads, "
         f"context {ctx}; wall ms measured / predicted, tokens/s vs GPU-only, CPU pool busy ms "
-        "measured / predicted"
+        "measured / predicted (and, on a GPU host, the share of the pool's thread time in it "
+        "that computed)"
     )
     print(f"{'G':>3} {'K':>3} | {'gpu-only':>15} | {'sequential':>29} | {'pipelined (b0/b1)':>37}")
     for row in report["rows"]:
@@ -186,9 +195,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 parts.append(f"{'-':>29}" if mode == "sequential" else f"{'-':>37}")
                 continue
             split = f" {r['split'][0]}/{r['split'][1]}" if "split" in r else ""
+            share = r["cpu_pool_share"]
+            pool = f" {100 * share:3.0f}%" if share is not None else ""
             parts.append(
                 f"{r['wall_ms']:6.2f}/{r['predicted_ms']:6.2f}ms {r['x_gpu_only']:4.2f}x"
-                f" cpu {r['cpu_busy_ms']:5.2f}/{r['cpu_predicted_ms']:5.2f}{split}"
+                f" cpu {r['cpu_busy_ms']:5.2f}/{r['cpu_predicted_ms']:5.2f}{pool}{split}"
             )
         print(" | ".join(parts))
     return report

@@ -59,6 +59,8 @@ def render_status(result: dict[str, Any]) -> str:
                      + (f" (the GPU's NUMA node {pool['numa_node']})"
                         if pool.get("numa_node") is not None else "")
                      + (f", {bandwidth:g} GB/s read bandwidth" if bandwidth else "")
+                     + (f", {100 * pool['computing_share']:.0f}% of its thread time computing"
+                        if pool.get("computing_share") is not None else "")
                      + (f", AMX {pool['amx']}" if pool.get("amx") else ""))
     else:
         lines.append(f"engine    {eng.get('state', 'not ready')}")

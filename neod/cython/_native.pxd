@@ -70,4 +70,4 @@ cdef extern from "neod_layers.h" nogil:
 
     int neod_decode_layers(neod_pool *pool, const NeodFlight *flights, int num_flights,
                            int num_layers, int64_t layer_bytes, uint32_t seq, int64_t timeout_ns,
-                           int64_t *busy_ns, char *err, size_t err_len)
+                           int64_t *busy_ns, int64_t *worker_ns, char *err, size_t err_len)

@@ -182,7 +182,8 @@ cdef class NativePool:
 
     def decode_layers(self, flights, int num_layers, int64_t layer_bytes, uint32_t seq,
                       double timeout_s):
-        """Every layer of one iteration in one call (neod_layers.h); returns the busy seconds.
+        """Every layer of one iteration in one call (neod_layers.h); returns the busy seconds and
+        the workers' seconds in that work, summed over them.
 
         flights: sequences of 25 ints/floats each: the 19 `decode` arguments with kv pointing
         at layer 0 and lse 0, then prefill_k, prefill_v, prefill_slots, num_prefill, ready, done.
@@ -194,6 +195,7 @@ cdef class NativePool:
         cdef int i
         cdef int n = len(flights)
         cdef int64_t busy_ns = 0
+        cdef int64_t worker_ns = 0
         cdef int64_t timeout_ns = <int64_t>(timeout_s * 1e9)
         if not 1 <= n <= NEOD_MAX_FLIGHTS or num_layers < 1 or layer_bytes < 1 or timeout_s <= 0:
             raise ValueError(f"need 1 to {NEOD_MAX_FLIGHTS} flights, num_layers >= 1, "
@@ -221,14 +223,14 @@ cdef class NativePool:
             self._check_open()
             with nogil:
                 rc = neod_decode_layers(self._pool, c_flights, n, num_layers, layer_bytes, seq,
-                                        timeout_ns, &busy_ns, err, sizeof(err))
+                                        timeout_ns, &busy_ns, &worker_ns, err, sizeof(err))
         if rc == -1:
             raise ValueError(err.decode(errors="replace"))
         if rc == -3:
             raise TimeoutError(err.decode(errors="replace"))
         if rc != 0:
             raise MemoryError("out of memory for the CPU attention workspace")
-        return busy_ns * 1e-9
+        return busy_ns * 1e-9, worker_ns * 1e-9
 
     def probe_read_bandwidth(self, size_t nbytes, thread_counts, int repeats):
         cdef int n = len(thread_counts)

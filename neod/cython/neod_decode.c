@@ -49,7 +49,14 @@ typedef struct {
     float *partial_lse;      /* [num_partials, num_q_heads] */
     size_t scratch_floats;
     atomic_int out_of_memory;
+    atomic_llong worker_ns;  /* time in decode_task, summed over the workers */
 } decode_job;
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
 
 static size_t pad16(size_t n) { return (n + 15) & ~(size_t)15; }
 
@@ -115,6 +122,7 @@ static void decode_task(void *ctx, int t) {
     const struct NeodDecodeArgs *a = job->args;
     int first = job->thread_first[t], last = job->thread_first[t + 1];
     if (first == last) return;
+    int64_t start = now_ns();
     float *mem = neod_pool_scratch(job->pool, t, job->scratch_floats * sizeof(float));
     if (mem == NULL) {
         atomic_store(&job->out_of_memory, 1);
@@ -146,6 +154,7 @@ static void decode_task(void *ctx, int t) {
         }
     }
     if (amx) neod_amx_release();
+    atomic_fetch_add_explicit(&job->worker_ns, now_ns() - start, memory_order_relaxed);
 }
 
 /* Checks every seq_len and every block id the batch will touch; returns its total block count. */
@@ -257,7 +266,8 @@ neod_decode_plan *neod_decode_plan_init(neod_pool *pool, const struct NeodDecode
     return plan;
 }
 
-int neod_decode_plan_run(neod_pool *pool, neod_decode_plan *plan, void *kv) {
+int neod_decode_plan_run(neod_pool *pool, neod_decode_plan *plan, void *kv, int64_t *worker_ns) {
+    *worker_ns = 0;
     if (plan->args.batch == 0) return 0;
     plan->args.kv = kv;
     for (int s = 0; s < plan->num_splits; s++)
@@ -274,7 +284,9 @@ int neod_decode_plan_run(neod_pool *pool, neod_decode_plan *plan, void *kv) {
         .scratch_floats = scratch_floats(&plan->args),
     };
     atomic_init(&job.out_of_memory, 0);
+    atomic_init(&job.worker_ns, 0);
     neod_pool_run(pool, decode_task, &job);
+    *worker_ns = atomic_load(&job.worker_ns);
     return atomic_load(&job.out_of_memory) ? -2 : 0;
 }
 
@@ -284,7 +296,8 @@ int neod_decode(neod_pool *pool, const struct NeodDecodeArgs *a, char *err, size
     if (memory == NULL) return -2;
     neod_decode_plan *plan = neod_decode_plan_init(pool, a, memory, err, err_len);
     if (plan == NULL) return -1;
-    return neod_decode_plan_run(pool, plan, a->kv);
+    int64_t worker_ns;
+    return neod_decode_plan_run(pool, plan, a->kv, &worker_ns);
 }
 
 /* ---- read-bandwidth probe ------------------------------------------------------------------ */

@@ -31,8 +31,10 @@ size_t neod_decode_plan_bytes(const neod_pool *pool, const struct NeodDecodeArgs
 neod_decode_plan *neod_decode_plan_init(neod_pool *pool, const struct NeodDecodeArgs *args,
                                         void *memory, char *err, size_t err_len);
 
-/* Runs a plan over the KV layer `kv`. 0 on success, -2 if out of memory. */
-int neod_decode_plan_run(neod_pool *pool, neod_decode_plan *plan, void *kv);
+/* Runs a plan over the KV layer `kv`. 0 on success, -2 if out of memory. *worker_ns gets the
+ * workers' time in the run, summed over them: against the pool's size times the run's length it
+ * tells how much of the pool computed, and how much handed off or waited for the slowest worker. */
+int neod_decode_plan_run(neod_pool *pool, neod_decode_plan *plan, void *kv, int64_t *worker_ns);
 
 /* Memory-read bandwidth with 1..pool-size readers: for each thread_counts[i], the first
  * thread_counts[i] workers read a `bytes`-long buffer split evenly among them, `repeats` times;

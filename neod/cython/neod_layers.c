@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include "neod_layers.h"
 
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
@@ -35,6 +36,7 @@ typedef struct {
     char *kv; /* this layer of the pool */
     int64_t row_bytes; /* one token's K (or V): num_kv_heads * head_dim elements */
     int num_threads;
+    atomic_llong worker_ns; /* time in store_task, summed over the workers */
 } store_job;
 
 /* Worker t copies its share of the staged prefill rows into their slots, K and V, every head. */
@@ -42,6 +44,7 @@ static void store_task(void *ctx, int t) {
     store_job *job = ctx;
     const struct NeodFlight *f = job->flight;
     const struct NeodDecodeArgs *a = &f->decode;
+    int64_t start = clock_ns();
     int64_t n = f->num_prefill, first = n * t / job->num_threads, last = n * (t + 1) / job->num_threads;
     int64_t head_bytes = (int64_t)a->head_dim * 2;
     int64_t tile_bytes = (int64_t)a->block_size * head_bytes; /* one head of one block */
@@ -54,6 +57,7 @@ static void store_task(void *ctx, int t) {
                 memcpy(dst + h * tile_bytes, src + h * head_bytes, head_bytes);
         }
     }
+    atomic_fetch_add_explicit(&job->worker_ns, clock_ns() - start, memory_order_relaxed);
 }
 
 static int check_prefill(const struct NeodFlight *f, int index, char *err, size_t err_len) {
@@ -82,8 +86,9 @@ static void release_all(const struct NeodFlight *flights, int num_flights, int n
 
 int neod_decode_layers(neod_pool *pool, const struct NeodFlight *flights, int num_flights,
                        int num_layers, int64_t layer_bytes, uint32_t seq, int64_t timeout_ns,
-                       int64_t *busy_ns, char *err, size_t err_len) {
+                       int64_t *busy_ns, int64_t *worker_ns, char *err, size_t err_len) {
     *busy_ns = 0;
+    *worker_ns = 0;
     if (num_flights < 1 || num_flights > NEOD_MAX_FLIGHTS || num_layers < 1) {
         snprintf(err, err_len, "need 1 to %d flights and at least one layer", NEOD_MAX_FLIGHTS);
         return -1;
@@ -125,9 +130,15 @@ int neod_decode_layers(neod_pool *pool, const struct NeodFlight *flights, int nu
             if (f->num_prefill > 0) {
                 store_job job = {f, kv, (int64_t)f->decode.num_kv_heads * f->decode.head_dim * 2,
                                  threads};
+                atomic_init(&job.worker_ns, 0);
                 neod_pool_run(pool, store_task, &job);
+                *worker_ns += atomic_load(&job.worker_ns);
             }
-            if (plans[i] != NULL) rc = neod_decode_plan_run(pool, plans[i], kv);
+            if (plans[i] != NULL) {
+                int64_t run_ns;
+                rc = neod_decode_plan_run(pool, plans[i], kv, &run_ns);
+                *worker_ns += run_ns;
+            }
             __atomic_store_n(&f->done[l], seq, __ATOMIC_RELEASE);
             *busy_ns += clock_ns() - start;
         }

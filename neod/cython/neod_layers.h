@@ -30,9 +30,10 @@ struct NeodFlight {
  * -1 with a message in err if the arguments are invalid; -2 if out of memory; -3 with a message if
  * a ready flag did not come within timeout_ns. Unless num_flights or num_layers is out of range,
  * every done flag is set to seq on return, so a GPU stream waiting on them never hangs. busy_ns gets the time spent computing
- * (not waiting for the GPU). */
+ * (not waiting for the GPU); worker_ns the workers' time in that work, summed over them: against
+ * the pool's size times busy_ns it tells how much of the pool computed (neod_decode_plan_run). */
 int neod_decode_layers(neod_pool *pool, const struct NeodFlight *flights, int num_flights,
                        int num_layers, int64_t layer_bytes, uint32_t seq, int64_t timeout_ns,
-                       int64_t *busy_ns, char *err, size_t err_len);
+                       int64_t *busy_ns, int64_t *worker_ns, char *err, size_t err_len);
 
 #endif

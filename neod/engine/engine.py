@@ -210,6 +210,7 @@ class Engine:
                 "threads": self.rt.cpu_threads,
                 "cores": self._pool_cores(),
                 "numa_node": self.rt.cpu_node,
+                "computing_share": self._pool_computing_share(),
                 "read_bandwidth_gbps": self.rt.cpu_bandwidth_gbps,
                 "amx": self.rt.cpu_tile_path,
             },
@@ -217,6 +218,13 @@ class Engine:
             "offload_guard": self.guard.snapshot(),
             "profile": self._profile_stats(),
         }
+
+    def _pool_computing_share(self) -> float | None:
+        """Share of the pool's thread time, while it served iterations, that its workers computed
+        (GPU hosts; None before the first offloaded iteration and on CPU hosts)."""
+        executor = self.rt.executor
+        capacity = executor.cpu_capacity_s
+        return round(executor.cpu_worker_s / capacity, 4) if capacity > 0 else None
 
     def _pool_cores(self) -> list[int]:
         attention = self.rt.cpu_attention

@@ -148,6 +148,9 @@ class Executor:
         # work.
         self._cpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neod-cpu-attn")
         self.cpu_busy_s = 0.0  # host time spent inside CPU attention, for the utilisation statistic
+        # GPU host: the pool workers' time in that work (summed over them), and the pool's thread
+        # time over the same spans; their ratio is the share of the pool that computed.
+        self.cpu_worker_s = self.cpu_capacity_s = 0.0
         self.cpu_timeout_s = 60.0  # a layer's inputs not on the host by then: the GPU is stuck
         # Per sub-batch slot: ready flags (set by the GPU), done flags (set by the CPU), [L] each.
         self._flags = (
@@ -400,7 +403,10 @@ class Executor:
                     program.result()
             raise
         if program is not None:
-            self.cpu_busy_s += program.result()
+            busy = program.result()
+            self.cpu_busy_s += busy.wall_s
+            self.cpu_worker_s += busy.worker_s
+            self.cpu_capacity_s += self.cpu_attention.num_threads * busy.wall_s
         return logits
 
     def _layers(self, flights: list[_Flight]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -63,6 +64,18 @@ class CpuFlight:
     prefill_k: torch.Tensor | None = None  # [P, Hkv, D] staged K of CPU-bound prompt tokens
     prefill_v: torch.Tensor | None = None  # [P, Hkv, D]
     prefill_slots: torch.Tensor | None = None  # [P] int64, block * block_size + offset
+
+
+class LayersBusy(NamedTuple):
+    """Where `decode_layers` spent an iteration (not counting its waits for the GPU)."""
+
+    wall_s: float  # computing, from each layer's inputs to its done flag
+    worker_s: float  # the workers' time in that work, summed over them: at most threads x wall_s
+
+    def pool_share(self, threads: int) -> float | None:
+        """Share of the pool's thread time that computed; the rest went to hand-offs and to
+        waiting for the slowest worker of each layer."""
+        return self.worker_s / (threads * self.wall_s) if self.wall_s > 0 else None
 
 
 def _check(t: torch.Tensor, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
@@ -157,14 +170,14 @@ class CpuAttention:
         seq: int,
         timeout_s: float = 60.0,
         scale: float | None = None,
-    ) -> float:
+    ) -> LayersBusy:
         """Every layer of one iteration in one native call, paced by flags (neod_layers.h).
 
         kv_pool: [L, num_blocks, 2, Hkv, block_size, D]. For each layer l, flight by flight: wait
         until `ready[l] == seq`, store the staged prefill K/V, run `decode` (appending k_new/v_new),
         set `done[l] = seq`. `seq` must differ from the flags' previous values (1 <= seq < 2**31).
         Every done flag is set on return, also on error, so nothing waiting on them hangs. Returns
-        the seconds spent computing; TimeoutError if a ready flag stays unset for `timeout_s`.
+        the time spent computing; TimeoutError if a ready flag stays unset for `timeout_s`.
         """
         try:
             if not 0 < seq < 2**31:
@@ -177,7 +190,9 @@ class CpuAttention:
             num_layers = kv_pool.shape[0]
             specs = [self._flight_spec(kv_pool, f, num_layers, scale) for f in flights]
             layer_bytes = kv_pool.stride(0) * kv_pool.element_size()
-            return self._pool.decode_layers(specs, num_layers, layer_bytes, seq, timeout_s)
+            return LayersBusy(
+                *self._pool.decode_layers(specs, num_layers, layer_bytes, seq, timeout_s)
+            )
         except Exception:
             # The native call releases them itself, but the binding may refuse its arguments
             # first: a GPU stream waiting on one must never hang.
