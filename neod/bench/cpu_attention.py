@@ -6,7 +6,9 @@ as a share of what the same number of pinned threads can read at all (the pool's
 cores). Each point validates the kernel against the torch baseline before timing it. Calls rotate
 over several layers' worth of KV so that no call finds the previous one's data in cache; with
 `--resident-blocks N` every request reads the same N blocks instead, which stay in cache, so the
-rate is the kernel's compute bound (the same work without the memory).
+rate is the kernel's compute bound (the same work without the memory). "busy" is the share of the
+pool's thread time during the timed calls that its workers spent computing; the rest went to
+waking them, handing work off and waiting for the slowest worker of each call.
 
     python -m neod.bench.cpu_attention [--quick] [--json] [--out FILE]
         [--batch 1,16,64] [--context 1024,4096,16384] [--threads 1,8,16] [--torch-at 16]
@@ -136,7 +138,9 @@ def measure(args: argparse.Namespace, pool: CpuAttention, point: Point, host_rat
     point.kernel_call(pool)
     torch.testing.assert_close(point.out.float(), expected, rtol=2e-2, atol=2e-2)
 
+    worker_before, start = pool.worker_seconds, time.perf_counter()
     kernel_s = time_calls(lambda: point.kernel_call(pool), args.seconds, 5)
+    pool_share = (pool.worker_seconds - worker_before) / (threads * (time.perf_counter() - start))
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -155,6 +159,7 @@ def measure(args: argparse.Namespace, pool: CpuAttention, point: Point, host_rat
         "kernel_gbps": rate / GB,
         "host_read_gbps": host_rate / GB,
         "share_of_host": rate / host_rate,
+        "pool_share": pool_share,
         "torch_ms": None if torch_s is None else torch_s * 1e3,
         "speedup_vs_torch": None if torch_s is None else torch_s / kernel_s,
     }
@@ -162,7 +167,7 @@ def measure(args: argparse.Namespace, pool: CpuAttention, point: Point, host_rat
 
 HEADER = (f"{'batch':>5} {'context':>7} {'threads':>7} {'products':>10} {'KV MiB':>8} {'ms':>8} "
           f"{'GB/s':>7} "
-          f"{'host GB/s':>9} {'of host':>7} {'torch ms':>9} {'speedup':>7}")
+          f"{'host GB/s':>9} {'of host':>7} {'busy':>5} {'torch ms':>9} {'speedup':>7}")
 
 
 def print_row(row: dict, args: argparse.Namespace) -> None:
@@ -173,7 +178,8 @@ def print_row(row: dict, args: argparse.Namespace) -> None:
     print(f"{row['batch']:5d} {row['context']:7d} {row['threads']:7d} {row['products']:>10} "
           f"{row['kv_mib']:8.1f} "
           f"{row['kernel_ms']:8.3f} {row['kernel_gbps']:7.1f} {row['host_read_gbps']:9.1f} "
-          f"{row['share_of_host']:7.0%} {torch_ms:>9} {speedup:>7}", flush=True)
+          f"{row['share_of_host']:7.0%} {row['pool_share']:5.0%} {torch_ms:>9} {speedup:>7}",
+          flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,7 +45,8 @@ cdef extern from "neod_decode.h" nogil:
         NeodAmx amx_scores
         NeodAmx amx_values
 
-    int neod_decode(neod_pool *pool, const NeodDecodeArgs *args, char *err, size_t err_len)
+    int neod_decode(neod_pool *pool, const NeodDecodeArgs *args, int64_t *worker_ns, char *err,
+                    size_t err_len)
     int neod_probe_read_bandwidth(neod_pool *pool, size_t nbytes, const int *thread_counts,
                                   int num_counts, int repeats, double *rates)
 

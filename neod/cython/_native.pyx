@@ -164,9 +164,11 @@ cdef class NativePool:
                int64_t num_blocks, int batch, int num_q_heads, int num_kv_heads, int head_dim,
                int block_size, int max_blocks, int dtype, float scale, int64_t q_stride,
                int64_t kv_new_stride):
+        """One batch (neod_decode.h); returns the workers' seconds in it, summed over them."""
         cdef NeodDecodeArgs args
         cdef char err[512]
         cdef int rc = 0
+        cdef int64_t worker_ns = 0
         _fill_args(&args, q, kv, block_tables, seq_lens, k_new, v_new, out, lse, num_blocks,
                    batch, num_q_heads, num_kv_heads, head_dim, block_size, max_blocks, dtype,
                    scale, q_stride, kv_new_stride)
@@ -174,11 +176,12 @@ cdef class NativePool:
         with self._lock:
             self._check_open()
             with nogil:
-                rc = neod_decode(self._pool, &args, err, sizeof(err))
+                rc = neod_decode(self._pool, &args, &worker_ns, err, sizeof(err))
         if rc == -1:
             raise ValueError(err.decode(errors="replace"))
         if rc != 0:
             raise MemoryError("out of memory for the CPU attention workspace")
+        return worker_ns * 1e-9
 
     def decode_layers(self, flights, int num_layers, int64_t layer_bytes, uint32_t seq,
                       double timeout_s):

@@ -290,14 +290,15 @@ int neod_decode_plan_run(neod_pool *pool, neod_decode_plan *plan, void *kv, int6
     return atomic_load(&job.out_of_memory) ? -2 : 0;
 }
 
-int neod_decode(neod_pool *pool, const struct NeodDecodeArgs *a, char *err, size_t err_len) {
+int neod_decode(neod_pool *pool, const struct NeodDecodeArgs *a, int64_t *worker_ns, char *err,
+                size_t err_len) {
+    *worker_ns = 0;
     if (a->batch == 0) return 0;
     void *memory = neod_pool_workspace(pool, neod_decode_plan_bytes(pool, a));
     if (memory == NULL) return -2;
     neod_decode_plan *plan = neod_decode_plan_init(pool, a, memory, err, err_len);
     if (plan == NULL) return -1;
-    int64_t worker_ns;
-    return neod_decode_plan_run(pool, plan, a->kv, &worker_ns);
+    return neod_decode_plan_run(pool, plan, a->kv, worker_ns);
 }
 
 /* ---- read-bandwidth probe ------------------------------------------------------------------ */

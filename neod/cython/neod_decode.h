@@ -15,8 +15,9 @@
 #include "neod_pool.h"
 
 /* Returns 0 on success; -1 with a message in err if the arguments are invalid (nothing written),
- * -2 if out of memory. */
-int neod_decode(neod_pool *pool, const struct NeodDecodeArgs *args, char *err, size_t err_len);
+ * -2 if out of memory. *worker_ns as for neod_decode_plan_run. */
+int neod_decode(neod_pool *pool, const struct NeodDecodeArgs *args, int64_t *worker_ns, char *err,
+                size_t err_len);
 
 /* A validated batch with its work split, reusable for every layer of one iteration: the block
  * tables and lengths are the same in every layer, only the KV pool's layer changes. */

@@ -118,6 +118,7 @@ class CpuAttention:
             raise ValueError(f"num_threads={num_threads} but {len(cores)} cores were given")
         self._native = native
         self._pool = native.NativePool(list(cores))
+        self._worker_s = 0.0
         logger.info("CPU attention pool started: %d threads on cores %s", len(cores), list(cores))
 
     @property
@@ -131,6 +132,12 @@ class CpuAttention:
     @property
     def closed(self) -> bool:
         return self._pool.closed
+
+    @property
+    def worker_seconds(self) -> float:
+        """The workers' time in attention work since the pool started, summed over them: against
+        the pool size times a span's length, the share of the pool that computed in it."""
+        return self._worker_s
 
     def thread_ids(self) -> list[int]:
         """Kernel thread ids of the workers (for checks such as their CPU affinity)."""
@@ -161,7 +168,7 @@ class CpuAttention:
             return
         if block_tables.shape[1] == 0:
             raise ValueError("block_tables has no columns")
-        self._pool.decode(*spec)
+        self._worker_s += self._pool.decode(*spec)
 
     def decode_layers(
         self,
@@ -190,9 +197,11 @@ class CpuAttention:
             num_layers = kv_pool.shape[0]
             specs = [self._flight_spec(kv_pool, f, num_layers, scale) for f in flights]
             layer_bytes = kv_pool.stride(0) * kv_pool.element_size()
-            return LayersBusy(
+            busy = LayersBusy(
                 *self._pool.decode_layers(specs, num_layers, layer_bytes, seq, timeout_s)
             )
+            self._worker_s += busy.worker_s
+            return busy
         except Exception:
             # The native call releases them itself, but the binding may refuse its arguments
             # first: a GPU stream waiting on one must never hang.

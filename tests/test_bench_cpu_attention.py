@@ -1,0 +1,24 @@
+"""The CPU attention benchmark on a small grid: every point is validated against torch before it
+is timed, and the share of the pool that computed is a share."""
+
+from __future__ import annotations
+
+import json
+
+from neod.bench import cpu_attention
+
+
+def test_a_small_grid_reports_rates_and_the_pools_busy_share(tmp_path):
+    out = tmp_path / "report.json"
+    code = cpu_attention.main([
+        "--batch", "1,8", "--context", "100", "--threads", "1", "--q-heads", "8",
+        "--kv-heads", "2", "--seconds", "0.05", "--probe-bytes", str(16 << 20),
+        "--reserve-cores", "0", "--products", "fp32", "--torch-at", "1", "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batch"], r["context"], r["threads"]) for r in rows] == [(1, 100, 1), (8, 100, 1)]
+    for r in rows:
+        assert r["kernel_gbps"] > 0 and r["host_read_gbps"] > 0 and r["speedup_vs_torch"] > 0
+        # Worker time lies within the timed span: at most all of the pool's thread time.
+        assert 0 < r["pool_share"] <= 1
