@@ -26,10 +26,11 @@ def test_short_soak_accounts_for_every_request() -> None:
 
 
 def test_soak_while_retuned_at_random(tmp_path) -> None:
-    """Policy flips, batch limits up and down, CPU pool resizes, all while requests run: every
-    request still ends once, no block leaks, every tune is applied."""
+    """Policy flips, batch limits up and down, CPU pool resizes and short drains, all while
+    requests run: every request still ends once, no block leaks, every tune is applied."""
     report = soak("--requests", "300", "--concurrency", "16", "--seed", "2", "--tune-every",
-                  "0.1", "--set", "cache.gpu_kv_gib=0.002", "--set", "cache.cpu_kv_gib=0.25",
+                  "0.1", "--drain", "--set", "cache.gpu_kv_gib=0.002",
+                  "--set", "cache.cpu_kv_gib=0.25",
                   "--set", "cpu.reserve_cores=0", "--set", f"profile.dir={tmp_path}",
                   timeout_s=600)
     assert sum(report["outcomes"].values()) == 300 and not report["problems"]

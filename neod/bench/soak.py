@@ -11,7 +11,8 @@ Without `--intake` it starts an embedded daemon (tiny model on the CPU unless co
 otherwise); with `--intake/--control` it soaks a running daemon. `--tune-every S` also retunes the
 daemon every S seconds while it serves (policy, batch limits, now and then the CPU pool's size, all
 at random); every tune must be applied, and the checks above must hold regardless. The daemon is
-left with the knobs it started with.
+left with the knobs it started with. With `--drain` it also drains the daemon now and then for a
+moment and resumes it (requests sent meanwhile are refused with shutting_down).
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ from neod.protocol import CPU_RETUNE_TIMEOUT_S
 ALLOWED_ERRORS = {"deadline_exceeded", "overloaded", "prompt_too_long"}
 # Retunes of the CPU pool's size among all retunes (each measures the pool again: seconds).
 CPU_RESIZE_SHARE = 0.1
+# Of the retuner's turns with --drain, the share that drains the daemon for a moment instead.
+DRAIN_SHARE = 0.1
 
 
 async def abandoned_request(intake: str, rng: random.Random, outcomes: collections.Counter,
-                            problems: list[str]) -> None:
+                            problems: list[str], allowed: set[str]) -> None:
     """A producer that vanishes mid-stream, without cancelling: the daemon must clean up."""
     client = AsyncClient(intake, timeout_s=120)
     try:
@@ -49,7 +52,7 @@ async def abandoned_request(intake: str, rng: random.Random, outcomes: collectio
             break
     except RequestError as exc:  # refused at once (a retune may have narrowed the limits)
         outcomes[f"error_{exc.code}"] += 1
-        if exc.code not in ALLOWED_ERRORS:
+        if exc.code not in allowed:
             problems.append(f"unexpected error {exc.code}: {exc.message}")
         return
     finally:
@@ -58,7 +61,7 @@ async def abandoned_request(intake: str, rng: random.Random, outcomes: collectio
 
 
 async def one_request(client: AsyncClient, rng: random.Random, outcomes: collections.Counter,
-                      problems: list[str]) -> None:
+                      problems: list[str], allowed: set[str]) -> None:
     """One random request: streamed or not, maybe cancelled, maybe with a short deadline."""
     prompt = "".join(rng.choice("abcdefgh éü日本 \n") for _ in range(rng.randint(1, 200)))
     params: dict[str, Any] = {"max_tokens": rng.randint(1, 64), "temperature": rng.random(),
@@ -87,7 +90,7 @@ async def one_request(client: AsyncClient, rng: random.Random, outcomes: collect
                             f"{received} tokens streamed")
     except RequestError as exc:
         outcomes[f"error_{exc.code}"] += 1
-        if exc.code not in ALLOWED_ERRORS:
+        if exc.code not in allowed:
             problems.append(f"unexpected error {exc.code}: {exc.message}")
     except RequestTimeout:
         outcomes["timeout"] += 1
@@ -95,7 +98,7 @@ async def one_request(client: AsyncClient, rng: random.Random, outcomes: collect
 
 
 async def soak(intake: str, num_requests: int, concurrency: int, seed: int, memory: Any,
-               control: str | None = None, tune_every_s: float = 0.0,
+               control: str | None = None, tune_every_s: float = 0.0, drain: bool = False,
                ) -> tuple[collections.Counter, list[str], list[tuple[int, int]], dict[str, int]]:
     outcomes: collections.Counter = collections.Counter()
     tunes: collections.Counter = collections.Counter()
@@ -105,6 +108,7 @@ async def soak(intake: str, num_requests: int, concurrency: int, seed: int, memo
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(num_requests):
         queue.put_nowait(i)
+    allowed = ALLOWED_ERRORS | ({"shutting_down"} if drain else set())
 
     async def worker(k: int) -> None:
         async with AsyncClient(intake, timeout_s=120) as client:
@@ -112,9 +116,9 @@ async def soak(intake: str, num_requests: int, concurrency: int, seed: int, memo
                 i = queue.get_nowait()
                 request_rng = random.Random(rng.random() + k)
                 if request_rng.random() < 0.03:
-                    await abandoned_request(intake, request_rng, outcomes, problems)
+                    await abandoned_request(intake, request_rng, outcomes, problems, allowed)
                 else:
-                    await one_request(client, request_rng, outcomes, problems)
+                    await one_request(client, request_rng, outcomes, problems, allowed)
                 if i % 100 == 0:
                     samples.append(memory())
 
@@ -122,7 +126,7 @@ async def soak(intake: str, num_requests: int, concurrency: int, seed: int, memo
     tuning = None
     if control is not None and tune_every_s > 0:
         tuning = asyncio.create_task(
-            retune(control, tune_every_s, random.Random(seed + 1), done, tunes, problems))
+            retune(control, tune_every_s, random.Random(seed + 1), done, tunes, problems, drain))
     try:
         await asyncio.gather(*(worker(k) for k in range(concurrency)))
     finally:
@@ -148,9 +152,9 @@ def random_knobs(rng: random.Random, start: dict[str, Any]) -> dict[str, Any]:
 
 
 async def retune(control: str, every_s: float, rng: random.Random, done: asyncio.Event,
-                 tunes: collections.Counter, problems: list[str]) -> None:
+                 tunes: collections.Counter, problems: list[str], drain: bool = False) -> None:
     """Retunes the daemon at random until `done`, then restores its knobs; every tune must be
-    applied as asked."""
+    applied as asked. With `drain`, some turns drain the daemon for a moment instead."""
     with ControlClient(control) as ctl:
         engine = (await asyncio.to_thread(ctl.call, "status"))["engine"]
         start = {"policy": engine["policy"], "max_batch_size": engine["max_batch_size"],
@@ -163,6 +167,15 @@ async def retune(control: str, every_s: float, rng: random.Random, done: asyncio
                 await asyncio.wait_for(done.wait(), every_s)
                 knobs, last = start, True
             except TimeoutError:
+                if drain and rng.random() < DRAIN_SHARE:
+                    try:
+                        await asyncio.to_thread(ctl.call, "drain", exit=False)
+                        await asyncio.sleep(rng.uniform(0.05, 0.3))
+                        await asyncio.to_thread(ctl.call, "resume")
+                    except RequestError as exc:
+                        problems.append(f"drain or resume refused: {exc}")
+                    tunes["drains"] += 1
+                    continue
                 knobs = random_knobs(rng, start)
             try:
                 applied = (await asyncio.to_thread(
@@ -209,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="allowed growth of live Python objects over the second half")
     parser.add_argument("--tune-every", type=float, default=0.0, metavar="SECONDS",
                         help="retune the daemon at random this often while it serves (0: never)")
+    parser.add_argument("--drain", action="store_true",
+                        help="with --tune-every: now and then drain the daemon for a moment")
     args = parser.parse_args(argv)
 
     daemon = None
@@ -233,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         outcomes, problems, samples, tunes = asyncio.run(
             soak(intake, args.requests, args.concurrency, args.seed, memory, control,
-                 args.tune_every))
+                 args.tune_every, args.drain))
         status = wait_idle(control)
     finally:
         if daemon is not None:
