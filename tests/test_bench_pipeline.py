@@ -14,10 +14,12 @@ def test_each_mode_is_measured_against_its_prediction(tmp_path, capsys):
     without, with_cpu = report["rows"]
     assert (without["cpu_decodes"], with_cpu["cpu_decodes"]) == (0, 3)
     assert without["sequential"]["cpu_busy_ms"] == without["sequential"]["cpu_predicted_ms"] == 0
+    assert without["sequential"]["cpu_pool_share"] is None
     assert "pipelined" not in without  # nothing to split
     for mode in ("sequential", "pipelined"):
         r = with_cpu[mode]
         assert r["cpu_busy_ms"] > 0 and r["cpu_predicted_ms"] > 0
+        assert 0 < r["cpu_pool_share"] <= 1
         assert r["predicted_ms"] > 0 and r["x_gpu_only"] > 0
     assert sum(with_cpu["pipelined"]["split"]) == 3
     out = capsys.readouterr().out

@@ -58,7 +58,8 @@ def test_status_human_and_json(daemon: EmbeddedDaemon, config_file: Path) -> Non
     assert len(pool["cores"]) == pool["threads"] >= 1
     assert set(pool["cores"]) <= os.sched_getaffinity(0)
     assert pool["numa_node"] is None  # no GPU here
-    assert pool["computing_share"] is None  # measured by the GPU host's per-iteration program
+    share = pool["computing_share"]  # None until an iteration had CPU work
+    assert share is None or 0 < share <= 1
 
 
 def test_tune_applies_and_validates(daemon: EmbeddedDaemon, config_file: Path) -> None:

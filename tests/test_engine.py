@@ -191,8 +191,12 @@ def test_neo_mode_greedy_equals_gpu_only(tmp_path, policy):
             seen_cpu |= engine.stats()["decoding_cpu"] > 0
         results[mode] = {k: tokens_of(v) for k, v in outs.items()}
         assert_all_free(engine)
+        share = engine.stats()["cpu_pool"]["computing_share"]
         if mode == "neo":
             assert seen_cpu, "the small GPU pool should have pushed requests to the CPU"
+            assert share is not None and 0 < share <= 1  # the workers' time, within the pool's
+        if mode == "gpu-only":
+            assert share is None  # nothing ran on the pool
     assert_greedy_equal(
         engine, {f"r{i}": p for i, p in enumerate(ps)}, results["gpu-only"], results[policy]
     )

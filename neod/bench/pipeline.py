@@ -37,8 +37,8 @@ GIB = 1 << 30
 
 
 def _time_iterations(runtime: EngineRuntime, batches: list, repeats: int) -> dict[str, float]:
-    """Median wall time of one iteration, the CPU attention's busy time in it and, on a GPU host,
-    the share of the pool's thread time in that busy time that computed (None elsewhere)."""
+    """Median wall time of one iteration, the CPU attention's busy time in it and the share of
+    the pool's thread time in that busy time that computed (None without CPU work)."""
     executor = runtime.executor
     for _ in range(2):
         executor.run(batches)
@@ -179,8 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"{args.preset} on {report['gpu']}, {report['cpu_threads']} CPU attention threads, "
         f"context {ctx}; wall ms measured / predicted, tokens/s vs GPU-only, CPU pool busy ms "
-        "measured / predicted (and, on a GPU host, the share of the pool's thread time in it "
-        "that computed)"
+        "measured / predicted, and the share of the pool's thread time in it that computed"
     )
     print(f"{'G':>3} {'K':>3} | {'gpu-only':>15} | {'sequential':>29} | {'pipelined (b0/b1)':>37}")
     for row in report["rows"]:

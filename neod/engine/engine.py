@@ -221,7 +221,7 @@ class Engine:
 
     def _pool_computing_share(self) -> float | None:
         """Share of the pool's thread time, while it served iterations, that its workers computed
-        (GPU hosts; None before the first offloaded iteration and on CPU hosts)."""
+        (None before the first iteration with CPU work)."""
         executor = self.rt.executor
         capacity = executor.cpu_capacity_s
         return round(executor.cpu_worker_s / capacity, 4) if capacity > 0 else None

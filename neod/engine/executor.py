@@ -148,8 +148,8 @@ class Executor:
         # work.
         self._cpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neod-cpu-attn")
         self.cpu_busy_s = 0.0  # host time spent inside CPU attention, for the utilisation statistic
-        # GPU host: the pool workers' time in that work (summed over them), and the pool's thread
-        # time over the same spans; their ratio is the share of the pool that computed.
+        # The pool workers' time in that work (summed over them), and the pool's thread time over
+        # the same spans; their ratio is the share of the pool that computed.
         self.cpu_worker_s = self.cpu_capacity_s = 0.0
         self.cpu_timeout_s = 60.0  # a layer's inputs not on the host by then: the GPU is stuck
         # Per sub-batch slot: ready flags (set by the GPU), done flags (set by the CPU), [L] each.
@@ -274,7 +274,7 @@ class Executor:
             )
         n = b.num_cpu_decodes
         if n:
-            start = time.perf_counter()
+            start, worker_before = time.perf_counter(), self.cpu_attention.worker_seconds
             self.cpu_attention.decode(
                 buf.q[:n],
                 kv_layer,
@@ -285,7 +285,10 @@ class Executor:
                 v_new=buf.v[:n],
                 scale=self.scale,
             )
-            self.cpu_busy_s += time.perf_counter() - start
+            wall = time.perf_counter() - start
+            self.cpu_busy_s += wall
+            self.cpu_worker_s += self.cpu_attention.worker_seconds - worker_before
+            self.cpu_capacity_s += self.cpu_attention.num_threads * wall
 
     def _start_cpu_program(self, flights: list[_Flight]) -> Future | None:
         """On a GPU host: the CPU side of the whole iteration, started before any GPU work."""
