@@ -49,7 +49,7 @@ def test_status_human_and_json(daemon: EmbeddedDaemon, config_file: Path) -> Non
     code, out, _ = ctl(config_file, "status")
     assert code == 0
     for label in ("serving", "model", "policy", "requests", "KV", "CPU pool", "TTFT ms", "TPOT ms",
-                  "profile   id=", "threads on CPUs "):
+                  "profile   id=", " on CPUs "):
         assert label in out, out
     code, out, _ = ctl(config_file, "status", "--json")
     data = orjson.loads(out)

@@ -54,7 +54,8 @@ def render_status(result: dict[str, Any]) -> str:
         ]
         pool = eng.get("cpu_pool") or {}
         bandwidth = pool.get("read_bandwidth_gbps")
-        lines.append(f"CPU pool  {pool.get('threads', 0)} threads"
+        threads = pool.get("threads", 0)
+        lines.append(f"CPU pool  {threads} thread{'' if threads == 1 else 's'}"
                      + (f" on CPUs {format_cpu_list(pool['cores'])}" if pool.get("cores") else "")
                      + (f" (the GPU's NUMA node {pool['numa_node']})"
                         if pool.get("numa_node") is not None else "")
