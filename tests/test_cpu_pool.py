@@ -62,7 +62,18 @@ def test_start_stop_repeatedly():
         pool.close()
         pool.close()  # idempotent
         assert pool.closed
-        assert not any(os.path.exists(f"/proc/self/task/{tid}") for tid in tids)
+        assert _gone(tids)
+
+
+def _gone(tids: list[int], timeout_s: float = 5.0) -> bool:
+    """Whether the threads have left the process. pthread_join returns once a thread has exited,
+    a moment before the kernel drops its task entry, so the entries are given a little time."""
+    deadline = time.monotonic() + timeout_s
+    while any(os.path.exists(f"/proc/self/task/{tid}") for tid in tids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
 
 
 def test_closed_pool_refuses_calls():
