@@ -3,6 +3,7 @@ and NEO mode against GPU-only mode (identical greedy tokens)."""
 
 from __future__ import annotations
 
+import logging
 import random
 
 import orjson
@@ -278,17 +279,30 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(tmp_path):
     assert len(set(alone)) > 1
 
 
-def test_a_queued_prompt_over_a_lowered_token_budget_ends_as_too_long(tmp_path):
+def test_a_queued_prompt_over_a_lowered_token_budget_ends_as_too_long(tmp_path, caplog):
     engine = make_engine(tmp_path, **{"scheduler.policy": "gpu-only"})
+    engine.tune(max_batch_size=1)  # one at a time: the long prompts queue behind the short one
     engine.add_request("short", [1] * 10, GREEDY)
-    engine.add_request("long", [2] * 300, GREEDY)
-    engine.tune(max_tokens_in_batch=64)  # before either is scheduled
-    outs = run_all(engine)
-    last = outs["long"][-1]
-    assert last.finish_reason == FinishReason.ERROR
-    assert last.error_kind == EngineError.PROMPT_TOO_LONG and "300 tokens" in last.error
+    for i in range(8):
+        engine.add_request(f"long{i}", [2] * (300 + i), GREEDY)
+    outs: dict[str, list[RequestOutput]] = {}
+    for out in engine.step():  # admits them all; prefills the short one
+        outs.setdefault(out.request_id, []).append(out)
+    assert len(engine.waiting) == 8
+    engine.tune(max_tokens_in_batch=64)
+    with caplog.at_level(logging.WARNING, logger="neod.sched.scheduler"):
+        for rid, more in run_all(engine).items():
+            outs.setdefault(rid, []).extend(more)
+    for i in range(8):
+        last = outs[f"long{i}"][-1]
+        assert last.finish_reason == FinishReason.ERROR
+        assert last.error_kind == EngineError.PROMPT_TOO_LONG
+        assert f"its {300 + i} tokens to prefill" in last.error  # dropped from the queue
     assert outs["short"][-1].finish_reason == FinishReason.LENGTH
     assert_all_free(engine)
+    # One log line for the pass that dropped them, naming the first few.
+    [line] = [r.getMessage() for r in caplog.records if "cannot be served" in r.getMessage()]
+    assert line.startswith("8 sequence(s) cannot be served: seq ") and "and 3 more" in line
 
 
 def test_tune_validates_and_applies(tmp_path):

@@ -28,6 +28,7 @@ from neod.sched.split import CpuCandidate, DecodeSplit, split_cpu_decodes
 from neod.sched.views import CacheView, Limits, Residence, SeqView, blocks_for
 
 logger = logging.getLogger(__name__)
+LOGGED_DROPS = 5  # unservable sequences named in the log line of a pass
 
 
 class Scheduler:
@@ -107,6 +108,7 @@ class _Pass:
         self.cpu_quota = 0  # prompts the CPU can take on this iteration
         self.prefills: list[SeqView] = []  # admitted this iteration, on either device
         self.swap_blocks = 0  # blocks copied between the pools this iteration, per layer
+        self.dropped: list[str] = []  # why each unservable sequence was dropped, for one log line
 
     # ---- helpers ---------------------------------------------------------------------------------
     def _take(self, num_tokens: int) -> bool:
@@ -145,8 +147,17 @@ class _Pass:
         )
 
     def _unservable(self, s: SeqView, why: str) -> None:
-        logger.warning("seq %d cannot be served: %s", s.seq_id, why)
+        self.dropped.append(f"seq {s.seq_id}: {why}")
         self.plan.unservable.append(s.seq_id)
+
+    def _log_dropped(self) -> None:
+        """One line per pass, however many were dropped (a lowered budget can drop a whole
+        queue)."""
+        if self.dropped:
+            shown = "; ".join(self.dropped[:LOGGED_DROPS])
+            more = len(self.dropped) - LOGGED_DROPS
+            logger.warning("%d sequence(s) cannot be served: %s%s", len(self.dropped), shown,
+                           f"; and {more} more" if more > 0 else "")
 
     # ---- the pass --------------------------------------------------------------------------------
     def run(self) -> Plan:
@@ -168,6 +179,7 @@ class _Pass:
         if admit:
             self._admit_prefills()
         self._split()
+        self._log_dropped()
         return self.plan
 
     def _drop_unservable(self) -> None:
