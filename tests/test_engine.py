@@ -537,3 +537,17 @@ def test_the_profile_chooses_the_faster_tile_path_and_keeps_it(tmp_path, monkeyp
         engine.close()
     finally:
         hard_switch(before is not None, values=before == "scores+values")
+
+
+def test_the_cpu_rows_q_k_v_are_one_fused_slab():
+    """The host copy takes the fused projection rows in one piece; anything else is refused."""
+    from neod.engine.executor import _fused_rows
+
+    fused = torch.randn(5, 4 + 2 + 2, 16)  # [T, Hq + 2 Hkv, D]
+    q, k, v = fused.split([4, 2, 2], dim=1)
+    assert torch.equal(_fused_rows(q, k, v)[2:], fused[2:])
+    assert torch.equal(_fused_rows(q[3:4], k[3:4], v[3:4]), fused[3:4])  # one row
+    with pytest.raises(ValueError, match="views of one fused"):
+        _fused_rows(q.contiguous(), k, v)
+    with pytest.raises(ValueError, match="views of one fused"):
+        _fused_rows(q, v, k)  # out of order
