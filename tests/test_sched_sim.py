@@ -383,10 +383,21 @@ def test_prompt_that_never_fits_does_not_block_the_queue():
     waiting = [
         SeqView(0, 0, 500, 0, 510, Residence.WAITING, 0),
         SeqView(1, 1, 10, 0, 20, Residence.WAITING, 0),
+        SeqView(2, 2, 2000, 0, 2010, Residence.WAITING, 0),
     ]
     cache = CacheView(16, 100, 100, 0, 0)
     plan = sched.schedule(waiting, [], cache, Limits(8, 256, "gpu-only"), 1)
-    assert plan.unservable == [0] and plan.prefill_gpu == [1]
+    assert plan.unservable == {
+        0: "500 tokens to prefill exceed scheduler.max_tokens_in_batch (256)",
+        2: "2000 tokens to prefill exceed scheduler.max_tokens_in_batch (256)",
+    }
+    assert plan.prefill_gpu == [1]
+    # With the budget raised, the pool binds: 2000 tokens need 125 blocks, the GPU has 100.
+    plan = sched.schedule(waiting, [], cache, Limits(8, 4096, "gpu-only"), 1)
+    assert plan.unservable == {
+        2: "2000 tokens to prefill need 125 KV blocks, more than the largest pool the policy may "
+        "use (100 blocks)"
+    }
 
 
 def test_prompt_that_does_not_fit_now_is_skipped_then_gets_its_turn():
@@ -423,4 +434,4 @@ def test_running_request_outgrowing_every_pool_is_reported_not_hung():
         SeqView(0, 0, 10, 16, 40, Residence.GPU, 0)
     ]  # needs a 5th block, the GPU has 4, no CPU pool
     plan = sched.schedule([], running, CacheView(4, 4, 0, 0, 0), Limits(4, 64, "gpu-only"), 1)
-    assert plan.unservable == [0] and not plan.decode_gpu
+    assert list(plan.unservable) == [0] and not plan.decode_gpu

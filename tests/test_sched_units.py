@@ -246,7 +246,7 @@ def test_switch_to_gpu_only_brings_cpu_requests_home_or_preempts_them():
     plan = Scheduler(ZeroCostModel(), 4).schedule(
         [], running, cache, Limits(16, 4096, "gpu-only"), 5
     )
-    assert plan.swap_in == [1] and plan.preempt == [2] and plan.unservable == [3]
+    assert plan.swap_in == [1] and plan.preempt == [2] and list(plan.unservable) == [3]
     assert plan.decode_gpu == [0, 1]
     assert check_plan(plan, [], running, cache, Limits(16, 4096, "gpu-only")) == []
 

@@ -25,6 +25,6 @@ def job() -> Job:
 ])
 def test_an_engine_error_becomes_the_code_of_its_kind(kind, code):
     out = RequestOutput("e1", finished=True, finish_reason=FinishReason.ERROR,
-                        error="its 300 tokens to prefill fit neither", error_kind=kind)
+                        error="300 tokens to prefill exceed the token budget", error_kind=kind)
     [event] = job().ending(out, now=1.0)
     assert isinstance(event, Error) and event.code == code and "300 tokens" in event.message

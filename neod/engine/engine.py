@@ -356,7 +356,7 @@ class Engine:
         """Carry out the plan's block moves and allocations (order: preempt, swap out, swap in,
         allocate)."""
         rt = self.rt
-        for sid in plan.unservable:
+        for sid, why in plan.unservable.items():
             seq = self.running.get(sid) or next(s for s in self.waiting if s.seq_id == sid)
             if seq.residence == Residence.WAITING:
                 self.waiting.remove(seq)
@@ -364,10 +364,7 @@ class Engine:
                     seq,
                     FinishReason.ERROR,
                     out,
-                    error=(
-                        f"its {len(seq.token_ids)} tokens to prefill fit neither the KV cache "
-                        "nor the token budget under the current limits"
-                    ),
+                    error=f"cannot be served under the current limits: {why}",
                     error_kind=EngineError.PROMPT_TOO_LONG,
                 )
             else:

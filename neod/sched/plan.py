@@ -39,9 +39,9 @@ class Plan:  # every list holds seq_ids, oldest first
     predicted_iter_s: float = 0.0
     predicted_gpu_alone_s: float = 0.0  # the same iteration without its CPU decodes
     # Can never run under the current limits and policy (a prompt longer than the token budget, KV
-    # larger than every pool the policy may use): the engine frees their blocks and finishes them
-    # (error if waiting, length if running).
-    unservable: list[int] = field(default_factory=list)
+    # larger than every pool the policy may use), each with why: the engine frees their blocks and
+    # finishes them (error if waiting, length if running).
+    unservable: dict[int, str] = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Sequence
+from itertools import islice
 
 from neod.sched.cost import BatchLoad, CostModel, sequential_s
 from neod.sched.outlook import candidates, outlook
@@ -108,7 +109,6 @@ class _Pass:
         self.cpu_quota = 0  # prompts the CPU can take on this iteration
         self.prefills: list[SeqView] = []  # admitted this iteration, on either device
         self.swap_blocks = 0  # blocks copied between the pools this iteration, per layer
-        self.dropped: list[str] = []  # why each unservable sequence was dropped, for one log line
 
     # ---- helpers ---------------------------------------------------------------------------------
     def _take(self, num_tokens: int) -> bool:
@@ -147,16 +147,17 @@ class _Pass:
         )
 
     def _unservable(self, s: SeqView, why: str) -> None:
-        self.dropped.append(f"seq {s.seq_id}: {why}")
-        self.plan.unservable.append(s.seq_id)
+        self.plan.unservable[s.seq_id] = why
 
     def _log_dropped(self) -> None:
         """One line per pass, however many were dropped (a lowered budget can drop a whole
         queue)."""
-        if self.dropped:
-            shown = "; ".join(self.dropped[:LOGGED_DROPS])
-            more = len(self.dropped) - LOGGED_DROPS
-            logger.warning("%d sequence(s) cannot be served: %s%s", len(self.dropped), shown,
+        dropped = self.plan.unservable
+        if dropped:
+            first = islice(dropped.items(), LOGGED_DROPS)
+            shown = "; ".join(f"seq {sid}: {why}" for sid, why in first)
+            more = len(dropped) - LOGGED_DROPS
+            logger.warning("%d sequence(s) cannot be served: %s%s", len(dropped), shown,
                            f"; and {more} more" if more > 0 else "")
 
     # ---- the pass --------------------------------------------------------------------------------
@@ -191,15 +192,15 @@ class _Pass:
         limit = min(max_tokens, cap * bs)
         if any(w.num_prompt_tokens > limit for w in self.waiting):
             for w in self.waiting:
-                if w.num_prompt_tokens > max_tokens:
-                    why = (
-                        f"{w.num_prompt_tokens} tokens to prefill, max_tokens_in_batch {max_tokens}"
-                    )
-                    self._unservable(w, why)
-                elif w.num_prompt_tokens > limit:
-                    self._unservable(
-                        w, f"its prompt outgrows the largest usable pool ({cap} blocks)"
-                    )
+                n = w.num_prompt_tokens
+                if n > max_tokens:
+                    budget = f"scheduler.max_tokens_in_batch ({max_tokens})"
+                    self._unservable(w, f"{n} tokens to prefill exceed {budget}")
+                elif n > limit:
+                    self._unservable(w, (
+                        f"{n} tokens to prefill need {blocks_for(n, bs)} KV blocks, more than the "
+                        f"largest pool the policy may use ({cap} blocks)"
+                    ))
             self.waiting = [w for w in self.waiting if w.num_prompt_tokens <= limit]
 
     def _assign_slots(self) -> None:
