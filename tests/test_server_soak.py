@@ -3,12 +3,17 @@ on request (`pytest -m slow`)."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import os
+import random
 import subprocess
 import sys
 
 import orjson
 import pytest
+
+from neod.bench.soak import _leftovers, retune
 
 
 def soak(*args: str, timeout_s: float) -> dict:
@@ -35,6 +40,26 @@ def test_soak_while_retuned_at_random(tmp_path) -> None:
                   timeout_s=600)
     assert sum(report["outcomes"].values()) == 300 and not report["problems"]
     assert report["tunes"]["tunes"] >= 5
+
+
+def test_a_lost_control_endpoint_is_a_problem_of_the_run_not_a_crash(tmp_path) -> None:
+    async def run() -> list[str]:
+        done, problems = asyncio.Event(), []
+        done.set()
+        await retune(f"ipc://{tmp_path}/gone.sock", 0.01, random.Random(0), done,
+                     collections.Counter(), problems)
+        return problems
+
+    [problem] = asyncio.run(run())
+    assert problem.startswith(f"retuning stopped: no neod socket at {tmp_path}/gone.sock")
+
+
+def test_leftovers_of_an_idle_daemon_are_named() -> None:
+    idle = {"server": {"active_requests": 0}, "engine": {"kv_gpu": {"blocks_used": 0}}}
+    assert _leftovers(idle) == []
+    busy = {"server": {"active_requests": 2},
+            "engine": {"kv_gpu": {"blocks_used": 0}, "kv_cpu": {"blocks_used": 3}}}
+    assert _leftovers(busy) == ["2 requests still in flight", "3 kv_cpu blocks leaked"]
 
 
 @pytest.mark.slow

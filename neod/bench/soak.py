@@ -30,7 +30,13 @@ from typing import Any
 import orjson
 import psutil
 
-from neod.client import AsyncClient, ControlClient, RequestError, RequestTimeout
+from neod.client import (
+    AsyncClient,
+    ControlClient,
+    DaemonUnavailable,
+    RequestError,
+    RequestTimeout,
+)
 from neod.config import load_config
 from neod.protocol import CPU_RETUNE_TIMEOUT_S
 
@@ -154,7 +160,16 @@ def random_knobs(rng: random.Random, start: dict[str, Any]) -> dict[str, Any]:
 async def retune(control: str, every_s: float, rng: random.Random, done: asyncio.Event,
                  tunes: collections.Counter, problems: list[str], drain: bool = False) -> None:
     """Retunes the daemon at random until `done`, then restores its knobs; every tune must be
-    applied as asked. With `drain`, some turns drain the daemon for a moment instead."""
+    applied as asked. With `drain`, some turns drain the daemon for a moment instead. A lost
+    control endpoint ends the retuning as a problem of the run."""
+    try:
+        await _retune(control, every_s, rng, done, tunes, problems, drain)
+    except DaemonUnavailable as exc:
+        problems.append(f"retuning stopped: {exc}")
+
+
+async def _retune(control: str, every_s: float, rng: random.Random, done: asyncio.Event,
+                  tunes: collections.Counter, problems: list[str], drain: bool) -> None:
     with ControlClient(control) as ctl:
         engine = (await asyncio.to_thread(ctl.call, "status"))["engine"]
         start = {"policy": engine["policy"], "max_batch_size": engine["max_batch_size"],
@@ -209,6 +224,18 @@ def wait_idle(control: str, timeout_s: float = 30.0) -> dict[str, Any]:
             time.sleep(0.1)
 
 
+def _leftovers(status: dict[str, Any]) -> list[str]:
+    """What an idle daemon should no longer hold: requests in flight, KV blocks in use."""
+    found = []
+    if status["server"]["active_requests"]:
+        found.append(f"{status['server']['active_requests']} requests still in flight")
+    for pool in ("kv_gpu", "kv_cpu"):
+        used = status["engine"].get(pool, {}).get("blocks_used", 0)
+        if used:
+            found.append(f"{used} {pool} blocks leaked")
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=5000)
@@ -249,7 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         outcomes, problems, samples, tunes = asyncio.run(
             soak(intake, args.requests, args.concurrency, args.seed, memory, control,
                  args.tune_every, args.drain))
-        status = wait_idle(control)
+        try:
+            status = wait_idle(control)
+        except DaemonUnavailable as exc:
+            problems.append(f"no final status: {exc}")
+            status = None
     finally:
         if daemon is not None:
             daemon.stop()
@@ -258,12 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(outcomes.values())
     if total != args.requests:
         problems.append(f"{total} outcomes for {args.requests} requests")
-    if status["server"]["active_requests"]:
-        problems.append(f"{status['server']['active_requests']} requests still in flight")
-    for pool in ("kv_gpu", "kv_cpu"):
-        used = status["engine"].get(pool, {}).get("blocks_used", 0)
-        if used:
-            problems.append(f"{used} {pool} blocks leaked")
+    if status is not None:
+        problems.extend(_leftovers(status))
     half = samples[len(samples) // 2:]
     growth_mib = (half[-1][0] - half[0][0]) / 2**20 if half else 0.0
     objects = (half[-1][1] - half[0][1]) / max(1, half[0][1]) if half else 0.0
