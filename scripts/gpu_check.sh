@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Validates and times neod on a GPU host that has torch and a compiler but no ispc and no network
 # (the prebuilt build/ispc objects and build/libneod_cuda.so travel with the tree; docs/build.md).
-# Usage: scripts/gpu_check.sh OUTDIR [tests] [step] [cpu] [amx] [pipeline] [throughput ARGS...]
+# Usage: scripts/gpu_check.sh OUTDIR [tests] [step] [cpu] [amx] [kvmem] [pipeline]
+#        [throughput ARGS...]
 set -uo pipefail
-out=${1:?usage: scripts/gpu_check.sh OUTDIR [tests] [step] [cpu] [amx] [pipeline] [throughput ARGS...]}
+out=${1:?usage: scripts/gpu_check.sh OUTDIR [tests] [step] [cpu] [amx] [kvmem] [pipeline] [throughput ARGS...]}
 shift
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 mkdir -p "$out"
@@ -13,6 +14,7 @@ if ! NEOD_ISPC_OBJECTS=build/ispc python3 setup.py -q build_ext --inplace >"$out
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "from neod.cython import load_native; print('AMX:', load_native().AMX_SUPPORTED)" | tee -a "$out/gpu.txt"
+echo "transparent huge pages: $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null)" | tee -a "$out/gpu.txt"
 while [ $# -gt 0 ]; do
     what=$1
     shift
@@ -30,6 +32,11 @@ while [ $# -gt 0 ]; do
             python3 -m neod.bench.cpu_attention --batch 16,64 --context 1024,4096 --threads 1,14 \
                 --q-heads 64 --kv-heads 8 --head-dim 128 --no-torch --seconds 0.3 \
                 --reserve-cores 1 --out "$out/amx.json" 2>&1 | tee "$out/amx.txt" ;;
+        kvmem)  # the same kernel on plain and on CUDA-pinned host memory (the engine's pool)
+            python3 -m neod.bench.cpu_attention --batch 8,16,64 --context 1024,4096 --threads 14 \
+                --q-heads 64 --kv-heads 8 --head-dim 128 --no-torch --seconds 0.3 \
+                --reserve-cores 1 --products amx,amx-scores --kv-memory pageable,pinned \
+                --out "$out/kvmem.json" 2>&1 | tee "$out/kvmem.txt" ;;
         pipeline)  # one iteration of G GPU and K CPU decodes, each mode, measured and predicted
             python3 -m neod.bench.pipeline --preset llama-3.1-8b --gpu-decodes 4 \
                 --cpu-decodes 0,4,8,16 --context 1100 --repeats 5 2>&1 \

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from neod.bench import cpu_attention
 
 
@@ -17,8 +20,17 @@ def test_a_small_grid_reports_rates_and_the_pools_busy_share(tmp_path):
     ])  # fmt: skip
     assert code == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["batch"], r["context"], r["threads"]) for r in rows] == [(1, 100, 1), (8, 100, 1)]
+    assert [(r["batch"], r["context"], r["threads"], r["kv_memory"]) for r in rows] == [
+        (1, 100, 1, "pageable"), (8, 100, 1, "pageable")]
     for r in rows:
         assert r["kernel_gbps"] > 0 and r["host_read_gbps"] > 0 and r["speedup_vs_torch"] > 0
         # Worker time lies within the timed span: at most all of the pool's thread time.
         assert 0 < r["pool_share"] <= 1
+
+
+def test_kv_memory_kinds_are_checked():
+    with pytest.raises(SystemExit):
+        cpu_attention.main(["--kv-memory", "huge"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            cpu_attention.main(["--kv-memory", "pinned"])

@@ -57,9 +57,10 @@ def time_calls(fn: Callable[[], None], min_seconds: float, min_calls: int) -> fl
 class Point:
     """One (batch, context) workload: `num_layers` KV layers cycled call after call."""
 
-    def __init__(self, args: argparse.Namespace, batch: int, context: int, seed: int) -> None:
+    def __init__(self, args: argparse.Namespace, batch: int, context: int, seed: int,
+                 memory: str = "pageable") -> None:
         gen = torch.Generator().manual_seed(seed)
-        self.batch, self.context = batch, context
+        self.batch, self.context, self.memory = batch, context, memory
         bs, hkv, d = args.block_size, args.kv_heads, args.head_dim
         blocks_per_req = -(-context // bs)
         num_blocks = batch * blocks_per_req
@@ -70,7 +71,8 @@ class Point:
         else:
             self.num_layers = max(1, min(16, math.ceil(ROTATE_BYTES / self.kv_bytes)))
         shape = (self.num_layers, num_blocks, 2, hkv, bs, d)
-        self.kv = torch.empty(shape, dtype=args.dtype)
+        # "pinned": page-locked by the CUDA driver, as the engine's host KV pool on a GPU host.
+        self.kv = torch.empty(shape, dtype=args.dtype, pin_memory=memory == "pinned")
         self.kv.normal_(generator=gen)
         # Requests' blocks scattered over the pool, as after a while of allocation and freeing
         # (or, cache-resident, the same few blocks over and over).
@@ -114,17 +116,19 @@ def run(args: argparse.Namespace) -> list[dict]:
             kv_bytes = batch * context * args.kv_heads * args.head_dim * 2 * args.dtype.itemsize
             if kv_bytes > args.max_kv_gib * 2**30:
                 continue
-            point = Point(args, batch, context, seed=batch * 100_003 + context)
-            for threads in args.threads:
-                with CpuAttention(cores=cores[threads]) as pool:
-                    for products in args.products:
-                        amx = products != "fp32"
-                        on = use_amx(amx, values=products == "amx")
-                        if amx and (args.dtype != torch.bfloat16 or not on):
-                            continue  # fp16 KV, or no AMX here
-                        rows.append(measure(args, pool, point, host_rates[threads]))
-                        rows[-1]["products"] = products
-                        print_row(rows[-1], args)
+            for memory in args.kv_memory:
+                point = Point(args, batch, context, seed=batch * 100_003 + context, memory=memory)
+                for threads in args.threads:
+                    with CpuAttention(cores=cores[threads]) as pool:
+                        for products in args.products:
+                            amx = products != "fp32"
+                            on = use_amx(amx, values=products == "amx")
+                            if amx and (args.dtype != torch.bfloat16 or not on):
+                                continue  # fp16 KV, or no AMX here
+                            rows.append(measure(args, pool, point, host_rates[threads]))
+                            rows[-1]["products"] = products
+                            print_row(rows[-1], args)
+                del point
     use_amx(amx_before is not None, values=amx_before == "scores+values")
     return rows
 
@@ -152,6 +156,7 @@ def measure(args: argparse.Namespace, pool: CpuAttention, point: Point, host_rat
     return {
         "batch": point.batch,
         "context": point.context,
+        "kv_memory": point.memory,
         "tokens": point.batch * point.context,
         "threads": threads,
         "kv_mib": point.kv_bytes / 2**20,
@@ -165,7 +170,8 @@ def measure(args: argparse.Namespace, pool: CpuAttention, point: Point, host_rat
     }
 
 
-HEADER = (f"{'batch':>5} {'context':>7} {'threads':>7} {'products':>10} {'KV MiB':>8} {'ms':>8} "
+HEADER = (f"{'batch':>5} {'context':>7} {'KV mem':>8} {'threads':>7} {'products':>10} "
+          f"{'KV MiB':>8} {'ms':>8} "
           f"{'GB/s':>7} "
           f"{'host GB/s':>9} {'of host':>7} {'busy':>5} {'torch ms':>9} {'speedup':>7}")
 
@@ -175,7 +181,8 @@ def print_row(row: dict, args: argparse.Namespace) -> None:
         return
     torch_ms = "-" if row["torch_ms"] is None else f"{row['torch_ms']:.2f}"
     speedup = "-" if row["speedup_vs_torch"] is None else f"{row['speedup_vs_torch']:.1f}x"
-    print(f"{row['batch']:5d} {row['context']:7d} {row['threads']:7d} {row['products']:>10} "
+    print(f"{row['batch']:5d} {row['context']:7d} {row['kv_memory']:>8} {row['threads']:7d} "
+          f"{row['products']:>10} "
           f"{row['kv_mib']:8.1f} "
           f"{row['kernel_ms']:8.3f} {row['kernel_gbps']:7.1f} {row['host_read_gbps']:9.1f} "
           f"{row['share_of_host']:7.0%} {row['pool_share']:5.0%} {torch_ms:>9} {speedup:>7}",
@@ -209,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the tile products run, compared: amx (scores and values on "
                              "AMX tiles, bf16 KV on CPUs that have them), amx-scores (scores "
                              "only), fp32 (the ISPC kernel's FMAs)")
+    parser.add_argument("--kv-memory", type=lambda text: text.split(","), default=["pageable"],
+                        help="where the KV lies, compared: pageable (plain host memory), pinned "
+                             "(page-locked by CUDA, as the engine's host pool on a GPU host)")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch baseline")
     parser.add_argument("--torch-at", type=parse_ints, default=[],
                         help="run the torch baseline only at these thread counts (default: all)")
@@ -217,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the JSON report to this file")
     args = parser.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
+    if not set(args.kv_memory) <= {"pageable", "pinned"}:
+        parser.error(f"--kv-memory takes pageable and pinned, not {args.kv_memory}")
+    if "pinned" in args.kv_memory and not torch.cuda.is_available():
+        parser.error("--kv-memory pinned needs CUDA (the driver page-locks the memory)")
     if args.quick:
         args.batch, args.context, args.seconds = [4], [2048], 0.1
         args.threads = sorted({1, cpus})
