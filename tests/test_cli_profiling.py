@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import orjson
+import torch
 from typer.testing import CliRunner
 
+from neod.cache.pool import GIB, KVLayout
+from neod.cli import profiling
 from neod.cli.ctl import app
 
 
@@ -31,7 +36,7 @@ dir = "{tmp_path / "profiles"}"
 def test_predict_needs_a_profile_then_uses_it(tmp_path):
     runner = CliRunner()
     config = write_config(tmp_path)
-    missing = runner.invoke(app, ["--config", config, "predict", "--gpu-kv-gib", "0.001"])
+    missing = runner.invoke(app, ["--config", str(config), "predict", "--gpu-kv-gib", "0.001"])
     assert missing.exit_code == 1
     assert "neoctl profile" in missing.output
 
@@ -63,3 +68,29 @@ def test_predict_needs_a_profile_then_uses_it(tmp_path):
     assert result["mode"] in ("neo", "gpu-only")
     # A GPU pool of ~1 MiB holds only a few requests: the GPU-only batch is bound by memory.
     assert result["gpu_only"]["bound"] == "gpu memory"
+
+
+def test_predict_under_tensor_parallelism_gives_each_rank_its_share_of_the_host_pool(
+    tmp_path, monkeypatch
+):
+    """The profile and layout are rank 0's (half the KV heads at tp 2), the GPU budget is per GPU,
+    and the host pool serves both ranks: each can use half of it."""
+    config = pathlib.Path(write_config(tmp_path))
+    text = config.read_text().replace("cpu_kv_gib = 0.01", "cpu_kv_gib = 1.0")
+    config.write_text(text + "[parallel]\ntp_size = 2\n")
+    rank_layout = KVLayout(2, 1, 64, 16, torch.bfloat16)
+    monkeypatch.setattr(profiling, "_stored_profile", lambda cfg: (object(), rank_layout, None))
+    seen = {}
+
+    def predict_workload(cost, num_layers, per_token, gpu_bytes, cpu_bytes, *args, **kwargs):
+        seen.update(per_token=per_token, gpu_bytes=gpu_bytes, cpu_bytes=cpu_bytes)
+        return {}
+
+    monkeypatch.setattr("neod.sched.predict_workload", predict_workload)
+    monkeypatch.setattr("neod.sched.TableCostModel", lambda profile: None)
+    result = CliRunner().invoke(
+        app, ["--config", str(config), "predict", "--gpu-kv-gib", "0.5", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert seen == {"per_token": rank_layout.bytes_per_token, "gpu_bytes": GIB // 2,
+                    "cpu_bytes": GIB // 2}

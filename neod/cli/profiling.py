@@ -10,6 +10,7 @@ GPU-only, how fast NEO?
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -109,12 +110,13 @@ def register(app: typer.Typer) -> None:
         input_len: int = typer.Option(1000, min=1, help="mean prompt tokens"),
         output_len: int = typer.Option(200, min=1, help="mean output tokens"),
         gpu_kv_gib: float = typer.Option(
-            0.0, min=0.0, help="GPU KV budget (default: cache.gpu_kv_gib)"
+            0.0, min=0.0, help="GPU KV budget of each GPU (default: cache.gpu_kv_gib)"
         ),
         cpu_kv_gib: float = typer.Option(
             0.0,
             min=0.0,
-            help="host KV pool (default: cache.cpu_kv_gib, else what this host allows)",
+            help="host KV pool, all GPUs' together (default: cache.cpu_kv_gib, else what this "
+            "host allows)",
         ),
         json_out: bool = typer.Option(False, "--json"),
     ) -> None:
@@ -133,9 +135,14 @@ def register(app: typer.Typer) -> None:
         gpu_bytes = int((gpu_kv_gib or cfg.cache.gpu_kv_gib) * GIB)
         if gpu_bytes <= 0:
             fail("give the GPU KV budget: --gpu-kv-gib (or set cache.gpu_kv_gib)")
+        # The profile, the layout and the GPU budget are one rank's; the host pool is shared: each
+        # of its blocks holds every rank's heads, and a rank's share of it is what it can use.
+        tp = cfg.parallel.tp_size
+        whole = replace(layout, num_kv_heads=layout.num_kv_heads * tp)
         cpu_bytes = int((cpu_kv_gib or cfg.cache.cpu_kv_gib) * GIB)
         if cpu_bytes <= 0:
-            cpu_bytes = host_pool_blocks(layout, 0.0, pinned=False) * layout.block_bytes
+            cpu_bytes = host_pool_blocks(whole, 0.0, pinned=False) * whole.block_bytes
+        cpu_bytes //= tp
         limits = Limits(cfg.scheduler.max_batch_size, cfg.scheduler.max_tokens_in_batch, "auto")
         result = predict_workload(
             TableCostModel(profile),
