@@ -193,11 +193,15 @@ def test_neo_mode_greedy_equals_gpu_only(tmp_path, policy):
         results[mode] = {k: tokens_of(v) for k, v in outs.items()}
         assert_all_free(engine)
         share = engine.stats()["cpu_pool"]["computing_share"]
+        scale = engine.stats()["cpu_cost_scale"]
         if mode == "neo":
             assert seen_cpu, "the small GPU pool should have pushed requests to the CPU"
             assert share is not None and 0 < share <= 1  # the workers' time, within the pool's
+            # Offloaded iterations corrected the profiled CPU cost (within its bounds).
+            assert scale["samples"] > 0 and 0.5 <= scale["measured_over_profiled"] <= 2.0
         if mode == "gpu-only":
             assert share is None  # nothing ran on the pool
+            assert scale == {"measured_over_profiled": 1.0, "samples": 0}
     assert_greedy_equal(
         engine, {f"r{i}": p for i, p in enumerate(ps)}, results["gpu-only"], results[policy]
     )

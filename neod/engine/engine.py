@@ -27,7 +27,7 @@ from neod.engine.runtime import EngineRuntime, build_runtime
 from neod.engine.sampler import sample
 from neod.engine.sequence import Sequence
 from neod.engine.stats import EngineStats
-from neod.sched import POLICIES, CacheView, Limits, Plan, Residence
+from neod.sched import POLICIES, CacheView, CalibratedCostModel, Limits, Plan, Residence
 
 logger = logging.getLogger(__name__)
 
@@ -97,9 +97,11 @@ class Engine:
                 self._default_generator,
             )
             elapsed = time.perf_counter() - start
-            self.iteration_stats.record_iteration(
-                plan, elapsed, len(order), self.rt.executor.cpu_busy_s - cpu_busy_before
-            )
+            cpu_busy = self.rt.executor.cpu_busy_s - cpu_busy_before
+            self.iteration_stats.record_iteration(plan, elapsed, len(order), cpu_busy)
+            cost = self.rt.scheduler.cost
+            if isinstance(cost, CalibratedCostModel) and not plan.prefill_cpu:
+                cost.record_cpu(cpu_busy, plan.predicted_cpu_s)  # KV stores of prompts aside
             if not (plan.prefill_gpu or plan.prefill_cpu or plan.swap_out or plan.swap_in):
                 self.guard.record(
                     self.step_index,
@@ -216,8 +218,16 @@ class Engine:
             },
             "iterations": self.iteration_stats.snapshot(),
             "offload_guard": self.guard.snapshot(),
+            "cpu_cost_scale": self._cpu_cost_scale(),
             "profile": self._profile_stats(),
         }
+
+    def _cpu_cost_scale(self) -> dict[str, float | int] | None:
+        """How far the CPU pool measures off its profile now (see neod.sched.calibration)."""
+        cost = self.rt.scheduler.cost
+        if not isinstance(cost, CalibratedCostModel):
+            return None
+        return {"measured_over_profiled": round(cost.cpu_scale, 4), "samples": cost.cpu_samples}
 
     def _pool_computing_share(self) -> float | None:
         """Share of the pool's thread time, while it served iterations, that its workers computed

@@ -21,7 +21,14 @@ from neod.engine.graphs import DecodeGraphs
 from neod.engine.stage_graphs import StageGraphs
 from neod.model.llama import LlamaModel
 from neod.model.presets import get_preset
-from neod.sched import CostModel, Profile, Scheduler, TableCostModel, ZeroCostModel
+from neod.sched import (
+    CalibratedCostModel,
+    CostModel,
+    Profile,
+    Scheduler,
+    TableCostModel,
+    ZeroCostModel,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -143,9 +150,9 @@ class EngineRuntime:
 
 
 def cost_model_of(profile: Profile | None) -> CostModel:
-    """The scheduler's costs: the profile's tables; free where this rank keeps no profile (it
-    schedules nothing)."""
-    return ZeroCostModel() if profile is None else TableCostModel(profile)
+    """The scheduler's costs: the profile's tables, the CPU attention corrected as the engine
+    measures it; free where this rank keeps no profile (it schedules nothing)."""
+    return ZeroCostModel() if profile is None else CalibratedCostModel(TableCostModel(profile))
 
 
 def gpu_numa_node(device: torch.device) -> int | None:

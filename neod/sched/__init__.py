@@ -4,6 +4,7 @@ Nothing here imports torch or touches a device, a socket or a clock; tests check
 """
 
 from neod.sched.advisor import predict_workload
+from neod.sched.calibration import CalibratedCostModel
 from neod.sched.cost import BatchLoad, CostModel, ZeroCostModel, pipelined_s, sequential_s
 from neod.sched.plan import Plan, check_plan
 from neod.sched.predictor import TableCostModel
@@ -24,6 +25,7 @@ __all__ = [
     "POLICIES",
     "BatchLoad",
     "CacheView",
+    "CalibratedCostModel",
     "CostModel",
     "Limits",
     "Plan",

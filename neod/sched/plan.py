@@ -38,6 +38,7 @@ class Plan:  # every list holds seq_ids, oldest first
     pipelined: bool = False
     predicted_iter_s: float = 0.0
     predicted_gpu_alone_s: float = 0.0  # the same iteration without its CPU decodes
+    predicted_cpu_s: float = 0.0  # the CPU decodes' attention, all layers and sub-batches
     # Can never run under the current limits and policy (a prompt longer than the token budget, KV
     # larger than every pool the policy may use), each with why: the engine frees their blocks and
     # finishes them (error if waiting, length if running).

@@ -1,0 +1,86 @@
+"""The CPU attention cost follows what the engine measures, within bounds, and moves the split."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from test_sched_units import FlatCost, cpu, gpu
+
+from neod.sched import CacheView, CalibratedCostModel, Limits, Residence, Scheduler, SeqView
+from neod.sched.calibration import SCALE_BOUNDS
+
+
+def test_every_cost_but_the_cpu_attention_is_the_profiles():
+    base = FlatCost(cpu_per_seq=0.3)
+    model = CalibratedCostModel(base)
+    model.cpu_scale = 2.0
+    assert model.linear_s(8) == base.linear_s(8)
+    assert model.prefill_attn_s([10, 20]) == base.prefill_attn_s([10, 20])
+    assert model.gpu_decode_attn_s(3, 300) == base.gpu_decode_attn_s(3, 300)
+    assert model.transfer_s(3) == base.transfer_s(3)
+    assert model.swap_s(5) == base.swap_s(5)
+    assert model.iteration_overhead_s(4) == base.iteration_overhead_s(4)
+    assert model.cpu_decode_attn_s(3, 300) == pytest.approx(2.0 * base.cpu_decode_attn_s(3, 300))
+
+
+@pytest.mark.parametrize("truth", [0.7, 1.0, 1.4])
+def test_the_scale_converges_to_measured_over_profiled(truth):
+    base = FlatCost(cpu_per_seq=0.3)
+    model = CalibratedCostModel(base)
+    for _ in range(100):
+        predicted = model.cpu_decode_attn_s(4, 400)
+        model.record_cpu(truth * base.cpu_decode_attn_s(4, 400), predicted)
+    assert model.cpu_scale == pytest.approx(truth, rel=1e-3)
+    assert model.cpu_samples == 100
+
+
+def test_one_outlier_moves_the_scale_a_little_and_never_past_the_bounds():
+    model = CalibratedCostModel(FlatCost())
+    model.record_cpu(10.0, 1.0)  # one iteration 10x slow: a hiccup, not the new normal
+    assert model.cpu_scale == pytest.approx(math.exp(0.1 * math.log(10.0)))
+    for _ in range(200):
+        model.record_cpu(10.0, 1.0)
+    assert model.cpu_scale == SCALE_BOUNDS[1]
+    for _ in range(400):
+        model.record_cpu(0.01, 1.0)
+    assert model.cpu_scale == SCALE_BOUNDS[0]
+
+
+def test_iterations_without_cpu_work_leave_it_alone():
+    model = CalibratedCostModel(FlatCost())
+    model.record_cpu(0.0, 1.0)
+    model.record_cpu(1.0, 0.0)
+    assert model.cpu_scale == 1.0 and model.cpu_samples == 0
+
+
+def plan_with(model):
+    """Policy neo, a full GPU with two decodes, and eight idle CPU requests the split may take or
+    leave."""
+    running = [gpu(0, 100), gpu(1, 100)] + [cpu(10 + i, 100) for i in range(8)]
+    cache = CacheView(16, 14, 0, 100, 44)
+    return Scheduler(model, 4).schedule([], running, cache, Limits(16, 512, "neo"), 1)
+
+
+def test_the_plan_carries_its_predicted_cpu_time_and_a_slower_cpu_takes_fewer_decodes():
+    base = FlatCost(lin=1.0, gpu_attn=0.5, cpu_per_seq=0.3, transfer_per_seq=0.0)
+    model = CalibratedCostModel(base)
+    plan = plan_with(model)
+    on_cpu = len(plan.decode_cpu_b0) + len(plan.decode_cpu_b1)
+    assert on_cpu > 0
+    sides = [n for n in (len(plan.decode_cpu_b0), len(plan.decode_cpu_b1)) if n]
+    assert plan.predicted_cpu_s == pytest.approx(4 * sum(0.3 * n for n in sides))
+    model.cpu_scale = 2.0
+    slower = plan_with(model)
+    assert len(slower.decode_cpu_b0) + len(slower.decode_cpu_b1) < on_cpu
+    assert slower.predicted_cpu_s == pytest.approx(
+        4 * sum(0.6 * n for n in (len(slower.decode_cpu_b0), len(slower.decode_cpu_b1)) if n)
+    )
+
+
+def test_a_plan_without_cpu_decodes_predicts_no_cpu_time():
+    running = [SeqView(0, 0, 100, 100, 1100, Residence.GPU, 0)]
+    plan = Scheduler(CalibratedCostModel(FlatCost()), 4).schedule(
+        [], running, CacheView(16, 100, 90, 0, 0), Limits(16, 512, "gpu-only"), 1
+    )
+    assert plan.decode_gpu == [0] and plan.predicted_cpu_s == 0.0
