@@ -19,6 +19,9 @@ def test_policies_are_measured_and_set_against_the_advisor(tmp_path, capsys):
     assert gpu_only["output_tokens"] == neo["output_tokens"]
     assert 12 * 5 <= neo["output_tokens"] <= 12 * 7
     assert report["speedup_vs_gpu_only"]["gpu-only"] == 1.0
+    # GPU-only measured no CPU work; NEO's offloaded iterations corrected the CPU cost.
+    assert gpu_only["cpu_cost_scale"]["samples"] == 0
+    assert neo["cpu_cost_scale"]["samples"] > 0
     # GPU-only holds ~5 of the 12 requests: finished ones are replaced from the queue for a while
     # (the steady window); NEO's host pool may take them all at once and have none.
     assert gpu_only["steady_tokens_per_s"] > 0

@@ -113,6 +113,7 @@ def run_workload(engine: Engine, workload: list[tuple[list[int], int]]) -> dict[
         "median_iter_ms": iterations["median_iter_ms"],
         "median_prediction_error": iterations["median_prediction_error"],
         "offload_guard": engine.stats()["offload_guard"],
+        "cpu_cost_scale": engine.stats()["cpu_cost_scale"],
     }
 
 
@@ -220,7 +221,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     print(
         f"{'policy':10} {'tok/s':>9} {'x':>6} {'steady':>8} {'TTFT p50':>9} {'p99':>8} "
-        f"{'TPOT p50':>9} {'p99':>8} {'pipe%':>6} {'pred err':>8} {'CPU reqs':>8} {'CPU busy':>8}"
+        f"{'TPOT p50':>9} {'p99':>8} {'pipe%':>6} {'pred err':>8} {'CPU reqs':>8} {'CPU busy':>8} "
+        f"{'CPU x':>6}"
     )
     for policy, r in results.items():
         speedup = report.get("speedup_vs_gpu_only", {}).get(policy, float("nan"))
@@ -231,8 +233,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{'-' if steady_rate is None else f'{steady_rate:8.1f}':>8} {r['ttft_p50_s']:9.3f} "
             f"{r['ttft_p99_s']:8.3f} {r['tpot_p50_s'] * 1e3:8.1f}m {r['tpot_p99_s'] * 1e3:7.1f}m "
             f"{100 * r['pipelined_share']:6.1f} {'-' if err is None else f'{100 * err:7.1f}%'} "
-            f"{r['mean_cpu_decodes']:8.1f} {100 * (r['cpu_busy_share'] or 0):7.1f}%"
+            f"{r['mean_cpu_decodes']:8.1f} {100 * (r['cpu_busy_share'] or 0):7.1f}% "
+            f"{_scale(r['cpu_cost_scale']):>6}"
         )
+    print("CPU x: the CPU attention's measured over profiled cost at the end of the policy's run "
+          "(the scheduler's running correction, carried over from one policy to the next)")
     for policy, r in results.items():
         guard = r["offload_guard"]
         if policy == "auto" and guard["stops"]:
@@ -254,6 +259,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{advice['mode']}; measured in the steady window: {measured or '-'}"
         )
     return report
+
+
+def _scale(scale: dict[str, Any] | None) -> str:
+    return "-" if not scale or not scale["samples"] else f"{scale['measured_over_profiled']:.2f}"
 
 
 if __name__ == "__main__":
