@@ -99,7 +99,7 @@ class Engine:
             elapsed = time.perf_counter() - start
             cpu_busy = self.rt.executor.cpu_busy_s - cpu_busy_before
             self.iteration_stats.record_iteration(plan, elapsed, len(order), cpu_busy)
-            cost = self.rt.scheduler.cost
+            cost = getattr(self.rt.scheduler, "cost", None)  # a scripted scheduler has none
             if isinstance(cost, CalibratedCostModel) and not plan.prefill_cpu:
                 cost.record_cpu(cpu_busy, plan.predicted_cpu_s)  # KV stores of prompts aside
             if not (plan.prefill_gpu or plan.prefill_cpu or plan.swap_out or plan.swap_in):
@@ -224,7 +224,7 @@ class Engine:
 
     def _cpu_cost_scale(self) -> dict[str, float | int] | None:
         """How far the CPU pool measures off its profile now (see neod.sched.calibration)."""
-        cost = self.rt.scheduler.cost
+        cost = getattr(self.rt.scheduler, "cost", None)  # a scripted scheduler has none
         if not isinstance(cost, CalibratedCostModel):
             return None
         return {"measured_over_profiled": round(cost.cpu_scale, 4), "samples": cost.cpu_samples}
