@@ -8,6 +8,13 @@ out=${1:?usage: scripts/gpu_check.sh OUTDIR [tests] [step] [cpu] [amx] [kvmem] [
 shift
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 mkdir -p "$out"
+# Python packages the GPU image lacks (orjson: the engine tests import it) travel as wheels in
+# .whl/ (docs/build.md says how to fetch them).
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/neod-site .whl/*.whl || exit 1
+    export PYTHONPATH=$PWD:/tmp/neod-site
+fi
 if ! NEOD_ISPC_OBJECTS=build/ispc python3 setup.py -q build_ext --inplace >"$out/build.log" 2>&1; then
     tail -30 "$out/build.log"
     exit 1
