@@ -167,3 +167,15 @@ def test_neod_exits_at_once_when_its_port_is_taken(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert "event=bind_failed" in out.stderr and "another process holds it" in out.stderr
     assert "event=loading" not in out.stderr  # before any model work
+
+
+def test_status_names_the_cpu_cost_correction_once_measured() -> None:
+    from neod.cli.ops import render_status
+
+    engine = {"model": "tiny", "cpu_pool": {"threads": 2, "cores": [0, 1]},
+              "cpu_cost_scale": {"measured_over_profiled": 1.0, "samples": 0}}
+    status = {"server": {"state": "serving"}, "engine": engine}
+    assert "profiled cost" not in render_status(status)
+    engine["cpu_cost_scale"] = {"measured_over_profiled": 0.7612, "samples": 420}
+    [line] = [ln for ln in render_status(status).splitlines() if ln.startswith("CPU pool")]
+    assert line.endswith(", its attention 0.76x the profiled cost over 420 iterations")

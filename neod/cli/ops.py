@@ -14,7 +14,7 @@ from neod.protocol import CPU_RETUNE_TIMEOUT_S
 
 _SHOWN_ENGINE_KEYS = {"model", "device", "dtype", "policy", "mode", "max_batch_size",
                       "max_tokens_in_batch", "max_model_len", "waiting", "decoding_gpu",
-                      "decoding_cpu", "kv_gpu", "kv_cpu", "cpu_pool"}
+                      "decoding_cpu", "kv_gpu", "kv_cpu", "cpu_pool", "cpu_cost_scale"}
 
 
 def _pct(p: dict[str, float]) -> str:
@@ -62,7 +62,8 @@ def render_status(result: dict[str, Any]) -> str:
                      + (f", {bandwidth:g} GB/s read bandwidth" if bandwidth else "")
                      + (f", {100 * pool['computing_share']:.0f}% of its thread time computing"
                         if pool.get("computing_share") is not None else "")
-                     + (f", AMX {pool['amx']}" if pool.get("amx") else ""))
+                     + (f", AMX {pool['amx']}" if pool.get("amx") else "")
+                     + _cpu_cost(eng.get("cpu_cost_scale")))
     else:
         lines.append(f"engine    {eng.get('state', 'not ready')}")
     lines += [
@@ -78,6 +79,14 @@ def render_status(result: dict[str, Any]) -> str:
             value = "  ".join(f"{k}={v}" for k, v in value.items() if v is not None) or "-"
         lines.append(f"{key:<9} {value}")
     return "\n".join(lines)
+
+
+def _cpu_cost(scale: dict[str, Any] | None) -> str:
+    """The scheduler's correction of the profiled CPU attention cost, once it has measured."""
+    if not scale or not scale.get("samples"):
+        return ""
+    return (f", its attention {scale['measured_over_profiled']:.2f}x the profiled cost over "
+            f"{scale['samples']} iterations")
 
 
 def _mode(engine: dict[str, Any]) -> str:
