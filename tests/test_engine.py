@@ -406,11 +406,14 @@ def check_live_tuning_keeps_cpu_requests_tokens(tmp_path, pool: dict, knobs: dic
         for out in engine.step():
             outs.setdefault(out.request_id, []).append(out)
         if not tuned and engine.stats()["decoding_cpu"] >= 2:
+            cost_before = engine.rt.scheduler.cost
             engine.tune(**knobs)
             tuned = True
     assert tuned
     if "cpu_threads" in knobs:
         assert engine.rt.profile.key.pool_threads == knobs["cpu_threads"]
+        # The CPU cost correction belonged to the old pool: it starts over with the new profile.
+        assert engine.rt.scheduler.cost is not cost_before
     got = {k: tokens_of(v) for k, v in outs.items()}
     assert_greedy_equal(engine, {f"r{i}": p for i, p in enumerate(ps)}, expected, got)
     assert_all_free(engine)
