@@ -30,8 +30,8 @@ import torch
 
 from neod.config import load_config
 from neod.engine import Engine, SamplingParams
-from neod.engine.runtime import EngineRuntime, build_runtime, cost_model_of
-from neod.sched import Limits, predict_workload
+from neod.engine.runtime import EngineRuntime, build_runtime
+from neod.sched import CalibratedCostModel, Limits, TableCostModel, predict_workload
 
 logger = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 10.0
@@ -118,15 +118,16 @@ def run_workload(engine: Engine, workload: list[tuple[list[int], int]]) -> dict[
 
 
 def advisor_prediction(
-    runtime: EngineRuntime, cfg: Any, input_len: int, output_len: int
+    runtime: EngineRuntime, cfg: Any, input_len: int, output_len: int, cpu_scale: float = 1.0
 ) -> dict[str, Any] | None:
     """What `neoctl predict` says of this workload on this run's pools and profile (None where
-    this process keeps no profile)."""
+    this process keeps no profile); with `cpu_scale`, its CPU attention cost corrected as the
+    engine measured it."""
     if runtime.profile is None:
         return None
     layout = runtime.layout
     return predict_workload(
-        cost_model_of(runtime.profile),
+        CalibratedCostModel(TableCostModel(runtime.profile), cpu_scale),
         layout.num_layers,
         layout.bytes_per_token,
         runtime.num_gpu_blocks * layout.block_bytes,
@@ -197,7 +198,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "num_requests": args.num_requests,
         "results": results,
         "advisor": advisor_prediction(runtime, cfg, args.input_len, args.output_len),
+        "advisor_as_measured": None,
     }
+    # The correction the engine ended the run with (it carries over from policy to policy).
+    scales = [r["cpu_cost_scale"] for r in results.values()
+              if r["cpu_cost_scale"] and r["cpu_cost_scale"]["samples"]]
+    if scales:
+        scale = scales[-1]["measured_over_profiled"]
+        report["advisor_as_measured"] = advisor_prediction(
+            runtime, cfg, args.input_len, args.output_len, cpu_scale=scale
+        )
+        report["advisor_as_measured"]["cpu_scale"] = scale
     if "gpu-only" in results:
         base = results["gpu-only"]["output_tokens_per_s"]
         report["speedup_vs_gpu_only"] = {
@@ -243,22 +254,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if policy == "auto" and guard["stops"]:
             print(f"auto: the offload guard stopped offloading {guard['stops']} time(s); last "
                   f"state {guard}")
-    advice = report["advisor"]
-    if advice is not None:
-        gpu, neo = advice["gpu_only"], advice["neo"]
-        mode = "pipelined" if neo["pipelined"] else "sequential"
-        gain = "-" if advice["gain"] is None else f"{advice['gain']:.2f}x"
-        measured = ", ".join(
-            f"{p} {x:.2f}x" for p, x in report.get("steady_speedup_vs_gpu_only", {}).items()
-            if p != "gpu-only"
-        )
-        print(
-            f"advisor (steady state): gpu-only {gpu['tokens_per_s']:.1f} tok/s with "
-            f"{gpu['gpu_batch']} requests, neo {neo['tokens_per_s']:.1f} tok/s with "
-            f"{neo['gpu_batch']} + {neo['cpu_batch']} ({mode}), gain {gain}, advice "
-            f"{advice['mode']}; measured in the steady window: {measured or '-'}"
-        )
+    measured = ", ".join(
+        f"{p} {x:.2f}x" for p, x in report.get("steady_speedup_vs_gpu_only", {}).items()
+        if p != "gpu-only"
+    )
+    corrected = report["advisor_as_measured"]
+    for label, advice in (
+        ("advisor (steady state)", report["advisor"]),
+        (f"advisor, CPU cost x{corrected['cpu_scale']:.2f} as the run measured it" if corrected
+         else "", corrected),
+    ):
+        if advice is not None:
+            print(f"{label}: {_advice(advice)}; measured in the steady window: {measured or '-'}")
     return report
+
+
+def _advice(advice: dict[str, Any]) -> str:
+    gpu, neo = advice["gpu_only"], advice["neo"]
+    mode = "pipelined" if neo["pipelined"] else "sequential"
+    gain = "-" if advice["gain"] is None else f"{advice['gain']:.2f}x"
+    return (f"gpu-only {gpu['tokens_per_s']:.1f} tok/s with {gpu['gpu_batch']} requests, neo "
+            f"{neo['tokens_per_s']:.1f} tok/s with {neo['gpu_batch']} + "
+            f"{neo['cpu_batch']} ({mode}), gain {gain}, advice {advice['mode']}")
 
 
 def _scale(scale: dict[str, Any] | None) -> str:

@@ -21,9 +21,9 @@ WEIGHT = 0.1  # weight of the newest iteration in the running (geometric) averag
 
 
 class CalibratedCostModel:
-    def __init__(self, base: CostModel) -> None:
+    def __init__(self, base: CostModel, cpu_scale: float = 1.0) -> None:
         self.base = base
-        self.cpu_scale = 1.0  # measured / profiled CPU attention time, running average
+        self.cpu_scale = cpu_scale  # measured / profiled CPU attention time, running average
         self.cpu_samples = 0
 
     def linear_s(self, num_tokens: int) -> float:
