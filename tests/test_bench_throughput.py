@@ -35,7 +35,9 @@ def test_policies_are_measured_and_set_against_the_advisor(tmp_path, capsys):
     # The same advice with the CPU cost corrected as the run measured it (neo's final scale).
     corrected = report["advisor_as_measured"]
     assert corrected["cpu_scale"] == neo["cpu_cost_scale"]["measured_over_profiled"]
+    assert corrected["handoff_us"] == neo["pipeline_handoff"]["per_layer_us"]
     assert corrected["gpu_only"] == advice["gpu_only"]  # the GPU side is the profile's alone
     out = capsys.readouterr().out
     assert "advisor (steady state): gpu-only" in out and "measured in the steady window" in out
-    assert f"advisor, CPU cost x{corrected['cpu_scale']:.2f} as the run measured it: " in out
+    assert (f"advisor, CPU cost x{corrected['cpu_scale']:.2f} and hand-off "
+            f"{corrected['handoff_us']:g} us as the run measured them: ") in out

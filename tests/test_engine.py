@@ -194,6 +194,10 @@ def test_neo_mode_greedy_equals_gpu_only(tmp_path, policy):
         assert_all_free(engine)
         share = engine.stats()["cpu_pool"]["computing_share"]
         scale = engine.stats()["cpu_cost_scale"]
+        handoff = engine.stats()["pipeline_handoff"]
+        # Only pure decode iterations that pipelined measure the hand-off, within its bound.
+        assert handoff["samples"] <= engine.stats()["iterations"]["pipelined"]
+        assert 0.0 <= handoff["per_layer_us"] <= 1e3
         if mode == "neo":
             assert seen_cpu, "the small GPU pool should have pushed requests to the CPU"
             assert share is not None and 0 < share <= 1  # the workers' time, within the pool's
@@ -202,6 +206,7 @@ def test_neo_mode_greedy_equals_gpu_only(tmp_path, policy):
         if mode == "gpu-only":
             assert share is None  # nothing ran on the pool
             assert scale == {"measured_over_profiled": 1.0, "samples": 0}
+            assert handoff == {"per_layer_us": 0.0, "samples": 0}
     assert_greedy_equal(
         engine, {f"r{i}": p for i, p in enumerate(ps)}, results["gpu-only"], results[policy]
     )

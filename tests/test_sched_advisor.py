@@ -53,6 +53,9 @@ class RooflineCost:
     def iteration_overhead_s(self, n):
         return self.lm_head_bytes / self.gpu_bw + 1e-3
 
+    def pipeline_handoff_s(self):
+        return 0.0
+
 
 LLAMA_8B_H100 = {
     "hidden": 4096,

@@ -8,7 +8,7 @@ import pytest
 from test_sched_units import FlatCost, cpu, gpu
 
 from neod.sched import CacheView, CalibratedCostModel, Limits, Residence, Scheduler, SeqView
-from neod.sched.calibration import SCALE_BOUNDS
+from neod.sched.calibration import HANDOFF_FADE, HANDOFF_MAX_S, SCALE_BOUNDS
 
 
 def test_every_cost_but_the_cpu_attention_is_the_profiles():
@@ -21,6 +21,7 @@ def test_every_cost_but_the_cpu_attention_is_the_profiles():
     assert model.transfer_s(3) == base.transfer_s(3)
     assert model.swap_s(5) == base.swap_s(5)
     assert model.iteration_overhead_s(4) == base.iteration_overhead_s(4)
+    assert model.pipeline_handoff_s() == base.pipeline_handoff_s() == 0.0
     assert model.cpu_decode_attn_s(3, 300) == pytest.approx(2.0 * base.cpu_decode_attn_s(3, 300))
 
 
@@ -84,3 +85,49 @@ def test_a_plan_without_cpu_decodes_predicts_no_cpu_time():
         [], running, CacheView(16, 100, 90, 0, 0), Limits(16, 512, "gpu-only"), 1
     )
     assert plan.decode_gpu == [0] and plan.predicted_cpu_s == 0.0
+
+
+def test_the_handoff_converges_to_the_pipelined_excess_per_layer():
+    """Pipelined iterations of 32 layers running 0.25 ms per layer over their bound (the slow-CPU
+    H100 host's 8B iterations) teach the model that excess, and the prediction then matches."""
+    model = CalibratedCostModel(FlatCost())
+    bound_s, layers = 0.0136, 32
+    for _ in range(100):
+        predicted = bound_s + layers * model.pipeline_handoff_s()
+        model.record_iteration(True, bound_s + layers * 250e-6, predicted, layers)
+    assert model.handoff_s == pytest.approx(250e-6, rel=1e-3)
+    assert model.handoff_samples == 100
+
+
+def test_the_handoff_stays_within_its_bounds():
+    model = CalibratedCostModel(FlatCost())
+    model.record_iteration(True, 0.010, 0.020, 32)  # faster than the bound: the CPU scale's job
+    assert model.handoff_s == 0.0 and model.handoff_samples == 1
+    for _ in range(200):
+        model.record_iteration(True, 1.0, 0.010, 32)
+    assert model.handoff_s == HANDOFF_MAX_S
+    model.record_iteration(True, 0.0, 0.010, 32)  # nothing measured
+    model.record_iteration(True, 0.02, 0.010, 0)
+    assert model.handoff_samples == 201
+
+
+def test_the_handoff_fades_while_nothing_pipelines_so_pipelining_is_tried_again():
+    model = CalibratedCostModel(FlatCost(), handoff_s=400e-6)
+    for _ in range(350):
+        model.record_iteration(False, 0.02, 0.01, 32)  # a sequential iteration's error is not it
+    assert model.handoff_s == pytest.approx(400e-6 * (1 - HANDOFF_FADE) ** 350)
+    assert 190e-6 < model.handoff_s < 210e-6  # about halved in 350 iterations
+    assert model.handoff_samples == 0
+
+
+def test_a_measured_handoff_turns_the_split_from_pipelined_to_sequential():
+    base = FlatCost(lin=1.0, gpu_attn=0.5, cpu_per_seq=0.3, transfer_per_seq=0.0)
+    model = CalibratedCostModel(base)
+    plan = plan_with(model)
+    assert plan.pipelined and plan.decode_cpu_b1
+    # Pipelined: 2 + 8 tokens in 4 layers of (2.5 + handoff) units; sequential: 2 + 2 tokens in
+    # 4 layers of 1.6. At 3 units of hand-off per layer, sequential is the faster.
+    model.handoff_s = 3.0
+    slow = plan_with(model)
+    assert not slow.pipelined and not slow.decode_cpu_b1
+    assert slow.decode_cpu_b0  # the CPU still decodes, in the sequential mode

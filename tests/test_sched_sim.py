@@ -68,6 +68,9 @@ class ScriptedCost:
     def iteration_overhead_s(self, num_seqs: int) -> float:
         return 1e-4 if num_seqs else 0.0
 
+    def pipeline_handoff_s(self) -> float:
+        return 0.0
+
 
 COSTS = {
     "zero": ZeroCostModel(),

@@ -63,6 +63,9 @@ class FlatCost:
     def iteration_overhead_s(self, num_seqs):
         return self.overhead if num_seqs else 0.0
 
+    def pipeline_handoff_s(self):
+        return 0.0
+
 
 def gpu(sid, computed, last=0):
     return SeqView(sid, sid, computed, computed, computed + 1000, Residence.GPU, last)

@@ -114,20 +114,26 @@ def run_workload(engine: Engine, workload: list[tuple[list[int], int]]) -> dict[
         "median_prediction_error": iterations["median_prediction_error"],
         "offload_guard": engine.stats()["offload_guard"],
         "cpu_cost_scale": engine.stats()["cpu_cost_scale"],
+        "pipeline_handoff": engine.stats()["pipeline_handoff"],
     }
 
 
 def advisor_prediction(
-    runtime: EngineRuntime, cfg: Any, input_len: int, output_len: int, cpu_scale: float = 1.0
+    runtime: EngineRuntime,
+    cfg: Any,
+    input_len: int,
+    output_len: int,
+    cpu_scale: float = 1.0,
+    handoff_s: float = 0.0,
 ) -> dict[str, Any] | None:
     """What `neoctl predict` says of this workload on this run's pools and profile (None where
-    this process keeps no profile); with `cpu_scale`, its CPU attention cost corrected as the
-    engine measured it."""
+    this process keeps no profile); with `cpu_scale` and `handoff_s`, its CPU attention cost and
+    pipelined layers corrected as the engine measured them."""
     if runtime.profile is None:
         return None
     layout = runtime.layout
     return predict_workload(
-        CalibratedCostModel(TableCostModel(runtime.profile), cpu_scale),
+        CalibratedCostModel(TableCostModel(runtime.profile), cpu_scale, handoff_s),
         layout.num_layers,
         layout.bytes_per_token,
         runtime.num_gpu_blocks * layout.block_bytes,
@@ -200,15 +206,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "advisor": advisor_prediction(runtime, cfg, args.input_len, args.output_len),
         "advisor_as_measured": None,
     }
-    # The correction the engine ended the run with (it carries over from policy to policy).
+    # The corrections the engine ended the run with (they carry over from policy to policy).
     scales = [r["cpu_cost_scale"] for r in results.values()
               if r["cpu_cost_scale"] and r["cpu_cost_scale"]["samples"]]
     if scales:
         scale = scales[-1]["measured_over_profiled"]
+        handoff_us = results[list(results)[-1]]["pipeline_handoff"]["per_layer_us"]
         report["advisor_as_measured"] = advisor_prediction(
-            runtime, cfg, args.input_len, args.output_len, cpu_scale=scale
+            runtime, cfg, args.input_len, args.output_len, scale, handoff_us * 1e-6
         )
-        report["advisor_as_measured"]["cpu_scale"] = scale
+        report["advisor_as_measured"].update(cpu_scale=scale, handoff_us=handoff_us)
     if "gpu-only" in results:
         base = results["gpu-only"]["output_tokens_per_s"]
         report["speedup_vs_gpu_only"] = {
@@ -233,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"{'policy':10} {'tok/s':>9} {'x':>6} {'steady':>8} {'TTFT p50':>9} {'p99':>8} "
         f"{'TPOT p50':>9} {'p99':>8} {'pipe%':>6} {'pred err':>8} {'CPU reqs':>8} {'CPU busy':>8} "
-        f"{'CPU x':>6}"
+        f"{'CPU x':>6} {'hand-off':>8}"
     )
     for policy, r in results.items():
         speedup = report.get("speedup_vs_gpu_only", {}).get(policy, float("nan"))
@@ -245,10 +252,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{r['ttft_p99_s']:8.3f} {r['tpot_p50_s'] * 1e3:8.1f}m {r['tpot_p99_s'] * 1e3:7.1f}m "
             f"{100 * r['pipelined_share']:6.1f} {'-' if err is None else f'{100 * err:7.1f}%'} "
             f"{r['mean_cpu_decodes']:8.1f} {100 * (r['cpu_busy_share'] or 0):7.1f}% "
-            f"{_scale(r['cpu_cost_scale']):>6}"
+            f"{_scale(r['cpu_cost_scale']):>6} {_handoff(r['pipeline_handoff']):>8}"
         )
-    print("CPU x: the CPU attention's measured over profiled cost at the end of the policy's run "
-          "(the scheduler's running correction, carried over from one policy to the next)")
+    print("CPU x: the CPU attention's measured over profiled cost at the end of the policy's run; "
+          "hand-off: a pipelined layer's measured time over its bound; both are the scheduler's "
+          "running corrections, carried over from one policy to the next")
     for policy, r in results.items():
         guard = r["offload_guard"]
         if policy == "auto" and guard["stops"]:
@@ -261,8 +269,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     corrected = report["advisor_as_measured"]
     for label, advice in (
         ("advisor (steady state)", report["advisor"]),
-        (f"advisor, CPU cost x{corrected['cpu_scale']:.2f} as the run measured it" if corrected
-         else "", corrected),
+        (f"advisor, CPU cost x{corrected['cpu_scale']:.2f} and hand-off "
+         f"{corrected['handoff_us']:g} us as the run measured them" if corrected else "",
+         corrected),
     ):
         if advice is not None:
             print(f"{label}: {_advice(advice)}; measured in the steady window: {measured or '-'}")
@@ -280,6 +289,10 @@ def _advice(advice: dict[str, Any]) -> str:
 
 def _scale(scale: dict[str, Any] | None) -> str:
     return "-" if not scale or not scale["samples"] else f"{scale['measured_over_profiled']:.2f}"
+
+
+def _handoff(handoff: dict[str, Any] | None) -> str:
+    return "-" if not handoff or not handoff["samples"] else f"{handoff['per_layer_us']:.0f}us"
 
 
 if __name__ == "__main__":

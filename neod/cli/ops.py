@@ -14,7 +14,8 @@ from neod.protocol import CPU_RETUNE_TIMEOUT_S
 
 _SHOWN_ENGINE_KEYS = {"model", "device", "dtype", "policy", "mode", "max_batch_size",
                       "max_tokens_in_batch", "max_model_len", "waiting", "decoding_gpu",
-                      "decoding_cpu", "kv_gpu", "kv_cpu", "cpu_pool", "cpu_cost_scale"}
+                      "decoding_cpu", "kv_gpu", "kv_cpu", "cpu_pool", "cpu_cost_scale",
+                      "pipeline_handoff"}
 
 
 def _pct(p: dict[str, float]) -> str:
@@ -63,7 +64,8 @@ def render_status(result: dict[str, Any]) -> str:
                      + (f", {100 * pool['computing_share']:.0f}% of its thread time computing"
                         if pool.get("computing_share") is not None else "")
                      + (f", AMX {pool['amx']}" if pool.get("amx") else "")
-                     + _cpu_cost(eng.get("cpu_cost_scale")))
+                     + _cpu_cost(eng.get("cpu_cost_scale"))
+                     + _handoff(eng.get("pipeline_handoff")))
     else:
         lines.append(f"engine    {eng.get('state', 'not ready')}")
     lines += [
@@ -87,6 +89,14 @@ def _cpu_cost(scale: dict[str, Any] | None) -> str:
         return ""
     return (f", its attention {scale['measured_over_profiled']:.2f}x the profiled cost over "
             f"{scale['samples']} iterations")
+
+
+def _handoff(handoff: dict[str, Any] | None) -> str:
+    """The scheduler's measured cost of a pipelined layer beyond its overlap bound."""
+    if not handoff or not handoff.get("samples"):
+        return ""
+    return (f", pipelined layers {handoff['per_layer_us']:g} us over their bound "
+            f"({handoff['samples']} iterations)")
 
 
 def _mode(engine: dict[str, Any]) -> str:

@@ -99,21 +99,31 @@ class Engine:
             elapsed = time.perf_counter() - start
             cpu_busy = self.rt.executor.cpu_busy_s - cpu_busy_before
             self.iteration_stats.record_iteration(plan, elapsed, len(order), cpu_busy)
-            cost = getattr(self.rt.scheduler, "cost", None)  # a scripted scheduler has none
-            if isinstance(cost, CalibratedCostModel) and not plan.prefill_cpu:
-                cost.record_cpu(cpu_busy, plan.predicted_cpu_s)  # KV stores of prompts aside
-            if not (plan.prefill_gpu or plan.prefill_cpu or plan.swap_out or plan.swap_in):
-                self.guard.record(
-                    self.step_index,
-                    len(order),
-                    elapsed,
-                    plan.predicted_iter_s,
-                    len(plan.decode_gpu),
-                    plan.predicted_gpu_alone_s,
-                )
+            self._learn(plan, elapsed, cpu_busy, len(order))
             for seq, token in zip(order, tokens, strict=True):
                 self._advance(seq, token, outputs)
         return self._take_outbox()
+
+    def _learn(self, plan: Plan, elapsed_s: float, cpu_busy_s: float, num_tokens: int) -> None:
+        """Feed one iteration's measurements to the scheduler's cost corrections and the guard."""
+        pure_decode = not (plan.prefill_gpu or plan.prefill_cpu or plan.swap_out or plan.swap_in)
+        cost = getattr(self.rt.scheduler, "cost", None)  # a scripted scheduler has none
+        if isinstance(cost, CalibratedCostModel):
+            if not plan.prefill_cpu:  # KV stores of prompts aside
+                cost.record_cpu(cpu_busy_s, plan.predicted_cpu_s)
+            if pure_decode:
+                cost.record_iteration(
+                    plan.pipelined, elapsed_s, plan.predicted_iter_s, self.rt.scheduler.num_layers
+                )
+        if pure_decode and self.limits.policy == "auto":  # the only policy it acts on
+            self.guard.record(
+                self.step_index,
+                num_tokens,
+                elapsed_s,
+                plan.predicted_iter_s,
+                len(plan.decode_gpu),
+                plan.predicted_gpu_alone_s,
+            )
 
     def _effective_limits(self) -> Limits:
         """Policy auto runs as gpu-only while the guard measures offloading losing: no new work
@@ -219,6 +229,7 @@ class Engine:
             "iterations": self.iteration_stats.snapshot(),
             "offload_guard": self.guard.snapshot(),
             "cpu_cost_scale": self._cpu_cost_scale(),
+            "pipeline_handoff": self._pipeline_handoff(),
             "profile": self._profile_stats(),
         }
 
@@ -228,6 +239,14 @@ class Engine:
         if not isinstance(cost, CalibratedCostModel):
             return None
         return {"measured_over_profiled": round(cost.cpu_scale, 4), "samples": cost.cpu_samples}
+
+    def _pipeline_handoff(self) -> dict[str, float | int] | None:
+        """What a pipelined layer costs beyond its overlap bound, as measured (see
+        neod.sched.calibration)."""
+        cost = getattr(self.rt.scheduler, "cost", None)
+        if not isinstance(cost, CalibratedCostModel):
+            return None
+        return {"per_layer_us": round(cost.handoff_s * 1e6, 1), "samples": cost.handoff_samples}
 
     def _pool_computing_share(self) -> float | None:
         """Share of the pool's thread time, while it served iterations, that its workers computed

@@ -1,4 +1,5 @@
-"""The profiled costs, with the CPU attention corrected by what the CPU pool does now.
+"""The profiled costs, with the CPU attention and the pipeline's hand-offs corrected by what the
+engine measures now.
 
 The profile times the CPU program once, when the host is profiled. The CPU it runs on is shared
 (the engine thread, other processes, a VM's neighbours, frequency scaling): on the GPU hosts the
@@ -6,7 +7,15 @@ same kernel point measured minutes apart differs by up to 1.7x, and a profile ta
 fast moment makes the scheduler keep too few or too many decodes on the CPU for as long as it is
 used. The engine measures the CPU program of every offloaded iteration anyway; this model scales
 the profiled CPU attention by a running average of measured over predicted, so that the split
-follows the CPU as it is. Every other cost is the profile's.
+follows the CPU as it is.
+
+The pipelined period is a bound: each sub-batch's round trip between the devices, its projections
+and its CPU attention, perfectly overlapped with the other's. What the bound leaves out (the engine
+thread issuing twice the work per layer, flag polls and copies waiting on a busy host) the profile
+never sees, and it is what the host is short of: on a slow-CPU H100 host, pipelined iterations ran
+0.2-0.5 ms per layer over the bound while sequential ones matched their prediction. This model
+learns that excess per layer from pipelined iterations, and lets it fade while none run, so that
+pipelining is tried again once the host may have recovered. Every other cost is the profile's.
 """
 
 from __future__ import annotations
@@ -18,13 +27,17 @@ from neod.sched.cost import CostModel
 
 SCALE_BOUNDS = (0.5, 2.0)  # how far measurements may move the profile: beyond, re-profile
 WEIGHT = 0.1  # weight of the newest iteration in the running (geometric) average
+HANDOFF_MAX_S = 1e-3  # per layer: beyond, pipelining is a loss on any model, and the guard's call
+HANDOFF_FADE = 0.002  # share of the hand-off forgotten per iteration that does not pipeline
 
 
 class CalibratedCostModel:
-    def __init__(self, base: CostModel, cpu_scale: float = 1.0) -> None:
+    def __init__(self, base: CostModel, cpu_scale: float = 1.0, handoff_s: float = 0.0) -> None:
         self.base = base
         self.cpu_scale = cpu_scale  # measured / profiled CPU attention time, running average
         self.cpu_samples = 0
+        self.handoff_s = handoff_s  # a pipelined layer's measured excess over its bound, average
+        self.handoff_samples = 0
 
     def linear_s(self, num_tokens: int) -> float:
         return self.base.linear_s(num_tokens)
@@ -47,6 +60,9 @@ class CalibratedCostModel:
     def iteration_overhead_s(self, num_seqs: int) -> float:
         return self.base.iteration_overhead_s(num_seqs)
 
+    def pipeline_handoff_s(self) -> float:
+        return self.base.pipeline_handoff_s() + self.handoff_s
+
     def record_cpu(self, measured_s: float, predicted_s: float) -> None:
         """One iteration's CPU program: its busy time, and what this model predicted for it.
 
@@ -59,3 +75,18 @@ class CalibratedCostModel:
         step = WEIGHT * math.log(measured_s / predicted_s)
         self.cpu_scale = min(high, max(low, self.cpu_scale * math.exp(step)))
         self.cpu_samples += 1
+
+    def record_iteration(
+        self, pipelined: bool, measured_s: float, predicted_s: float, num_layers: int
+    ) -> None:
+        """One pure decode iteration (prefills and swaps have costs of their own): its wall time
+        against the plan's prediction, which already carries the current hand-off. An iteration
+        that did not pipeline only lets the hand-off fade."""
+        if not pipelined:
+            self.handoff_s *= 1.0 - HANDOFF_FADE
+            return
+        if measured_s <= 0.0 or predicted_s <= 0.0 or num_layers <= 0:
+            return
+        excess = (measured_s - predicted_s) / num_layers
+        self.handoff_s = min(HANDOFF_MAX_S, max(0.0, self.handoff_s + WEIGHT * excess))
+        self.handoff_samples += 1

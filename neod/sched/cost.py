@@ -7,12 +7,14 @@ them):
 
   sequential  layer = max(lin(b) + max(gpu_attn(b), cpu(b)),  copy)
   pipelined   layer = max(lin(b0) + lin(b1) + gpu_attn(b0),  cpu(b0) + cpu(b1),
-                          lin(b0) + cpu(b0),  lin(b1) + cpu(b1),  copy)
+                          lin(b0) + cpu(b0),  lin(b1) + cpu(b1),  copy)  +  handoff
   iteration   = num_layers * layer + overhead(all sequences)
 
 with cpu(b) = cpu_attn(b) + transfer(b) when b has CPU decodes (their QKV must reach the host and
 the output come back before the post-projection), and copy = the PCIe time of this layer's transfers
-and block swaps, which share the copy engines and so bound the layer from below.
+and block swaps, which share the copy engines and so bound the layer from below; handoff is what a
+pipelined layer costs beyond that perfect overlap, as measured while serving
+(neod.sched.calibration).
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ class CostModel(Protocol):
     def iteration_overhead_s(self, num_seqs: int) -> float:
         """Per iteration: embedding, LM head, sampling, host bookkeeping."""
 
+    def pipeline_handoff_s(self) -> float:
+        """Per pipelined layer, beyond the overlap formula."""
+
 
 class ZeroCostModel:
     """Everything is free: plans then depend only on memory and budgets (tests, dry runs)."""
@@ -69,6 +74,9 @@ class ZeroCostModel:
         return 0.0
 
     def iteration_overhead_s(self, num_seqs: int) -> float:
+        return 0.0
+
+    def pipeline_handoff_s(self) -> float:
         return 0.0
 
 
@@ -132,12 +140,19 @@ def sequential_layer_s(lin: float, gpu_attn: float, cpu: float, copy: float) -> 
 
 
 def pipelined_layer_s(
-    lin0: float, lin1: float, gpu_attn0: float, cpu0: float, cpu1: float, copy: float
+    lin0: float,
+    lin1: float,
+    gpu_attn0: float,
+    cpu0: float,
+    cpu1: float,
+    copy: float,
+    handoff: float,
 ) -> float:
     """Steady-state period of the two-sub-batch pipeline (docs/scheduler.md): the slowest of the
     GPU's own work, the CPU's own work, and each sub-batch's round trip between the devices
-    (projections, then the CPU attention that the next layer's projections wait for)."""
-    return max(lin0 + lin1 + gpu_attn0, cpu0 + cpu1, lin0 + cpu0, lin1 + cpu1, copy)
+    (projections, then the CPU attention that the next layer's projections wait for), plus what
+    the hand-offs cost beyond that bound."""
+    return max(lin0 + lin1 + gpu_attn0, cpu0 + cpu1, lin0 + cpu0, lin1 + cpu1, copy) + handoff
 
 
 def sequential_s(cost: CostModel, num_layers: int, b: BatchLoad, swap_blocks: int) -> float:
@@ -164,6 +179,7 @@ def pipelined_s(
         cpu_path_s(cost, b0),
         cpu_path_s(cost, b1),
         copy_s(cost, (b0, b1), swap_blocks),
+        cost.pipeline_handoff_s(),
     )
     return num_layers * layer + cost.iteration_overhead_s(b0.num_seqs + b1.num_seqs)
 

@@ -51,3 +51,6 @@ class TableCostModel:
 
     def iteration_overhead_s(self, num_seqs: int) -> float:
         return self._overhead(num_seqs)
+
+    def pipeline_handoff_s(self) -> float:
+        return 0.0  # the profile times stages, not their hand-offs (neod.sched.calibration)

@@ -103,8 +103,10 @@ class _Builder:
 
     def pipe_times(self, s0: _Side, t0: Trial, t1: Trial, num_seqs: int) -> tuple[float, float]:
         """(iteration, its GPU-bound part) of the pipelined candidate."""
-        full = pipelined_layer_s(t0[0], t1[0], s0.gpu_attn, t0[1], t1[1], t0[2] + t1[2] + self.swap)
-        ref = pipelined_layer_s(t0[0], t1[0], s0.gpu_attn, 0.0, 0.0, self.swap)
+        handoff = self.cost.pipeline_handoff_s()
+        copy = t0[2] + t1[2] + self.swap
+        full = pipelined_layer_s(t0[0], t1[0], s0.gpu_attn, t0[1], t1[1], copy, handoff)
+        ref = pipelined_layer_s(t0[0], t1[0], s0.gpu_attn, 0.0, 0.0, self.swap, handoff)
         return self._total(full, num_seqs), self._total(ref, num_seqs)
 
     def takes(self, gpu_work: bool, n: int, t: float, t_new: float, ref_new: float) -> bool:
