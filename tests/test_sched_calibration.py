@@ -113,10 +113,10 @@ def test_the_handoff_stays_within_its_bounds():
 
 def test_the_handoff_fades_while_nothing_pipelines_so_pipelining_is_tried_again():
     model = CalibratedCostModel(FlatCost(), handoff_s=400e-6)
-    for _ in range(350):
+    for _ in range(1400):
         model.record_iteration(False, 0.02, 0.01, 32)  # a sequential iteration's error is not it
-    assert model.handoff_s == pytest.approx(400e-6 * (1 - HANDOFF_FADE) ** 350)
-    assert 190e-6 < model.handoff_s < 210e-6  # about halved in 350 iterations
+    assert model.handoff_s == pytest.approx(400e-6 * (1 - HANDOFF_FADE) ** 1400)
+    assert 190e-6 < model.handoff_s < 210e-6  # about halved in 1400 iterations
     assert model.handoff_samples == 0
 
 

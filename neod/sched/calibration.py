@@ -28,7 +28,7 @@ from neod.sched.cost import CostModel
 SCALE_BOUNDS = (0.5, 2.0)  # how far measurements may move the profile: beyond, re-profile
 WEIGHT = 0.1  # weight of the newest iteration in the running (geometric) average
 HANDOFF_MAX_S = 1e-3  # per layer: beyond, pipelining is a loss on any model, and the guard's call
-HANDOFF_FADE = 0.002  # share of the hand-off forgotten per iteration that does not pipeline
+HANDOFF_FADE = 5e-4  # share of the hand-off forgotten per iteration that does not pipeline
 
 
 class CalibratedCostModel:
