@@ -150,8 +150,9 @@ class EngineRuntime:
 
 
 def cost_model_of(profile: Profile | None) -> CostModel:
-    """The scheduler's costs: the profile's tables, the CPU attention corrected as the engine
-    measures it; free where this rank keeps no profile (it schedules nothing)."""
+    """The scheduler's costs: the profile's tables, the CPU attention and the pipeline's hand-offs
+    corrected as the engine measures them; free where this rank keeps no profile (it schedules
+    nothing)."""
     return ZeroCostModel() if profile is None else CalibratedCostModel(TableCostModel(profile))
 
 
