@@ -48,6 +48,21 @@ def test_one_outlier_moves_the_scale_a_little_and_never_past_the_bounds():
     assert model.cpu_scale == SCALE_BOUNDS[0]
 
 
+def test_a_sample_weighs_by_the_cpus_share_of_its_iteration():
+    """A lone decode, a tenth of its iteration, 2x slow: a tenth of the step of an iteration that
+    the CPU fills."""
+    small, full = CalibratedCostModel(FlatCost()), CalibratedCostModel(FlatCost())
+    small.record_cpu(2.0, 1.0, predicted_iter_s=10.0)
+    full.record_cpu(2.0, 1.0, predicted_iter_s=1.0)
+    assert math.log(full.cpu_scale) == pytest.approx(0.1 * math.log(2.0))
+    assert math.log(small.cpu_scale) == pytest.approx(0.1 * math.log(full.cpu_scale))
+    # A CPU program longer than its predicted iteration counts as a full share, no more.
+    over = CalibratedCostModel(FlatCost())
+    over.record_cpu(2.0, 1.0, predicted_iter_s=0.5)
+    assert over.cpu_scale == full.cpu_scale
+    assert small.cpu_samples == full.cpu_samples == 1
+
+
 def test_iterations_without_cpu_work_leave_it_alone():
     model = CalibratedCostModel(FlatCost())
     model.record_cpu(0.0, 1.0)

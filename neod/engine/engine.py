@@ -110,7 +110,7 @@ class Engine:
         cost = getattr(self.rt.scheduler, "cost", None)  # a scripted scheduler has none
         if isinstance(cost, CalibratedCostModel):
             if not plan.prefill_cpu:  # KV stores of prompts aside
-                cost.record_cpu(cpu_busy_s, plan.predicted_cpu_s)
+                cost.record_cpu(cpu_busy_s, plan.predicted_cpu_s, plan.predicted_iter_s)
             if pure_decode:
                 cost.record_iteration(
                     plan.pipelined, elapsed_s, plan.predicted_iter_s, self.rt.scheduler.num_layers

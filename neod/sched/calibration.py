@@ -63,16 +63,23 @@ class CalibratedCostModel:
     def pipeline_handoff_s(self) -> float:
         return self.base.pipeline_handoff_s() + self.handoff_s
 
-    def record_cpu(self, measured_s: float, predicted_s: float) -> None:
-        """One iteration's CPU program: its busy time, and what this model predicted for it.
+    def record_cpu(
+        self, measured_s: float, predicted_s: float, predicted_iter_s: float = 0.0
+    ) -> None:
+        """One iteration's CPU program: its busy time, and what this model predicted for it and
+        for the whole iteration.
 
         The average is taken over log ratios, so that 2x slow and 2x fast weigh the same; since
-        the prediction already carries the scale, a right scale is left where it is.
+        the prediction already carries the scale, a right scale is left where it is. A sample
+        weighs by the CPU's share of its iteration: the scale matters where the CPU sets the
+        pace, and a lone forced decode's few microseconds per layer carry fixed costs (waking
+        the pool, a partly idle pool) that a full CPU batch does not pay per decode.
         """
         if measured_s <= 0.0 or predicted_s <= 0.0:
             return
+        share = min(1.0, predicted_s / predicted_iter_s) if predicted_iter_s > 0.0 else 1.0
         low, high = SCALE_BOUNDS
-        step = WEIGHT * math.log(measured_s / predicted_s)
+        step = WEIGHT * share * math.log(measured_s / predicted_s)
         self.cpu_scale = min(high, max(low, self.cpu_scale * math.exp(step)))
         self.cpu_samples += 1
 
