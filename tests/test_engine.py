@@ -203,6 +203,8 @@ def test_neo_mode_greedy_equals_gpu_only(tmp_path, policy):
             assert share is not None and 0 < share <= 1  # the workers' time, within the pool's
             # Offloaded iterations moved the profiled CPU cost (no measurement matches it exactly).
             assert scale["samples"] > 0 and scale["measured_over_profiled"] != 1.0
+            # The guard acts under auto only; under neo it measures nothing (nor logs stops).
+            assert engine.stats()["offload_guard"]["gpu_only_measured_over_predicted"] is None
         if mode == "gpu-only":
             assert share is None  # nothing ran on the pool
             assert scale == {"measured_over_profiled": 1.0, "samples": 0}
