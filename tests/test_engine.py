@@ -214,6 +214,38 @@ def test_neo_mode_greedy_equals_gpu_only(tmp_path, policy):
     )
 
 
+def test_auto_paused_by_the_guard_brings_cpu_requests_home(tmp_path):
+    """Requests on the CPU (placed there under neo), then policy auto with offloading paused by
+    the guard: they come home or are recomputed, none is dropped, nothing goes to the CPU again,
+    and the tokens are those of GPU-only."""
+    ps = prompts(24, seed=1)
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    results = {}
+    for mode in ("gpu-only", "neo"):
+        engine = make_engine(tmp_path, **{"scheduler.policy": mode}, **SMALL_GPU_POOL)
+        for i, p in enumerate(ps):
+            engine.add_request(f"r{i}", p, params)
+        outs: dict[str, list[RequestOutput]] = {}
+        paused_at = None
+        while engine.has_unfinished():
+            for out in engine.step():
+                outs.setdefault(out.request_id, []).append(out)
+            if mode == "neo" and paused_at is None and engine.stats()["decoding_cpu"] > 0:
+                paused_at = engine.step_index
+                engine.tune(policy="auto")
+                engine.guard._blocked_until = 10**9  # what a losing verdict sets
+            elif paused_at is not None:
+                assert engine.stats()["decoding_cpu"] == 0  # home after the first paused step
+        assert all(o[-1].finish_reason == FinishReason.LENGTH for o in outs.values())
+        results[mode] = {k: tokens_of(v) for k, v in outs.items()}
+        assert_all_free(engine)
+        if mode == "neo":
+            assert paused_at is not None, "the small GPU pool should have used the CPU"
+    assert_greedy_equal(
+        engine, {f"r{i}": p for i, p in enumerate(ps)}, results["gpu-only"], results["neo"]
+    )
+
+
 def test_stop_conditions_and_finish_reasons(tmp_path):
     engine = make_engine(tmp_path, **{"scheduler.policy": "gpu-only"})
     p = prompts(1, seed=3)[0]

@@ -438,3 +438,73 @@ def test_running_request_outgrowing_every_pool_is_reported_not_hung():
     ]  # needs a 5th block, the GPU has 4, no CPU pool
     plan = sched.schedule([], running, CacheView(4, 4, 0, 0, 0), Limits(4, 64, "gpu-only"), 1)
     assert list(plan.unservable) == [0] and not plan.decode_gpu
+
+
+@FAST
+@given(workloads(policies=("auto",), crowded=True), st.integers(1, 12))
+def test_pausing_offloading_on_and_off_keeps_every_request(case, period):
+    """The engine's guard pauses `auto`'s offloading for stretches: every plan stays valid, every
+    request finishes, and while paused nothing the GPU pool can hold goes to the CPU, and what
+    the CPU holds comes home (swapped in or recomputed) unless it cannot be recomputed."""
+    num_gpu, num_cpu, bs, limits, reqs, cost = case
+    sched = Scheduler(cost, num_layers=4)
+    sim = Sim(sched, num_gpu, num_cpu, bs, limits, reqs)
+    bound = step_bound(reqs, sched.age_limit)
+    paused_steps = 0
+    while sim.seqs or sim.pending:
+        assert sim.step < bound, f"not finished: {list(sim.seqs.values())[:4]}"
+        paused = (sim.step // period) % 2 == 1
+        sim.limits = dataclasses.replace(limits, offload_paused=paused)
+        plan = sim.run_step()
+        if not paused:
+            continue
+        paused_steps += 1
+        waiting, running = sim.views[-1]
+        prompts_fit = {w.seq_id for w in waiting if blocks_for(w.num_prompt_tokens, bs) <= num_gpu}
+        assert not prompts_fit & {*plan.prefill_cpu}
+        assert not plan.swap_out  # every running request fits this GPU pool
+        budget = limits.max_tokens_in_batch
+        stuck = {v.seq_id for v in running if v.num_computed_tokens + 1 > budget}
+        on_cpu = {v.seq_id for v in running if v.residence == Residence.CPU}
+        assert on_cpu - stuck - set(plan.unservable) <= {*plan.swap_in, *plan.preempt}
+    assert len(sim.done) == len(reqs) and not any(s.unservable for s in sim.done.values())
+
+
+def test_a_paused_pass_keeps_what_only_the_cpu_can_hold():
+    """While the guard pauses offloading, a request larger than the GPU pool stays on the CPU and
+    decodes there once aged, and a prompt larger than the GPU pool is still admitted to the CPU:
+    neither is dropped nor left waiting for the pause to end."""
+    sched = Scheduler(COSTS["slow-cpu"], 4)
+    big = SeqView(1, 0, 120, 120, 160, Residence.CPU, 0)  # 30 blocks of 4, the GPU has 20
+    prompt = SeqView(2, 1, 100, 0, 110, Residence.WAITING, 0)
+    cache = CacheView(4, 20, 20, 400, 370)
+    limits = Limits(16, 512, "auto", offload_paused=True)
+    plan = sched.schedule([prompt], [big], cache, limits, 10)
+    assert check_plan(plan, [prompt], [big], cache, limits) == []
+    assert not plan.unservable and not plan.preempt and not plan.swap_in
+    assert plan.decode_cpu_b0 + plan.decode_cpu_b1 == [1]
+    assert plan.prefill_cpu == [2]
+
+
+def test_auto_sends_cpu_requests_home_when_the_cpu_does_not_pay():
+    """A slow CPU: requests left on it (an earlier verdict, a profile since corrected) come home,
+    by swap-in where the GPU has room and by recompute where it has not, instead of being forced
+    onto the CPU every few steps."""
+    sched = Scheduler(COSTS["slow-cpu"], 4)
+    gpu_seqs = [SeqView(i, i, 40, 40, 48, Residence.GPU, 9) for i in range(2)]
+    # Aged: the fairness rule would force them onto the CPU this step.
+    cpu_seqs = [SeqView(10 + i, 10 + i, 40, 40, 48, Residence.CPU, 0) for i in range(3)]
+    running = gpu_seqs + cpu_seqs
+    # 40 GPU blocks of 4 tokens: 20 held, 2 for the GPU decodes' growth; under the swap-in
+    # threshold (38) there is room for one CPU request (11 blocks with its growth).
+    cache = CacheView(4, 40, 20, 400, 370)
+    auto = Limits(16, 512, "auto")
+    plan = sched.schedule([], running, cache, auto, 10)
+    assert check_plan(plan, [], running, cache, auto) == []
+    assert plan.swap_in == [10] and sorted(plan.preempt) == [11, 12]
+    assert not plan.decode_cpu_b0 and not plan.decode_cpu_b1
+    assert 10 in plan.decode_gpu
+    # Under neo the one with GPU room comes home too; the others stay and, aged, decode on the CPU.
+    neo = sched.schedule([], running, cache, Limits(16, 512, "neo"), 10)
+    assert neo.swap_in == [10] and not neo.preempt
+    assert sorted(neo.decode_cpu_b0 + neo.decode_cpu_b1) == [11, 12]

@@ -126,11 +126,12 @@ class Engine:
             )
 
     def _effective_limits(self) -> Limits:
-        """Policy auto runs as gpu-only while the guard measures offloading losing: no new work
-        goes to the CPU, and requests there come home (or are recomputed) as GPU room allows."""
+        """Policy auto pauses offloading while the guard measures it losing: nothing goes to the
+        CPU that the GPU pool can hold, and such requests there come home (or are recomputed).
+        Requests larger than the GPU pool keep the CPU, their only home."""
         if self.limits.policy != "auto" or self.guard.allows_offload(self.step_index):
             return self.limits
-        return replace(self.limits, policy="gpu-only")
+        return replace(self.limits, offload_paused=True)
 
     def close(self) -> None:
         """Releases the engine's threads and stops the other tensor-parallel ranks; call once no

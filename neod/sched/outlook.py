@@ -4,7 +4,9 @@ Both answers come from one split over the incoming state, with as would-be CPU d
 already on the CPU, the GPU decodes that would have to leave, and the prompts the GPU cannot take.
 Policy `auto` offloads only when that beats the GPU alone, rated on the same sequences. The count of
 prompts the split takes is the CPU admission quota of the iteration: 0 once the CPU cannot keep up
-with the requests it holds, so prompts wait in the queue instead of starving on the CPU.
+with the requests it holds, so prompts wait in the queue instead of starving on the CPU. When the
+split takes none of the requests already on the CPU and offloading does not pay, `auto` sends them
+home (scheduler.py, `_send_home`).
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ def outlook(
     waiting: Sequence[SeqView],
     cache: CacheView,
     limits: Limits,
-) -> tuple[bool, int]:
-    """(offloading beats the GPU alone, prompts the CPU would keep up with); inputs oldest first."""
+) -> tuple[bool, int, bool]:
+    """(offloading beats the GPU alone, prompts the CPU would keep up with, the split decodes any
+    of the requests already on the CPU); inputs oldest first."""
     bs, budget = cache.block_size, limits.max_batch_size
     on_gpu = list(gpu[:budget])
     growth = sum(1 for s in on_gpu if s.num_computed_tokens % bs == 0)
@@ -63,8 +66,8 @@ def outlook(
         elif need <= cpu_room:
             cpu_room -= need
             prompts.append(CpuCandidate(w.seq_id, w.num_prompt_tokens + 1))
-    if not leaving and not prompts:
-        return False, 0
+    if not held and not prompts:
+        return False, 0, False
     load = BatchLoad().plus_gpu_decodes(num_gpu, gpu_ctx)
     split = split_cpu_decodes(
         knobs.cost,
@@ -81,5 +84,8 @@ def outlook(
     if all(c.seq_id in taken for c in held):
         quota = sum(1 for c in prompts if c.seq_id in taken)
     gpu_s = sequential_s(knobs.cost, knobs.num_layers, load, 0)
-    pays = rate_beats(split.num_tokens_out, split.iter_s, num_gpu, gpu_s, knobs.auto_margin)
-    return pays, quota
+    placing = bool(leaving or prompts)  # else nothing new would go to the CPU
+    pays = placing and rate_beats(
+        split.num_tokens_out, split.iter_s, num_gpu, gpu_s, knobs.auto_margin
+    )
+    return pays, quota, any(s.seq_id in taken for s in cpu)

@@ -8,7 +8,9 @@ One pass, in this order (docs/scheduler.md has the reasoning and the guarantees)
 4. Memory: CPU decodes' growth is reserved; when the GPU cannot hold its decodes' growth, the newest
    GPU sequences leave it: swapped to the CPU when the policy offloads, else preempted.
 5. Swap-in, oldest first, only when nothing was swapped out and GPU use stays under the lower
-   threshold (hysteresis).
+   threshold (hysteresis). Under `auto`, when neither offloading nor decoding what the CPU holds
+   pays (or the engine's guard paused offloading), CPU requests that the GPU pool can hold come
+   home instead: swapped in under the same threshold, else recomputed.
 6. Prefills in FCFS order: on the GPU if it has room, else on the CPU when the policy offloads and
    the quota allows. A prompt that does not fit is skipped, so it never blocks the queue; once it
    has waited `wait_age_limit` steps nothing younger is admitted until it is in.
@@ -106,6 +108,8 @@ class _Pass:
         self.cpu_cands: list[SeqView] = []  # may decode on the CPU this iteration
         # auto: whether offloading is predicted to pay, judged once on the incoming state
         self.offload_pays = False
+        # auto: offloading does not pay, nor does decoding what the CPU holds: bring it home
+        self.sends_home = False
         self.cpu_quota = 0  # prompts the CPU can take on this iteration
         self.prefills: list[SeqView] = []  # admitted this iteration, on either device
         self.swap_blocks = 0  # blocks copied between the pools this iteration, per layer
@@ -163,17 +167,23 @@ class _Pass:
     # ---- the pass --------------------------------------------------------------------------------
     def run(self) -> Plan:
         self._drop_unservable()
-        if self.offloads:
-            self.offload_pays, self.cpu_quota = outlook(
+        if self.offloads and not self.limits.offload_paused:
+            self.offload_pays, self.cpu_quota, cpu_pays = outlook(
                 self.sched, self.gpu, self.cpu, self.waiting, self.cache, self.limits
             )
+            self.sends_home = self.limits.policy == "auto" and not (self.offload_pays or cpu_pays)
+        elif self.offloads:  # paused: only what the GPU pool cannot hold goes to the CPU
+            self.sends_home, self.cpu_quota = True, len(self.waiting)
         self._assign_slots()
         if self.offloads:
             self._reserve_cpu_growth()
         self._make_gpu_room()
         if self.offloads:
-            if not self.plan.swap_out:
-                self._swap_in(math.floor(self.sched.swap_in_frac * self.cache.num_gpu_blocks))
+            threshold = math.floor(self.sched.swap_in_frac * self.cache.num_gpu_blocks)
+            if self.sends_home:
+                self._send_home(threshold)
+            elif not self.plan.swap_out:
+                self._swap_in(threshold)
             admit = True
         else:
             admit = self._leave_cpu()
@@ -282,6 +292,32 @@ class _Pass:
             if s.seq_id in self.slotted or self._take(1):
                 self.slotted.add(s.seq_id)
                 self.decoders.append(s)
+
+    def _send_home(self, threshold: int) -> None:
+        """auto, when the CPU's work does not pay: requests the GPU pool can hold leave the CPU,
+        swapped in while GPU use stays under the threshold, else recomputed (a prefill costs less
+        than decoding on a CPU that slows every iteration it joins). The others stay: the CPU is
+        their only home."""
+        used = self.cache.num_gpu_blocks - self.gpu_free
+        for s in list(self.cpu_cands):
+            need = s.decode_blocks(self.bs)
+            if need > self.cache.num_gpu_blocks:
+                continue
+            if used + need <= threshold:
+                used += need
+                self.gpu_free -= need
+                self.plan.swap_in.append(s.seq_id)
+                self.swap_blocks += s.held_blocks(self.bs)
+                if s.seq_id in self.slotted or self._take(1):
+                    self.slotted.add(s.seq_id)
+                    self.decoders.append(s)
+            elif self._recomputable(s):
+                self._refund(s)
+                self.plan.preempt.append(s.seq_id)
+            else:
+                continue
+            self.cpu_free += need  # its blocks and the growth reserved for it
+            self.cpu_cands.remove(s)
 
     def _leave_cpu(self) -> bool:
         """gpu-only: bring CPU requests home or preempt them; False while one must still wait."""

@@ -76,6 +76,9 @@ class Limits:
         int  # prompt tokens of prefills plus one per decode, both sub-batches together
     )
     policy: str = "auto"
+    # auto only: offloading was measured losing (the engine's guard). Nothing goes to the CPU that
+    # the GPU pool can hold, and CPU requests the GPU pool can hold come home.
+    offload_paused: bool = False
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_tokens_in_batch < 1:
