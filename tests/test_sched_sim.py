@@ -484,6 +484,8 @@ def test_a_paused_pass_keeps_what_only_the_cpu_can_hold():
     assert not plan.unservable and not plan.preempt and not plan.swap_in
     assert plan.decode_cpu_b0 + plan.decode_cpu_b1 == [1]
     assert plan.prefill_cpu == [2]
+    with pytest.raises(ValueError, match="only policy auto pauses offloading"):
+        Limits(16, 512, "neo", offload_paused=True)
 
 
 def test_auto_sends_cpu_requests_home_when_the_cpu_does_not_pay():

@@ -88,3 +88,5 @@ class Limits:
             )
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.offload_paused and self.policy != "auto":
+            raise ValueError(f"only policy auto pauses offloading, not {self.policy!r}")
