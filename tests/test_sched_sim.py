@@ -445,7 +445,8 @@ def test_running_request_outgrowing_every_pool_is_reported_not_hung():
 def test_pausing_offloading_on_and_off_keeps_every_request(case, period):
     """The engine's guard pauses `auto`'s offloading for stretches: every plan stays valid, every
     request finishes, and while paused nothing the GPU pool can hold goes to the CPU, and what
-    the CPU holds comes home (swapped in or recomputed) unless it cannot be recomputed."""
+    the CPU holds comes home (swapped in or recomputed) unless recomputing it is impossible or
+    costs more than decoding its rest on the CPU."""
     num_gpu, num_cpu, bs, limits, reqs, cost = case
     sched = Scheduler(cost, num_layers=4)
     sim = Sim(sched, num_gpu, num_cpu, bs, limits, reqs)
@@ -463,10 +464,16 @@ def test_pausing_offloading_on_and_off_keeps_every_request(case, period):
         prompts_fit = {w.seq_id for w in waiting if blocks_for(w.num_prompt_tokens, bs) <= num_gpu}
         assert not prompts_fit & {*plan.prefill_cpu}
         assert not plan.swap_out  # every running request fits this GPU pool
-        budget = limits.max_tokens_in_batch
-        stuck = {v.seq_id for v in running if v.num_computed_tokens + 1 > budget}
-        on_cpu = {v.seq_id for v in running if v.residence == Residence.CPU}
-        assert on_cpu - stuck - set(plan.unservable) <= {*plan.swap_in, *plan.preempt}
+        left = {*plan.swap_in, *plan.preempt, *plan.unservable}
+        for v in running:
+            if v.residence != Residence.CPU or v.seq_id in left:
+                continue
+            # It stays only where it cannot be recomputed, or a prefill costs more than decoding
+            # the rest of it on the CPU would add.
+            n, rest = v.decode_ctx_tokens, v.max_total_tokens - v.num_computed_tokens
+            prefill_s = cost.linear_s(n) + cost.prefill_attn_s([n])
+            stay_s = rest * (cost.cpu_decode_attn_s(1, n) + cost.transfer_s(1))
+            assert n > limits.max_tokens_in_batch or prefill_s >= stay_s
     assert len(sim.done) == len(reqs) and not any(s.unservable for s in sim.done.values())
 
 
@@ -510,3 +517,21 @@ def test_auto_sends_cpu_requests_home_when_the_cpu_does_not_pay():
     neo = sched.schedule([], running, cache, Limits(16, 512, "neo"), 10)
     assert neo.swap_in == [10] and not neo.preempt
     assert sorted(neo.decode_cpu_b0 + neo.decode_cpu_b1) == [11, 12]
+
+
+def test_auto_leaves_on_the_cpu_what_costs_less_to_finish_there_than_to_recompute():
+    """No GPU room: of two CPU requests the split does not take, the one with 8 tokens to go is
+    recomputed (a prefill, ~1 ms per layer, against 8 x 0.44 ms on the CPU), the one with 2 to go
+    stays on the CPU (and, aged, decodes there)."""
+    sched = Scheduler(COSTS["balanced"], 4)
+    # Three GPU decodes: pipelining (two weight passes) cannot pay for two CPU decodes.
+    gpu_seqs = [SeqView(i, i, 40, 40, 48, Residence.GPU, 9) for i in range(3)]
+    cpu_seqs = [SeqView(10, 10, 40, 40, 48, Residence.CPU, 0),
+                SeqView(11, 11, 40, 40, 42, Residence.CPU, 0)]
+    running = gpu_seqs + cpu_seqs
+    cache = CacheView(4, 36, 6, 400, 380)  # 36 GPU blocks: 30 held, 3 for growth, no room
+    auto = Limits(16, 512, "auto")
+    plan = sched.schedule([], running, cache, auto, 10)
+    assert check_plan(plan, [], running, cache, auto) == []
+    assert plan.preempt == [10] and not plan.swap_in
+    assert plan.decode_cpu_b0 + plan.decode_cpu_b1 == [11]  # aged: forced, on the CPU

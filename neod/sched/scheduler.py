@@ -295,9 +295,9 @@ class _Pass:
 
     def _send_home(self, threshold: int) -> None:
         """auto, when the CPU's work does not pay: requests the GPU pool can hold leave the CPU,
-        swapped in while GPU use stays under the threshold, else recomputed (a prefill costs less
-        than decoding on a CPU that slows every iteration it joins). The others stay: the CPU is
-        their only home."""
+        swapped in while GPU use stays under the threshold, else recomputed where the prefill
+        costs less than what decoding the rest on the CPU would add. The others stay (for those
+        larger than the GPU pool, the CPU is their only home)."""
         used = self.cache.num_gpu_blocks - self.gpu_free
         for s in list(self.cpu_cands):
             need = s.decode_blocks(self.bs)
@@ -311,13 +311,21 @@ class _Pass:
                 if s.seq_id in self.slotted or self._take(1):
                     self.slotted.add(s.seq_id)
                     self.decoders.append(s)
-            elif self._recomputable(s):
+            elif self._recomputable(s) and self._recompute_pays(s):
                 self._refund(s)
                 self.plan.preempt.append(s.seq_id)
             else:
                 continue
             self.cpu_free += need  # its blocks and the growth reserved for it
             self.cpu_cands.remove(s)
+
+    def _recompute_pays(self, s: SeqView) -> bool:
+        """Whether prefilling s again costs less than what its remaining tokens, decoded on the
+        CPU, would add to the iterations they join (their attention and copies, none hidden)."""
+        cost, n = self.sched.cost, s.decode_ctx_tokens
+        remaining = s.max_total_tokens - s.num_computed_tokens
+        stay_s = remaining * (cost.cpu_decode_attn_s(1, n) + cost.transfer_s(1))
+        return cost.linear_s(n) + cost.prefill_attn_s([n]) < stay_s
 
     def _leave_cpu(self) -> bool:
         """gpu-only: bring CPU requests home or preempt them; False while one must still wait."""
