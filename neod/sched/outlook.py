@@ -6,7 +6,7 @@ Policy `auto` offloads only when that beats the GPU alone, rated on the same seq
 prompts the split takes is the CPU admission quota of the iteration: 0 once the CPU cannot keep up
 with the requests it holds, so prompts wait in the queue instead of starving on the CPU. When the
 split takes none of the requests already on the CPU and offloading does not pay, `auto` sends them
-home (scheduler.py, `_send_home`).
+home (scheduler.py, `_swap_in`).
 """
 
 from __future__ import annotations

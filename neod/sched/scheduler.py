@@ -179,11 +179,9 @@ class _Pass:
             self._reserve_cpu_growth()
         self._make_gpu_room()
         if self.offloads:
-            threshold = math.floor(self.sched.swap_in_frac * self.cache.num_gpu_blocks)
-            if self.sends_home:
-                self._send_home(threshold)
-            elif not self.plan.swap_out:
-                self._swap_in(threshold)
+            if self.sends_home or not self.plan.swap_out:
+                threshold = math.floor(self.sched.swap_in_frac * self.cache.num_gpu_blocks)
+                self._swap_in(threshold, self.sends_home)
             admit = True
         else:
             admit = self._leave_cpu()
@@ -277,32 +275,14 @@ class _Pass:
             self.gpu_free += v.held_blocks(self.bs)
         self.gpu_free -= growth
 
-    def _swap_in(self, threshold: int) -> None:
+    def _swap_in(self, threshold: int, send_home: bool = False) -> None:
+        """Oldest first, CPU requests come home while GPU use stays under the threshold. With
+        send_home (auto, when the CPU's work does not pay), those that do not fit now are
+        recomputed where the prefill costs less than what decoding the rest on the CPU would add;
+        requests larger than the GPU pool stay (the CPU is their only home)."""
         used = self.cache.num_gpu_blocks - self.gpu_free
         for s in list(self.cpu_cands):
             need = s.decode_blocks(self.bs)
-            if used + need > threshold:
-                continue
-            used += need
-            self.gpu_free -= need
-            self.cpu_free += need  # its blocks and the growth reserved for it
-            self.plan.swap_in.append(s.seq_id)
-            self.swap_blocks += s.held_blocks(self.bs)
-            self.cpu_cands.remove(s)
-            if s.seq_id in self.slotted or self._take(1):
-                self.slotted.add(s.seq_id)
-                self.decoders.append(s)
-
-    def _send_home(self, threshold: int) -> None:
-        """auto, when the CPU's work does not pay: requests the GPU pool can hold leave the CPU,
-        swapped in while GPU use stays under the threshold, else recomputed where the prefill
-        costs less than what decoding the rest on the CPU would add. The others stay (for those
-        larger than the GPU pool, the CPU is their only home)."""
-        used = self.cache.num_gpu_blocks - self.gpu_free
-        for s in list(self.cpu_cands):
-            need = s.decode_blocks(self.bs)
-            if need > self.cache.num_gpu_blocks:
-                continue
             if used + need <= threshold:
                 used += need
                 self.gpu_free -= need
@@ -311,7 +291,12 @@ class _Pass:
                 if s.seq_id in self.slotted or self._take(1):
                     self.slotted.add(s.seq_id)
                     self.decoders.append(s)
-            elif self._recomputable(s) and self._recompute_pays(s):
+            elif (
+                send_home
+                and need <= self.cache.num_gpu_blocks
+                and self._recomputable(s)
+                and self._recompute_pays(s)
+            ):
                 self._refund(s)
                 self.plan.preempt.append(s.seq_id)
             else:
