@@ -10,10 +10,10 @@ the profiled CPU attention by a running average of measured over predicted, so t
 follows the CPU as it is.
 
 The pipelined period is a bound: each sub-batch's round trip between the devices, its projections
-and its CPU attention, perfectly overlapped with the other's. What the bound leaves out (the engine
-thread issuing twice the work per layer, flag polls and copies waiting on a busy host) the profile
-never sees, and it is what the host is short of: on a slow-CPU H100 host, pipelined iterations ran
-0.2-0.5 ms per layer over the bound while sequential ones matched their prediction. This model
+and its CPU attention, perfectly overlapped with the other's. What the hand-offs cost on a busy
+host beyond the copies and flag polls the profile times alone, the profile never sees: on a
+slow-CPU H100 host, pipelined iterations ran 0.25-0.5 ms per layer over the bound while
+sequential ones stayed within 7-19% of their prediction. This model
 learns that excess per layer from pipelined iterations, and lets it fade while none run, so that
 pipelining is tried again once the host may have recovered. Every other cost is the profile's.
 """
