@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 
 import orjson
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -94,3 +95,51 @@ def test_predict_under_tensor_parallelism_gives_each_rank_its_share_of_the_host_
     assert result.exit_code == 0, result.output
     assert seen == {"per_token": rank_layout.bytes_per_token, "gpu_bytes": GIB // 2,
                     "cpu_bytes": GIB // 2}
+
+
+def test_predict_as_measured_applies_the_running_daemons_corrections(tmp_path, monkeypatch):
+    """--as-measured asks the running neod for its corrections of the profile it decides from,
+    and refuses them for another profile."""
+    from types import SimpleNamespace
+
+    from neod.cli.common import Ctl
+    from neod.sched import CalibratedCostModel
+
+    config = write_config(tmp_path)
+    layout = KVLayout(2, 1, 64, 16, torch.bfloat16)
+    profile = SimpleNamespace(key=SimpleNamespace(short_id=lambda: "abc123"))
+    monkeypatch.setattr(profiling, "_stored_profile", lambda cfg: (profile, layout, None))
+    monkeypatch.setattr("neod.sched.TableCostModel", lambda p: "the profile's tables")
+    seen = {}
+
+    def predict_workload(cost, *args, **kwargs):
+        seen["cost"] = cost
+        side = {"tokens_per_s": 100.0, "gpu_batch": 3, "iteration_s": 0.01, "bound": "gpu memory",
+                "cpu_batch": 0, "pipelined": False, "cpu_bound": "gain"}
+        return {"input_len": 1000, "output_len": 200, "gpu_only": side, "neo": side,
+                "gain": 1.0, "mode": "gpu-only"}
+
+    monkeypatch.setattr("neod.sched.predict_workload", predict_workload)
+    engine = {"profile": {"id": "abc123"},
+              "cpu_cost_scale": {"measured_over_profiled": 1.31, "samples": 420},
+              "pipeline_handoff": {"per_layer_us": 43.0, "samples": 37}}
+    monkeypatch.setattr(Ctl, "call", lambda self, command, **args: {"engine": engine})
+    args = ["--config", config, "predict", "--gpu-kv-gib", "0.5", "--as-measured"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    cost = seen["cost"]
+    assert isinstance(cost, CalibratedCostModel) and cost.base == "the profile's tables"
+    assert cost.cpu_scale == 1.31 and cost.handoff_s == pytest.approx(43e-6)
+    assert result.output.startswith("as the running neod measured: CPU attention 1.31x the "
+                                    "profile (420 iterations), pipelined layers +43 us (37 ")
+    as_json = CliRunner().invoke(app, [*args, "--json"])
+    assert orjson.loads(as_json.stdout)["measured_corrections"]["handoff_samples"] == 37
+    # Without the flag the daemon is not asked, and the profile stands alone.
+    plain = CliRunner().invoke(app, args[:-1])
+    assert plain.exit_code == 0 and seen["cost"] == "the profile's tables"
+    engine["profile"] = {"id": "other"}
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 1
+    assert "decides from profile other, not from this host's stored profile abc123" in (
+        refused.output
+    )

@@ -56,12 +56,37 @@ def _stored_profile(cfg: Any) -> tuple[Any, Any, Any]:
     return load_profile(path, key), layout, path
 
 
+def _live_corrections(status: dict[str, Any], profile_id: str) -> dict[str, Any]:
+    """The running neod's corrections of this profile, from its status; they apply only to the
+    profile it decides from."""
+    engine = status.get("engine") or {}
+    running = (engine.get("profile") or {}).get("id")
+    if running != profile_id:
+        fail(f"the running neod decides from profile {running or 'none'}, not from this host's "
+             f"stored profile {profile_id}: its measurements do not correct this one")
+    scale = engine.get("cpu_cost_scale") or {}
+    handoff = engine.get("pipeline_handoff") or {}
+    return {
+        "cpu_scale": scale.get("measured_over_profiled", 1.0),
+        "cpu_samples": scale.get("samples", 0),
+        "handoff_us": handoff.get("per_layer_us", 0.0),
+        "handoff_samples": handoff.get("samples", 0),
+    }
+
+
 def _render_prediction(p: dict[str, Any]) -> str:
     g, n = p["gpu_only"], p["neo"]
     mode = "pipelined" if n["pipelined"] else "sequential"
     gain = "n/a" if p["gain"] is None else f"{p['gain']:.2f}x"
+    c = p.get("measured_corrections")
+    corrected = [] if c is None else [
+        f"as the running neod measured: CPU attention {c['cpu_scale']:.2f}x the profile "
+        f"({c['cpu_samples']} iterations), pipelined layers +{c['handoff_us']:g} us "
+        f"({c['handoff_samples']} iterations)"
+    ]
     return "\n".join(
         [
+            *corrected,
             f"workload: input {p['input_len']} tokens, output {p['output_len']} tokens",
             f"gpu-only: {g['tokens_per_s']:8.1f} tok/s  batch {g['gpu_batch']} "
             f"(bound by {g['bound']}), "
@@ -118,11 +143,17 @@ def register(app: typer.Typer) -> None:
             help="host KV pool, all GPUs' together (default: cache.cpu_kv_gib, else what this "
             "host allows)",
         ),
+        as_measured: bool = typer.Option(
+            False,
+            "--as-measured",
+            help="correct the profile as the running neod measures this host while serving (its "
+            "CPU attention scale and pipeline hand-off)",
+        ),
         json_out: bool = typer.Option(False, "--json"),
     ) -> None:
         """Predict GPU-only and NEO throughput for a workload from this host's stored profile."""
         from neod.cache.pool import host_pool_blocks
-        from neod.sched import Limits, TableCostModel, predict_workload
+        from neod.sched import CalibratedCostModel, Limits, TableCostModel, predict_workload
 
         cfg = ctx.obj.config()
         profile, layout, path = _stored_profile(cfg)
@@ -144,8 +175,15 @@ def register(app: typer.Typer) -> None:
             cpu_bytes = host_pool_blocks(whole, 0.0, pinned=False) * whole.block_bytes
         cpu_bytes //= tp
         limits = Limits(cfg.scheduler.max_batch_size, cfg.scheduler.max_tokens_in_batch, "auto")
+        cost = TableCostModel(profile)
+        corrections = None
+        if as_measured:
+            corrections = _live_corrections(ctx.obj.call("status"), profile.key.short_id())
+            cost = CalibratedCostModel(
+                cost, corrections["cpu_scale"], corrections["handoff_us"] * 1e-6
+            )
         result = predict_workload(
-            TableCostModel(profile),
+            cost,
             layout.num_layers,
             layout.bytes_per_token,
             gpu_bytes,
@@ -155,6 +193,8 @@ def register(app: typer.Typer) -> None:
             limits,
             block_size=layout.block_size,
         )
+        if corrections is not None:
+            result["measured_corrections"] = corrections
         if json_out:
             echo_json(result)
         else:
