@@ -297,6 +297,7 @@ class Final:
     timings: Timings
     text: str | None = None  # whole output text, only when the request set stream=false
     token_ids: list[int] | None = None  # whole output, only when stream=false
+    detail: str | None = None  # why a `length` ended before max_tokens (the KV cache is full)
 
 
 @dataclass(frozen=True, slots=True)

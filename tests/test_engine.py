@@ -286,6 +286,28 @@ def test_bad_requests_get_errors_and_nothing_else_breaks(tmp_path):
     assert_all_free(engine)
 
 
+def test_a_request_outgrowing_the_kv_cache_ends_length_and_says_why(tmp_path):
+    """A GPU pool of a few 16-token blocks and no host pool: a 20-token prompt asking for 100
+    more ends when its KV no longer fits, with a `length` that names the cause; one that fits
+    ends with a plain `length`, and every block is free."""
+    engine = make_engine(tmp_path, **{"scheduler.policy": "gpu-only",
+                                      "cache.gpu_kv_gib": 3 * 32 * 1024 / 2**30,
+                                      "cache.cpu_kv_gib": 0.0, "model.dtype": "float16"})
+    blocks = engine.stats()["kv_gpu"]["blocks_total"]
+    assert 2 <= blocks < 8  # holds the prompt, not all of the output
+    engine.add_request("big", [7] * 20, SamplingParams(max_tokens=100, ignore_eos=True))
+    outs = run_all(engine)
+    last = outs["big"][-1]
+    assert last.finish_reason == FinishReason.LENGTH and last.error is None
+    assert last.detail == ("the KV cache cannot hold more of this request: its KV outgrows the "
+                           f"largest pool it may use ({blocks} blocks)")
+    assert 0 < len(tokens_of(outs["big"])) < 100
+    engine.add_request("small", [7] * 4, SamplingParams(max_tokens=8, ignore_eos=True))
+    last = run_all(engine)["small"][-1]
+    assert last.finish_reason == FinishReason.LENGTH and last.detail is None
+    assert_all_free(engine)
+
+
 def test_abort_frees_blocks_and_ends_once(tmp_path):
     engine = make_engine(tmp_path)
     engine.add_request(

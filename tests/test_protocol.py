@@ -115,6 +115,13 @@ def test_events_round_trip() -> None:
         assert decode_event(encode(event)) == event
     assert orjson.loads(encode(Accepted("a", 3))) == {"v": 1, "type": "accepted", "id": "a",
                                                      "prompt_tokens": 3}
+    cut = Final("a", "length", None, Usage(3, 4), Timings(1.0, 2.0, 3.0, 4.0),
+                detail="the KV cache cannot hold more of this request")
+    assert decode_event(encode(cut)) == cut
+    # A daemon that predates `detail` sends none: it reads as null.
+    wire = orjson.loads(encode(cut))
+    del wire["detail"]
+    assert decode_event(orjson.dumps(wire)).detail is None
 
 
 def test_control_messages() -> None:

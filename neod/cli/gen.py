@@ -64,6 +64,8 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"[{final.finish_reason}; {usage.prompt_tokens} prompt + "
                            f"{usage.completion_tokens} output tokens; TTFT {t.ttft_ms:.1f} ms, "
                            f"{t.tpot_ms:.1f} ms/token]", err=True)
+                if final.detail:
+                    typer.echo(f"[{final.detail}]", err=True)
 
 
 def _fields(event: object) -> dict:

@@ -355,6 +355,7 @@ class Engine:
         new_tokens: list[int] = (),
         error: str | None = None,
         error_kind: EngineError | None = None,
+        detail: str | None = None,
     ) -> None:
         self._release(seq)
         self.running.pop(seq.seq_id, None)
@@ -370,6 +371,7 @@ class Engine:
                 seq.num_prompt_tokens,
                 seq.num_output_tokens,
                 (error_kind or EngineError.INTERNAL) if reason == FinishReason.ERROR else None,
+                detail,
             )
         )
 
@@ -398,7 +400,8 @@ class Engine:
                     error_kind=EngineError.PROMPT_TOO_LONG,
                 )
             else:
-                self._finish(seq, FinishReason.LENGTH, out)
+                self._finish(seq, FinishReason.LENGTH, out,
+                             detail=f"the KV cache cannot hold more of this request: {why}")
         for sid in plan.preempt:
             seq = self.running.pop(sid)
             self._release(seq)

@@ -64,3 +64,4 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     error_kind: EngineError | None = None  # set only with FinishReason.ERROR
+    detail: str | None = None  # with FinishReason.LENGTH: why it ended before its max_tokens

@@ -97,7 +97,8 @@ class Job:
             self.client_id, reason, stop_reason,
             Usage(self.prompt_tokens, self.num_tokens), self.timings(now),
             text=None if self.stream else "".join(self.text_parts),
-            token_ids=None if self.stream else self.token_ids))
+            token_ids=None if self.stream else self.token_ids,
+            detail=out.detail if out is not None and reason == "length" else None))
         return events
 
     def _reason(self, cause: str | None, out: RequestOutput | None) -> tuple[str, str | int | None]:
