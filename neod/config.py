@@ -128,6 +128,8 @@ class CpuConfig(_Section):
     _name = "cpu"
     threads: int = _key(0, "CPU attention threads; 0 = sized from the bandwidth probe", lo=0)
     reserve_cores: int = _key(1, "cores kept free for the engine thread and I/O", lo=0)
+    isolate_pool: bool = _key(True, "keep this process's other threads (engine, CUDA, torch) off "
+                              "the pool's cores, where they would hold up a whole layer")
     amx: bool = _key(True, "bf16 attention scores on AMX tiles where the CPU has them")
     amx_values: str = _key("auto", "the weighted sums of V on AMX too (up to 8 query heads per "
                            "KV head): on, off, or auto = whichever the profile times faster",

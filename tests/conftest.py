@@ -3,7 +3,11 @@ and the paths of the CPU attention's tile products."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+_PROCESS_CPUS = os.sched_getaffinity(0)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -40,3 +44,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is false)")
     for item in gpu_items:
         item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _unconfined_main_thread():
+    """An engine left open keeps the test process off its CPU pool's cores (cpu.isolate_pool):
+    the next test starts from the whole machine again, as a fresh process would."""
+    yield
+    if os.sched_getaffinity(0) != _PROCESS_CPUS:
+        os.sched_setaffinity(0, _PROCESS_CPUS)

@@ -60,6 +60,11 @@ def test_status_human_and_json(daemon: EmbeddedDaemon, config_file: Path) -> Non
     assert pool["numa_node"] is None  # no GPU here
     share = pool["computing_share"]  # None until an iteration had CPU work
     assert share is None or 0 < share <= 1
+    waits = pool["waits"]  # the workers have run (the profile), so the kernel accounted them
+    assert 0 <= waits["wait_share"] < 1 and waits["preempted"] >= 0
+    others = waits["other_threads_on"]  # a 2-CPU host leaves too few to keep them off the pool
+    assert others is None or not set(others) & set(pool["cores"])
+    assert "workers waited " in ctl(config_file, "status")[1]
 
 
 def test_tune_applies_and_validates(daemon: EmbeddedDaemon, config_file: Path) -> None:

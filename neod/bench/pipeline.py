@@ -26,6 +26,7 @@ import torch
 
 from neod.bench.engine_step import make_seqs
 from neod.config import load_config
+from neod.cpu.threads import process_threads, thread_times
 from neod.engine.batch import build_sub_batch
 from neod.engine.runtime import EngineRuntime, build_runtime
 from neod.engine.sequence import Sequence
@@ -36,14 +37,18 @@ from neod.sched.split import CpuCandidate, split_candidates
 GIB = 1 << 30
 
 
-def _time_iterations(runtime: EngineRuntime, batches: list, repeats: int) -> dict[str, float]:
-    """Median wall time of one iteration, the CPU attention's busy time in it and the share of
-    the pool's thread time in that busy time that computed (None without CPU work)."""
+def _time_iterations(runtime: EngineRuntime, batches: list, repeats: int) -> dict[str, Any]:
+    """Median wall time of one iteration, the CPU attention's busy time in it, the share of the
+    pool's thread time in that busy time that computed (None without CPU work), and per
+    iteration how long the pool's workers and this process's other threads waited for a core."""
     executor = runtime.executor
     for _ in range(2):
         executor.run(batches)
     walls, busy = [], []
     worker_before, capacity_before = executor.cpu_worker_s, executor.cpu_capacity_s
+    workers = runtime.cpu_attention.thread_ids()
+    others = sorted(set(process_threads()) - set(workers))
+    workers_before, others_before = thread_times(workers), thread_times(others)
     for _ in range(repeats):
         cpu_before = executor.cpu_busy_s
         start = time.perf_counter()
@@ -54,10 +59,15 @@ def _time_iterations(runtime: EngineRuntime, batches: list, repeats: int) -> dic
         busy.append(executor.cpu_busy_s - cpu_before)
     capacity = executor.cpu_capacity_s - capacity_before
     worker = executor.cpu_worker_s - worker_before
+    workers_waited = thread_times(workers) - workers_before
+    others_waited = thread_times(others) - others_before
     return {
         "wall_ms": statistics.median(walls) * 1e3,
         "cpu_busy_ms": statistics.median(busy) * 1e3,
         "cpu_pool_share": worker / capacity if capacity > 0 else None,
+        "workers_wait_ms": workers_waited.wait_s / repeats * 1e3,
+        "workers_preempted": workers_waited.preempted / repeats,
+        "others_wait_ms": others_waited.wait_s / repeats * 1e3,
     }
 
 
@@ -141,6 +151,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--cpu-threads", type=int, default=0)
     parser.add_argument(
+        "--isolation",
+        default="on,off",
+        help="measure with this process's other threads kept off the pool's cores (on), free to "
+        "run anywhere (off), or both in turn (on,off)",
+    )
+    parser.add_argument(
         "--set", action="append", default=[], help="extra config override section.key=value"
     )
     parser.add_argument("--json", default="", help="also write the report here")
@@ -162,15 +178,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     overrides["cache.cpu_kv_gib"] = max(cpu_sizes) * seq_gib + 0.05
     cfg = load_config(None, overrides={**overrides, **dict(s.split("=", 1) for s in args.set)})
     runtime = build_runtime(cfg)
+    rows = []
+    for isolation in args.isolation.split(","):
+        if isolation == "off":
+            runtime.release_pool_cores()
+        elif isolation == "on":
+            runtime.isolate_pool()
+        else:
+            parser.error(f"--isolation takes on and off, not {isolation!r}")
+        for g in gpu_sizes:
+            for row in measure(runtime, g, cpu_sizes, ctx, args.repeats):
+                row["other_cpus"] = None if isolation == "off" else runtime.other_cpus
+                rows.append(row)
     report = {
         "preset": args.preset,
         "gpu": torch.cuda.get_device_name(runtime.device)
         if runtime.device.type == "cuda"
         else "cpu",
         "cpu_threads": runtime.cpu_threads,
-        "rows": [
-            row for g in gpu_sizes for row in measure(runtime, g, cpu_sizes, ctx, args.repeats)
-        ],
+        "pool_cores": list(runtime.cpu_attention.cores),
+        "rows": rows,
     }
     runtime.close()
     if args.json:
@@ -179,10 +206,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"{args.preset} on {report['gpu']}, {report['cpu_threads']} CPU attention threads, "
         f"context {ctx}; wall ms measured / predicted, tokens/s vs GPU-only, CPU pool busy ms "
-        "measured / predicted, and the share of the pool's thread time in it that computed"
+        "measured / predicted, the share of the pool's thread time in it that computed, and ms "
+        "per iteration the pool's workers / the process's other threads waited for a core"
     )
-    print(f"{'G':>3} {'K':>3} | {'gpu-only':>15} | {'sequential':>29} | {'pipelined (b0/b1)':>37}")
+    shown: object = ()
     for row in report["rows"]:
+        if row["other_cpus"] != shown:
+            shown = row["other_cpus"]
+            where = "anywhere" if shown is None else f"on CPUs {sorted(shown)}"
+            print(f"other threads {where}")
+            print(f"{'G':>3} {'K':>3} | {'gpu-only':>15} | {'sequential':>41} | "
+                  f"{'pipelined (b0/b1)':>49}")
         g = row["gpu_only"]
         parts = [
             f"{row['gpu_decodes']:>3} {row['cpu_decodes']:>3} | "
@@ -199,6 +233,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parts.append(
                 f"{r['wall_ms']:6.2f}/{r['predicted_ms']:6.2f}ms {r['x_gpu_only']:4.2f}x"
                 f" cpu {r['cpu_busy_ms']:5.2f}/{r['cpu_predicted_ms']:5.2f}{pool}{split}"
+                f" wait {r['workers_wait_ms']:5.2f}/{r['others_wait_ms']:5.2f}"
             )
         print(" | ".join(parts))
     return report

@@ -59,6 +59,8 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def run_workload(engine: Engine, workload: list[tuple[list[int], int]]) -> dict[str, Any]:
+    pool = engine.rt.cpu_attention
+    pool_before = None if pool is None else pool.thread_times()
     start = time.perf_counter()
     first: dict[str, float] = {}
     last: dict[str, float] = {}
@@ -96,6 +98,7 @@ def run_workload(engine: Engine, workload: list[tuple[list[int], int]]) -> dict[
     ttft = [first[r] - start for r in first]
     tpot = [(last[r] - first[r]) / (counts[r] - 1) for r in first if counts[r] > 1]
     iterations = engine.stats()["iterations"]
+    pool_waits = None if pool is None else (pool.thread_times() - pool_before).wait_share
     return {
         "output_tokens": sum(counts.values()),
         "errors": errors,
@@ -115,6 +118,7 @@ def run_workload(engine: Engine, workload: list[tuple[list[int], int]]) -> dict[
         "offload_guard": engine.stats()["offload_guard"],
         "cpu_cost_scale": engine.stats()["cpu_cost_scale"],
         "pipeline_handoff": engine.stats()["pipeline_handoff"],
+        "pool_wait_share": pool_waits,  # the workers' time waiting for a core, of their wanted
     }
 
 
@@ -240,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"{'policy':10} {'tok/s':>9} {'x':>6} {'steady':>8} {'TTFT p50':>9} {'p99':>8} "
         f"{'TPOT p50':>9} {'p99':>8} {'pipe%':>6} {'pred err':>8} {'CPU reqs':>8} {'CPU busy':>8} "
-        f"{'CPU x':>6} {'hand-off':>8}"
+        f"{'CPU x':>6} {'hand-off':>8} {'wait':>6}"
     )
     for policy, r in results.items():
         speedup = report.get("speedup_vs_gpu_only", {}).get(policy, float("nan"))
@@ -252,11 +256,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{r['ttft_p99_s']:8.3f} {r['tpot_p50_s'] * 1e3:8.1f}m {r['tpot_p99_s'] * 1e3:7.1f}m "
             f"{100 * r['pipelined_share']:6.1f} {'-' if err is None else f'{100 * err:7.1f}%'} "
             f"{r['mean_cpu_decodes']:8.1f} {100 * (r['cpu_busy_share'] or 0):7.1f}% "
-            f"{_scale(r['cpu_cost_scale']):>6} {_handoff(r['pipeline_handoff']):>8}"
+            f"{_scale(r['cpu_cost_scale']):>6} {_handoff(r['pipeline_handoff']):>8} "
+            f"{_share(r['pool_wait_share']):>6}"
         )
     print("CPU x: the CPU attention's measured over profiled cost at the end of the policy's run; "
           "hand-off: a pipelined layer's measured time over its bound; both are the scheduler's "
-          "running corrections, carried over from one policy to the next")
+          "running corrections, carried over from one policy to the next; wait: the CPU pool "
+          "workers' time waiting for their cores, of the time they wanted one")
     for policy, r in results.items():
         guard = r["offload_guard"]
         if policy == "auto" and guard["stops"]:
@@ -289,6 +295,10 @@ def _advice(advice: dict[str, Any]) -> str:
 
 def _scale(scale: dict[str, Any] | None) -> str:
     return "-" if not scale or not scale["samples"] else f"{scale['measured_over_profiled']:.2f}"
+
+
+def _share(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.2f}%"
 
 
 def _handoff(handoff: dict[str, Any] | None) -> str:

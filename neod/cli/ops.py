@@ -64,6 +64,7 @@ def render_status(result: dict[str, Any]) -> str:
                      + (f", {100 * pool['computing_share']:.0f}% of its thread time computing"
                         if pool.get("computing_share") is not None else "")
                      + (f", AMX {pool['amx']}" if pool.get("amx") else "")
+                     + _waits(pool.get("waits"))
                      + _cpu_cost(eng.get("cpu_cost_scale"))
                      + _handoff(eng.get("pipeline_handoff")))
     else:
@@ -89,6 +90,15 @@ def _cpu_cost(scale: dict[str, Any] | None) -> str:
         return ""
     return (f", its attention {scale['measured_over_profiled']:.2f}x the profiled cost over "
             f"{scale['samples']} iterations")
+
+
+def _waits(waits: dict[str, Any] | None) -> str:
+    """How long the pool's workers waited for their cores, and where the other threads run."""
+    if not waits or waits.get("wait_share") is None:
+        return ""
+    others = waits.get("other_threads_on")
+    return (f", workers waited {100 * waits['wait_share']:.2f}% of their time for a core"
+            + (f" (other threads on CPUs {format_cpu_list(others)})" if others else ""))
 
 
 def _handoff(handoff: dict[str, Any] | None) -> str:

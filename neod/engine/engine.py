@@ -224,6 +224,7 @@ class Engine:
                 "cores": self._pool_cores(),
                 "numa_node": self.rt.cpu_node,
                 "computing_share": self._pool_computing_share(),
+                "waits": self._pool_waits(),
                 "read_bandwidth_gbps": self.rt.cpu_bandwidth_gbps,
                 "amx": self.rt.cpu_tile_path,
             },
@@ -255,6 +256,21 @@ class Engine:
         executor = self.rt.executor
         capacity = executor.cpu_capacity_s
         return round(executor.cpu_worker_s / capacity, 4) if capacity > 0 else None
+
+    def _pool_waits(self) -> dict[str, Any] | None:
+        """How long the pool's workers sat runnable without a core since the pool started, and
+        where this process's other threads are kept (None: anywhere)."""
+        attention = self.rt.cpu_attention
+        if attention is None:
+            return None
+        times = attention.thread_times()
+        share = times.wait_share
+        others = self.rt.other_cpus
+        return {
+            "wait_share": None if share is None else round(share, 4),
+            "preempted": times.preempted,
+            "other_threads_on": None if others is None else sorted(others),
+        }
 
     def _pool_cores(self) -> list[int]:
         attention = self.rt.cpu_attention

@@ -61,6 +61,8 @@ class EngineRuntime:
     scheduler: Scheduler
     tp: Any = None  # neod.dist.launch.Leader on rank 0 of a tensor-parallel group, else None
     cpu_node: int | None = None  # the GPU's NUMA node, whose cores the CPU pool prefers
+    process_cpus: frozenset[int] = frozenset()  # what this process may run on, before isolation
+    other_cpus: frozenset[int] | None = None  # where its other threads run, if kept off the pool
 
     @property
     def num_gpu_blocks(self) -> int:
@@ -94,7 +96,21 @@ class EngineRuntime:
             self.tp.close()
         self.executor.close()
         if self.cpu_attention is not None:
+            self.release_pool_cores()
             self.cpu_attention.close()
+
+    def isolate_pool(self) -> None:
+        self.other_cpus = isolate_pool(
+            self.cfg.cpu, self.cpu_attention, self.process_cpus, self.tp_size
+        )
+
+    def release_pool_cores(self) -> None:
+        """Let this process's other threads run on any of its CPUs again."""
+        from neod.cpu.threads import release_pool_cores
+
+        if self.other_cpus is not None and not self.cpu_attention.closed:
+            release_pool_cores(self.cpu_attention.thread_ids(), set(self.process_cpus))
+            self.other_cpus = None
 
     def set_cpu_threads(self, threads: int) -> None:
         """Resize the CPU attention pool, pinned as at start, and bring the cost model along: the
@@ -118,24 +134,30 @@ class EngineRuntime:
         from neod.kernels.cpu_attention import use_tile_path
 
         reserve = self.cfg.cpu.reserve_cores
-        cores = pool_cores(threads, reserve, near_node=self.cpu_node)  # too many: raises, no change
-        old_threads = self.cpu_threads
-        self._use_cpu_cores(cores)
+        self.release_pool_cores()  # the cores are read, and the pool measured, as at start
         try:
-            self.profile, self.cpu_tile_path = load_or_profile(
-                self.cfg, self.model, self.layout, self.executor, threads, self.max_model_len,
-                cpu_base=self.profile,
-            )  # fmt: skip
-        except BaseException as exc:
-            self._use_cpu_cores(pool_cores(old_threads, reserve, near_node=self.cpu_node))
-            if self.cpu_tile_path is not None:
-                use_tile_path(self.cpu_tile_path)
-            if isinstance(exc, Exception):
-                raise RuntimeError(
-                    f"measuring the CPU pool at {threads} threads failed ({exc}); the pool of "
-                    f"{old_threads} threads and its profile stay in force"
-                ) from exc
-            raise
+            cores = pool_cores(threads, reserve, near_node=self.cpu_node)  # too many: raises
+            old_threads = self.cpu_threads
+            self._use_cpu_cores(cores)
+            self.isolate_pool()
+            try:
+                self.profile, self.cpu_tile_path = load_or_profile(
+                    self.cfg, self.model, self.layout, self.executor, threads, self.max_model_len,
+                    cpu_base=self.profile,
+                )  # fmt: skip
+            except BaseException as exc:
+                self.release_pool_cores()
+                self._use_cpu_cores(pool_cores(old_threads, reserve, near_node=self.cpu_node))
+                if self.cpu_tile_path is not None:
+                    use_tile_path(self.cpu_tile_path)
+                if isinstance(exc, Exception):
+                    raise RuntimeError(
+                        f"measuring the CPU pool at {threads} threads failed ({exc}); the pool of "
+                        f"{old_threads} threads and its profile stay in force"
+                    ) from exc
+                raise
+        finally:
+            self.isolate_pool()
         self.scheduler.cost = cost_model_of(self.profile)
 
     def _use_cpu_cores(self, cores: list[int]) -> None:
@@ -147,6 +169,23 @@ class EngineRuntime:
         self.executor.cpu_attention = self.cpu_attention
         self.cpu_threads = len(cores)
         set_torch_threads(self.cfg.cpu, len(cores), self.tp_size)
+
+
+def isolate_pool(
+    cpu_cfg: Any, cpu_attention: Any, process_cpus: frozenset[int], world_size: int
+) -> frozenset[int] | None:
+    """Keep this process's other threads off the CPU pool's cores (neod.cpu.threads) where the
+    config asks for it, with one GPU only (tensor-parallel ranks share the cores the pools
+    leave); the CPUs they are kept on, or None."""
+    from neod.cpu.threads import keep_off_pool
+
+    if cpu_attention is None or world_size > 1 or not cpu_cfg.isolate_pool or not process_cpus:
+        return None
+    others = keep_off_pool(cpu_attention.cores, cpu_attention.thread_ids(), set(process_cpus))
+    if others is None:
+        return None
+    logger.info("other threads of this process run on CPUs %s", sorted(others))
+    return frozenset(others)
 
 
 def cost_model_of(profile: Profile | None) -> CostModel:
@@ -295,6 +334,8 @@ def build_runtime(cfg: Any, refresh_profile: bool = False, group: Any = None) ->
         )
         cpu_attention = CpuAttention(cores=cores)
     set_torch_threads(cfg.cpu, threads, world_size)
+    process_cpus = frozenset(os.sched_getaffinity(0))
+    other_cpus = isolate_pool(cfg.cpu, cpu_attention, process_cpus, world_size)  # as it serves
     logger.info(
         "kv pools gpu_blocks=%d cpu_blocks=%d block_size=%d bytes_per_token=%d cpu_threads=%d",
         num_gpu,
@@ -335,4 +376,6 @@ def build_runtime(cfg: Any, refresh_profile: bool = False, group: Any = None) ->
         executor=executor,
         scheduler=Scheduler(cost_model_of(profile), mc.num_hidden_layers),
         cpu_node=cpu_node,
+        process_cpus=process_cpus,
+        other_cpus=other_cpus,
     )

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 
 from neod.cpu.bandwidth import recommended_threads
+from neod.cpu.threads import ThreadTimes, thread_times
 from neod.cpu.topology import pool_cores
 from neod.cython import load_native
 
@@ -142,6 +143,11 @@ class CpuAttention:
     def thread_ids(self) -> list[int]:
         """Kernel thread ids of the workers (for checks such as their CPU affinity)."""
         return self._pool.thread_ids()
+
+    def thread_times(self) -> ThreadTimes:
+        """The workers' time on their cores and waiting for them, since the pool started: a
+        worker that waits holds up every layer it shares (neod.cpu.threads)."""
+        return thread_times(self.thread_ids())
 
     def decode(
         self,
