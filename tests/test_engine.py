@@ -13,8 +13,9 @@ import torch
 
 from neod.cache.pool import KVLayout, allocate_pool
 from neod.config import load_config
-from neod.engine import Engine
+from neod.engine import Engine, corrections
 from neod.engine.request import EngineError, FinishReason, RequestOutput, SamplingParams
+from neod.engine.runtime import build_runtime
 from neod.model.attention import AttentionMetadata
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -218,6 +219,40 @@ def test_neo_mode_greedy_equals_gpu_only(tmp_path, policy):
     assert_greedy_equal(
         engine, {f"r{i}": p for i, p in enumerate(ps)}, results["gpu-only"], results[policy]
     )
+
+
+def test_a_restarted_engine_starts_from_the_corrections_its_predecessor_measured(
+    tmp_path, monkeypatch
+):
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    engine = make_engine(tmp_path, **{"scheduler.policy": "neo"}, **SMALL_GPU_POOL)
+    assert not engine.stats()["profile"]["corrections_restored"]  # a new profile has none
+    stored = list((tmp_path / "profiles").glob("*.corrections.json"))
+    assert not stored
+    monkeypatch.setattr(corrections, "SAVE_EVERY_S", 0.0)  # saved while serving, not only at close
+    for i, p in enumerate(prompts(12, seed=3)):
+        engine.add_request(f"r{i}", p, params)
+    run_all(engine)
+    measured = engine.rt.scheduler.cost.state()
+    assert measured["cpu_samples"] > 0
+    (stored,) = (tmp_path / "profiles").glob("*.corrections.json")
+    assert orjson.loads(stored.read_bytes())["cpu_samples"] == measured["cpu_samples"]
+    engine.close()
+    again = make_engine(tmp_path, **{"scheduler.policy": "neo"}, **SMALL_GPU_POOL)
+    try:
+        assert again.stats()["profile"]["corrections_restored"]
+        assert again.rt.scheduler.cost.state() == measured
+        assert again.stats()["cpu_cost_scale"]["samples"] == measured["cpu_samples"]
+    finally:
+        again.close()
+    # Measured again (neoctl profile), the profile starts over.
+    cfg = again.rt.cfg
+    fresh = Engine(cfg, runtime=build_runtime(cfg, refresh_profile=True))
+    try:
+        assert not fresh.stats()["profile"]["corrections_restored"]
+        assert fresh.rt.scheduler.cost.state()["cpu_samples"] == 0
+    finally:
+        fresh.close()
 
 
 def test_auto_paused_by_the_guard_brings_cpu_requests_home(tmp_path):

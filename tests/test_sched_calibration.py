@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
+from test_profile import make_profile
 from test_sched_units import FlatCost, cpu, gpu
 
-from neod.sched import CacheView, CalibratedCostModel, Limits, Residence, Scheduler, SeqView
+from neod.sched import (
+    CacheView,
+    CalibratedCostModel,
+    Limits,
+    Residence,
+    Scheduler,
+    SeqView,
+    corrections_path,
+    load_corrections,
+    profile_path,
+    save_corrections,
+)
 from neod.sched.calibration import HANDOFF_FADE, HANDOFF_MAX_S, SCALE_BOUNDS
 
 
@@ -146,3 +159,58 @@ def test_a_measured_handoff_turns_the_split_from_pipelined_to_sequential():
     slow = plan_with(model)
     assert not slow.pipelined and not slow.decode_cpu_b1
     assert slow.decode_cpu_b0  # the CPU still decodes, in the sequential mode
+
+
+def _measured(cpu_scale: float = 1.3, handoff_s: float = 2e-4) -> CalibratedCostModel:
+    model = CalibratedCostModel(FlatCost(), cpu_scale, handoff_s)
+    model.cpu_samples, model.handoff_samples = 40, 25
+    return model
+
+
+def test_corrections_come_back_for_the_same_profile_only(tmp_path):
+    profile = make_profile()
+    path = corrections_path(profile_path(tmp_path, profile.key))
+    assert path.parent == tmp_path and path.name.endswith(".corrections.json")
+    save_corrections(_measured(), profile, path)
+    restored = CalibratedCostModel(FlatCost())
+    assert load_corrections(restored, profile, path)
+    assert restored.state() == _measured().state()
+    # The same setup measured again (a refreshed profile) starts over.
+    again = make_profile()
+    again.meta["measured_at"] = "2026-12-07T09:00:00+0000"
+    fresh = CalibratedCostModel(FlatCost())
+    assert not load_corrections(fresh, again, path)
+    assert fresh.state() == CalibratedCostModel(FlatCost()).state()
+    assert not load_corrections(fresh, profile, tmp_path / "absent.json")
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d.update(cpu_scale=float("nan")),
+        lambda d: d.pop("handoff_s"),
+        lambda d: d.update(cpu_samples="many"),
+        lambda d: d.update(format=0),
+    ],
+)
+def test_a_damaged_corrections_file_leaves_the_model_as_profiled(tmp_path, edit):
+    profile = make_profile()
+    path = tmp_path / "c.json"
+    save_corrections(_measured(), profile, path)
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    model = CalibratedCostModel(FlatCost())
+    assert not load_corrections(model, profile, path)
+    assert model.state() == CalibratedCostModel(FlatCost()).state()
+    path.write_text("{not json")
+    assert not load_corrections(model, profile, path)
+
+
+def test_restored_corrections_stay_within_the_bounds(tmp_path):
+    profile = make_profile()
+    path = tmp_path / "c.json"
+    save_corrections(_measured(cpu_scale=9.0, handoff_s=1.0), profile, path)
+    model = CalibratedCostModel(FlatCost())
+    assert load_corrections(model, profile, path)
+    assert (model.cpu_scale, model.handoff_s) == (SCALE_BOUNDS[1], HANDOFF_MAX_S)

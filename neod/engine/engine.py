@@ -21,6 +21,7 @@ import torch
 
 from neod.cache.allocator import BlockAllocator
 from neod.engine.batch import SubBatch, build_sub_batch
+from neod.engine.corrections import CorrectionsKeeper
 from neod.engine.guard import OffloadGuard
 from neod.engine.request import EngineError, FinishReason, RequestOutput, SamplingParams
 from neod.engine.runtime import EngineRuntime, build_runtime
@@ -53,6 +54,8 @@ class Engine:
         self.step_index = 0
         self.iteration_stats = EngineStats()
         self.guard = OffloadGuard()
+        self.corrections = CorrectionsKeeper(rt)
+        self.corrections.restore()
         self._default_generator = torch.Generator(device=rt.device)
         self._default_generator.manual_seed(cfg.model.seed)
 
@@ -100,6 +103,7 @@ class Engine:
             cpu_busy = self.rt.executor.cpu_busy_s - cpu_busy_before
             self.iteration_stats.record_iteration(plan, elapsed, len(order), cpu_busy)
             self._learn(plan, elapsed, cpu_busy, len(order))
+            self.corrections.tick()
             for seq, token in zip(order, tokens, strict=True):
                 self._advance(seq, token, outputs)
         return self._take_outbox()
@@ -136,6 +140,7 @@ class Engine:
     def close(self) -> None:
         """Releases the engine's threads and stops the other tensor-parallel ranks; call once no
         step will run again."""
+        self.corrections.save()
         self.rt.close()
 
     def _take_outbox(self) -> list[RequestOutput]:
@@ -181,9 +186,11 @@ class Engine:
             )
         if threads is not None:
             before = self.rt.cpu_threads
+            self.corrections.save()  # the old pool's, beside its profile
             self.rt.set_cpu_threads(threads)
             if self.rt.cpu_threads != before:
                 self.guard = OffloadGuard()  # its verdicts were on the old pool
+                self.corrections.restore()  # the new pool's, if it served before
         self.limits = Limits(
             max_batch_size=max_batch, max_tokens_in_batch=max_tokens, policy=policy
         )
@@ -286,6 +293,7 @@ class Engine:
             "pool_threads": profile.key.pool_threads,
             "measured_at": profile.meta.get("measured_at"),
             "cpu_measured_at": profile.meta.get("cpu_measured_at"),
+            "corrections_restored": self.corrections.restored,
         }
 
     # ---- internals -------------------------------------------------------------------------------

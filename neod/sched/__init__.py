@@ -4,7 +4,12 @@ Nothing here imports torch or touches a device, a socket or a clock; tests check
 """
 
 from neod.sched.advisor import predict_workload
-from neod.sched.calibration import CalibratedCostModel
+from neod.sched.calibration import (
+    CalibratedCostModel,
+    corrections_path,
+    load_corrections,
+    save_corrections,
+)
 from neod.sched.cost import BatchLoad, CostModel, ZeroCostModel, pipelined_s, sequential_s
 from neod.sched.plan import Plan, check_plan
 from neod.sched.predictor import TableCostModel
@@ -26,6 +31,9 @@ __all__ = [
     "BatchLoad",
     "CacheView",
     "CalibratedCostModel",
+    "corrections_path",
+    "load_corrections",
+    "save_corrections",
     "CostModel",
     "Limits",
     "Plan",

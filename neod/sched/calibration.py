@@ -16,19 +16,33 @@ slow-CPU H100 host, pipelined iterations ran 0.25-0.5 ms per layer over the boun
 sequential ones stayed within 7-19% of their prediction. This model
 learns that excess per layer from pipelined iterations, and lets it fade while none run, so that
 pipelining is tried again once the host may have recovered. Every other cost is the profile's.
+
+Both corrections are kept in a file next to the profile they correct, so that a restarted engine
+starts from what the last one measured rather than from the profile's moment; a profile measured
+again starts over.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
-from collections.abc import Sequence
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 from neod.sched.cost import CostModel
+from neod.sched.profile import Profile, write_json_atomic
+
+logger = logging.getLogger(__name__)
 
 SCALE_BOUNDS = (0.5, 2.0)  # how far measurements may move the profile: beyond, re-profile
 WEIGHT = 0.1  # weight of the newest iteration in the running (geometric) average
 HANDOFF_MAX_S = 1e-3  # per layer: beyond, pipelining is a loss on any model, and the guard's call
 HANDOFF_FADE = 5e-4  # share of the hand-off forgotten per iteration that does not pipeline
+CORRECTIONS_FORMAT = 1
 
 
 class CalibratedCostModel:
@@ -97,3 +111,80 @@ class CalibratedCostModel:
         excess = (measured_s - predicted_s) / num_layers
         self.handoff_s = min(HANDOFF_MAX_S, max(0.0, self.handoff_s + WEIGHT * excess))
         self.handoff_samples += 1
+
+    def state(self) -> dict[str, float | int]:
+        return {
+            "cpu_scale": self.cpu_scale,
+            "cpu_samples": self.cpu_samples,
+            "handoff_s": self.handoff_s,
+            "handoff_samples": self.handoff_samples,
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Take over stored corrections, within this model's bounds."""
+        scale, handoff = float(state["cpu_scale"]), float(state["handoff_s"])
+        samples = (max(0, int(state["cpu_samples"])), max(0, int(state["handoff_samples"])))
+        if not (math.isfinite(scale) and math.isfinite(handoff)):
+            raise ValueError("corrections must be finite numbers")
+        low, high = SCALE_BOUNDS
+        self.cpu_scale = min(high, max(low, scale))
+        self.handoff_s = min(HANDOFF_MAX_S, max(0.0, handoff))
+        self.cpu_samples, self.handoff_samples = samples
+
+
+def corrections_path(profile_file: str | os.PathLike[str]) -> Path:
+    """Beside the profile file (profile-<id>.json): profile-<id>.corrections.json."""
+    profile_file = Path(profile_file)
+    return profile_file.with_name(f"{profile_file.stem}.corrections.json")
+
+
+def _profile_stamp(profile: Profile) -> dict[str, Any]:
+    """Which measurement of the setup the corrections apply to: a profile measured again, even
+    for the same setup, starts over."""
+    return {
+        "fingerprint": profile.key.fingerprint(),
+        "measured_at": profile.meta.get("measured_at"),
+        "cpu_measured_at": profile.meta.get("cpu_measured_at"),
+    }
+
+
+def save_corrections(
+    model: CalibratedCostModel, profile: Profile, path: str | os.PathLike[str]
+) -> None:
+    write_json_atomic(
+        {
+            "format": CORRECTIONS_FORMAT,
+            "profile": _profile_stamp(profile),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **model.state(),
+        },
+        path,
+    )
+
+
+def load_corrections(
+    model: CalibratedCostModel, profile: Profile, path: str | os.PathLike[str]
+) -> bool:
+    """Restore the corrections stored for exactly this profile into `model`; False (and `model`
+    unchanged) if there are none, they are for another profile, or the file is unreadable."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError) as exc:
+        logger.warning("cost corrections %s unreadable (%s); starting from the profile", path, exc)
+        return False
+    if (
+        not isinstance(data, dict)
+        or data.get("format") != CORRECTIONS_FORMAT
+        or data.get("profile") != _profile_stamp(profile)
+    ):
+        logger.info("cost corrections %s are for another profile; starting from it", path)
+        return False
+    try:
+        model.restore(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        logger.warning("cost corrections %s malformed (%s); starting from the profile", path, exc)
+        return False
+    return True

@@ -231,11 +231,15 @@ def profile_path(directory: str | os.PathLike[str], key: ProfileKey) -> Path:
 
 
 def save_profile(profile: Profile, path: str | os.PathLike[str]) -> None:
-    """Write atomically: a reader sees the old file or the new one, never half of one."""
+    write_json_atomic(profile.to_json(), path)
+
+
+def write_json_atomic(data: Any, path: str | os.PathLike[str]) -> None:
+    """A reader sees the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(profile.to_json(), indent=1, sort_keys=True))
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
     os.replace(tmp, path)
 
 
