@@ -123,7 +123,7 @@ def test_predict_as_measured_applies_the_running_daemons_corrections(tmp_path, m
     engine = {"profile": {"id": "abc123"},
               "cpu_cost_scale": {"measured_over_profiled": 1.31, "samples": 420},
               "pipeline_handoff": {"per_layer_us": 43.0, "samples": 37}}
-    monkeypatch.setattr(Ctl, "call", lambda self, command, **args: {"engine": engine})
+    monkeypatch.setattr(Ctl, "call_if_running", lambda self, command, **args: {"engine": engine})
     args = ["--config", config, "predict", "--gpu-kv-gib", "0.5", "--as-measured"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -143,3 +143,47 @@ def test_predict_as_measured_applies_the_running_daemons_corrections(tmp_path, m
     assert "decides from profile other, not from this host's stored profile abc123" in (
         refused.output
     )
+
+
+def test_predict_as_measured_without_a_daemon_takes_the_corrections_kept_beside_the_profile(
+    tmp_path, monkeypatch
+):
+    from test_profile import make_profile
+
+    from neod.cli.common import Ctl
+    from neod.sched import CalibratedCostModel, corrections_path, save_corrections
+
+    config = write_config(tmp_path)
+    layout = KVLayout(2, 1, 64, 16, torch.bfloat16)
+    profile = make_profile()
+    profile_file = tmp_path / f"profile-{profile.key.short_id()}.json"
+    monkeypatch.setattr(profiling, "_stored_profile", lambda cfg: (profile, layout, profile_file))
+    asked = []
+    monkeypatch.setattr(Ctl, "call_if_running", lambda self, command: asked.append(command))
+    args = ["--config", config, "predict", "--gpu-kv-gib", "0.5", "--as-measured", "--json"]
+    missing = CliRunner().invoke(app, args)
+    assert missing.exit_code == 1 and asked == ["status"]
+    assert "neod is not running and no corrections of profile" in missing.output
+    kept = CalibratedCostModel(base=None, cpu_scale=0.8, handoff_s=120e-6)
+    kept.cpu_samples, kept.handoff_samples = 300, 90
+    save_corrections(kept, profile, corrections_path(profile_file))
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert orjson.loads(result.stdout)["measured_corrections"] == {
+        "source": "stored", "cpu_scale": 0.8, "cpu_samples": 300, "handoff_us": 120.0,
+        "handoff_samples": 90,
+    }  # fmt: skip
+    text = CliRunner().invoke(app, args[:-1]).output
+    assert text.startswith("as the last neod measured: CPU attention 0.80x the profile (300 ")
+
+
+@pytest.mark.parametrize("control", [None, "ipc://{tmp}/nobody.sock"])
+def test_call_if_running_is_none_where_no_neod_answers(tmp_path, monkeypatch, control):
+    """No control socket at all, or an endpoint nobody serves: None, not an exit."""
+    from neod.cli.common import Ctl
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    ctl = Ctl(config_path=write_config(tmp_path), intake=None, timeout_s=0.5,
+              control=None if control is None else control.format(tmp=tmp_path),
+              curve_server_key=None, curve_client_key=None)
+    assert ctl.call_if_running("status") is None

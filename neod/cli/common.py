@@ -41,10 +41,19 @@ class Ctl:
             fail(f"configuration error: {exc}", 2)
 
     def control_endpoint(self) -> str:
+        endpoint = self._existing_control_endpoint()
+        if endpoint is None:
+            candidates = control_endpoint_candidates(self.config(), os.environ)
+            fail(f"no control socket at {' or '.join(c[len('ipc://'):] for c in candidates)}: "
+                 f"{_NOT_RUNNING}")
+        return endpoint
+
+    def _existing_control_endpoint(self) -> str | None:
+        """The endpoint to reach neod at: given, over TCP, or the first control socket that
+        exists; None where there is none."""
         if self.control:
             return self.control
-        candidates = control_endpoint_candidates(self.config(), os.environ)
-        for endpoint in candidates:
+        for endpoint in control_endpoint_candidates(self.config(), os.environ):
             if not endpoint.startswith("ipc://"):
                 return endpoint
             path = endpoint[len("ipc://"):]
@@ -53,17 +62,19 @@ class Ctl:
                     fail(f"permission denied on the control socket {path}: run neoctl as the "
                          "daemon's user or root (e.g. `sudo -u neod neoctl ...`)")
                 return endpoint
-        fail(f"no control socket at {' or '.join(c[len('ipc://'):] for c in candidates)}: "
-             f"{_NOT_RUNNING}")
+        return None
 
     def control_client(self) -> ControlClient:
         try:
-            return ControlClient(self.control_endpoint(), timeout_s=self.timeout_s,
-                                 connect_timeout_s=min(self.timeout_s, 3.0),
-                                 curve_server_key_file=self.curve_server_key,
-                                 curve_client_key_file=self.curve_client_key)
+            return self._connect(self.control_endpoint())
         except DaemonUnavailable as exc:
             fail(f"{exc}; {_NOT_RUNNING}")
+
+    def _connect(self, endpoint: str) -> ControlClient:
+        return ControlClient(endpoint, timeout_s=self.timeout_s,
+                             connect_timeout_s=min(self.timeout_s, 3.0),
+                             curve_server_key_file=self.curve_server_key,
+                             curve_client_key_file=self.curve_client_key)
 
     def intake_client(self) -> Client:
         endpoint = self.intake or expand_endpoint(self.config().server.intake_endpoint, os.environ)
@@ -74,6 +85,19 @@ class Ctl:
                           curve_client_key_file=self.curve_client_key)
         except DaemonUnavailable as exc:
             fail(f"{exc}; {_NOT_RUNNING}")
+
+    def call_if_running(self, command: str, **args: Any) -> dict[str, Any] | None:
+        """As call, but None where no neod answers (no control socket, or nobody behind it)."""
+        endpoint = self._existing_control_endpoint()
+        if endpoint is None:
+            return None
+        try:
+            with self._connect(endpoint) as client:
+                return client.call(command, **args)
+        except DaemonUnavailable:
+            return None
+        except RequestError as exc:
+            fail(f"neod refused {command!r}: {exc.message} ({exc.code})")
 
     def call(self, command: str, **args: Any) -> dict[str, Any]:
         """One control command; a refusal or an absent daemon ends neoctl with a clear message."""

@@ -56,6 +56,29 @@ def _stored_profile(cfg: Any) -> tuple[Any, Any, Any]:
     return load_profile(path, key), layout, path
 
 
+def _measured_corrections(ctl: Ctl, profile: Any, profile_file: Any) -> dict[str, Any]:
+    """The running neod's corrections of this profile, else those the last neod kept beside it
+    (neod/engine/corrections.py)."""
+    status = ctl.call_if_running("status")
+    if status is not None:
+        return _live_corrections(status, profile.key.short_id())
+    from neod.sched import CalibratedCostModel, corrections_path, load_corrections
+
+    stored = CalibratedCostModel(base=None)  # only its corrections are read
+    path = corrections_path(profile_file)
+    if not load_corrections(stored, profile, path):
+        fail(f"neod is not running and no corrections of profile {profile.key.short_id()} are "
+             f"stored at {path}: start neod (it keeps them while serving), or leave out "
+             "--as-measured")
+    return {
+        "source": "stored",
+        "cpu_scale": stored.cpu_scale,
+        "cpu_samples": stored.cpu_samples,
+        "handoff_us": round(stored.handoff_s * 1e6, 1),
+        "handoff_samples": stored.handoff_samples,
+    }
+
+
 def _live_corrections(status: dict[str, Any], profile_id: str) -> dict[str, Any]:
     """The running neod's corrections of this profile, from its status; they apply only to the
     profile it decides from."""
@@ -67,6 +90,7 @@ def _live_corrections(status: dict[str, Any], profile_id: str) -> dict[str, Any]
     scale = engine.get("cpu_cost_scale") or {}
     handoff = engine.get("pipeline_handoff") or {}
     return {
+        "source": "running",
         "cpu_scale": scale.get("measured_over_profiled", 1.0),
         "cpu_samples": scale.get("samples", 0),
         "handoff_us": handoff.get("per_layer_us", 0.0),
@@ -80,7 +104,8 @@ def _render_prediction(p: dict[str, Any]) -> str:
     gain = "n/a" if p["gain"] is None else f"{p['gain']:.2f}x"
     c = p.get("measured_corrections")
     corrected = [] if c is None else [
-        f"as the running neod measured: CPU attention {c['cpu_scale']:.2f}x the profile "
+        f"as {'the running' if c['source'] == 'running' else 'the last'} neod measured: "
+        f"CPU attention {c['cpu_scale']:.2f}x the profile "
         f"({c['cpu_samples']} iterations), pipelined layers +{c['handoff_us']:g} us "
         f"({c['handoff_samples']} iterations)"
     ]
@@ -146,8 +171,9 @@ def register(app: typer.Typer) -> None:
         as_measured: bool = typer.Option(
             False,
             "--as-measured",
-            help="correct the profile as the running neod measures this host while serving (its "
-            "CPU attention scale and pipeline hand-off)",
+            help="correct the profile as neod measures this host while serving (its CPU "
+            "attention scale and pipeline hand-off): the running neod's, else those the last one "
+            "kept beside the profile",
         ),
         json_out: bool = typer.Option(False, "--json"),
     ) -> None:
@@ -178,7 +204,7 @@ def register(app: typer.Typer) -> None:
         cost = TableCostModel(profile)
         corrections = None
         if as_measured:
-            corrections = _live_corrections(ctx.obj.call("status"), profile.key.short_id())
+            corrections = _measured_corrections(ctx.obj, profile, path)
             cost = CalibratedCostModel(
                 cost, corrections["cpu_scale"], corrections["handoff_us"] * 1e-6
             )
