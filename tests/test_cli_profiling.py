@@ -109,7 +109,8 @@ def test_predict_as_measured_applies_the_running_daemons_corrections(tmp_path, m
     layout = KVLayout(2, 1, 64, 16, torch.bfloat16)
     profile = SimpleNamespace(key=SimpleNamespace(short_id=lambda: "abc123"))
     monkeypatch.setattr(profiling, "_stored_profile", lambda cfg: (profile, layout, None))
-    monkeypatch.setattr("neod.sched.TableCostModel", lambda p: "the profile's tables")
+    tables = SimpleNamespace(pipeline_handoff_s=lambda: 0.0)  # the profile's, as a cost model
+    monkeypatch.setattr("neod.sched.TableCostModel", lambda p: tables)
     seen = {}
 
     def predict_workload(cost, *args, **kwargs):
@@ -128,7 +129,7 @@ def test_predict_as_measured_applies_the_running_daemons_corrections(tmp_path, m
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     cost = seen["cost"]
-    assert isinstance(cost, CalibratedCostModel) and cost.base == "the profile's tables"
+    assert isinstance(cost, CalibratedCostModel) and cost.base is tables
     assert cost.cpu_scale == 1.31 and cost.handoff_s == pytest.approx(43e-6)
     assert result.output.startswith("as the running neod measured: CPU attention 1.31x the "
                                     "profile (420 iterations), pipelined layers +43 us (37 ")
@@ -136,7 +137,7 @@ def test_predict_as_measured_applies_the_running_daemons_corrections(tmp_path, m
     assert orjson.loads(as_json.stdout)["measured_corrections"]["handoff_samples"] == 37
     # Without the flag the daemon is not asked, and the profile stands alone.
     plain = CliRunner().invoke(app, args[:-1])
-    assert plain.exit_code == 0 and seen["cost"] == "the profile's tables"
+    assert plain.exit_code == 0 and seen["cost"] is tables
     engine["profile"] = {"id": "other"}
     refused = CliRunner().invoke(app, args)
     assert refused.exit_code == 1
@@ -151,7 +152,12 @@ def test_predict_as_measured_without_a_daemon_takes_the_corrections_kept_beside_
     from test_profile import make_profile
 
     from neod.cli.common import Ctl
-    from neod.sched import CalibratedCostModel, corrections_path, save_corrections
+    from neod.sched import (
+        CalibratedCostModel,
+        TableCostModel,
+        corrections_path,
+        save_corrections,
+    )
 
     config = write_config(tmp_path)
     layout = KVLayout(2, 1, 64, 16, torch.bfloat16)
@@ -164,7 +170,7 @@ def test_predict_as_measured_without_a_daemon_takes_the_corrections_kept_beside_
     missing = CliRunner().invoke(app, args)
     assert missing.exit_code == 1 and asked == ["status"]
     assert "neod is not running and no corrections of profile" in missing.output
-    kept = CalibratedCostModel(base=None, cpu_scale=0.8, handoff_s=120e-6)
+    kept = CalibratedCostModel(TableCostModel(profile), cpu_scale=0.8, handoff_s=120e-6)
     kept.cpu_samples, kept.handoff_samples = 300, 90
     save_corrections(kept, profile, corrections_path(profile_file))
     result = CliRunner().invoke(app, args)

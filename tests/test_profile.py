@@ -78,6 +78,23 @@ def test_round_trip_keeps_every_prediction(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # the temporary file is gone
 
 
+def test_the_pipeline_hand_off_round_trips_and_a_profile_from_before_it_has_none(tmp_path):
+    profile = dataclasses.replace(make_profile(), pipeline_handoff=83e-6)
+    path = tmp_path / "p.json"
+    save_profile(profile, path)
+    loaded = load_profile(path, profile.key)
+    assert loaded.pipeline_handoff == 83e-6
+    assert TableCostModel(loaded).pipeline_handoff_s() == 83e-6
+    data = json.loads(path.read_text())
+    del data["pipeline_handoff"]  # written before the hand-off was profiled: timed at next start
+    path.write_text(json.dumps(data))
+    older = load_profile(path, profile.key)
+    assert older.pipeline_handoff is None and TableCostModel(older).pipeline_handoff_s() == 0.0
+    data["pipeline_handoff"] = "slow"
+    path.write_text(json.dumps(data))
+    assert load_profile(path, profile.key) is None  # malformed: measured again
+
+
 def test_profile_without_host_pool_round_trips(tmp_path):
     profile = make_profile(with_cpu=False)
     save_profile(profile, tmp_path / "p.json")

@@ -148,6 +148,27 @@ def test_the_handoff_fades_while_nothing_pipelines_so_pipelining_is_tried_again(
     assert model.handoff_samples == 0
 
 
+class ProfiledHandoff(FlatCost):
+    def pipeline_handoff_s(self) -> float:
+        return 80e-6  # as the profiler timed one pipelined iteration at start
+
+
+def test_the_handoff_starts_from_the_profiles_and_returns_to_it():
+    """The profile's timed hand-off is where the model starts; measurements move it either way
+    (a host faster than at profiling time lowers it, never below 0), and while nothing
+    pipelines it drifts back to the profile's."""
+    model = CalibratedCostModel(ProfiledHandoff())
+    assert model.pipeline_handoff_s() == model.profiled_handoff_s == 80e-6
+    for _ in range(100):
+        predicted = 0.0136 + 32 * model.pipeline_handoff_s()
+        model.record_iteration(True, 0.0136 + 32 * 20e-6, predicted, 32)
+    assert model.handoff_s == pytest.approx(20e-6, rel=1e-3)
+    for _ in range(1400):
+        model.record_iteration(False, 0.02, 0.01, 32)
+    assert model.handoff_s == pytest.approx(80e-6 - 60e-6 * (1 - HANDOFF_FADE) ** 1400, rel=1e-3)
+    assert model.handoff_samples == 100
+
+
 def test_a_measured_handoff_turns_the_split_from_pipelined_to_sequential():
     base = FlatCost(lin=1.0, gpu_attn=0.5, cpu_per_seq=0.3, transfer_per_seq=0.0)
     model = CalibratedCostModel(base)

@@ -24,8 +24,7 @@ from neod.cache.pool import KVLayout, allocate_pool
 from neod.engine.batch import SubBatch, build_sub_batch
 from neod.engine.executor import Executor
 from neod.engine.graphs import DecodeGraphs
-from neod.engine.request import SamplingParams
-from neod.engine.sequence import Sequence
+from neod.engine.sequence import decoding_sequences
 from neod.model.llama import LlamaModel
 from neod.model.presets import get_preset
 
@@ -70,27 +69,6 @@ def measure_matmul_flops(
     b = torch.randn(hidden, inter, device=device, dtype=dtype)
     seconds = cuda_time(lambda: a @ b)
     return 2 * 8192 * hidden * inter / seconds
-
-
-def make_seqs(
-    num: int, length: int, block_size: int, first_block: int, vocab: int
-) -> list[Sequence]:
-    seqs = []
-    blocks_per_seq = -(-length // block_size)
-    for i in range(num):
-        s = Sequence(
-            i,
-            str(i),
-            [int(x) for x in torch.randint(0, vocab, (length,))],
-            SamplingParams(max_tokens=1),
-            length + 1,
-            None,
-        )
-        s.num_computed_tokens = length - 1  # decoding: the last token is this step's input
-        start = first_block + i * blocks_per_seq
-        s.block_ids = list(range(start, start + blocks_per_seq))
-        seqs.append(s)
-    return seqs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
             if b * -(-ctx // 16) > num_blocks:
                 report["decode"].append({"batch": b, "context": ctx, "fits": False})
                 continue
-            seqs = make_seqs(b, ctx, 16, 0, config.vocab_size)
+            seqs = decoding_sequences(b, ctx, 16, 0, config.vocab_size)
             sub = build_sub_batch([], [], seqs, [], 16, device)
             step = functools.partial(_decode_step, executor, sub)
             executor.graphs = None
@@ -165,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
             )
     for tokens in (int(t) for t in args.prefill_tokens.split(",")):
         prompt_len = min(tokens, 2048)
-        seqs = make_seqs(tokens // prompt_len, prompt_len, 16, 0, config.vocab_size)
+        seqs = decoding_sequences(tokens // prompt_len, prompt_len, 16, 0, config.vocab_size)
         for s in seqs:
             s.num_computed_tokens = 0
         sub = build_sub_batch(seqs, [], [], [], 16, device)

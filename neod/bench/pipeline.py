@@ -24,12 +24,11 @@ from typing import Any
 
 import torch
 
-from neod.bench.engine_step import make_seqs
 from neod.config import load_config
 from neod.cpu.threads import process_threads, thread_times
 from neod.engine.batch import build_sub_batch
 from neod.engine.runtime import EngineRuntime, build_runtime
-from neod.engine.sequence import Sequence
+from neod.engine.sequence import Sequence, decoding_sequences
 from neod.model.presets import get_preset
 from neod.sched.cost import BatchLoad, CostModel, pipelined_s, sequential_s
 from neod.sched.split import CpuCandidate, split_candidates
@@ -73,7 +72,7 @@ def _time_iterations(runtime: EngineRuntime, batches: list, repeats: int) -> dic
 
 def _seqs(runtime: EngineRuntime, num: int, ctx: int, first_block: int, pool: torch.Tensor):
     bs = runtime.layout.block_size
-    seqs: list[Sequence] = make_seqs(num, ctx, bs, first_block, runtime.vocab_size)
+    seqs: list[Sequence] = decoding_sequences(num, ctx, bs, first_block, runtime.vocab_size)
     used = num * -(-ctx // bs)
     pool[:, first_block : first_block + used].normal_(std=0.5)  # no denormals, no NaNs
     return seqs

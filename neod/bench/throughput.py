@@ -260,8 +260,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{_share(r['pool_wait_share']):>6}"
         )
     print("CPU x: the CPU attention's measured over profiled cost at the end of the policy's run; "
-          "hand-off: a pipelined layer's measured time over its bound; both are the scheduler's "
-          "running corrections, carried over from one policy to the next; wait: the CPU pool "
+          "hand-off: a pipelined layer's time over its bound, as profiled then measured; both "
+          "are the scheduler's running corrections, carried over from one policy to the next; "
+          "wait: the CPU pool "
           "workers' time waiting for their cores, of the time they wanted one")
     for policy, r in results.items():
         guard = r["offload_guard"]
@@ -302,7 +303,7 @@ def _share(share: float | None) -> str:
 
 
 def _handoff(handoff: dict[str, Any] | None) -> str:
-    return "-" if not handoff or not handoff["samples"] else f"{handoff['per_layer_us']:.0f}us"
+    return "-" if not handoff else f"{handoff['per_layer_us']:.0f}us"
 
 
 if __name__ == "__main__":

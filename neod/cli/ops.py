@@ -102,11 +102,13 @@ def _waits(waits: dict[str, Any] | None) -> str:
 
 
 def _handoff(handoff: dict[str, Any] | None) -> str:
-    """The scheduler's measured cost of a pipelined layer beyond its overlap bound."""
-    if not handoff or not handoff.get("samples"):
+    """The scheduler's cost of a pipelined layer beyond its overlap bound: as profiled, then as
+    measured while serving."""
+    if not handoff or not (handoff.get("samples") or handoff.get("profiled_us")):
         return ""
-    return (f", pipelined layers {handoff['per_layer_us']:g} us over their bound "
-            f"({handoff['samples']} iterations)")
+    source = (f"profiled {handoff.get('profiled_us', 0):g}, {handoff['samples']} iterations"
+              if handoff.get("samples") else "as profiled")
+    return f", pipelined layers {handoff['per_layer_us']:g} us over their bound ({source})"
 
 
 def _mode(engine: dict[str, Any]) -> str:

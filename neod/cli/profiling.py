@@ -62,9 +62,9 @@ def _measured_corrections(ctl: Ctl, profile: Any, profile_file: Any) -> dict[str
     status = ctl.call_if_running("status")
     if status is not None:
         return _live_corrections(status, profile.key.short_id())
-    from neod.sched import CalibratedCostModel, corrections_path, load_corrections
+    from neod.sched import CalibratedCostModel, TableCostModel, corrections_path, load_corrections
 
-    stored = CalibratedCostModel(base=None)  # only its corrections are read
+    stored = CalibratedCostModel(TableCostModel(profile))
     path = corrections_path(profile_file)
     if not load_corrections(stored, profile, path):
         fail(f"neod is not running and no corrections of profile {profile.key.short_id()} are "

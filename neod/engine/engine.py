@@ -255,7 +255,11 @@ class Engine:
         cost = getattr(self.rt.scheduler, "cost", None)
         if not isinstance(cost, CalibratedCostModel):
             return None
-        return {"per_layer_us": round(cost.handoff_s * 1e6, 1), "samples": cost.handoff_samples}
+        return {
+            "per_layer_us": round(cost.handoff_s * 1e6, 1),
+            "profiled_us": round(cost.profiled_handoff_s * 1e6, 1),
+            "samples": cost.handoff_samples,
+        }
 
     def _pool_computing_share(self) -> float | None:
         """Share of the pool's thread time, while it served iterations, that its workers computed

@@ -45,6 +45,8 @@ REPEATS = 5
 # serving does (a last-level cache of ~100 MB would otherwise serve small points from cache).
 CPU_BYTES_TIMED = 1 << 30
 TILE_PROBE_CONTEXT = 1024  # tokens per request in the batches that choose the CPU tile path
+HANDOFF_PROBE_DECODES = 4  # GPU and CPU decodes of the iteration that times the hand-off
+HANDOFF_PROBE_CONTEXT = 1024  # tokens per request in it
 
 
 def _ladder(top: int, start: int = 1) -> list[int]:
@@ -585,3 +587,76 @@ def load_or_profile(
             tile_path = "scores+values" if values else "scores"
         use_tile_path(tile_path)
     return (profile if leads else None), tile_path
+
+
+def store_pipeline_handoff(
+    cfg: Any, profile: Profile, executor: Any, layout: KVLayout, vocab_size: int, max_rows: int
+) -> Profile:
+    """`profile` with its pipeline hand-off timed, and stored: the engine's pipelined iteration,
+    run whole (after its CUDA graphs are captured, as it serves), against the bound the profile's
+    tables give it. Only at start: the probe writes K/V into both pools."""
+    from neod.config import profile_dir
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        handoff = _pipeline_handoff(profile, executor, layout, vocab_size, max_rows)
+    logger.info(
+        "pipelined layers run %.0f us over their bound on this host (timed in %.1f s)",
+        handoff * 1e6,
+        time.perf_counter() - start,
+    )
+    profile = replace(
+        profile,
+        pipeline_handoff=handoff,
+        meta={**profile.meta, "handoff_measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+    )
+    save_profile(profile, profile_path(profile_dir(cfg), profile.key))
+    return profile
+
+
+def _pipeline_handoff(
+    profile: Profile, executor: Any, layout: KVLayout, vocab_size: int, max_rows: int
+) -> float:
+    """Per layer, never below 0: how far a pipelined iteration runs over its predicted period.
+    The probe is where the split starts to offload: HANDOFF_PROBE_DECODES GPU decodes in
+    sub-batch 0, as many CPU decodes shared by the two sub-batches. The GPU sets its period (its
+    two weight passes), so what is over it is the hand-offs, not a CPU cost the profile
+    misjudged. 0 where the pools cannot hold the probe."""
+    from neod.engine.batch import build_sub_batch
+    from neod.engine.sequence import decoding_sequences
+    from neod.sched import TableCostModel
+    from neod.sched.cost import BatchLoad, pipelined_s
+
+    bs, layers = layout.block_size, layout.num_layers
+    n = min(HANDOFF_PROBE_DECODES, max_rows // 2)
+    blocks = min(executor.gpu_pool.shape[1], executor.cpu_pool.shape[1])
+    ctx = min(HANDOFF_PROBE_CONTEXT, blocks // max(n, 1) * bs)
+    if n < 2 or ctx < bs:
+        return 0.0
+    cost = TableCostModel(replace(profile, pipeline_handoff=0.0))
+    gpu_seqs = decoding_sequences(n, ctx, bs, 0, vocab_size)
+    cpu_seqs = decoding_sequences(n, ctx, bs, 0, vocab_size, first_id=n)
+    b0, b1 = cpu_seqs[: n // 2], cpu_seqs[n // 2 :]
+    base = BatchLoad().plus_gpu_decodes(n, n * ctx)
+    device = executor.gpu_pool.device
+    batches = [
+        build_sub_batch([], [], gpu_seqs, b0, bs, device),
+        build_sub_batch([], [], [], b1, bs, device),
+    ]
+    predicted = pipelined_s(
+        cost,
+        layers,
+        base.plus_cpu_decodes(len(b0), len(b0) * ctx),
+        BatchLoad().plus_cpu_decodes(len(b1), len(b1) * ctx),
+        0,
+    )
+    walls = []
+    counters = executor.cpu_busy_s, executor.cpu_worker_s, executor.cpu_capacity_s
+    for _ in range(2 + REPEATS):  # two to warm up
+        begin = time.perf_counter()
+        for logits in executor.run(batches):
+            logits.argmax(dim=-1).cpu()  # what sampling waits for
+        walls.append(time.perf_counter() - begin)
+    # The pool's statistics are the serving's.
+    executor.cpu_busy_s, executor.cpu_worker_s, executor.cpu_capacity_s = counters
+    return max(0.0, (statistics.median(walls[2:]) - predicted) / layers)

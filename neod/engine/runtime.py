@@ -265,7 +265,7 @@ def build_runtime(cfg: Any, refresh_profile: bool = False, group: Any = None) ->
     """refresh_profile measures this host again even when a stored profile matches. `group` is
     this process's neod.dist.group.RankGroup; without one and with parallel.tp_size > 1, this
     process becomes rank 0 and starts the others."""
-    from neod.engine.profiler import load_or_profile
+    from neod.engine.profiler import load_or_profile, store_pipeline_handoff
 
     if group is None and cfg.parallel.tp_size > 1:
         from neod.dist.launch import start_tensor_parallel
@@ -355,6 +355,11 @@ def build_runtime(cfg: Any, refresh_profile: bool = False, group: Any = None) ->
         if cpu_pool is not None:
             executor.stage_graphs = StageGraphs(model, max_rows)
             executor.stage_graphs.capture_all()
+    # Once per profile, with the graphs the engine serves with; not under tensor parallelism,
+    # where rank 0 alone cannot run an iteration.
+    unmeasured = profile is not None and profile.pipeline_handoff is None
+    if cpu_pool is not None and unmeasured and world_size == 1:
+        profile = store_pipeline_handoff(cfg, profile, executor, layout, mc.vocab_size, max_rows)
     return EngineRuntime(
         cfg=cfg,
         device=device,

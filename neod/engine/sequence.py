@@ -67,3 +67,22 @@ class Sequence:
             residence=self.residence,
             last_progress_step=self.last_progress_step,
         )
+
+
+def decoding_sequences(
+    num: int, length: int, block_size: int, first_block: int, vocab: int, first_id: int = 0
+) -> list[Sequence]:
+    """`num` sequences of `length` random tokens in the middle of decoding (the last token is the
+    next step's input), each on its own run of blocks from `first_block` on: the iterations the
+    profiler and the benchmarks time."""
+    seqs = []
+    blocks_per_seq = -(-length // block_size)
+    for i in range(num):
+        tokens = [int(x) for x in torch.randint(0, vocab, (length,))]
+        s = Sequence(first_id + i, str(first_id + i), tokens, SamplingParams(max_tokens=1),
+                     length + 1, None)  # fmt: skip
+        s.num_computed_tokens = length - 1
+        start = first_block + i * blocks_per_seq
+        s.block_ids = list(range(start, start + blocks_per_seq))
+        seqs.append(s)
+    return seqs

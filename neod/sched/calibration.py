@@ -10,12 +10,13 @@ the profiled CPU attention by a running average of measured over predicted, so t
 follows the CPU as it is.
 
 The pipelined period is a bound: each sub-batch's round trip between the devices, its projections
-and its CPU attention, perfectly overlapped with the other's. What the hand-offs cost on a busy
-host beyond the copies and flag polls the profile times alone, the profile never sees: on a
-slow-CPU H100 host, pipelined iterations ran 0.25-0.5 ms per layer over the bound while
-sequential ones stayed within 7-19% of their prediction. This model
-learns that excess per layer from pipelined iterations, and lets it fade while none run, so that
-pipelining is tried again once the host may have recovered. Every other cost is the profile's.
+and its CPU attention, perfectly overlapped with the other's. What the hand-offs cost beyond the
+copies and flag polls the profile times alone (on a slow-CPU H100 host, pipelined iterations ran
+0.25-0.5 ms per layer over the bound while sequential ones stayed within 7-19% of their
+prediction), the profile times once, as a whole pipelined iteration, at start. This model moves
+that per-layer excess with what pipelined iterations measure, and lets it return to the profile's
+value while none run, so that pipelining is tried again once the host may have recovered. Every
+other cost is the profile's.
 
 Both corrections are kept in a file next to the profile they correct, so that a restarted engine
 starts from what the last one measured rather than from the profile's moment; a profile measured
@@ -41,16 +42,20 @@ logger = logging.getLogger(__name__)
 SCALE_BOUNDS = (0.5, 2.0)  # how far measurements may move the profile: beyond, re-profile
 WEIGHT = 0.1  # weight of the newest iteration in the running (geometric) average
 HANDOFF_MAX_S = 1e-3  # per layer: beyond, pipelining is a loss on any model, and the guard's call
-HANDOFF_FADE = 5e-4  # share of the hand-off forgotten per iteration that does not pipeline
+HANDOFF_FADE = 5e-4  # share of the learned hand-off forgotten per iteration that does not pipeline
 CORRECTIONS_FORMAT = 1
 
 
 class CalibratedCostModel:
-    def __init__(self, base: CostModel, cpu_scale: float = 1.0, handoff_s: float = 0.0) -> None:
+    def __init__(
+        self, base: CostModel, cpu_scale: float = 1.0, handoff_s: float | None = None
+    ) -> None:
         self.base = base
         self.cpu_scale = cpu_scale  # measured / profiled CPU attention time, running average
         self.cpu_samples = 0
-        self.handoff_s = handoff_s  # a pipelined layer's measured excess over its bound, average
+        # A pipelined layer's excess over its bound: the profile's, then a running average.
+        self.profiled_handoff_s = base.pipeline_handoff_s()
+        self.handoff_s = self.profiled_handoff_s if handoff_s is None else handoff_s
         self.handoff_samples = 0
 
     def linear_s(self, num_tokens: int) -> float:
@@ -75,7 +80,7 @@ class CalibratedCostModel:
         return self.base.iteration_overhead_s(num_seqs)
 
     def pipeline_handoff_s(self) -> float:
-        return self.base.pipeline_handoff_s() + self.handoff_s
+        return self.handoff_s
 
     def record_cpu(
         self, measured_s: float, predicted_s: float, predicted_iter_s: float = 0.0
@@ -102,9 +107,9 @@ class CalibratedCostModel:
     ) -> None:
         """One pure decode iteration (prefills and swaps have costs of their own): its wall time
         against the plan's prediction, which already carries the current hand-off. An iteration
-        that did not pipeline only lets the hand-off fade."""
+        that did not pipeline only lets the hand-off return toward the profile's."""
         if not pipelined:
-            self.handoff_s *= 1.0 - HANDOFF_FADE
+            self.handoff_s += HANDOFF_FADE * (self.profiled_handoff_s - self.handoff_s)
             return
         if measured_s <= 0.0 or predicted_s <= 0.0 or num_layers <= 0:
             return

@@ -53,4 +53,4 @@ class TableCostModel:
         return self._overhead(num_seqs)
 
     def pipeline_handoff_s(self) -> float:
-        return 0.0  # the profile times stages, not their hand-offs (neod.sched.calibration)
+        return self.profile.pipeline_handoff or 0.0

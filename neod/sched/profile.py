@@ -190,6 +190,9 @@ class Profile:
         None  # per layer, vs (sequences, context tokens); None: no host pool
     )
     cpu_tile_path: str | None = None  # the AMX products cpu_decode_attn ran with (amx_in_use)
+    # Per pipelined layer: a whole pipelined iteration's time over the overlap bound the tables
+    # give (neod.sched.cost); None until timed, which needs the engine's captured graphs.
+    pipeline_handoff: float | None = None
     meta: Mapping[str, Any] = field(
         default_factory=dict
     )  # for operators: when, how long, which tool
@@ -205,6 +208,7 @@ class Profile:
             "key": self.key.to_json(),
             "tables": tables,
             "cpu_tile_path": self.cpu_tile_path,
+            "pipeline_handoff": self.pipeline_handoff,
             "meta": dict(self.meta),
         }
 
@@ -212,11 +216,13 @@ class Profile:
     def from_json(cls, data: Mapping[str, Any]) -> Profile:
         tables = data["tables"]
         cpu = tables.get("cpu_decode_attn")
+        handoff = data.get("pipeline_handoff")
         return cls(
             key=ProfileKey.from_json(data["key"]),
             gpu_decode_attn=Table2D.from_json(tables["gpu_decode_attn"]),
             cpu_decode_attn=None if cpu is None else Table2D.from_json(cpu),
             cpu_tile_path=data.get("cpu_tile_path"),
+            pipeline_handoff=None if handoff is None else float(handoff),
             meta=dict(data.get("meta", {})),
             **{name: Table1D.from_json(tables[name]) for name in _TABLES_1D},
         )
