@@ -47,6 +47,7 @@ CPU_BYTES_TIMED = 1 << 30
 TILE_PROBE_CONTEXT = 1024  # tokens per request in the batches that choose the CPU tile path
 HANDOFF_PROBE_DECODES = 4  # GPU and CPU decodes of the iteration that times the hand-off
 HANDOFF_PROBE_CONTEXT = 1024  # tokens per request in it
+HANDOFF_PROBE_REPEATS = 11  # iterations timed (after two to warm up): the GPU hosts are noisy
 
 
 def _ladder(top: int, start: int = 1) -> list[int]:
@@ -652,7 +653,7 @@ def _pipeline_handoff(
     )
     walls = []
     counters = executor.cpu_busy_s, executor.cpu_worker_s, executor.cpu_capacity_s
-    for _ in range(2 + REPEATS):  # two to warm up
+    for _ in range(2 + HANDOFF_PROBE_REPEATS):
         begin = time.perf_counter()
         for logits in executor.run(batches):
             logits.argmax(dim=-1).cpu()  # what sampling waits for
