@@ -25,7 +25,6 @@ again starts over.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from neod.sched.cost import CostModel
-from neod.sched.profile import Profile, write_json_atomic
+from neod.sched.profile import Profile, read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -172,13 +171,8 @@ def load_corrections(
 ) -> bool:
     """Restore the corrections stored for exactly this profile into `model`; False (and `model`
     unchanged) if there are none, they are for another profile, or the file is unreadable."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return False
-    except (OSError, ValueError) as exc:
-        logger.warning("cost corrections %s unreadable (%s); starting from the profile", path, exc)
+    data = read_json(path, "cost corrections", "starting from the profile")
+    if data is None:
         return False
     if (
         not isinstance(data, dict)

@@ -249,15 +249,22 @@ def write_json_atomic(data: Any, path: str | os.PathLike[str]) -> None:
     os.replace(tmp, path)
 
 
-def load_profile(path: str | os.PathLike[str], key: ProfileKey) -> Profile | None:
-    """The stored profile if measured for exactly `key`; None if absent, stale or unreadable."""
-    path = Path(path)
+def read_json(path: str | os.PathLike[str], what: str, otherwise: str) -> Any:
+    """The parsed file; None if there is none, or (logged: `what` at `path` is unreadable;
+    `otherwise`) if it cannot be read or parsed."""
     try:
-        data = json.loads(path.read_text())
+        return json.loads(Path(path).read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        logger.warning("profile %s unreadable (%s); it will be measured again", path, exc)
+        logger.warning("%s %s unreadable (%s); %s", what, path, exc, otherwise)
+        return None
+
+
+def load_profile(path: str | os.PathLike[str], key: ProfileKey) -> Profile | None:
+    """The stored profile if measured for exactly `key`; None if absent, stale or unreadable."""
+    data = read_json(path, "profile", "it will be measured again")
+    if data is None:
         return None
     if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
         logger.info("profile %s has another format; it will be measured again", path)
