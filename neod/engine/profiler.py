@@ -36,6 +36,7 @@ from neod.sched import (
     profile_path,
     save_profile,
 )
+from neod.sched.calibration import HANDOFF_MAX_S
 
 logger = logging.getLogger(__name__)
 
@@ -618,11 +619,11 @@ def store_pipeline_handoff(
 def _pipeline_handoff(
     profile: Profile, executor: Any, layout: KVLayout, vocab_size: int, max_rows: int
 ) -> float:
-    """Per layer, never below 0: how far a pipelined iteration runs over its predicted period.
-    The probe is where the split starts to offload: HANDOFF_PROBE_DECODES GPU decodes in
-    sub-batch 0, as many CPU decodes shared by the two sub-batches. The GPU sets its period (its
-    two weight passes), so what is over it is the hand-offs, not a CPU cost the profile
-    misjudged. 0 where the pools cannot hold the probe."""
+    """The hand-off latency per round trip (neod.sched.cost) that makes the predicted period of
+    a pipelined iteration the measured one, within 0 and HANDOFF_MAX_S. The probe is where the
+    split starts to offload: HANDOFF_PROBE_DECODES GPU decodes in sub-batch 0, as many CPU decodes
+    shared by the two sub-batches, so the round trips, not the CPU's own work, set its period.
+    0 where the pools cannot hold the probe."""
     from neod.engine.batch import build_sub_batch
     from neod.engine.sequence import decoding_sequences
     from neod.sched import TableCostModel
@@ -634,30 +635,36 @@ def _pipeline_handoff(
     ctx = min(HANDOFF_PROBE_CONTEXT, blocks // max(n, 1) * bs)
     if n < 2 or ctx < bs:
         return 0.0
-    cost = TableCostModel(replace(profile, pipeline_handoff=0.0))
     gpu_seqs = decoding_sequences(n, ctx, bs, 0, vocab_size)
     cpu_seqs = decoding_sequences(n, ctx, bs, 0, vocab_size, first_id=n)
     b0, b1 = cpu_seqs[: n // 2], cpu_seqs[n // 2 :]
-    base = BatchLoad().plus_gpu_decodes(n, n * ctx)
     device = executor.gpu_pool.device
     batches = [
         build_sub_batch([], [], gpu_seqs, b0, bs, device),
         build_sub_batch([], [], [], b1, bs, device),
     ]
-    predicted = pipelined_s(
-        cost,
-        layers,
-        base.plus_cpu_decodes(len(b0), len(b0) * ctx),
-        BatchLoad().plus_cpu_decodes(len(b1), len(b1) * ctx),
-        0,
-    )
     walls = []
     counters = executor.cpu_busy_s, executor.cpu_worker_s, executor.cpu_capacity_s
-    for _ in range(2 + HANDOFF_PROBE_REPEATS):
+    for _ in range(2 + HANDOFF_PROBE_REPEATS):  # two to warm up
         begin = time.perf_counter()
         for logits in executor.run(batches):
             logits.argmax(dim=-1).cpu()  # what sampling waits for
         walls.append(time.perf_counter() - begin)
     # The pool's statistics are the serving's.
     executor.cpu_busy_s, executor.cpu_worker_s, executor.cpu_capacity_s = counters
-    return max(0.0, (statistics.median(walls[2:]) - predicted) / layers)
+    measured = statistics.median(walls[2:])
+    load0 = BatchLoad().plus_gpu_decodes(n, n * ctx).plus_cpu_decodes(len(b0), len(b0) * ctx)
+    load1 = BatchLoad().plus_cpu_decodes(len(b1), len(b1) * ctx)
+
+    def predicted(handoff: float) -> float:
+        cost = TableCostModel(replace(profile, pipeline_handoff=handoff))
+        return pipelined_s(cost, layers, load0, load1, 0)
+
+    # The period never falls as the hand-off grows: bisection.
+    low, high = 0.0, HANDOFF_MAX_S
+    if predicted(low) >= measured or predicted(high) <= measured:
+        return low if predicted(low) >= measured else high
+    for _ in range(40):
+        mid = (low + high) / 2
+        low, high = (mid, high) if predicted(mid) < measured else (low, mid)
+    return high

@@ -7,14 +7,16 @@ them):
 
   sequential  layer = max(lin(b) + max(gpu_attn(b), cpu(b)),  copy)
   pipelined   layer = max(lin(b0) + lin(b1) + gpu_attn(b0),  cpu(b0) + cpu(b1),
-                          lin(b0) + cpu(b0),  lin(b1) + cpu(b1),  copy)  +  handoff
+                          lin(b0) + cpu(b0) + handoff,  lin(b1) + cpu(b1) + handoff,  copy)
   iteration   = num_layers * layer + overhead(all sequences)
 
 with cpu(b) = cpu_attn(b) + transfer(b) when b has CPU decodes (their QKV must reach the host and
 the output come back before the post-projection), and copy = the PCIe time of this layer's transfers
-and block swaps, which share the copy engines and so bound the layer from below; handoff is what a
-pipelined layer costs beyond that perfect overlap, as measured while serving
-(neod.sched.calibration).
+and block swaps, which share the copy engines and so bound the layer from below; handoff is the
+latency of a sub-batch's round trip between the devices beyond its copies and its CPU work
+(flags, wake-ups, the engine thread issuing the other sub-batch), on the round trips of
+sub-batches with CPU decodes only: where the CPU's own work or the GPU's sets the period, the
+round trips' latency hides behind it (neod.sched.calibration).
 """
 
 from __future__ import annotations
@@ -150,9 +152,11 @@ def pipelined_layer_s(
 ) -> float:
     """Steady-state period of the two-sub-batch pipeline (docs/scheduler.md): the slowest of the
     GPU's own work, the CPU's own work, and each sub-batch's round trip between the devices
-    (projections, then the CPU attention that the next layer's projections wait for), plus what
-    the hand-offs cost beyond that bound."""
-    return max(lin0 + lin1 + gpu_attn0, cpu0 + cpu1, lin0 + cpu0, lin1 + cpu1, copy) + handoff
+    (projections, then the CPU attention that the next layer's projections wait for, and the
+    hand-off latency where it has CPU work)."""
+    trip0 = lin0 + cpu0 + (handoff if cpu0 > 0.0 else 0.0)
+    trip1 = lin1 + cpu1 + (handoff if cpu1 > 0.0 else 0.0)
+    return max(lin0 + lin1 + gpu_attn0, cpu0 + cpu1, trip0, trip1, copy)
 
 
 def sequential_s(cost: CostModel, num_layers: int, b: BatchLoad, swap_blocks: int) -> float:
