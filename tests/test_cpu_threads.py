@@ -3,6 +3,7 @@ that shows how long pool workers waited for theirs."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -88,6 +89,7 @@ def test_other_threads_leave_the_pool_cores_and_come_back(monkeypatch):
 
 
 def test_a_pool_that_leaves_too_few_cpus_confines_nothing(caplog):
+    caplog.set_level(logging.INFO, logger="neod.cpu.threads")
     process_cpus = set(CPUS)
     before = os.sched_getaffinity(0)
     assert keep_off_pool(CPUS[:-1], [], process_cpus) is None  # one CPU left: below the minimum

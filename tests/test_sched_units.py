@@ -105,15 +105,16 @@ def test_pipelined_formula():
 def test_the_hand_off_lengthens_the_round_trips_with_cpu_work_only():
     """Its latency sits on a sub-batch's way to the CPU and back: where the GPU's or the CPU's
     own work sets the period, it hides behind it."""
-    # GPU 3.0 bound; round trips 1.0 + 0.5 and 1.0 + 0.8 (b0 has CPU work too).
-    args = dict(lin0=1.0, lin1=1.0, gpu_attn0=1.0, cpu0=0.5, cpu1=0.8, copy=0.1)
-    assert pipelined_layer_s(**args, handoff=0.0) == 3.0
-    assert pipelined_layer_s(**args, handoff=1.0) == 3.0  # hidden behind the GPU's 3.0
-    assert pipelined_layer_s(**args, handoff=1.5) == pytest.approx(3.3)  # b1's trip: 1.8 + 1.5
+    # lin0, lin1, gpu_attn0, cpu0, cpu1, copy: GPU 3.0 bound; round trips 1.0 + 0.5 and 1.0 + 0.8
+    # (b0 has CPU work too).
+    gpu_bound = (1.0, 1.0, 1.0, 0.5, 0.8, 0.1)
+    assert pipelined_layer_s(*gpu_bound, handoff=0.0) == 3.0
+    assert pipelined_layer_s(*gpu_bound, handoff=1.0) == 3.0  # hidden behind the GPU's 3.0
+    assert pipelined_layer_s(*gpu_bound, handoff=1.5) == pytest.approx(3.3)  # b1's: 1.8 + 1.5
     # The CPU's own work (1.5 + 1.5) sets the period; round trips 0.5 + 1.5 + hand-off.
-    cpu_bound = dict(lin0=0.5, lin1=0.5, gpu_attn0=0.5, cpu0=1.5, cpu1=1.5, copy=0.1)
-    assert pipelined_layer_s(**cpu_bound, handoff=0.9) == 3.0
-    assert pipelined_layer_s(**cpu_bound, handoff=1.2) == pytest.approx(3.2)
+    cpu_bound = (0.5, 0.5, 0.5, 1.5, 1.5, 0.1)
+    assert pipelined_layer_s(*cpu_bound, handoff=0.9) == 3.0
+    assert pipelined_layer_s(*cpu_bound, handoff=1.2) == pytest.approx(3.2)
 
 
 def test_rate_comparison_handles_free_plans():

@@ -84,7 +84,7 @@ def keep_off_pool(
     the engine may not starve)."""
     others = set(process_cpus) - set(pool_cpus)
     if len(others) < MIN_OTHER_CPUS:
-        logger.warning(
+        logger.info(
             "the CPU attention pool leaves %d of this process's %d CPUs to the engine and its "
             "other threads, which may then preempt pool workers (fewer cpu.threads avoids it)",
             len(others),
