@@ -157,7 +157,8 @@ class EngineRuntime:
                     ) from exc
                 raise
         finally:
-            self.isolate_pool()
+            if self.other_cpus is None:  # the pool in force, kept apart again (if so configured)
+                self.isolate_pool()
         self.scheduler.cost = cost_model_of(self.profile)
 
     def _use_cpu_cores(self, cores: list[int]) -> None:
