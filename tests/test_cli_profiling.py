@@ -45,6 +45,7 @@ def test_predict_needs_a_profile_then_uses_it(tmp_path):
     assert measured.exit_code == 0, measured.output
     profile = orjson.loads(measured.stdout[measured.stdout.index("{") :])
     assert profile["tables"]["cpu_decode_attn"] is not None
+    assert profile["pipeline_handoff"] >= 0  # timed once the runtime stood, stored with it
     assert list(tmp_path.joinpath("profiles").glob("profile-*.json"))
 
     predicted = runner.invoke(

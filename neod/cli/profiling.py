@@ -149,9 +149,11 @@ def register(app: typer.Typer) -> None:
         if json_out:
             echo_json(stored.to_json())
             return
+        handoff = stored.pipeline_handoff
         typer.echo(
             f"profile of {runtime.model_name} on {runtime.device} stored at {path} "
             f"(measured in {stored.meta.get('duration_s', '?')} s)"
+            + ("" if handoff is None else f"; pipelined round trips +{handoff * 1e6:.0f} us")
         )
 
     @app.command()
