@@ -105,5 +105,5 @@ def _set_affinity(tids: Iterable[int], cpus: set[int]) -> None:
     for tid in tids:
         try:
             os.sched_setaffinity(tid, cpus)
-        except (ProcessLookupError, PermissionError):
-            continue  # exited meanwhile, or not ours to move
+        except OSError:
+            continue  # exited meanwhile, not ours to move, or CPUs its cgroup no longer allows
