@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cpu-threads", type=int, default=0)
     parser.add_argument(
         "--isolation",
-        default="on,off",
+        default="on",
         help="measure with this process's other threads kept off the pool's cores (on), free to "
         "run anywhere (off), or both in turn (on,off)",
     )
