@@ -109,3 +109,25 @@ def test_batched_prefill_is_priced_as_one_prompt_of_equal_work():
     # Sixteen 64-token prompts do the causal work of one 256-token prompt (not 16 launches).
     assert model.prefill_attn_s([64] * 16) == pytest.approx(model.prefill_attn_s([256]))
     assert model.prefill_attn_s([3000, 3000]) > model.prefill_attn_s([3000])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    seqs=st.integers(min_value=0, max_value=300),
+    ctx=st.integers(min_value=0, max_value=1 << 20),
+    tokens=st.integers(min_value=0, max_value=9000),
+)
+def test_remembered_lookups_are_the_tables_values(seqs, ctx, tokens):
+    """The cost model remembers its lookups (a pass repeats them): asked twice, or first, it
+    answers exactly what the profile's tables say."""
+    profile = make_profile()
+    model = TableCostModel(profile)
+    for _ in range(2):
+        assert model.linear_s(tokens) == profile.linear(tokens)
+        assert model.transfer_s(seqs) == profile.transfer(seqs)
+        assert model.swap_s(tokens) == profile.swap(tokens)
+        assert model.iteration_overhead_s(seqs) == profile.iteration_overhead(seqs)
+        assert model.gpu_decode_attn_s(seqs, ctx) == profile.gpu_decode_attn(seqs, ctx)
+        assert model.cpu_decode_attn_s(seqs, ctx) == profile.cpu_decode_attn(seqs, ctx)
+        batched = math.sqrt(tokens * tokens + 7 * 7)  # two prompts as one doing their work
+        assert model.prefill_attn_s([tokens, 7]) == profile.prefill_attn(batched)

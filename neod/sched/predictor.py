@@ -7,22 +7,32 @@ charge every prompt the kernel's fixed cost again.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from neod.sched.profile import Profile
+
+# Lookups remembered per table: a scheduling pass weighs each candidate split with the same few
+# batch sizes and context sums, and the engine thread pays for every lookup before it issues work.
+LOOKUPS_KEPT = 4096
+
+
+def _remembered(table: Callable[..., float]) -> Callable[..., float]:
+    return functools.lru_cache(maxsize=LOOKUPS_KEPT)(table)
 
 
 class TableCostModel:
     def __init__(self, profile: Profile) -> None:
         self.profile = profile
-        self._linear = profile.linear
-        self._prefill = profile.prefill_attn
-        self._gpu_decode = profile.gpu_decode_attn
-        self._cpu_decode = profile.cpu_decode_attn
-        self._transfer = profile.transfer
-        self._swap = profile.swap
-        self._overhead = profile.iteration_overhead
+        self._linear = _remembered(profile.linear)
+        self._prefill = _remembered(profile.prefill_attn)
+        self._gpu_decode = _remembered(profile.gpu_decode_attn)
+        cpu = profile.cpu_decode_attn
+        self._cpu_decode = None if cpu is None else _remembered(cpu)
+        self._transfer = _remembered(profile.transfer)
+        self._swap = _remembered(profile.swap)
+        self._overhead = _remembered(profile.iteration_overhead)
 
     def linear_s(self, num_tokens: int) -> float:
         return self._linear(num_tokens)
