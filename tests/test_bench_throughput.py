@@ -45,3 +45,27 @@ def test_policies_are_measured_and_set_against_the_advisor(tmp_path, capsys):
     assert "advisor (steady state): gpu-only" in out and "measured in the steady window" in out
     assert (f"advisor, CPU cost x{corrected['cpu_scale']:.2f} and hand-off "
             f"{corrected['handoff_us']:g} us as the run measured them: ") in out
+
+
+def test_the_advisor_line_prices_pipelining_with_the_profiles_hand_off(monkeypatch):
+    """Alone, the advisor decides from the profile as stored, its timed hand-off included; with
+    the run's corrections, from those."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import torch
+    from test_profile import make_profile
+
+    from neod.cache.pool import KVLayout
+
+    seen = []
+    monkeypatch.setattr(throughput, "predict_workload", lambda cost, *a, **k: seen.append(cost))
+    runtime = SimpleNamespace(
+        profile=replace(make_profile(), pipeline_handoff=85e-6),
+        layout=KVLayout(2, 1, 64, 16, torch.bfloat16), num_gpu_blocks=8, num_cpu_blocks=64,
+    )  # fmt: skip
+    cfg = SimpleNamespace(scheduler=SimpleNamespace(max_batch_size=8, max_tokens_in_batch=512))
+    throughput.advisor_prediction(runtime, cfg, 1000, 200)
+    throughput.advisor_prediction(runtime, cfg, 1000, 200, cpu_scale=1.3, handoff_s=20e-6)
+    assert seen[0].pipeline_handoff_s() == 85e-6 and seen[0].cpu_scale == 1.0
+    assert seen[1].pipeline_handoff_s() == 20e-6 and seen[1].cpu_scale == 1.3

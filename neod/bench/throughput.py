@@ -128,11 +128,11 @@ def advisor_prediction(
     input_len: int,
     output_len: int,
     cpu_scale: float = 1.0,
-    handoff_s: float = 0.0,
+    handoff_s: float | None = None,
 ) -> dict[str, Any] | None:
     """What `neoctl predict` says of this workload on this run's pools and profile (None where
     this process keeps no profile); with `cpu_scale` and `handoff_s`, its CPU attention cost and
-    pipelined layers corrected as the engine measured them."""
+    round trips corrected as the engine measured them (None: the profile's hand-off)."""
     if runtime.profile is None:
         return None
     layout = runtime.layout
