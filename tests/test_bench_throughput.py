@@ -22,10 +22,8 @@ def test_policies_are_measured_and_set_against_the_advisor(tmp_path, capsys):
     # GPU-only measured no CPU work; NEO's offloaded iterations corrected the CPU cost.
     assert gpu_only["cpu_cost_scale"]["samples"] == 0
     assert neo["cpu_cost_scale"]["samples"] > 0
-    # NEO's run woke the pool's worker, whose time the kernel accounted; GPU-only's gives it no
-    # work (no share, or one from its last spins after the profile).
+    # NEO's run woke the pool's worker, whose time the kernel accounted.
     assert neo["pool_wait_share"] is not None and 0 <= neo["pool_wait_share"] < 1
-    assert gpu_only["pool_wait_share"] is None or 0 <= gpu_only["pool_wait_share"] < 1
     # GPU-only holds ~5 of the 12 requests: finished ones are replaced from the queue for a while
     # (the steady window); NEO's host pool may take them all at once and have none.
     assert gpu_only["steady_tokens_per_s"] > 0

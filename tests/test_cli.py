@@ -185,13 +185,13 @@ def test_status_names_the_cpu_cost_correction_once_measured() -> None:
     [line] = [ln for ln in render_status(status).splitlines() if ln.startswith("CPU pool")]
     assert line.endswith(", its attention 0.76x the profiled cost over 420 iterations")
     engine["pipeline_handoff"] = {"per_layer_us": 0.0, "profiled_us": 0.0, "samples": 0}
-    assert "over their bound" not in render_status(status)
+    assert "round trips" not in render_status(status)
     engine["pipeline_handoff"] = {"per_layer_us": 80.0, "profiled_us": 80.0, "samples": 0}
     [line] = [ln for ln in render_status(status).splitlines() if ln.startswith("CPU pool")]
-    assert line.endswith("420 iterations, pipelined layers 80 us over their bound (as profiled)")
+    assert line.endswith("420 iterations, pipelined round trips +80 us (as profiled)")
     engine["pipeline_handoff"] = {"per_layer_us": 212.5, "profiled_us": 80.0, "samples": 37}
     [line] = [ln for ln in render_status(status).splitlines() if ln.startswith("CPU pool")]
     assert line.endswith(
-        "420 iterations, pipelined layers 212.5 us over their bound (profiled 80, 37 iterations)"
+        "420 iterations, pipelined round trips +212.5 us (profiled 80, 37 iterations)"
     )
     assert not any(ln.startswith("pipeline_handoff") for ln in render_status(status).splitlines())

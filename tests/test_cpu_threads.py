@@ -55,8 +55,7 @@ def test_thread_times_count_this_threads_cpu_time():
     spent = thread_times([me]) - before
     assert 0.03 < spent.run_s < 1.0
     assert spent.wait_s >= 0 and spent.preempted >= 0
-    assert thread_times([me, 2**30]).run_s >= before.run_s  # a thread that is gone counts zero
-    assert thread_times([2**30]) == ThreadTimes()
+    assert thread_times([2**30]) == ThreadTimes()  # a thread that is gone (or never was) counts 0
 
 
 def test_wait_share_is_the_waited_part_of_the_wanted_time():

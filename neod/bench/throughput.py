@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{_share(r['pool_wait_share']):>6}"
         )
     print("CPU x: the CPU attention's measured over profiled cost at the end of the policy's run; "
-          "hand-off: a pipelined layer's time over its bound, as profiled then measured; both "
+          "hand-off: a pipelined round trip's time beyond its copies and CPU work, as profiled "
+          "then measured; both "
           "are the scheduler's running corrections, carried over from one policy to the next; "
           "wait: the CPU pool "
           "workers' time waiting for their cores, of the time they wanted one")

@@ -13,8 +13,9 @@ The pipelined period is a bound: each sub-batch's round trip between the devices
 and its CPU attention, perfectly overlapped with the other's. What the hand-offs cost beyond the
 copies and flag polls the profile times alone (on a slow-CPU H100 host, pipelined iterations ran
 0.25-0.5 ms per layer over the bound while sequential ones stayed within 7-19% of their
-prediction), the profile times once, as a whole pipelined iteration, at start. This model moves
-that per-layer excess with what pipelined iterations measure, and lets it return to the profile's
+prediction), the profile times once, as a whole pipelined iteration, at start: the hand-off, a
+latency on each round trip with CPU work (neod.sched.cost). This model moves it with what
+pipelined iterations measure over their prediction, and lets it return to the profile's
 value while none run, so that pipelining is tried again once the host may have recovered. Every
 other cost is the profile's.
 
@@ -52,7 +53,8 @@ class CalibratedCostModel:
         self.base = base
         self.cpu_scale = cpu_scale  # measured / profiled CPU attention time, running average
         self.cpu_samples = 0
-        # A pipelined layer's excess over its bound: the profile's, then a running average.
+        # A pipelined round trip's latency beyond its copies and CPU work (neod.sched.cost): the
+        # profile's, then a running average.
         self.profiled_handoff_s = base.pipeline_handoff_s()
         self.handoff_s = self.profiled_handoff_s if handoff_s is None else handoff_s
         self.handoff_samples = 0
