@@ -22,6 +22,10 @@ def test_policies_are_measured_and_set_against_the_advisor(tmp_path, capsys):
     # GPU-only measured no CPU work; NEO's offloaded iterations corrected the CPU cost.
     assert gpu_only["cpu_cost_scale"]["samples"] == 0
     assert neo["cpu_cost_scale"]["samples"] > 0
+    # ... and binned its CPU programs by their CPU decodes, none for GPU-only.
+    assert gpu_only["cpu_fit"] == []
+    assert sum(b["iterations"] for b in neo["cpu_fit"]) > 0
+    assert all(b["median_ratio"] > 0 for b in neo["cpu_fit"])
     # NEO's run woke the pool's worker, whose time the kernel accounted.
     assert neo["pool_wait_share"] is not None and 0 <= neo["pool_wait_share"] < 1
     # GPU-only holds ~5 of the 12 requests: finished ones are replaced from the queue for a while
@@ -40,6 +44,8 @@ def test_policies_are_measured_and_set_against_the_advisor(tmp_path, capsys):
     assert corrected["handoff_us"] == neo["pipeline_handoff"]["per_layer_us"]
     assert corrected["gpu_only"] == advice["gpu_only"]  # the GPU side is the profile's alone
     out = capsys.readouterr().out
+    assert "neo: CPU program measured over predicted, by CPU decodes: " in out
+    assert "gpu-only: CPU program" not in out
     assert "advisor (steady state): gpu-only" in out and "measured in the steady window" in out
     assert (f"advisor, CPU cost x{corrected['cpu_scale']:.2f} and hand-off "
             f"{corrected['handoff_us']:g} us as the run measured them: ") in out

@@ -115,6 +115,7 @@ def run_workload(engine: Engine, workload: list[tuple[list[int], int]]) -> dict[
         "mean_cpu_decodes": iterations["mean_cpu_decodes"],
         "median_iter_ms": iterations["median_iter_ms"],
         "median_prediction_error": iterations["median_prediction_error"],
+        "cpu_fit": iterations["cpu_fit"],
         "offload_guard": engine.stats()["offload_guard"],
         "cpu_cost_scale": engine.stats()["cpu_cost_scale"],
         "pipeline_handoff": engine.stats()["pipeline_handoff"],
@@ -265,6 +266,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           "are the scheduler's running corrections, carried over from one policy to the next; "
           "wait: the CPU pool "
           "workers' time waiting for their cores, of the time they wanted one")
+    for policy, r in results.items():
+        if r["cpu_fit"]:
+            print(f"{policy}: CPU program measured over predicted, by CPU decodes: " + ", ".join(
+                f"{b['decodes']}: {b['median_ratio']:.2f} ({b['iterations']} it.)"
+                for b in r["cpu_fit"]))
     for policy, r in results.items():
         guard = r["offload_guard"]
         if policy == "auto" and guard["stops"]:

@@ -8,6 +8,9 @@ from typing import Any
 from neod.sched import Plan
 
 WINDOW = 512  # iterations kept for the percentiles and the prediction error
+# Upper bounds of the CPU batch-size bins for the CPU program's measured over predicted time: one
+# running correction serves every size, so a misfit shows as bins on either side of 1.
+CPU_BINS = (1, 3, 7, 15, 31)
 
 
 class EngineStats:
@@ -19,6 +22,8 @@ class EngineStats:
         self.num_cpu_decodes = 0
         self.cpu_busy_s = 0.0
         self._recent: deque[tuple[float, float, bool, int]] = deque(maxlen=WINDOW)
+        # (CPU decodes, measured s, predicted s) of recent iterations whose CPU program decoded
+        self._cpu_recent: deque[tuple[int, float, float]] = deque(maxlen=WINDOW)
 
     def record_iteration(
         self, plan: Plan, elapsed_s: float, num_seqs: int, cpu_busy_s: float
@@ -28,24 +33,46 @@ class EngineStats:
         self.num_iterations += 1
         self.num_pipelined += plan.pipelined
         self.num_tokens += num_seqs
-        self.num_cpu_decodes += len(plan.decode_cpu_b0) + len(plan.decode_cpu_b1)
+        num_cpu = len(plan.decode_cpu_b0) + len(plan.decode_cpu_b1)
+        self.num_cpu_decodes += num_cpu
         self._recent.append((elapsed_s, plan.predicted_iter_s, plan.pipelined, num_seqs))
+        if num_cpu and not plan.prefill_cpu and cpu_busy_s > 0 and plan.predicted_cpu_s > 0:
+            self._cpu_recent.append((num_cpu, cpu_busy_s, plan.predicted_cpu_s))
 
     def snapshot(self) -> dict[str, Any]:
         recent = list(self._recent)
         measured = sorted(r[0] for r in recent)
         errors = sorted(abs(r[1] - r[0]) / r[0] for r in recent if r[0] > 0 and r[1] > 0)
 
-        def median(values: list[float]) -> float | None:
-            return values[len(values) // 2] if values else None
-
         return {
             "total": self.num_iterations,
             "pipelined": self.num_pipelined,
             "tokens": self.num_tokens,
             "last_mode": ("pipelined" if recent[-1][2] else "sequential") if recent else None,
-            "median_iter_ms": None if not measured else median(measured) * 1e3,
-            "median_prediction_error": median(errors),
+            "median_iter_ms": None if not measured else _median(measured) * 1e3,
+            "median_prediction_error": _median(errors),
             "mean_cpu_decodes": self.num_cpu_decodes / max(1, self.num_iterations),
             "cpu_busy_share": self.cpu_busy_s / self.busy_s if self.busy_s else None,
+            "cpu_fit": self._cpu_fit(),
         }
+
+    def _cpu_fit(self) -> list[dict[str, Any]]:
+        """Per bin of CPU batch sizes: iterations and the median of measured over predicted CPU
+        program time, the prediction carrying the correction of its moment."""
+        bins: dict[int, list[float]] = {}
+        for num_cpu, measured, predicted in self._cpu_recent:
+            top = next((b for b in CPU_BINS if num_cpu <= b), 0)  # 0: above the last bin
+            bins.setdefault(top, []).append(measured / predicted)
+        fit = []
+        for low, top in zip((1, *(b + 1 for b in CPU_BINS)), (*CPU_BINS, 0), strict=True):
+            ratios = sorted(bins.get(top, ()))
+            if ratios:
+                label = f"{low}+" if not top else str(top) if top == low else f"{low}-{top}"
+                fit.append({"decodes": label, "iterations": len(ratios),
+                            "median_ratio": _median(ratios)})
+        return fit
+
+
+def _median(values: list[float]) -> float | None:
+    """Of sorted values."""
+    return values[len(values) // 2] if values else None

@@ -1,0 +1,33 @@
+"""The engine's rolling statistics: the CPU program's fit, binned by CPU batch size."""
+
+from __future__ import annotations
+
+from neod.engine.stats import EngineStats
+from neod.sched import Plan
+
+
+def _iteration(stats: EngineStats, num_cpu: int, measured_s: float, prefill_cpu: bool = False):
+    plan = Plan(decode_cpu_b0=list(range(num_cpu)), predicted_cpu_s=1e-3, predicted_iter_s=2e-3)
+    if prefill_cpu:
+        plan.prefill_cpu = [99]
+    stats.record_iteration(plan, 2e-3, num_cpu + 1, measured_s)
+
+
+def test_cpu_fit_bins_by_cpu_decodes_and_takes_each_bins_median():
+    stats = EngineStats()
+    for num_cpu, measured in [(1, 2.2e-3), (1, 1.8e-3), (1, 2.0e-3), (2, 1.5e-3), (3, 1.3e-3),
+                              (9, 1.0e-3), (40, 0.9e-3), (33, 0.7e-3)]:
+        _iteration(stats, num_cpu, measured)
+    fit = {b["decodes"]: (b["iterations"], round(b["median_ratio"], 6))
+           for b in stats.snapshot()["cpu_fit"]}
+    assert fit == {"1": (3, 2.0), "2-3": (2, 1.5), "8-15": (1, 1.0), "32+": (2, 0.9)}
+
+
+def test_cpu_fit_leaves_out_iterations_without_a_comparable_cpu_program():
+    stats = EngineStats()
+    _iteration(stats, 0, 0.0)  # nothing on the CPU
+    _iteration(stats, 4, 3e-3, prefill_cpu=True)  # prompts' KV stores: not in the prediction
+    _iteration(stats, 4, 0.0)  # no CPU time measured
+    assert stats.snapshot()["cpu_fit"] == []
+    _iteration(stats, 4, 3e-3)
+    assert stats.snapshot()["cpu_fit"] == [{"decodes": "4-7", "iterations": 1, "median_ratio": 3.0}]
