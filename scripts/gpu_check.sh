@@ -46,7 +46,7 @@ while [ $# -gt 0 ]; do
                 --out "$out/kvmem.json" 2>&1 | tee "$out/kvmem.txt" ;;
         pipeline)  # one iteration of G GPU and K CPU decodes, each mode, measured and predicted
             python3 -m neod.bench.pipeline --preset llama-3.1-8b --gpu-decodes 4 \
-                --cpu-decodes 0,4,8,16 --context 1100 --repeats 5 2>&1 \
+                --cpu-decodes 0,1,2,4,8,16 --context 1100 --repeats 5 2>&1 \
                 | tee "$out/pipeline.log" | grep -v " INFO " | tee "$out/pipeline.txt" ;;
         throughput)
             python3 -m neod.bench.throughput "$@" 2>&1 | tee -a "$out/throughput.log" \
