@@ -195,3 +195,20 @@ def test_status_names_the_cpu_cost_correction_once_measured() -> None:
         "420 iterations, pipelined round trips +212.5 us (profiled 80, 37 iterations)"
     )
     assert not any(ln.startswith("pipeline_handoff") for ln in render_status(status).splitlines())
+
+
+def test_status_shows_the_cpu_fit_by_batch_size_on_a_line_of_its_own() -> None:
+    from neod.cli.ops import render_status
+
+    engine = {"model": "tiny", "iterations": {"total": 9, "cpu_fit": []}}
+    status = {"server": {"state": "serving"}, "engine": engine}
+    assert "CPU fit" not in render_status(status)
+    engine["iterations"]["cpu_fit"] = [
+        {"decodes": "1", "iterations": 12, "median_ratio": 2.004},
+        {"decodes": "8-15", "iterations": 40, "median_ratio": 0.97},
+    ]
+    lines = render_status(status).splitlines()
+    [fit] = [ln for ln in lines if ln.startswith("CPU fit")]
+    assert fit.endswith("by CPU decodes: 1: 2.00x (12), 8-15: 0.97x (40)")
+    [iterations] = [ln for ln in lines if ln.startswith("iterations")]
+    assert "total=9" in iterations and "cpu_fit" not in iterations

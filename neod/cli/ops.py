@@ -76,10 +76,15 @@ def render_status(result: dict[str, Any]) -> str:
         f"queue ms  {_pct(srv.get('queue_ms', {}))}",
         "counts    " + ("  ".join(f"{k}={v}" for k, v in srv.get("counts", {}).items()) or "-"),
     ]
+    fit = (eng.get("iterations") or {}).get("cpu_fit")
+    if fit:
+        lines.append("CPU fit   measured over predicted CPU time, by CPU decodes: " + ", ".join(
+            f"{b['decodes']}: {b['median_ratio']:.2f}x ({b['iterations']})" for b in fit))
     for key in sorted(set(eng) - _SHOWN_ENGINE_KEYS - {"error", "state"}):
         value = eng[key]
         if isinstance(value, dict):
-            value = "  ".join(f"{k}={v}" for k, v in value.items() if v is not None) or "-"
+            value = "  ".join(f"{k}={v}" for k, v in value.items()
+                              if v is not None and k != "cpu_fit") or "-"
         lines.append(f"{key:<9} {value}")
     return "\n".join(lines)
 
