@@ -41,13 +41,15 @@ def test_policies_are_measured_and_set_against_the_advisor(tmp_path, capsys):
     # The same advice with the CPU cost corrected as the run measured it (neo's final scale).
     corrected = report["advisor_as_measured"]
     assert corrected["cpu_scale"] == neo["cpu_cost_scale"]["measured_over_profiled"]
+    assert corrected["cpu_fixed_us"] == neo["cpu_cost_scale"]["fixed_us"]
     assert corrected["handoff_us"] == neo["pipeline_handoff"]["per_layer_us"]
     assert corrected["gpu_only"] == advice["gpu_only"]  # the GPU side is the profile's alone
     out = capsys.readouterr().out
     assert "neo: CPU program measured over predicted, by CPU decodes: " in out
     assert "gpu-only: CPU program" not in out
     assert "advisor (steady state): gpu-only" in out and "measured in the steady window" in out
-    assert (f"advisor, CPU cost x{corrected['cpu_scale']:.2f} and hand-off "
+    assert (f"advisor, CPU cost x{corrected['cpu_scale']:.2f} + {corrected['cpu_fixed_us']:g} us "
+            f"and hand-off "
             f"{corrected['handoff_us']:g} us as the run measured them: ") in out
 
 
@@ -70,6 +72,10 @@ def test_the_advisor_line_prices_pipelining_with_the_profiles_hand_off(monkeypat
     )  # fmt: skip
     cfg = SimpleNamespace(scheduler=SimpleNamespace(max_batch_size=8, max_tokens_in_batch=512))
     throughput.advisor_prediction(runtime, cfg, 1000, 200)
-    throughput.advisor_prediction(runtime, cfg, 1000, 200, cpu_scale=1.3, handoff_s=20e-6)
+    throughput.advisor_prediction(
+        runtime, cfg, 1000, 200, cpu_scale=1.3, handoff_s=20e-6, cpu_fixed_s=15e-6
+    )
     assert seen[0].pipeline_handoff_s() == 85e-6 and seen[0].cpu_scale == 1.0
+    assert seen[0].cpu_fixed_s == 0.0
     assert seen[1].pipeline_handoff_s() == 20e-6 and seen[1].cpu_scale == 1.3
+    assert seen[1].cpu_fixed_s == 15e-6

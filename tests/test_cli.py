@@ -181,9 +181,15 @@ def test_status_names_the_cpu_cost_correction_once_measured() -> None:
               "cpu_cost_scale": {"measured_over_profiled": 1.0, "samples": 0}}
     status = {"server": {"state": "serving"}, "engine": engine}
     assert "profiled cost" not in render_status(status)
-    engine["cpu_cost_scale"] = {"measured_over_profiled": 0.7612, "samples": 420}
+    engine["cpu_cost_scale"] = {"measured_over_profiled": 0.7612, "fixed_us": 0.0, "samples": 420}
     [line] = [ln for ln in render_status(status).splitlines() if ln.startswith("CPU pool")]
     assert line.endswith(", its attention 0.76x the profiled cost over 420 iterations")
+    engine["cpu_cost_scale"]["fixed_us"] = 31.5
+    [line] = [ln for ln in render_status(status).splitlines() if ln.startswith("CPU pool")]
+    assert line.endswith(
+        ", its attention 0.76x the profiled cost + 31.5 us per sub-batch layer over 420 iterations"
+    )
+    engine["cpu_cost_scale"]["fixed_us"] = 0.0
     engine["pipeline_handoff"] = {"per_layer_us": 0.0, "profiled_us": 0.0, "samples": 0}
     assert "round trips" not in render_status(status)
     engine["pipeline_handoff"] = {"per_layer_us": 80.0, "profiled_us": 80.0, "samples": 0}

@@ -123,7 +123,8 @@ def test_predict_as_measured_applies_the_running_daemons_corrections(tmp_path, m
 
     monkeypatch.setattr("neod.sched.predict_workload", predict_workload)
     engine = {"profile": {"id": "abc123"},
-              "cpu_cost_scale": {"measured_over_profiled": 1.31, "samples": 420},
+              "cpu_cost_scale": {"measured_over_profiled": 1.31, "fixed_us": 25.0,
+                                 "samples": 420},
               "pipeline_handoff": {"per_layer_us": 43.0, "samples": 37}}
     monkeypatch.setattr(Ctl, "call_if_running", lambda self, command, **args: {"engine": engine})
     args = ["--config", config, "predict", "--gpu-kv-gib", "0.5", "--as-measured"]
@@ -132,8 +133,11 @@ def test_predict_as_measured_applies_the_running_daemons_corrections(tmp_path, m
     cost = seen["cost"]
     assert isinstance(cost, CalibratedCostModel) and cost.base is tables
     assert cost.cpu_scale == 1.31 and cost.handoff_s == pytest.approx(43e-6)
-    assert result.output.startswith("as the running neod measured: CPU attention 1.31x the "
-                                    "profile (420 iterations), pipelined layers +43 us (37 ")
+    assert cost.cpu_fixed_s == pytest.approx(25e-6)
+    assert result.output.startswith(
+        "as the running neod measured: CPU attention 1.31x the profile + 25 us per sub-batch "
+        "layer (420 iterations), pipelined round trips +43 us (37 "
+    )
     as_json = CliRunner().invoke(app, [*args, "--json"])
     assert orjson.loads(as_json.stdout)["measured_corrections"]["handoff_samples"] == 37
     # Without the flag the daemon is not asked, and the profile stands alone.
@@ -171,17 +175,20 @@ def test_predict_as_measured_without_a_daemon_takes_the_corrections_kept_beside_
     missing = CliRunner().invoke(app, args)
     assert missing.exit_code == 1 and asked == ["status"]
     assert "neod is not running and no corrections of profile" in missing.output
-    kept = CalibratedCostModel(TableCostModel(profile), cpu_scale=0.8, handoff_s=120e-6)
+    kept = CalibratedCostModel(
+        TableCostModel(profile), cpu_scale=0.8, handoff_s=120e-6, cpu_fixed_s=12e-6
+    )
     kept.cpu_samples, kept.handoff_samples = 300, 90
     save_corrections(kept, profile, corrections_path(profile_file))
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert orjson.loads(result.stdout)["measured_corrections"] == {
-        "source": "stored", "cpu_scale": 0.8, "cpu_samples": 300, "handoff_us": 120.0,
-        "handoff_samples": 90,
+        "source": "stored", "cpu_scale": 0.8, "cpu_fixed_us": 12.0, "cpu_samples": 300,
+        "handoff_us": 120.0, "handoff_samples": 90,
     }  # fmt: skip
     text = CliRunner().invoke(app, args[:-1]).output
-    assert text.startswith("as the last neod measured: CPU attention 0.80x the profile (300 ")
+    assert text.startswith("as the last neod measured: CPU attention 0.80x the profile + 12 us "
+                           "per sub-batch layer (300 ")
 
 
 @pytest.mark.parametrize("control", [None, "ipc://{tmp}/nobody.sock"])

@@ -214,7 +214,7 @@ def test_neo_mode_greedy_equals_gpu_only(tmp_path, policy):
             assert engine.stats()["offload_guard"]["gpu_only_measured_over_predicted"] is None
         if mode == "gpu-only":
             assert share is None  # nothing ran on the pool
-            assert scale == {"measured_over_profiled": 1.0, "samples": 0}
+            assert scale == {"measured_over_profiled": 1.0, "fixed_us": 0.0, "samples": 0}
             # The hand-off is the profile's, as timed at start (none learned).
             assert handoff["samples"] == 0
             assert handoff["per_layer_us"] == handoff["profiled_us"] == round(

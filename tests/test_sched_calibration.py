@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 from test_profile import make_profile
@@ -21,12 +20,12 @@ from neod.sched import (
     profile_path,
     save_corrections,
 )
-from neod.sched.calibration import HANDOFF_FADE, HANDOFF_MAX_S, SCALE_BOUNDS
+from neod.sched.calibration import CPU_FIXED_MAX_S, HANDOFF_FADE, HANDOFF_MAX_S, SCALE_BOUNDS
 
 
 def test_every_cost_but_the_cpu_attention_is_the_profiles():
     base = FlatCost(cpu_per_seq=0.3)
-    model = CalibratedCostModel(base)
+    model = CalibratedCostModel(base, cpu_fixed_s=0.05)
     model.cpu_scale = 2.0
     assert model.linear_s(8) == base.linear_s(8)
     assert model.prefill_attn_s([10, 20]) == base.prefill_attn_s([10, 20])
@@ -35,52 +34,74 @@ def test_every_cost_but_the_cpu_attention_is_the_profiles():
     assert model.swap_s(5) == base.swap_s(5)
     assert model.iteration_overhead_s(4) == base.iteration_overhead_s(4)
     assert model.pipeline_handoff_s() == base.pipeline_handoff_s() == 0.0
-    assert model.cpu_decode_attn_s(3, 300) == pytest.approx(2.0 * base.cpu_decode_attn_s(3, 300))
+    assert model.cpu_decode_attn_s(3, 300) == pytest.approx(2.0 * 0.9 + 0.05)
+    assert model.cpu_decode_attn_s(0, 0) == 0.0  # no run, no fixed cost
+
+
+def _iteration(model, truth_scale, truth_fixed, sizes, layers=4):
+    """One CPU program over `layers` layers of sub-batches of `sizes` decodes, measured as the
+    truth says a run costs."""
+    batches = [(n, 100 * n) for n in sizes]
+    runs = [truth_scale * model.base.cpu_decode_attn_s(n, t) + truth_fixed for n, t in batches]
+    model.record_cpu(layers * sum(runs), batches, layers)
 
 
 @pytest.mark.parametrize("truth", [0.7, 1.0, 1.4])
 def test_the_scale_converges_to_measured_over_profiled(truth):
-    base = FlatCost(cpu_per_seq=0.3)
-    model = CalibratedCostModel(base)
-    for _ in range(100):
-        predicted = model.cpu_decode_attn_s(4, 400)
-        model.record_cpu(truth * base.cpu_decode_attn_s(4, 400), predicted)
+    model = CalibratedCostModel(FlatCost(cpu_per_seq=0.3))
+    for _ in range(200):
+        _iteration(model, truth, 0.0, [4])
     assert model.cpu_scale == pytest.approx(truth, rel=1e-3)
-    assert model.cpu_samples == 100
+    assert model.cpu_fixed_s == 0.0  # one batch size cannot tell a fixed cost from the scale
+    assert model.cpu_samples == 200
+
+
+@pytest.mark.parametrize("truth_scale,truth_fixed", [(1.0, 20e-6), (0.8, 50e-6), (1.3, 0.0)])
+def test_batches_of_several_sizes_tell_the_fixed_cost_from_the_scale(truth_scale, truth_fixed):
+    """A run's fixed cost (each layer's CPU work paced by the GPU) weighs on a lone decode as
+    much as the profile's whole time; one scale cannot fit both it and a full batch."""
+    model = CalibratedCostModel(FlatCost(cpu_per_seq=30e-6))
+    sizes = [[1], [2, 1], [8], [16, 8], [1, 1], [4]]
+    for i in range(400):
+        _iteration(model, truth_scale, truth_fixed, sizes[i % len(sizes)])
+    assert model.cpu_scale == pytest.approx(truth_scale, rel=1e-2)
+    assert model.cpu_fixed_s == pytest.approx(truth_fixed, rel=1e-2, abs=1e-7)
+    # The fitted model predicts every size as measured: a lone decode and a batch of 16.
+    for n in (1, 16):
+        assert model.cpu_decode_attn_s(n, 100 * n) == pytest.approx(
+            truth_scale * 30e-6 * n + truth_fixed, rel=1e-2
+        )
+
+
+def test_the_fixed_cost_stays_within_its_bound_and_never_negative():
+    low = CalibratedCostModel(FlatCost(cpu_per_seq=1e-4))
+    for i in range(400):  # a fixed saving per run: none is fitted, the scale takes it
+        _iteration(low, 1.0, -2e-5, [[1], [8], [4, 2]][i % 3])
+    assert low.cpu_fixed_s == 0.0
+    high = CalibratedCostModel(FlatCost(cpu_per_seq=1e-4))
+    for i in range(400):
+        _iteration(high, 1.0, 5e-3, [[1], [8], [4, 2]][i % 3])
+    assert high.cpu_fixed_s == CPU_FIXED_MAX_S
 
 
 def test_one_outlier_moves_the_scale_a_little_and_never_past_the_bounds():
-    model = CalibratedCostModel(FlatCost())
-    model.record_cpu(10.0, 1.0)  # one iteration 10x slow: a hiccup, not the new normal
-    assert model.cpu_scale == pytest.approx(math.exp(0.1 * math.log(10.0)))
+    model = CalibratedCostModel(FlatCost(cpu_per_seq=0.3))
+    _iteration(model, 10.0, 0.0, [4])  # one iteration 10x slow: counted as 2x, a window of 20
+    assert model.cpu_scale == pytest.approx((19 + 2) / 20)
     for _ in range(200):
-        model.record_cpu(10.0, 1.0)
+        _iteration(model, 10.0, 0.0, [4])
     assert model.cpu_scale == SCALE_BOUNDS[1]
     for _ in range(400):
-        model.record_cpu(0.01, 1.0)
+        _iteration(model, 0.01, 0.0, [4])
     assert model.cpu_scale == SCALE_BOUNDS[0]
-
-
-def test_a_sample_weighs_by_the_cpus_share_of_its_iteration():
-    """A lone decode, a tenth of its iteration, 2x slow: a tenth of the step of an iteration that
-    the CPU fills."""
-    small, full = CalibratedCostModel(FlatCost()), CalibratedCostModel(FlatCost())
-    small.record_cpu(2.0, 1.0, predicted_iter_s=10.0)
-    full.record_cpu(2.0, 1.0, predicted_iter_s=1.0)
-    assert math.log(full.cpu_scale) == pytest.approx(0.1 * math.log(2.0))
-    assert math.log(small.cpu_scale) == pytest.approx(0.1 * math.log(full.cpu_scale))
-    # A CPU program longer than its predicted iteration counts as a full share, no more.
-    over = CalibratedCostModel(FlatCost())
-    over.record_cpu(2.0, 1.0, predicted_iter_s=0.5)
-    assert over.cpu_scale == full.cpu_scale
-    assert small.cpu_samples == full.cpu_samples == 1
 
 
 def test_iterations_without_cpu_work_leave_it_alone():
     model = CalibratedCostModel(FlatCost())
-    model.record_cpu(0.0, 1.0)
-    model.record_cpu(1.0, 0.0)
-    assert model.cpu_scale == 1.0 and model.cpu_samples == 0
+    model.record_cpu(0.0, [(1, 100)], 4)
+    model.record_cpu(1.0, [], 4)
+    model.record_cpu(1.0, [(0, 0)], 4)  # nothing profiled to scale
+    assert (model.cpu_scale, model.cpu_fixed_s, model.cpu_samples) == (1.0, 0.0, 0)
 
 
 def plan_with(model):
@@ -182,8 +203,10 @@ def test_a_measured_handoff_turns_the_split_from_pipelined_to_sequential():
     assert slow.decode_cpu_b0  # the CPU still decodes, in the sequential mode
 
 
-def _measured(cpu_scale: float = 1.3, handoff_s: float = 2e-4) -> CalibratedCostModel:
-    model = CalibratedCostModel(FlatCost(), cpu_scale, handoff_s)
+def _measured(
+    cpu_scale: float = 1.3, handoff_s: float = 2e-4, cpu_fixed_s: float = 3e-5
+) -> CalibratedCostModel:
+    model = CalibratedCostModel(FlatCost(), cpu_scale, handoff_s, cpu_fixed_s)
     model.cpu_samples, model.handoff_samples = 40, 25
     return model
 
@@ -209,6 +232,7 @@ def test_corrections_come_back_for_the_same_profile_only(tmp_path):
     "edit",
     [
         lambda d: d.update(cpu_scale=float("nan")),
+        lambda d: d.update(cpu_fixed_s=float("inf")),
         lambda d: d.pop("handoff_s"),
         lambda d: d.update(cpu_samples="many"),
         lambda d: d.update(format=0),
@@ -231,7 +255,20 @@ def test_a_damaged_corrections_file_leaves_the_model_as_profiled(tmp_path, edit)
 def test_restored_corrections_stay_within_the_bounds(tmp_path):
     profile = make_profile()
     path = tmp_path / "c.json"
-    save_corrections(_measured(cpu_scale=9.0, handoff_s=1.0), profile, path)
+    save_corrections(_measured(cpu_scale=9.0, handoff_s=1.0, cpu_fixed_s=1.0), profile, path)
     model = CalibratedCostModel(FlatCost())
     assert load_corrections(model, profile, path)
     assert (model.cpu_scale, model.handoff_s) == (SCALE_BOUNDS[1], HANDOFF_MAX_S)
+    assert model.cpu_fixed_s == CPU_FIXED_MAX_S
+
+
+def test_corrections_stored_before_the_fixed_cpu_cost_restore_with_none(tmp_path):
+    profile = make_profile()
+    path = tmp_path / "c.json"
+    save_corrections(_measured(cpu_scale=1.2), profile, path)
+    data = json.loads(path.read_text())
+    del data["cpu_fixed_s"]
+    path.write_text(json.dumps(data))
+    model = CalibratedCostModel(FlatCost(), cpu_fixed_s=1e-5)
+    assert load_corrections(model, profile, path)
+    assert (model.cpu_scale, model.cpu_fixed_s) == (1.2, 0.0)

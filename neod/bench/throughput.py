@@ -130,15 +130,17 @@ def advisor_prediction(
     output_len: int,
     cpu_scale: float = 1.0,
     handoff_s: float | None = None,
+    cpu_fixed_s: float = 0.0,
 ) -> dict[str, Any] | None:
     """What `neoctl predict` says of this workload on this run's pools and profile (None where
-    this process keeps no profile); with `cpu_scale` and `handoff_s`, its CPU attention cost and
-    round trips corrected as the engine measured them (None: the profile's hand-off)."""
+    this process keeps no profile); with `cpu_scale`, `cpu_fixed_s` and `handoff_s`, its CPU
+    attention cost and round trips corrected as the engine measured them (None: the profile's
+    hand-off)."""
     if runtime.profile is None:
         return None
     layout = runtime.layout
     return predict_workload(
-        CalibratedCostModel(TableCostModel(runtime.profile), cpu_scale, handoff_s),
+        CalibratedCostModel(TableCostModel(runtime.profile), cpu_scale, handoff_s, cpu_fixed_s),
         layout.num_layers,
         layout.bytes_per_token,
         runtime.num_gpu_blocks * layout.block_bytes,
@@ -215,12 +217,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     scales = [r["cpu_cost_scale"] for r in results.values()
               if r["cpu_cost_scale"] and r["cpu_cost_scale"]["samples"]]
     if scales:
-        scale = scales[-1]["measured_over_profiled"]
+        scale, fixed_us = scales[-1]["measured_over_profiled"], scales[-1]["fixed_us"]
         handoff_us = results[list(results)[-1]]["pipeline_handoff"]["per_layer_us"]
         report["advisor_as_measured"] = advisor_prediction(
-            runtime, cfg, args.input_len, args.output_len, scale, handoff_us * 1e-6
+            runtime, cfg, args.input_len, args.output_len, scale, handoff_us * 1e-6,
+            fixed_us * 1e-6,
+        )  # fmt: skip
+        report["advisor_as_measured"].update(
+            cpu_scale=scale, cpu_fixed_us=fixed_us, handoff_us=handoff_us
         )
-        report["advisor_as_measured"].update(cpu_scale=scale, handoff_us=handoff_us)
     if "gpu-only" in results:
         base = results["gpu-only"]["output_tokens_per_s"]
         report["speedup_vs_gpu_only"] = {
@@ -245,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"{'policy':10} {'tok/s':>9} {'x':>6} {'steady':>8} {'TTFT p50':>9} {'p99':>8} "
         f"{'TPOT p50':>9} {'p99':>8} {'pipe%':>6} {'pred err':>8} {'CPU reqs':>8} {'CPU busy':>8} "
-        f"{'CPU x':>6} {'hand-off':>8} {'wait':>6}"
+        f"{'CPU x':>10} {'hand-off':>8} {'wait':>6}"
     )
     for policy, r in results.items():
         speedup = report.get("speedup_vs_gpu_only", {}).get(policy, float("nan"))
@@ -257,10 +262,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{r['ttft_p99_s']:8.3f} {r['tpot_p50_s'] * 1e3:8.1f}m {r['tpot_p99_s'] * 1e3:7.1f}m "
             f"{100 * r['pipelined_share']:6.1f} {'-' if err is None else f'{100 * err:7.1f}%'} "
             f"{r['mean_cpu_decodes']:8.1f} {100 * (r['cpu_busy_share'] or 0):7.1f}% "
-            f"{_scale(r['cpu_cost_scale']):>6} {_handoff(r['pipeline_handoff']):>8} "
+            f"{_scale(r['cpu_cost_scale']):>10} {_handoff(r['pipeline_handoff']):>8} "
             f"{_share(r['pool_wait_share']):>6}"
         )
-    print("CPU x: the CPU attention's measured over profiled cost at the end of the policy's run; "
+    print("CPU x: the CPU attention's measured over profiled cost at the end of the policy's run, "
+          "and its fixed cost per sub-batch layer; "
           "hand-off: a pipelined round trip's time beyond its copies and CPU work, as profiled "
           "then measured; both "
           "are the scheduler's running corrections, carried over from one policy to the next; "
@@ -283,7 +289,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     corrected = report["advisor_as_measured"]
     for label, advice in (
         ("advisor (steady state)", report["advisor"]),
-        (f"advisor, CPU cost x{corrected['cpu_scale']:.2f} and hand-off "
+        (f"advisor, CPU cost x{corrected['cpu_scale']:.2f} + {corrected['cpu_fixed_us']:g} us "
+         f"and hand-off "
          f"{corrected['handoff_us']:g} us as the run measured them" if corrected else "",
          corrected),
     ):
@@ -302,7 +309,9 @@ def _advice(advice: dict[str, Any]) -> str:
 
 
 def _scale(scale: dict[str, Any] | None) -> str:
-    return "-" if not scale or not scale["samples"] else f"{scale['measured_over_profiled']:.2f}"
+    if not scale or not scale["samples"]:
+        return "-"
+    return f"{scale['measured_over_profiled']:.2f}+{scale['fixed_us']:.0f}us"
 
 
 def _share(share: float | None) -> str:

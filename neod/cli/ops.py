@@ -93,8 +93,10 @@ def _cpu_cost(scale: dict[str, Any] | None) -> str:
     """The scheduler's correction of the profiled CPU attention cost, once it has measured."""
     if not scale or not scale.get("samples"):
         return ""
-    return (f", its attention {scale['measured_over_profiled']:.2f}x the profiled cost over "
-            f"{scale['samples']} iterations")
+    fixed = scale.get("fixed_us") or 0.0
+    return (f", its attention {scale['measured_over_profiled']:.2f}x the profiled cost"
+            + (f" + {fixed:g} us per sub-batch layer" if fixed else "")
+            + f" over {scale['samples']} iterations")
 
 
 def _waits(waits: dict[str, Any] | None) -> str:

@@ -73,6 +73,7 @@ def _measured_corrections(ctl: Ctl, profile: Any, profile_file: Any) -> dict[str
     return {
         "source": "stored",
         "cpu_scale": stored.cpu_scale,
+        "cpu_fixed_us": round(stored.cpu_fixed_s * 1e6, 1),
         "cpu_samples": stored.cpu_samples,
         "handoff_us": round(stored.handoff_s * 1e6, 1),
         "handoff_samples": stored.handoff_samples,
@@ -92,6 +93,7 @@ def _live_corrections(status: dict[str, Any], profile_id: str) -> dict[str, Any]
     return {
         "source": "running",
         "cpu_scale": scale.get("measured_over_profiled", 1.0),
+        "cpu_fixed_us": scale.get("fixed_us", 0.0),
         "cpu_samples": scale.get("samples", 0),
         "handoff_us": handoff.get("per_layer_us", 0.0),
         "handoff_samples": handoff.get("samples", 0),
@@ -105,8 +107,9 @@ def _render_prediction(p: dict[str, Any]) -> str:
     c = p.get("measured_corrections")
     corrected = [] if c is None else [
         f"as {'the running' if c['source'] == 'running' else 'the last'} neod measured: "
-        f"CPU attention {c['cpu_scale']:.2f}x the profile "
-        f"({c['cpu_samples']} iterations), pipelined layers +{c['handoff_us']:g} us "
+        f"CPU attention {c['cpu_scale']:.2f}x the profile + {c['cpu_fixed_us']:g} us per "
+        f"sub-batch layer "
+        f"({c['cpu_samples']} iterations), pipelined round trips +{c['handoff_us']:g} us "
         f"({c['handoff_samples']} iterations)"
     ]
     return "\n".join(
@@ -208,7 +211,10 @@ def register(app: typer.Typer) -> None:
         if as_measured:
             corrections = _measured_corrections(ctx.obj, profile, path)
             cost = CalibratedCostModel(
-                cost, corrections["cpu_scale"], corrections["handoff_us"] * 1e-6
+                cost,
+                corrections["cpu_scale"],
+                corrections["handoff_us"] * 1e-6,
+                corrections["cpu_fixed_us"] * 1e-6,
             )
         result = predict_workload(
             cost,

@@ -49,10 +49,11 @@ class CorrectionsKeeper:
         self._saved_state = cost.state()
         if self.restored:
             logger.info(
-                "cost corrections restored from %s: CPU attention x%.3f (%d iterations), "
-                "pipelined layers +%.0f us (%d iterations)",
-                path, cost.cpu_scale, cost.cpu_samples, cost.handoff_s * 1e6,
-                cost.handoff_samples,
+                "cost corrections restored from %s: CPU attention x%.3f + %.0f us per "
+                "sub-batch layer (%d iterations), pipelined round trips +%.0f us "
+                "(%d iterations)",
+                path, cost.cpu_scale, cost.cpu_fixed_s * 1e6, cost.cpu_samples,
+                cost.handoff_s * 1e6, cost.handoff_samples,
             )  # fmt: skip
 
     def tick(self) -> None:

@@ -114,7 +114,7 @@ class Engine:
         cost = getattr(self.rt.scheduler, "cost", None)  # a scripted scheduler has none
         if isinstance(cost, CalibratedCostModel):
             if not plan.prefill_cpu:  # KV stores of prompts aside
-                cost.record_cpu(cpu_busy_s, plan.predicted_cpu_s, plan.predicted_iter_s)
+                cost.record_cpu(cpu_busy_s, plan.cpu_batches, self.rt.scheduler.num_layers)
             if pure_decode:
                 cost.record_iteration(
                     plan.pipelined, elapsed_s, plan.predicted_iter_s, self.rt.scheduler.num_layers
@@ -247,7 +247,11 @@ class Engine:
         cost = getattr(self.rt.scheduler, "cost", None)  # a scripted scheduler has none
         if not isinstance(cost, CalibratedCostModel):
             return None
-        return {"measured_over_profiled": round(cost.cpu_scale, 4), "samples": cost.cpu_samples}
+        return {
+            "measured_over_profiled": round(cost.cpu_scale, 4),
+            "fixed_us": round(cost.cpu_fixed_s * 1e6, 1),
+            "samples": cost.cpu_samples,
+        }
 
     def _pipeline_handoff(self) -> dict[str, float | int] | None:
         """What a pipelined layer costs beyond its overlap bound, as measured (see

@@ -1,13 +1,17 @@
 """The profiled costs, with the CPU attention and the pipeline's hand-offs corrected by what the
 engine measures now.
 
-The profile times the CPU program once, when the host is profiled. The CPU it runs on is shared
-(the engine thread, other processes, a VM's neighbours, frequency scaling): on the GPU hosts the
-same kernel point measured minutes apart differs by up to 1.7x, and a profile taken at a slow or a
-fast moment makes the scheduler keep too few or too many decodes on the CPU for as long as it is
-used. The engine measures the CPU program of every offloaded iteration anyway; this model scales
-the profiled CPU attention by a running average of measured over predicted, so that the split
-follows the CPU as it is.
+The profile times the CPU program once, when the host is profiled, with every layer's inputs in
+place. The CPU it runs on is shared (the engine thread, other processes, a VM's neighbours,
+frequency scaling): on the GPU hosts the same kernel point measured minutes apart differs by up to
+1.7x, and a profile taken at a slow or a fast moment makes the scheduler keep too few or too many
+decodes on the CPU for as long as it is used. And in the engine each layer's CPU work waits for
+its inputs from the GPU, which the profile's back-to-back layers never do: a lone decode's few
+microseconds per layer measured up to 2x their profile while full CPU batches in the same hour
+measured 0.8-1.1x. The engine measures the CPU program of every offloaded iteration anyway; this
+model fits what it measures per run (one CPU sub-batch through one layer) as a scale of the
+profiled time plus a fixed cost, over a window of recent iterations, so that the split follows
+the CPU as it is at every batch size.
 
 The pipelined period is a bound: each sub-batch's round trip between the devices, its projections
 and its CPU attention, perfectly overlapped with the other's. What the hand-offs cost beyond the
@@ -19,7 +23,7 @@ pipelined iterations measure over their prediction, and lets it return to the pr
 value while none run, so that pipelining is tried again once the host may have recovered. Every
 other cost is the profile's.
 
-Both corrections are kept in a file next to the profile they correct, so that a restarted engine
+All corrections are kept in a file next to the profile they correct, so that a restarted engine
 starts from what the last one measured rather than from the profile's moment; a profile measured
 again starts over.
 """
@@ -40,19 +44,63 @@ from neod.sched.profile import Profile, read_json, write_json_atomic
 logger = logging.getLogger(__name__)
 
 SCALE_BOUNDS = (0.5, 2.0)  # how far measurements may move the profile: beyond, re-profile
-WEIGHT = 0.1  # weight of the newest iteration in the running (geometric) average
+WEIGHT = 0.1  # weight of the newest iteration in the hand-off's running average
+CPU_FIT_DECAY = 0.95  # per iteration, of the CPU fit's older samples: a window of ~20
+CPU_FIXED_MAX_S = 5e-4  # per run: beyond, the pool is broken rather than slow
+# The runs' profiled times must vary by this much (coefficient of variation) over the window
+# before the fixed cost is fitted apart from the scale; else only the scale moves.
+CPU_FIT_SPREAD = 0.25
+CPU_SAMPLE_CLAMP = 2.0  # a sample counts at most this far off its prediction (one hiccup)
 HANDOFF_MAX_S = 1e-3  # per layer: beyond, pipelining is a loss on any model, and the guard's call
 HANDOFF_FADE = 5e-4  # share of the learned hand-off forgotten per iteration that does not pipeline
 CORRECTIONS_FORMAT = 1
 
 
+class _CpuFit:
+    """Exponentially weighted sums of the (profiled, measured) seconds of CPU runs, for a least
+    squares fit of measured = scale x profiled + fixed."""
+
+    def __init__(self) -> None:
+        self.w = self.p = self.y = self.pp = self.py = 0.0
+
+    def add(self, profiled: float, measured: float, weight: float = 1.0) -> None:
+        self.w += weight
+        self.p += weight * profiled
+        self.y += weight * measured
+        self.pp += weight * profiled * profiled
+        self.py += weight * profiled * measured
+
+    def decay(self) -> None:
+        for name in ("w", "p", "y", "pp", "py"):
+            setattr(self, name, CPU_FIT_DECAY * getattr(self, name))
+
+    def solve(self, fixed: float) -> tuple[float, float]:
+        """(scale, fixed): both fitted where the window's profiled times vary enough to tell
+        them apart, else the scale alone with `fixed` kept."""
+        mean_p, mean_y = self.p / self.w, self.y / self.w
+        var_p = self.pp / self.w - mean_p * mean_p
+        low, high = SCALE_BOUNDS
+        if var_p >= (CPU_FIT_SPREAD * mean_p) ** 2:
+            scale = min(high, max(low, (self.py / self.w - mean_p * mean_y) / var_p))
+            fixed = min(CPU_FIXED_MAX_S, max(0.0, mean_y - scale * mean_p))
+        scale = min(high, max(low, (self.py - fixed * self.p) / self.pp))
+        return scale, fixed
+
+
 class CalibratedCostModel:
     def __init__(
-        self, base: CostModel, cpu_scale: float = 1.0, handoff_s: float | None = None
+        self,
+        base: CostModel,
+        cpu_scale: float = 1.0,
+        handoff_s: float | None = None,
+        cpu_fixed_s: float = 0.0,
     ) -> None:
         self.base = base
-        self.cpu_scale = cpu_scale  # measured / profiled CPU attention time, running average
+        # A CPU run (one sub-batch through one layer) as measured: scale x profiled + fixed.
+        self.cpu_scale = cpu_scale
+        self.cpu_fixed_s = cpu_fixed_s
         self.cpu_samples = 0
+        self._cpu_fit = _CpuFit()
         # A pipelined round trip's latency beyond its copies and CPU work (neod.sched.cost): the
         # profile's, then a running average.
         self.profiled_handoff_s = base.pipeline_handoff_s()
@@ -69,7 +117,10 @@ class CalibratedCostModel:
         return self.base.gpu_decode_attn_s(num_seqs, num_ctx_tokens)
 
     def cpu_decode_attn_s(self, num_seqs: int, num_ctx_tokens: int) -> float:
-        return self.cpu_scale * self.base.cpu_decode_attn_s(num_seqs, num_ctx_tokens)
+        if num_seqs <= 0:
+            return 0.0
+        profiled = self.base.cpu_decode_attn_s(num_seqs, num_ctx_tokens)
+        return self.cpu_scale * profiled + self.cpu_fixed_s
 
     def transfer_s(self, num_cpu_seqs: int) -> float:
         return self.base.transfer_s(num_cpu_seqs)
@@ -84,23 +135,30 @@ class CalibratedCostModel:
         return self.handoff_s
 
     def record_cpu(
-        self, measured_s: float, predicted_s: float, predicted_iter_s: float = 0.0
+        self, measured_s: float, batches: Sequence[tuple[int, int]], num_layers: int
     ) -> None:
-        """One iteration's CPU program: its busy time, and what this model predicted for it and
-        for the whole iteration.
+        """One iteration's CPU program: its busy time, and the CPU sub-batches it ran (decodes,
+        context tokens), each through `num_layers` layers.
 
-        The average is taken over log ratios, so that 2x slow and 2x fast weigh the same; since
-        the prediction already carries the scale, a right scale is left where it is. A sample
-        weighs by the CPU's share of its iteration: the scale matters where the CPU sets the
-        pace, and a lone forced decode's few microseconds per layer carry fixed costs (waking
-        the pool, a partly idle pool) that a full CPU batch does not pay per decode.
+        The window starts from the current corrections as if they had been measured over a full
+        window, so one iteration moves them by a few percent; a sample further than
+        CPU_SAMPLE_CLAMP from its prediction counts as that far.
         """
-        if measured_s <= 0.0 or predicted_s <= 0.0:
+        runs = num_layers * len(batches)
+        if measured_s <= 0.0 or runs <= 0:
             return
-        share = min(1.0, predicted_s / predicted_iter_s) if predicted_iter_s > 0.0 else 1.0
-        low, high = SCALE_BOUNDS
-        step = WEIGHT * share * math.log(measured_s / predicted_s)
-        self.cpu_scale = min(high, max(low, self.cpu_scale * math.exp(step)))
+        profiled = sum(self.base.cpu_decode_attn_s(n, ctx) for n, ctx in batches) / len(batches)
+        if profiled <= 0.0:
+            return
+        predicted = self.cpu_scale * profiled + self.cpu_fixed_s
+        measured = min(CPU_SAMPLE_CLAMP * predicted,
+                       max(predicted / CPU_SAMPLE_CLAMP, measured_s / runs))
+        fit = self._cpu_fit
+        if fit.w == 0.0:
+            fit.add(profiled, predicted, 1.0 / (1.0 - CPU_FIT_DECAY))
+        fit.decay()
+        fit.add(profiled, measured)
+        self.cpu_scale, self.cpu_fixed_s = fit.solve(self.cpu_fixed_s)
         self.cpu_samples += 1
 
     def record_iteration(
@@ -121,19 +179,24 @@ class CalibratedCostModel:
     def state(self) -> dict[str, float | int]:
         return {
             "cpu_scale": self.cpu_scale,
+            "cpu_fixed_s": self.cpu_fixed_s,
             "cpu_samples": self.cpu_samples,
             "handoff_s": self.handoff_s,
             "handoff_samples": self.handoff_samples,
         }
 
     def restore(self, state: Mapping[str, Any]) -> None:
-        """Take over stored corrections, within this model's bounds."""
+        """Take over stored corrections, within this model's bounds (a file from before the
+        fixed CPU cost has none)."""
         scale, handoff = float(state["cpu_scale"]), float(state["handoff_s"])
+        fixed = float(state.get("cpu_fixed_s", 0.0))
         samples = (max(0, int(state["cpu_samples"])), max(0, int(state["handoff_samples"])))
-        if not (math.isfinite(scale) and math.isfinite(handoff)):
+        if not all(map(math.isfinite, (scale, handoff, fixed))):
             raise ValueError("corrections must be finite numbers")
         low, high = SCALE_BOUNDS
         self.cpu_scale = min(high, max(low, scale))
+        self.cpu_fixed_s = min(CPU_FIXED_MAX_S, max(0.0, fixed))
+        self._cpu_fit = _CpuFit()  # the window starts over from the restored corrections
         self.handoff_s = min(HANDOFF_MAX_S, max(0.0, handoff))
         self.cpu_samples, self.handoff_samples = samples
 

@@ -39,6 +39,8 @@ class Plan:  # every list holds seq_ids, oldest first
     predicted_iter_s: float = 0.0
     predicted_gpu_alone_s: float = 0.0  # the same iteration without its CPU decodes
     predicted_cpu_s: float = 0.0  # the CPU decodes' attention, all layers and sub-batches
+    # Per sub-batch with CPU decodes: (decodes, their context tokens), what the CPU runs per layer.
+    cpu_batches: list[tuple[int, int]] = field(default_factory=list)
     # Can never run under the current limits and policy (a prompt longer than the token budget, KV
     # larger than every pool the policy may use), each with why: the engine frees their blocks and
     # finishes them (error if waiting, length if running).

@@ -413,8 +413,9 @@ class _Pass:
             self.sched.cost, self.sched.num_layers, base, self.swap_blocks
         )
         ctx = {s.seq_id: s.decode_ctx_tokens for s in self.cpu_cands}
+        plan.cpu_batches = [
+            (len(ids), sum(ctx[i] for i in ids)) for ids in (split.b0_ids, split.b1_ids) if ids
+        ]
         plan.predicted_cpu_s = self.sched.num_layers * sum(
-            self.sched.cost.cpu_decode_attn_s(len(ids), sum(ctx[i] for i in ids))
-            for ids in (split.b0_ids, split.b1_ids)
-            if ids
+            self.sched.cost.cpu_decode_attn_s(n, tokens) for n, tokens in plan.cpu_batches
         )
