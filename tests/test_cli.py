@@ -191,14 +191,14 @@ def test_status_names_the_cpu_cost_correction_once_measured() -> None:
     )
     engine["cpu_cost_scale"]["fixed_us"] = 0.0
     engine["pipeline_handoff"] = {"per_layer_us": 0.0, "profiled_us": 0.0, "samples": 0}
-    assert "round trips" not in render_status(status)
+    assert "hand-offs" not in render_status(status)
     engine["pipeline_handoff"] = {"per_layer_us": 80.0, "profiled_us": 80.0, "samples": 0}
     [line] = [ln for ln in render_status(status).splitlines() if ln.startswith("CPU pool")]
-    assert line.endswith("420 iterations, pipelined round trips +80 us (as profiled)")
+    assert line.endswith("420 iterations, pipeline hand-offs +80 us (as profiled)")
     engine["pipeline_handoff"] = {"per_layer_us": 212.5, "profiled_us": 80.0, "samples": 37}
     [line] = [ln for ln in render_status(status).splitlines() if ln.startswith("CPU pool")]
     assert line.endswith(
-        "420 iterations, pipelined round trips +212.5 us (profiled 80, 37 iterations)"
+        "420 iterations, pipeline hand-offs +212.5 us (profiled 80, 37 iterations)"
     )
     assert not any(ln.startswith("pipeline_handoff") for ln in render_status(status).splitlines())
 

@@ -136,7 +136,7 @@ def test_predict_as_measured_applies_the_running_daemons_corrections(tmp_path, m
     assert cost.cpu_fixed_s == pytest.approx(25e-6)
     assert result.output.startswith(
         "as the running neod measured: CPU attention 1.31x the profile + 25 us per sub-batch "
-        "layer (420 iterations), pipelined round trips +43 us (37 "
+        "layer (420 iterations), pipeline hand-offs +43 us (37 "
     )
     as_json = CliRunner().invoke(app, [*args, "--json"])
     assert orjson.loads(as_json.stdout)["measured_corrections"]["handoff_samples"] == 37

@@ -195,7 +195,7 @@ def test_a_measured_handoff_turns_the_split_from_pipelined_to_sequential():
     model = CalibratedCostModel(base)
     plan = plan_with(model)
     assert plan.pipelined and plan.decode_cpu_b1
-    # Pipelined: 2 + 8 tokens in 4 layers of (2.5 + handoff) units; sequential: 2 + 2 tokens in
+    # Pipelined: 2 + 8 tokens in 4 layers of (2.5 + 2 x handoff) units; sequential: 2 + 2 tokens in
     # 4 layers of 1.6. At 3 units of hand-off per layer, sequential is the faster.
     model.handoff_s = 3.0
     slow = plan_with(model)

@@ -102,19 +102,25 @@ def test_pipelined_formula():
     assert pipelined_s(FlatCost(), 2, BatchLoad(), BatchLoad(), 0) == 0.0
 
 
-def test_the_hand_off_lengthens_the_round_trips_with_cpu_work_only():
-    """Its latency sits on a sub-batch's way to the CPU and back: where the GPU's or the CPU's
-    own work sets the period, it hides behind it."""
+def test_the_hand_off_lengthens_the_gpus_work_and_the_round_trips_with_cpu_work_only():
+    """Its latency sits on a sub-batch's way to the CPU and back, and in the GPU's stream between
+    that sub-batch's stages: where the CPU's own work sets the period, it hides behind it."""
     # lin0, lin1, gpu_attn0, cpu0, cpu1, copy: GPU 3.0 bound; round trips 1.0 + 0.5 and 1.0 + 0.8
     # (b0 has CPU work too).
     gpu_bound = (1.0, 1.0, 1.0, 0.5, 0.8, 0.1)
     assert pipelined_layer_s(*gpu_bound, handoff=0.0) == 3.0
-    assert pipelined_layer_s(*gpu_bound, handoff=1.0) == 3.0  # hidden behind the GPU's 3.0
-    assert pipelined_layer_s(*gpu_bound, handoff=1.5) == pytest.approx(3.3)  # b1's: 1.8 + 1.5
-    # The CPU's own work (1.5 + 1.5) sets the period; round trips 0.5 + 1.5 + hand-off.
+    assert pipelined_layer_s(*gpu_bound, handoff=0.1) == pytest.approx(3.2)  # two sub-batches'
+    # Only b1 has CPU work: the GPU's stream waits once per layer.
+    b1_only = (1.0, 1.0, 1.0, 0.0, 0.8, 0.1)
+    assert pipelined_layer_s(*b1_only, handoff=0.1) == pytest.approx(3.1)
+    # The CPU's own work (1.5 + 1.5) sets the period; the GPU's 1.5 + 2 hand-offs and the round
+    # trips 0.5 + 1.5 + hand-off stay under it up to 0.75.
     cpu_bound = (0.5, 0.5, 0.5, 1.5, 1.5, 0.1)
-    assert pipelined_layer_s(*cpu_bound, handoff=0.9) == 3.0
-    assert pipelined_layer_s(*cpu_bound, handoff=1.2) == pytest.approx(3.2)
+    assert pipelined_layer_s(*cpu_bound, handoff=0.0) == 3.0
+    assert pipelined_layer_s(*cpu_bound, handoff=0.7) == 3.0
+    assert pipelined_layer_s(*cpu_bound, handoff=0.9) == pytest.approx(3.3)  # the GPU's 1.5 + 1.8
+    # No CPU work at all: no hand-off.
+    assert pipelined_layer_s(1.0, 1.0, 1.0, 0.0, 0.0, 0.1, handoff=5.0) == 3.0
 
 
 def test_rate_comparison_handles_free_plans():

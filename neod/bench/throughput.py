@@ -134,7 +134,7 @@ def advisor_prediction(
 ) -> dict[str, Any] | None:
     """What `neoctl predict` says of this workload on this run's pools and profile (None where
     this process keeps no profile); with `cpu_scale`, `cpu_fixed_s` and `handoff_s`, its CPU
-    attention cost and round trips corrected as the engine measured them (None: the profile's
+    attention cost and hand-offs corrected as the engine measured them (None: the profile's
     hand-off)."""
     if runtime.profile is None:
         return None
@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     print("CPU x: the CPU attention's measured over profiled cost at the end of the policy's run, "
           "and its fixed cost per sub-batch layer; "
-          "hand-off: a pipelined round trip's time beyond its copies and CPU work, as profiled "
+          "hand-off: what a pipelined sub-batch's trip to the CPU and back adds per layer beyond "
+          "its copies, as profiled "
           "then measured; both "
           "are the scheduler's running corrections, carried over from one policy to the next; "
           "wait: the CPU pool "

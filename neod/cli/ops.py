@@ -109,13 +109,13 @@ def _waits(waits: dict[str, Any] | None) -> str:
 
 
 def _handoff(handoff: dict[str, Any] | None) -> str:
-    """The scheduler's hand-off: what a pipelined round trip takes beyond its copies and CPU work,
-    as profiled, then as measured while serving."""
+    """The scheduler's hand-off: what a pipelined sub-batch's trip to the CPU and back adds per
+    layer beyond its copies, as profiled, then as measured while serving."""
     if not handoff or not (handoff.get("samples") or handoff.get("profiled_us")):
         return ""
     source = (f"profiled {handoff.get('profiled_us', 0):g}, {handoff['samples']} iterations"
               if handoff.get("samples") else "as profiled")
-    return f", pipelined round trips +{handoff['per_layer_us']:g} us ({source})"
+    return f", pipeline hand-offs +{handoff['per_layer_us']:g} us ({source})"
 
 
 def _mode(engine: dict[str, Any]) -> str:

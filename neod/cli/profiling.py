@@ -109,7 +109,7 @@ def _render_prediction(p: dict[str, Any]) -> str:
         f"as {'the running' if c['source'] == 'running' else 'the last'} neod measured: "
         f"CPU attention {c['cpu_scale']:.2f}x the profile + {c['cpu_fixed_us']:g} us per "
         f"sub-batch layer "
-        f"({c['cpu_samples']} iterations), pipelined round trips +{c['handoff_us']:g} us "
+        f"({c['cpu_samples']} iterations), pipeline hand-offs +{c['handoff_us']:g} us "
         f"({c['handoff_samples']} iterations)"
     ]
     return "\n".join(
@@ -156,7 +156,7 @@ def register(app: typer.Typer) -> None:
         typer.echo(
             f"profile of {runtime.model_name} on {runtime.device} stored at {path} "
             f"(measured in {stored.meta.get('duration_s', '?')} s)"
-            + ("" if handoff is None else f"; pipelined round trips +{handoff * 1e6:.0f} us")
+            + ("" if handoff is None else f"; pipeline hand-offs +{handoff * 1e6:.0f} us")
         )
 
     @app.command()

@@ -50,7 +50,7 @@ class CorrectionsKeeper:
         if self.restored:
             logger.info(
                 "cost corrections restored from %s: CPU attention x%.3f + %.0f us per "
-                "sub-batch layer (%d iterations), pipelined round trips +%.0f us "
+                "sub-batch layer (%d iterations), pipeline hand-offs +%.0f us "
                 "(%d iterations)",
                 path, cost.cpu_scale, cost.cpu_fixed_s * 1e6, cost.cpu_samples,
                 cost.handoff_s * 1e6, cost.handoff_samples,

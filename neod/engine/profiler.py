@@ -603,7 +603,7 @@ def store_pipeline_handoff(
     with torch.inference_mode():
         handoff = _pipeline_handoff(profile, executor, layout, vocab_size, max_rows)
     logger.info(
-        "pipelined round trips take %.0f us more than their copies and CPU work on this host "
+        "pipelined sub-batches hand off in %.0f us per layer beyond their copies on this host "
         "(timed in %.1f s)",
         handoff * 1e6,
         time.perf_counter() - start,
@@ -620,11 +620,11 @@ def store_pipeline_handoff(
 def _pipeline_handoff(
     profile: Profile, executor: Any, layout: KVLayout, vocab_size: int, max_rows: int
 ) -> float:
-    """The hand-off latency per round trip (neod.sched.cost) that makes the predicted period of
-    a pipelined iteration the measured one, within 0 and HANDOFF_MAX_S. The probe is where the
-    split starts to offload: HANDOFF_PROBE_DECODES GPU decodes in sub-batch 0, as many CPU decodes
-    shared by the two sub-batches, so the round trips, not the CPU's own work, set its period.
-    0 where the pools cannot hold the probe."""
+    """The hand-off per sub-batch with CPU work and layer (neod.sched.cost) that makes the
+    predicted period of a pipelined iteration the measured one, within 0 and HANDOFF_MAX_S. The
+    probe is where the split starts to offload: HANDOFF_PROBE_DECODES GPU decodes in sub-batch 0,
+    as many CPU decodes shared by the two sub-batches, so the GPU's stream and the round trips,
+    not the CPU's own work, set its period. 0 where the pools cannot hold the probe."""
     from neod.engine.batch import build_sub_batch
     from neod.engine.sequence import decoding_sequences
     from neod.sched import TableCostModel

@@ -18,7 +18,8 @@ and its CPU attention, perfectly overlapped with the other's. What the hand-offs
 copies and flag polls the profile times alone (on a slow-CPU H100 host, pipelined iterations ran
 0.25-0.5 ms per layer over the bound while sequential ones stayed within 7-19% of their
 prediction), the profile times once, as a whole pipelined iteration, at start: the hand-off, a
-latency on each round trip with CPU work (neod.sched.cost). This model moves it with what
+latency per layer of each sub-batch with CPU work, on its round trip and in the GPU's own stream
+(neod.sched.cost). This model moves it with what
 pipelined iterations measure over their prediction, and lets it return to the profile's
 value while none run, so that pipelining is tried again once the host may have recovered. Every
 other cost is the profile's.
@@ -101,7 +102,7 @@ class CalibratedCostModel:
         self.cpu_fixed_s = cpu_fixed_s
         self.cpu_samples = 0
         self._cpu_fit = _CpuFit()
-        # A pipelined round trip's latency beyond its copies and CPU work (neod.sched.cost): the
+        # A pipelined sub-batch's hand-off per layer beyond its copies (neod.sched.cost): the
         # profile's, then a running average.
         self.profiled_handoff_s = base.pipeline_handoff_s()
         self.handoff_s = self.profiled_handoff_s if handoff_s is None else handoff_s

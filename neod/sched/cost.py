@@ -152,11 +152,14 @@ def pipelined_layer_s(
 ) -> float:
     """Steady-state period of the two-sub-batch pipeline (docs/scheduler.md): the slowest of the
     GPU's own work, the CPU's own work, and each sub-batch's round trip between the devices
-    (projections, then the CPU attention that the next layer's projections wait for, and the
-    hand-off latency where it has CPU work)."""
-    trip0 = lin0 + cpu0 + (handoff if cpu0 > 0.0 else 0.0)
-    trip1 = lin1 + cpu1 + (handoff if cpu1 > 0.0 else 0.0)
-    return max(lin0 + lin1 + gpu_attn0, cpu0 + cpu1, trip0, trip1, copy)
+    (projections, then the CPU attention that the next layer's projections wait for). Each
+    sub-batch with CPU work pays the hand-off once per layer on its round trip and once in the
+    GPU's own stream (its copies and flag wait between its stages); the CPU's own work hides
+    it."""
+    h0 = handoff if cpu0 > 0.0 else 0.0
+    h1 = handoff if cpu1 > 0.0 else 0.0
+    gpu = lin0 + lin1 + gpu_attn0 + h0 + h1
+    return max(gpu, cpu0 + cpu1, lin0 + cpu0 + h0, lin1 + cpu1 + h1, copy)
 
 
 def sequential_s(cost: CostModel, num_layers: int, b: BatchLoad, swap_blocks: int) -> float:
