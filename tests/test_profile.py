@@ -93,6 +93,11 @@ def test_the_pipeline_hand_off_round_trips_and_a_profile_from_before_it_has_none
     data["pipeline_handoff"] = "slow"
     path.write_text(json.dumps(data))
     assert load_profile(path, profile.key) is None  # malformed: measured again
+    # Timed for an earlier form of the cost model (on the round trips alone): timed again.
+    data["pipeline_handoff"] = 154e-6
+    del data["pipeline_handoff_form"]
+    path.write_text(json.dumps(data))
+    assert load_profile(path, profile.key).pipeline_handoff is None
 
 
 def test_profile_without_host_pool_round_trips(tmp_path):

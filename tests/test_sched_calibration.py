@@ -219,11 +219,15 @@ def test_corrections_come_back_for_the_same_profile_only(tmp_path):
     restored = CalibratedCostModel(FlatCost())
     assert load_corrections(restored, profile, path)
     assert restored.state() == _measured().state()
-    # The same setup measured again (a refreshed profile) starts over.
+    # The same setup measured again (a refreshed profile), or its hand-off timed again, starts
+    # over.
     again = make_profile()
     again.meta["measured_at"] = "2026-12-07T09:00:00+0000"
     fresh = CalibratedCostModel(FlatCost())
     assert not load_corrections(fresh, again, path)
+    retimed = make_profile()
+    retimed.meta["handoff_measured_at"] = "2026-12-07T09:00:00+0000"
+    assert not load_corrections(fresh, retimed, path)
     assert fresh.state() == CalibratedCostModel(FlatCost()).state()
     assert not load_corrections(fresh, profile, tmp_path / "absent.json")
 

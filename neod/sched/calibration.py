@@ -210,11 +210,12 @@ def corrections_path(profile_file: str | os.PathLike[str]) -> Path:
 
 def _profile_stamp(profile: Profile) -> dict[str, Any]:
     """Which measurement of the setup the corrections apply to: a profile measured again, even
-    for the same setup, starts over."""
+    for the same setup, or its hand-off timed again, starts over."""
     return {
         "fingerprint": profile.key.fingerprint(),
         "measured_at": profile.meta.get("measured_at"),
         "cpu_measured_at": profile.meta.get("cpu_measured_at"),
+        "handoff_measured_at": profile.meta.get("handoff_measured_at"),
     }
 
 

@@ -27,6 +27,9 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 PROFILE_FORMAT = 1
+# How the cost model applies the hand-off (neod.sched.cost): one timed under another form is timed
+# again at the next start.
+HANDOFF_FORM = 2
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,7 @@ class Profile:
             "tables": tables,
             "cpu_tile_path": self.cpu_tile_path,
             "pipeline_handoff": self.pipeline_handoff,
+            "pipeline_handoff_form": HANDOFF_FORM,
             "meta": dict(self.meta),
         }
 
@@ -217,6 +221,8 @@ class Profile:
         tables = data["tables"]
         cpu = tables.get("cpu_decode_attn")
         handoff = data.get("pipeline_handoff")
+        if data.get("pipeline_handoff_form") != HANDOFF_FORM:
+            handoff = None
         return cls(
             key=ProfileKey.from_json(data["key"]),
             gpu_decode_attn=Table2D.from_json(tables["gpu_decode_attn"]),
