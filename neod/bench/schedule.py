@@ -57,7 +57,7 @@ def placeholder_profile(num_layers: int = 32) -> Profile:
         transfer=Table1D.from_points({1: 12e-6, 256: 90e-6}),
         swap=Table1D.from_points({1: 4e-6, 1024: 700e-6}),
         iteration_overhead=Table1D.from_points({1: 250e-6, 256: 900e-6}),
-        pipeline_handoff=80e-6,
+        pipeline_handoff=40e-6,
     )  # fmt: skip
 
 
