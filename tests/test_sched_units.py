@@ -151,6 +151,33 @@ def test_split_pipelines_when_cpu_work_hides_behind_projections():
     assert not lax.pipelined and lax.b0_ids == [100] and lax.iter_s == pytest.approx(1.25)
 
 
+class HandoffCost(FlatCost):
+    def __init__(self, handoff, **costs):
+        super().__init__(**costs)
+        self.handoff = handoff
+
+    def pipeline_handoff_s(self):
+        return self.handoff
+
+
+def test_split_still_pipelines_when_every_sub_batch_pays_a_hand_off():
+    """The hand-off, like sub-batch 1's projections, is the price of the pipelined form, which the
+    choice between the forms weighs: one CPU decode must not be refused for paying it alone, or
+    the split never reaches the batches where pipelining pays."""
+    cost = HandoffCost(0.1, lin=1.0, gpu_attn=0.0, cpu_per_seq=0.2, transfer_per_seq=0.05,
+                       overhead=0.0)  # fmt: skip
+    base = BatchLoad().plus_gpu_decodes(2, 200)
+    split = split_cpu_decodes(cost, 1, base, (), cands(8), 8, 0)
+    assert split.pipelined and len(split.b0_ids) + len(split.b1_ids) == 8
+    # Both sub-batches' projections and hand-offs; the CPU's 2.0 and the round trips hide.
+    assert split.iter_s == pytest.approx(2.2)
+    # A hand-off larger than what pipelining gains: sequential, as the GPU alone.
+    dear = split_cpu_decodes(HandoffCost(5.0, lin=1.0, gpu_attn=0.0, cpu_per_seq=0.2,
+                                         transfer_per_seq=0.05, overhead=0.0),
+                             1, base, (), cands(8), 8, 0)  # fmt: skip
+    assert not dear.pipelined
+
+
 def test_split_leaves_out_cpu_work_that_lowers_the_rate_but_keeps_forced():
     cost = FlatCost(lin=1.0, gpu_attn=0.0, cpu_per_seq=5.0, overhead=0.0)
     base = BatchLoad().plus_gpu_decodes(4, 400)

@@ -141,6 +141,20 @@ def sequential_layer_s(lin: float, gpu_attn: float, cpu: float, copy: float) -> 
     return max(lin + max(gpu_attn, cpu), copy)
 
 
+def pipelined_gpu_layer_s(
+    lin0: float, lin1: float, gpu_attn0: float, cpu0: float, cpu1: float, handoff: float
+) -> float:
+    """The GPU's own work in a pipelined layer: both sub-batches' projections, b0's attention, and
+    the hand-off of each sub-batch with CPU work (its copies and flag wait between its stages)."""
+    return (
+        lin0
+        + lin1
+        + gpu_attn0
+        + (handoff if cpu0 > 0.0 else 0.0)
+        + (handoff if cpu1 > 0.0 else 0.0)
+    )
+
+
 def pipelined_layer_s(
     lin0: float,
     lin1: float,
@@ -156,10 +170,10 @@ def pipelined_layer_s(
     sub-batch with CPU work pays the hand-off once per layer on its round trip and once in the
     GPU's own stream (its copies and flag wait between its stages); the CPU's own work hides
     it."""
-    h0 = handoff if cpu0 > 0.0 else 0.0
-    h1 = handoff if cpu1 > 0.0 else 0.0
-    gpu = lin0 + lin1 + gpu_attn0 + h0 + h1
-    return max(gpu, cpu0 + cpu1, lin0 + cpu0 + h0, lin1 + cpu1 + h1, copy)
+    gpu = pipelined_gpu_layer_s(lin0, lin1, gpu_attn0, cpu0, cpu1, handoff)
+    trip0 = lin0 + cpu0 + (handoff if cpu0 > 0.0 else 0.0)
+    trip1 = lin1 + cpu1 + (handoff if cpu1 > 0.0 else 0.0)
+    return max(gpu, cpu0 + cpu1, trip0, trip1, copy)
 
 
 def sequential_s(cost: CostModel, num_layers: int, b: BatchLoad, swap_blocks: int) -> float:

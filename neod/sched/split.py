@@ -30,6 +30,7 @@ from neod.sched.cost import (
     CostModel,
     gpu_attn_s,
     linear_s,
+    pipelined_gpu_layer_s,
     pipelined_layer_s,
     rate_beats,
     sequential_layer_s,
@@ -102,11 +103,15 @@ class _Builder:
         return self._total(full, num_seqs), self._total(ref, num_seqs)
 
     def pipe_times(self, s0: _Side, t0: Trial, t1: Trial, num_seqs: int) -> tuple[float, float]:
-        """(iteration, its GPU-bound part) of the pipelined candidate."""
+        """(iteration, its GPU-bound part) of the pipelined candidate. The GPU-bound part carries
+        the hand-offs of the sub-batches with CPU work, as it carries sub-batch 1's projections:
+        both are the price of the pipelined form itself, which the choice between the forms
+        weighs (split_cpu_decodes), not the price of one more CPU decode."""
         handoff = self.cost.pipeline_handoff_s()
         copy = t0[2] + t1[2] + self.swap
         full = pipelined_layer_s(t0[0], t1[0], s0.gpu_attn, t0[1], t1[1], copy, handoff)
-        ref = pipelined_layer_s(t0[0], t1[0], s0.gpu_attn, 0.0, 0.0, self.swap, handoff)
+        gpu = pipelined_gpu_layer_s(t0[0], t1[0], s0.gpu_attn, t0[1], t1[1], handoff)
+        ref = max(gpu, self.swap)
         return self._total(full, num_seqs), self._total(ref, num_seqs)
 
     def takes(self, gpu_work: bool, n: int, t: float, t_new: float, ref_new: float) -> bool:
