@@ -19,10 +19,9 @@ copies and flag polls the profile times alone (on a slow-CPU H100 host, pipeline
 0.25-0.5 ms per layer over the bound while sequential ones stayed within 7-19% of their
 prediction), the profile times once, as a whole pipelined iteration, at start: the hand-off, a
 latency per layer of each sub-batch with CPU work, on its round trip and in the GPU's own stream
-(neod.sched.cost). This model moves it with what
-pipelined iterations measure over their prediction, and lets it return to the profile's
-value while none run, so that pipelining is tried again once the host may have recovered. Every
-other cost is the profile's.
+(neod.sched.cost). This model moves it with what pipelined iterations measure over their
+prediction, and lets it return to the profile's value while none run, so that pipelining is
+tried again once the host may have recovered. Every other cost is the profile's.
 
 All corrections are kept in a file next to the profile they correct, so that a restarted engine
 starts from what the last one measured rather than from the profile's moment; a profile measured
