@@ -81,7 +81,10 @@ def test_predict_under_tensor_parallelism_gives_each_rank_its_share_of_the_host_
     text = config.read_text().replace("cpu_kv_gib = 0.01", "cpu_kv_gib = 1.0")
     config.write_text(text + "[parallel]\ntp_size = 2\n")
     rank_layout = KVLayout(2, 1, 64, 16, torch.bfloat16)
-    monkeypatch.setattr(profiling, "_stored_profile", lambda cfg: (object(), rank_layout, None))
+    from types import SimpleNamespace
+
+    stub = SimpleNamespace(pipeline_handoff=50e-6)
+    monkeypatch.setattr(profiling, "_stored_profile", lambda cfg: (stub, rank_layout, None))
     seen = {}
 
     def predict_workload(cost, num_layers, per_token, gpu_bytes, cpu_bytes, *args, **kwargs):
@@ -96,6 +99,7 @@ def test_predict_under_tensor_parallelism_gives_each_rank_its_share_of_the_host_
     assert result.exit_code == 0, result.output
     assert seen == {"per_token": rank_layout.bytes_per_token, "gpu_bytes": GIB // 2,
                     "cpu_bytes": GIB // 2}
+    assert orjson.loads(result.stdout) == {"handoff_timed": True}
 
 
 def test_predict_as_measured_applies_the_running_daemons_corrections(tmp_path, monkeypatch):
@@ -108,7 +112,8 @@ def test_predict_as_measured_applies_the_running_daemons_corrections(tmp_path, m
 
     config = write_config(tmp_path)
     layout = KVLayout(2, 1, 64, 16, torch.bfloat16)
-    profile = SimpleNamespace(key=SimpleNamespace(short_id=lambda: "abc123"))
+    profile = SimpleNamespace(key=SimpleNamespace(short_id=lambda: "abc123"),
+                              pipeline_handoff=None)  # fmt: skip
     monkeypatch.setattr(profiling, "_stored_profile", lambda cfg: (profile, layout, None))
     tables = SimpleNamespace(pipeline_handoff_s=lambda: 0.0)  # the profile's, as a cost model
     monkeypatch.setattr("neod.sched.TableCostModel", lambda p: tables)
@@ -143,6 +148,13 @@ def test_predict_as_measured_applies_the_running_daemons_corrections(tmp_path, m
     # Without the flag the daemon is not asked, and the profile stands alone.
     plain = CliRunner().invoke(app, args[:-1])
     assert plain.exit_code == 0 and seen["cost"] is tables
+    # ... whose hand-off is not timed yet (a profile from before its current form): said so,
+    # unlike with the running neod's corrections above, which carry its timed hand-off.
+    assert plain.output.startswith("note: this profile's pipeline hand-off is not timed yet")
+    assert not result.output.startswith("note:")
+    profile.pipeline_handoff = 40e-6
+    timed = CliRunner().invoke(app, args[:-1])
+    assert timed.exit_code == 0 and "not timed" not in timed.output
     engine["profile"] = {"id": "other"}
     refused = CliRunner().invoke(app, args)
     assert refused.exit_code == 1
