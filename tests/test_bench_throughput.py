@@ -45,8 +45,8 @@ def test_policies_are_measured_and_set_against_the_advisor(tmp_path, capsys):
     assert corrected["handoff_us"] == neo["pipeline_handoff"]["per_layer_us"]
     assert corrected["gpu_only"] == advice["gpu_only"]  # the GPU side is the profile's alone
     out = capsys.readouterr().out
-    assert "neo: CPU program measured over predicted, by CPU decodes: " in out
-    assert "gpu-only: CPU program" not in out
+    assert "neo: measured over predicted CPU time, by CPU decodes: " in out
+    assert "gpu-only: measured over" not in out
     assert "advisor (steady state): gpu-only" in out and "measured in the steady window" in out
     assert (f"advisor, CPU cost x{corrected['cpu_scale']:.2f} + {corrected['cpu_fixed_us']:g} us "
             f"and hand-off "

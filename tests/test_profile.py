@@ -78,6 +78,22 @@ def test_round_trip_keeps_every_prediction(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # the temporary file is gone
 
 
+def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path, monkeypatch):
+    profile = make_profile()
+    path = profile_path(tmp_path, profile.key)
+    save_profile(profile, path)
+    old = path.read_text()
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("neod.sched.profile.os.replace", full_disk)
+    with pytest.raises(OSError):
+        save_profile(dataclasses.replace(profile, pipeline_handoff=1e-4), path)
+    assert path.read_text() == old
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 def test_the_pipeline_hand_off_round_trips_and_a_profile_from_before_it_has_none(tmp_path):
     profile = dataclasses.replace(make_profile(), pipeline_handoff=83e-6)
     path = tmp_path / "p.json"

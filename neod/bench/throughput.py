@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from neod.cli.ops import cpu_fit_text
 from neod.config import load_config
 from neod.engine import Engine, SamplingParams
 from neod.engine.runtime import EngineRuntime, build_runtime
@@ -266,18 +267,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{_share(r['pool_wait_share']):>6}"
         )
     print("CPU x: the CPU attention's measured over profiled cost at the end of the policy's run, "
-          "and its fixed cost per sub-batch layer; "
-          "hand-off: what a pipelined sub-batch's trip to the CPU and back adds per layer beyond "
-          "its copies, as profiled "
-          "then measured; both "
-          "are the scheduler's running corrections, carried over from one policy to the next; "
-          "wait: the CPU pool "
-          "workers' time waiting for their cores, of the time they wanted one")
+          "and its fixed cost per sub-batch layer; hand-off: what a pipelined sub-batch's trip to "
+          "the CPU and back adds per layer beyond its copies, as profiled then measured; both are "
+          "the scheduler's running corrections, carried over from one policy to the next; wait: "
+          "the CPU pool workers' time waiting for their cores, of the time they wanted one")
     for policy, r in results.items():
         if r["cpu_fit"]:
-            print(f"{policy}: CPU program measured over predicted, by CPU decodes: " + ", ".join(
-                f"{b['decodes']}: {b['median_ratio']:.2f} ({b['iterations']} it.)"
-                for b in r["cpu_fit"]))
+            print(f"{policy}: {cpu_fit_text(r['cpu_fit'])} (iterations)")
     for policy, r in results.items():
         guard = r["offload_guard"]
         if policy == "auto" and guard["stops"]:

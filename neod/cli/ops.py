@@ -78,8 +78,7 @@ def render_status(result: dict[str, Any]) -> str:
     ]
     fit = (eng.get("iterations") or {}).get("cpu_fit")
     if fit:
-        lines.append("CPU fit   measured over predicted CPU time, by CPU decodes: " + ", ".join(
-            f"{b['decodes']}: {b['median_ratio']:.2f}x ({b['iterations']})" for b in fit))
+        lines.append(f"CPU fit   {cpu_fit_text(fit)}")
     for key in sorted(set(eng) - _SHOWN_ENGINE_KEYS - {"error", "state"}):
         value = eng[key]
         if isinstance(value, dict):
@@ -87,6 +86,13 @@ def render_status(result: dict[str, Any]) -> str:
                               if v is not None and k != "cpu_fit") or "-"
         lines.append(f"{key:<9} {value}")
     return "\n".join(lines)
+
+
+def cpu_fit_text(fit: list[dict[str, Any]]) -> str:
+    """The CPU program's measured over predicted time by CPU batch size (neod.engine.stats)."""
+    return "measured over predicted CPU time, by CPU decodes: " + ", ".join(
+        f"{b['decodes']}: {b['median_ratio']:.2f}x ({b['iterations']})" for b in fit
+    )
 
 
 def _cpu_cost(scale: dict[str, Any] | None) -> str:

@@ -108,9 +108,8 @@ def _render_prediction(p: dict[str, Any]) -> str:
     corrected = [] if c is None else [
         f"as {'the running' if c['source'] == 'running' else 'the last'} neod measured: "
         f"CPU attention {c['cpu_scale']:.2f}x the profile + {c['cpu_fixed_us']:g} us per "
-        f"sub-batch layer "
-        f"({c['cpu_samples']} iterations), pipeline hand-offs +{c['handoff_us']:g} us "
-        f"({c['handoff_samples']} iterations)"
+        f"sub-batch layer ({c['cpu_samples']} iterations), pipeline hand-offs "
+        f"+{c['handoff_us']:g} us ({c['handoff_samples']} iterations)"
     ]
     untimed = [] if p.get("handoff_timed", True) else [
         "note: this profile's pipeline hand-off is not timed yet (neod times it at its next "
@@ -182,8 +181,8 @@ def register(app: typer.Typer) -> None:
             False,
             "--as-measured",
             help="correct the profile as neod measures this host while serving (its CPU "
-            "attention scale and pipeline hand-off): the running neod's, else those the last one "
-            "kept beside the profile",
+            "attention scale and fixed cost, and pipeline hand-off): the running neod's, else "
+            "those the last one kept beside the profile",
         ),
         json_out: bool = typer.Option(False, "--json"),
     ) -> None:

@@ -254,8 +254,8 @@ class Engine:
         }
 
     def _pipeline_handoff(self) -> dict[str, float | int] | None:
-        """What a pipelined layer costs beyond its overlap bound, as measured (see
-        neod.sched.calibration)."""
+        """The hand-off of a pipelined sub-batch with CPU work, per layer, as profiled and as
+        measured (see neod.sched.calibration)."""
         cost = getattr(self.rt.scheduler, "cost", None)
         if not isinstance(cost, CalibratedCostModel):
             return None

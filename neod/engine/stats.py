@@ -8,9 +8,10 @@ from typing import Any
 from neod.sched import Plan
 
 WINDOW = 512  # iterations kept for the percentiles and the prediction error
-# Upper bounds of the CPU batch-size bins for the CPU program's measured over predicted time: one
-# running correction serves every size, so a misfit shows as bins on either side of 1.
-CPU_BINS = (1, 3, 7, 15, 31)
+# CPU batch sizes (first, last; None: no last) binned for the CPU program's measured over predicted
+# time: the corrections are fitted over all sizes at once, so a misfit shows as bins on either
+# side of 1.
+CPU_BINS = ((1, 1), (2, 3), (4, 7), (8, 15), (16, 31), (32, None))
 
 
 class EngineStats:
@@ -59,18 +60,20 @@ class EngineStats:
     def _cpu_fit(self) -> list[dict[str, Any]]:
         """Per bin of CPU batch sizes: iterations and the median of measured over predicted CPU
         program time, the prediction carrying the correction of its moment."""
-        bins: dict[int, list[float]] = {}
-        for num_cpu, measured, predicted in self._cpu_recent:
-            top = next((b for b in CPU_BINS if num_cpu <= b), 0)  # 0: above the last bin
-            bins.setdefault(top, []).append(measured / predicted)
         fit = []
-        for low, top in zip((1, *(b + 1 for b in CPU_BINS)), (*CPU_BINS, 0), strict=True):
-            ratios = sorted(bins.get(top, ()))
+        for first, last in CPU_BINS:
+            ratios = sorted(measured / predicted for n, measured, predicted in self._cpu_recent
+                            if first <= n and (last is None or n <= last))
             if ratios:
-                label = f"{low}+" if not top else str(top) if top == low else f"{low}-{top}"
-                fit.append({"decodes": label, "iterations": len(ratios),
+                fit.append({"decodes": _bin_label(first, last), "iterations": len(ratios),
                             "median_ratio": _median(ratios)})
         return fit
+
+
+def _bin_label(first: int, last: int | None) -> str:
+    if last is None:
+        return f"{first}+"
+    return str(first) if last == first else f"{first}-{last}"
 
 
 def _median(values: list[float]) -> float | None:

@@ -193,8 +193,9 @@ class Profile:
         None  # per layer, vs (sequences, context tokens); None: no host pool
     )
     cpu_tile_path: str | None = None  # the AMX products cpu_decode_attn ran with (amx_in_use)
-    # Per pipelined layer: a whole pipelined iteration's time over the overlap bound the tables
-    # give (neod.sched.cost); None until timed, which needs the engine's captured graphs.
+    # Per layer of each pipelined sub-batch with CPU work: what makes a whole pipelined
+    # iteration's predicted period (neod.sched.cost) the measured one; None until timed, which
+    # needs the engine's captured graphs.
     pipeline_handoff: float | None = None
     meta: Mapping[str, Any] = field(
         default_factory=dict
@@ -251,8 +252,12 @@ def write_json_atomic(data: Any, path: str | os.PathLike[str]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+        raise
 
 
 def read_json(path: str | os.PathLike[str], what: str, otherwise: str) -> Any:
