@@ -392,8 +392,54 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(tmp_path):
     assert len(set(alone)) > 1
 
 
-def test_a_queued_prompt_over_a_lowered_token_budget_ends_as_too_long(tmp_path, caplog):
-    engine = make_engine(tmp_path, **{"scheduler.policy": "gpu-only"})
+def recording_plans(engine: Engine) -> list:
+    """The plans the engine's scheduler makes from now on, in order."""
+    plans = []
+    schedule = engine.rt.scheduler.schedule
+
+    def record(*args, **kwargs):
+        plans.append(schedule(*args, **kwargs))
+        return plans[-1]
+
+    engine.rt.scheduler.schedule = record
+    return plans
+
+
+@pytest.mark.parametrize("policy", ["gpu-only", "neo"])
+def test_prompts_over_the_token_budget_are_prefilled_in_chunks_with_unchanged_tokens(
+    tmp_path, policy
+):
+    """Prompts up to ~5x the token budget (the GPU pool holds 256 tokens) among short ones, under
+    swaps and CPU decodes too: the greedy tokens are those of each request alone, prefilled
+    whole."""
+    rng = random.Random(5)
+    ps = prompts(10, seed=5) + [[rng.randrange(256) for _ in range(n)] for n in (64, 65, 150, 230)]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    engine = make_engine(tmp_path, **{"scheduler.policy": policy,
+                                      "scheduler.max_tokens_in_batch": 48}, **SMALL_GPU_POOL)
+    plans = recording_plans(engine)
+    for i, p in enumerate(ps):
+        engine.add_request(f"r{i}", p, params)
+    outs = run_all(engine)
+    assert_all_free(engine)
+    chunks = [n for plan in plans for n in plan.chunked.values()]
+    assert len(chunks) >= 230 // 48 and max(chunks) <= 48
+    if policy == "neo":
+        assert any(plan.decode_cpu_b0 or plan.decode_cpu_b1 for plan in plans)
+    got = {k: tokens_of(v) for k, v in outs.items()}
+    expected = {f"r{i}": reference_greedy(engine, p, params.max_tokens) for i, p in enumerate(ps)}
+    assert_greedy_equal(engine, {f"r{i}": p for i, p in enumerate(ps)}, expected, got)
+
+
+def test_a_queued_prompt_over_a_lowered_budget_and_the_gpu_pool_ends_as_too_long(
+    tmp_path, caplog
+):
+    """A prompt longer than the GPU pool is prefilled whole on the CPU or not at all: once the
+    token budget drops below it, it cannot be served, and says why."""
+    engine = make_engine(tmp_path, **{"scheduler.policy": "neo",
+                                      "cache.gpu_kv_gib": 8 * 16 * 2048 / 2**30,
+                                      "cache.cpu_kv_gib": 0.01, "model.dtype": "float16"})
+    assert engine.stats()["kv_gpu"]["blocks_total"] == 8
     engine.tune(max_batch_size=1)  # one at a time: the long prompts queue behind the short one
     engine.add_request("short", [1] * 10, GREEDY)
     for i in range(8):
@@ -410,8 +456,9 @@ def test_a_queued_prompt_over_a_lowered_token_budget_ends_as_too_long(tmp_path, 
         last = outs[f"long{i}"][-1]
         assert last.finish_reason == FinishReason.ERROR
         assert last.error_kind == EngineError.PROMPT_TOO_LONG
-        assert last.error.endswith(  # dropped from the queue, with the bound that binds
-            f"{300 + i} tokens to prefill exceed scheduler.max_tokens_in_batch (64)"
+        assert last.error.endswith(  # dropped from the queue, with the bounds that bind
+            f"{300 + i} tokens to prefill exceed scheduler.max_tokens_in_batch (64) and the GPU "
+            "KV pool (128 tokens), where longer prompts are prefilled in chunks"
         )
     assert outs["short"][-1].finish_reason == FinishReason.LENGTH
     assert_all_free(engine)

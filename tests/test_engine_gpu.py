@@ -8,6 +8,8 @@ come back.
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from test_engine import (
     ScriptedScheduler,
@@ -16,6 +18,7 @@ from test_engine import (
     check_live_tuning_keeps_cpu_requests_tokens,
     make_engine,
     prompts,
+    recording_plans,
     run_all,
     tokens_of,
 )
@@ -60,6 +63,26 @@ def test_gpu_neo_greedy_equals_gpu_only(tmp_path, policy):
         # The script puts rows on the CPU every iteration: the pool's accounting is live.
         share = engine.stats()["cpu_pool"]["computing_share"]
         assert share is not None and 0 < share <= 1
+
+
+@pytest.mark.parametrize("policy", ["gpu-only", "neo"])
+def test_gpu_chunked_prefills_keep_greedy_tokens(tmp_path, policy):
+    """Prompts up to ~5x the token budget go in chunks, whose attention reads their prefix from
+    the pool (flash, bottom-right causal): the tokens are those of whole prefills."""
+    rng = random.Random(12)
+    ps = prompts(10, seed=12) + [[rng.randrange(256) for _ in range(n)] for n in (64, 150, 230)]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    expected = run(
+        make_engine(tmp_path, **{"scheduler.policy": "gpu-only"}, **SMALL_GPU), ps, params
+    )
+    engine = make_engine(
+        tmp_path, **{"scheduler.policy": policy, "scheduler.max_tokens_in_batch": 48}, **SMALL_GPU
+    )
+    plans = recording_plans(engine)
+    got = run(engine, ps, params)
+    assert len([n for plan in plans for n in plan.chunked.values()]) >= 230 // 48
+    assert_greedy_equal(engine, {f"r{i}": p for i, p in enumerate(ps)}, expected, got)
+    assert_all_free(engine)
 
 
 @pytest.mark.parametrize("knobs", [{"cpu_threads": 1}, {"policy": "gpu-only"}])

@@ -237,6 +237,39 @@ def test_prefill_attention_is_causal_per_prompt(dtype, group):
     assert _rel_err(out, _naive_prefill(q, k, v, cu_seqlens, scale)) < _tol(dtype)
 
 
+def chunk_case(g, lens_k, lens_q, num_kv_heads, group, head_dim, dtype, device="cpu"):
+    """Prompts of lens_k tokens whose last lens_q are this step's queries (a chunk after its
+    prefix): (q of the chunks, packed k, v of the whole prompts, cu_q, cu_k, the whole prompts' q,
+    rows of the chunks among them)."""
+    total = sum(lens_k)
+    whole_q = torch.randn(total, num_kv_heads * group, head_dim, generator=g).to(dtype)
+    k = torch.randn(total, num_kv_heads, head_dim, generator=g).to(dtype)
+    v = torch.randn(total, num_kv_heads, head_dim, generator=g).to(dtype)
+    cu_k = [0, *itertools.accumulate(lens_k)]
+    rows = [r for end, n in zip(cu_k[1:], lens_q, strict=True) for r in range(end - n, end)]
+    cu_q = [0, *itertools.accumulate(lens_q)]
+    as_t = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
+    return (whole_q[rows].to(device), k.to(device), v.to(device), as_t(cu_q), as_t(cu_k),
+            whole_q, torch.tensor(rows))  # fmt: skip
+
+
+# (keys, queries) per prompt: no prefix, one query, a chunk ending on / crossing a block boundary,
+# an empty prompt.
+CHUNKS = ([40, 1, 33, 0, 17, 64], [12, 1, 17, 0, 17, 16])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [1, 4])
+def test_prefill_attention_over_a_prefix_gives_the_whole_prompts_last_rows(dtype, group):
+    g = _gen(7 + group)
+    lens_k, lens_q = CHUNKS
+    q, k, v, cu_q, cu_k, whole_q, rows = chunk_case(g, lens_k, lens_q, 2, group, 64, dtype)
+    out = reference.prefill_attention(q, k, v, cu_q, max(lens_q), 0.1, cu_k)
+    want = _naive_prefill(whole_q, k, v, cu_k, 0.1)[rows]
+    assert out.dtype == dtype
+    assert _rel_err(out, want) < _tol(dtype)
+
+
 @pytest.mark.parametrize("layers", [None, [1], [0, 2]])
 def test_swap_blocks_copies_chosen_block_layers_only(layers):
     g = _gen(3)

@@ -10,6 +10,7 @@ failures.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -101,14 +102,16 @@ class SimSeq:
 
     def view(self) -> SeqView:
         waiting = self.residence == Residence.WAITING
+        chunking = not waiting and self.computed < self.num_tokens - 1  # as neod.engine.sequence
         return SeqView(
             self.seq_id,
             self.seq_id,
-            self.num_tokens if waiting else self.prompt,
+            self.num_tokens if waiting or chunking else self.prompt,
             self.computed,
             self.max_total,
             self.residence,
             self.last_progress,
+            self.num_tokens - self.computed if chunking else 0,
         )
 
 
@@ -180,7 +183,8 @@ class Sim:
         for ids, where in ((plan.prefill_gpu, Residence.GPU), (plan.prefill_cpu, Residence.CPU)):
             for sid in ids:
                 s = self.seqs[sid]
-                s.residence, s.computed = where, s.num_tokens
+                s.residence = where
+                s.computed = min(s.num_tokens, s.computed + plan.chunked.get(sid, s.num_tokens))
                 if s.first_admitted is None:
                     s.first_admitted = self.step
                     self.admissions.append(sid)
@@ -198,8 +202,10 @@ class Sim:
             *plan.decode_cpu_b1,
         ):
             s = self.seqs[sid]
-            s.num_tokens += 1
             s.last_progress = self.step
+            if sid in plan.chunked:
+                continue  # a chunk of its prompt: nothing sampled yet
+            s.num_tokens += 1
             if s.num_tokens >= s.max_total:
                 self.finish(s)
         for s in self.seqs.values():
@@ -289,8 +295,14 @@ def test_crowded_offloading_stays_valid_and_predictions_match_the_plans(case):
 def replay_prediction(plan: Plan, waiting, running, cost, bs: int) -> float:
     """The plan's iteration time from the public formulas, rebuilt from the plan alone."""
     views = {v.seq_id: v for v in (*waiting, *running)}
-    prompts = [views[i].num_prompt_tokens for i in (*plan.prefill_gpu, *plan.prefill_cpu)]
-    base = BatchLoad(sum(prompts), cost.prefill_attn_s(prompts) if prompts else 0.0, len(prompts))
+    prefills = [views[i] for i in (*plan.prefill_gpu, *plan.prefill_cpu)]
+    tokens = [plan.chunked.get(v.seq_id) or v.prefill_left for v in prefills]
+    # A chunk after a prefix of c attends like a whole prompt of sqrt(n^2 + 2 n c) tokens.
+    attn = [
+        math.isqrt(n * n + 2 * n * v.num_computed_tokens)
+        for v, n in zip(prefills, tokens, strict=True)
+    ]
+    base = BatchLoad(sum(tokens), cost.prefill_attn_s(attn) if attn else 0.0, len(attn))
     gpu = [views[i] for i in plan.decode_gpu]
     b0 = base.plus_gpu_decodes(len(gpu), sum(v.decode_ctx_tokens for v in gpu))
     for ids, into in ((plan.decode_cpu_b0, "b0"), (plan.decode_cpu_b1, "b1")):
@@ -391,10 +403,16 @@ def test_prompt_that_never_fits_does_not_block_the_queue():
     cache = CacheView(16, 100, 100, 0, 0)
     plan = sched.schedule(waiting, [], cache, Limits(8, 256, "gpu-only"), 1)
     assert plan.unservable == {
-        0: "500 tokens to prefill exceed scheduler.max_tokens_in_batch (256)",
-        2: "2000 tokens to prefill exceed scheduler.max_tokens_in_batch (256)",
+        2: "2000 tokens to prefill exceed scheduler.max_tokens_in_batch (256) and the GPU KV pool "
+        "(1600 tokens), where longer prompts are prefilled in chunks",
     }
-    assert plan.prefill_gpu == [1]
+    # The GPU pool holds 500 tokens: that prompt starts in chunks, and takes the whole budget.
+    assert plan.prefill_gpu == [0] and plan.chunked == {0: 256}
+    started = dataclasses.replace(waiting[0], num_computed_tokens=256, residence=Residence.GPU,
+                                  num_prefill_left=244)  # fmt: skip
+    plan = sched.schedule(waiting[1:], [started], CacheView(16, 100, 84, 0, 0),
+                          Limits(8, 256, "gpu-only"), 2)  # fmt: skip
+    assert plan.prefill_gpu == [0, 1] and plan.chunked == {}  # its last chunk, then the next
     # With the budget raised, the pool binds: 2000 tokens need 125 blocks, the GPU has 100.
     plan = sched.schedule(waiting, [], cache, Limits(8, 4096, "gpu-only"), 1)
     assert plan.unservable == {

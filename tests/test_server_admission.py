@@ -7,7 +7,7 @@ from neod.engine.request import SamplingParams
 from neod.protocol import ErrorCode, Generate
 from neod.server.admission import limits_error, prompt_error, prompt_limit, sampling_params
 
-INFO = {"max_model_len": 100, "max_tokens_in_batch": 64, "vocab_size": 300}
+INFO = {"max_model_len": 100, "max_prefill_tokens": 64, "vocab_size": 300}
 
 
 def test_limits() -> None:
@@ -21,7 +21,7 @@ def test_limits() -> None:
 
 def test_prompt_limit_is_the_tightest_of_context_batch_and_config() -> None:
     assert prompt_limit(INFO, ServerConfig()) == 64  # one prefill batch
-    assert prompt_limit({**INFO, "max_tokens_in_batch": 8192}, ServerConfig()) == 99  # context - 1
+    assert prompt_limit({**INFO, "max_prefill_tokens": 8192}, ServerConfig()) == 99  # context - 1
     assert prompt_limit(INFO, ServerConfig(max_prompt_tokens=10)) == 10
 
 
@@ -31,8 +31,8 @@ def test_prompt_errors() -> None:
     assert prompt_error([], INFO, srv) == (ErrorCode.BAD_REQUEST, "the prompt is empty")
     code, message = prompt_error([1] * 65, INFO, srv)
     assert code == ErrorCode.PROMPT_TOO_LONG and "65 tokens; at most 64" in message
-    assert "scheduler.max_tokens_in_batch" in message  # the bound that binds is named
-    code, message = prompt_error([1] * 100, {**INFO, "max_tokens_in_batch": 8192}, srv)
+    assert "scheduler.max_tokens_in_batch, or in chunks" in message  # the binding bound named
+    code, message = prompt_error([1] * 100, {**INFO, "max_prefill_tokens": 8192}, srv)
     assert "at most 99" in message and "context of 100 tokens" in message
     code, message = prompt_error([1] * 11, INFO, ServerConfig(max_prompt_tokens=10))
     assert "at most 10" in message and "server.max_prompt_tokens" in message

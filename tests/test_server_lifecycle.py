@@ -77,7 +77,7 @@ class Double:
         return out
 
     def stats(self) -> dict[str, Any]:
-        return {"model": "double", "max_model_len": 512, "max_tokens_in_batch": 512,
+        return {"model": "double", "max_model_len": 512, "max_prefill_tokens": 512,
                 "vocab_size": 300, "running": len(self.running)}
 
     def tune(self, **knobs: Any) -> dict[str, Any]:

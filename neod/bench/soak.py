@@ -150,7 +150,7 @@ def random_knobs(rng: random.Random, start: dict[str, Any]) -> dict[str, Any]:
     knobs: dict[str, Any] = {
         "policy": rng.choice(["auto", "neo", "gpu-only"]),
         "max_batch_size": rng.choice([1, 2, 8]) if rng.random() < 0.5 else start["max_batch_size"],
-        # Below some prompts' lengths: those still queued then end with prompt_too_long.
+        # Below some prompts' lengths: those are then prefilled in chunks.
         "max_tokens_in_batch": (
             rng.choice([64, 256]) if rng.random() < 0.2 else start["max_tokens_in_batch"]
         ),

@@ -3,19 +3,23 @@
 Rows are ordered `[GPU prefill tokens | CPU prefill tokens | GPU decodes | CPU decodes]`. The GPU
 attention metadata covers the first three groups (CPU-bound prefill rows carry slot -1: their KV
 goes to the host pool instead); the CPU decode rows are the tail, so their Q/K/V leave the GPU as
-one contiguous row range and their attention output comes back the same way. All host-side index
+one contiguous row range and their attention output comes back the same way. A GPU prefill may be a
+chunk of its prompt: its rows are the chunk's tokens, and its attention also reads the KV of the
+chunks before, already in the GPU pool. All host-side index
 tensors are built once per iteration, in two steps: the sequences become `BatchRows` (plain
 integers), which become tensors; with tensor parallelism the other ranks receive the rows.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from neod.engine.sequence import Sequence
-from neod.model.attention import AttentionMetadata
+from neod.model.attention import AttentionMetadata, PrefillContext
 
 
 @dataclass
@@ -29,12 +33,14 @@ class BatchRows:
     input_ids: list[int]  # [T]
     positions: list[int]  # [T]
     cu_seqlens: list[int]  # [P+1] over all prefills, GPU then CPU
+    prefill_starts: list[int]  # [P] tokens of each prefill's prompt computed before (its prefix)
+    prefix_slots: list[int]  # GPU-pool slots of those prefixes' tokens, prefill after prefill
     gpu_slots: list[int]  # [num_gpu_rows]; -1 on CPU-bound prefill rows
     gpu_block_tables: list[list[int]]  # block ids of each GPU decode
     cpu_prefill_slots: list[int]  # host-pool slots of the CPU-bound prefill rows
     num_gpu_prefill_tokens: int
     cpu_block_tables: list[list[int]]  # block ids of each CPU decode
-    sample_rows: list[int]  # last row of each sequence
+    sample_rows: list[int]  # last row of each sequence that samples this step
 
 
 @dataclass
@@ -49,7 +55,7 @@ class SubBatch:
     num_cpu_decodes: int  # the last rows of the batch
     cpu_block_tables: torch.Tensor  # [Bc, max_blocks] int32, host
     cpu_seq_lens: torch.Tensor  # [Bc] int32, host; includes the token computed now
-    sample_indices: torch.Tensor  # [num seqs] int64, model device: last row of each sequence
+    sample_indices: torch.Tensor  # [S] int64, model device: last row of each sampling sequence
     rows: BatchRows  # what the tensors were made from (sent to the other tensor-parallel ranks)
 
     @property
@@ -86,20 +92,26 @@ def batch_rows(
     positions: list[int] = []
     gpu_slots: list[int] = []
     cu_seqlens = [0]
+    starts: list[int] = []
+    prefix_slots: list[int] = []
     sample_rows: list[int] = []
     cpu_slots: list[int] = []
     for group, on_gpu in ((gpu_prefills, True), (cpu_prefills, False)):
         for s in group:
-            n = len(s.token_ids)
-            input_ids += s.token_ids
-            positions += range(n)
-            cu_seqlens.append(cu_seqlens[-1] + n)
-            sample_rows.append(cu_seqlens[-1] - 1)
+            start = s.num_computed_tokens
+            end = start + s.step_tokens
+            input_ids += s.token_ids[start:end]
+            positions += range(start, end)
+            cu_seqlens.append(cu_seqlens[-1] + end - start)
+            starts.append(start)
+            prefix_slots += _slots(s, 0, start, block_size)
+            if s.samples:
+                sample_rows.append(cu_seqlens[-1] - 1)
             if on_gpu:
-                gpu_slots += _slots(s, 0, n, block_size)
+                gpu_slots += _slots(s, start, end, block_size)
             else:
-                gpu_slots += [-1] * n
-                cpu_slots += _slots(s, 0, n, block_size)
+                gpu_slots += [-1] * (end - start)
+                cpu_slots += _slots(s, start, end, block_size)
     for group, on_gpu in ((gpu_decodes, True), (cpu_decodes, False)):
         for s in group:
             pos = len(s.token_ids) - 1
@@ -112,17 +124,42 @@ def batch_rows(
         input_ids=input_ids,
         positions=positions,
         cu_seqlens=cu_seqlens,
+        prefill_starts=starts,
+        prefix_slots=prefix_slots,
         gpu_slots=gpu_slots,
         gpu_block_tables=[list(s.block_ids) for s in gpu_decodes],
         cpu_prefill_slots=cpu_slots,
-        num_gpu_prefill_tokens=sum(len(s.token_ids) for s in gpu_prefills),
+        num_gpu_prefill_tokens=sum(s.step_tokens for s in gpu_prefills),
         cpu_block_tables=[list(s.block_ids) for s in cpu_decodes],
         sample_rows=sample_rows,
     )
 
 
+def _prefill_context(
+    rows: BatchRows, block_size: int, to_dev: Callable[[list[int], torch.dtype], torch.Tensor]
+) -> PrefillContext | None:
+    """The packed keys' layout when a prefill continues a prompt (None: keys are the rows)."""
+    if not any(rows.prefill_starts):
+        return None
+    cu, prefix_rows, new_rows = [0], [], []
+    for p, start in enumerate(rows.prefill_starts):
+        n = rows.cu_seqlens[p + 1] - rows.cu_seqlens[p]
+        prefix_rows += range(cu[-1], cu[-1] + start)
+        new_rows += range(cu[-1] + start, cu[-1] + start + n)
+        cu.append(cu[-1] + start + n)
+    return PrefillContext(
+        cu_seqlens=to_dev(cu, torch.int32),
+        max_seqlen=max(b - a for a, b in itertools.pairwise(cu)),
+        num_keys=cu[-1],
+        prefix_blocks=to_dev([slot // block_size for slot in rows.prefix_slots], torch.int64),
+        prefix_offsets=to_dev([slot % block_size for slot in rows.prefix_slots], torch.int64),
+        prefix_rows=to_dev(prefix_rows, torch.int64),
+        new_rows=to_dev(new_rows, torch.int64),
+    )
+
+
 def sub_batch_from_rows(
-    rows: BatchRows, seqs: list[Sequence], device: torch.device
+    rows: BatchRows, seqs: list[Sequence], device: torch.device, block_size: int
 ) -> SubBatch:
     """The sub-batch's tensors on `device`; `seqs` in row order (empty on a rank that only
     follows)."""
@@ -147,6 +184,7 @@ def sub_batch_from_rows(
         slot_ids=to_dev(rows.gpu_slots, torch.int64),
         block_tables=_block_table(rows.gpu_block_tables).to(device, non_blocking=True),
         seq_lens=to_dev(decode_lens[:num_gpu_decodes], torch.int32),
+        context=_prefill_context(rows, block_size, to_dev),
     )
     return SubBatch(
         seqs=seqs,
@@ -175,4 +213,4 @@ def build_sub_batch(
     """The sub-batch of these sequences on `device` (see `batch_rows`)."""
     rows = batch_rows(gpu_prefills, cpu_prefills, gpu_decodes, cpu_decodes, block_size)
     seqs = gpu_prefills + cpu_prefills + gpu_decodes + cpu_decodes
-    return sub_batch_from_rows(rows, seqs, device)
+    return sub_batch_from_rows(rows, seqs, device, block_size)

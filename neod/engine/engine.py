@@ -93,18 +93,22 @@ class Engine:
             start = time.perf_counter()
             cpu_busy_before = self.rt.executor.cpu_busy_s
             logits = self.rt.forward(batches)
+            sampling = [s for s in order if s.samples]
             tokens = sample(
                 torch.cat(logits) if len(logits) > 1 else logits[0],
-                [s.params for s in order],
-                [s.generator for s in order],
+                [s.params for s in sampling],
+                [s.generator for s in sampling],
                 self._default_generator,
-            )
+            ) if sampling else []  # fmt: skip
             elapsed = time.perf_counter() - start
             cpu_busy = self.rt.executor.cpu_busy_s - cpu_busy_before
-            self.iteration_stats.record_iteration(plan, elapsed, len(order), cpu_busy)
-            self._learn(plan, elapsed, cpu_busy, len(order))
+            self.iteration_stats.record_iteration(plan, elapsed, len(sampling), cpu_busy)
+            self._learn(plan, elapsed, cpu_busy, len(sampling))
             self.corrections.tick()
-            for seq, token in zip(order, tokens, strict=True):
+            for seq in order:
+                if not seq.samples:
+                    self._advance_chunk(seq)
+            for seq, token in zip(sampling, tokens, strict=True):
                 self._advance(seq, token, outputs)
         return self._take_outbox()
 
@@ -198,6 +202,7 @@ class Engine:
             "policy": policy,
             "max_batch_size": max_batch,
             "max_tokens_in_batch": max_tokens,
+            "max_prefill_tokens": self.max_prefill_tokens,
             "cpu_threads": self.rt.cpu_threads,
         }
 
@@ -211,6 +216,7 @@ class Engine:
             "policy": self.limits.policy,
             "max_batch_size": self.limits.max_batch_size,
             "max_tokens_in_batch": self.limits.max_tokens_in_batch,
+            "max_prefill_tokens": self.max_prefill_tokens,
             "max_model_len": self.rt.max_model_len,
             "vocab_size": self.rt.vocab_size,
             "waiting": len(self.waiting),
@@ -343,7 +349,7 @@ class Engine:
             return self._reject(
                 request_id, f"prompt token ids must be integers in [0, {rt.vocab_size})", out
             )
-        limit = min(rt.max_model_len - 1, self.limits.max_tokens_in_batch)
+        limit = min(rt.max_model_len - 1, self.max_prefill_tokens)
         if len(prompt) > limit:
             return self._reject(
                 request_id,
@@ -370,6 +376,11 @@ class Engine:
         if seq.residence == Residence.WAITING:
             self.waiting.remove(seq)
         self._finish(seq, reason, out, error=message)
+
+    @property
+    def max_prefill_tokens(self) -> int:
+        """Longest prefill: one iteration's token budget, or in chunks what the GPU pool holds."""
+        return max(self.limits.max_tokens_in_batch, self.gpu_blocks.num_blocks * self.block_size)
 
     def _allocator(self, residence: Residence) -> BlockAllocator:
         return self.gpu_blocks if residence == Residence.GPU else self.cpu_blocks
@@ -438,6 +449,7 @@ class Engine:
             seq = self.running.pop(sid)
             self._release(seq)
             seq.residence, seq.num_computed_tokens = Residence.WAITING, 0
+            seq.chunk_tokens = None
             self.waiting.append(seq)
         if plan.preempt:
             self.waiting.sort(key=lambda s: s.seq_id)
@@ -459,6 +471,7 @@ class Engine:
                     self.running[sid] = seq
                 else:
                     seq = self.running[sid]
+                seq.chunk_tokens = plan.chunked.get(sid)
                 need = seq.blocks_needed(self.block_size) - len(seq.block_ids)
                 if need > 0:
                     seq.block_ids += self._allocator(residence).allocate(need)
@@ -487,6 +500,12 @@ class Engine:
             )
         order = [s for b in batches for s in b.seqs]
         return batches, order
+
+    def _advance_chunk(self, seq: Sequence) -> None:
+        """A chunk of a prompt is in: the rest follows in later steps, nothing to sample yet."""
+        seq.num_computed_tokens += seq.step_tokens
+        seq.chunk_tokens = None
+        seq.last_progress_step = self.step_index
 
     def _advance(self, seq: Sequence, token: int, out: list[RequestOutput]) -> None:
         seq.num_computed_tokens = len(seq.token_ids)

@@ -2,7 +2,9 @@
 
 A sequence is counters plus the ids of the KV blocks it holds on its one residence device. Prefill,
 decode, swap and recompute all fall out of `num_computed_tokens` versus `len(token_ids)`: after a
-preemption the counter drops to zero and the whole history is prefilled again.
+preemption the counter drops to zero and the whole history is prefilled again. A prefill done in
+chunks leaves the counter part-way; once only the last token is left, that token is an ordinary
+decode step.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class Sequence:
         self.residence = Residence.WAITING
         self.block_ids: list[int] = []
         self.num_computed_tokens = 0
+        # Set by the engine when this step prefills a chunk only; None: all that is left.
+        self.chunk_tokens: int | None = None
         self.last_progress_step = 0
         self.num_emitted_tokens = 0  # output tokens already reported to the caller
         self.finish_reason: FinishReason | None = None
@@ -43,19 +47,30 @@ class Sequence:
 
     @property
     def is_prefill(self) -> bool:
-        return self.num_computed_tokens == 0
+        return self.num_computed_tokens == 0 or self.num_computed_tokens < len(self.token_ids) - 1
 
     def tokens_to_compute(self) -> int:
-        """Tokens this sequence feeds to the model in its next step: the whole history, or the last
+        """Tokens left before it samples: the rest of its history while prefilling, else the last
         token."""
-        return len(self.token_ids) if self.is_prefill else 1
+        return len(self.token_ids) - self.num_computed_tokens if self.is_prefill else 1
+
+    @property
+    def step_tokens(self) -> int:
+        """Tokens it feeds to the model this step."""
+        return self.tokens_to_compute() if self.chunk_tokens is None else self.chunk_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the end of its history, and so samples a token."""
+        return self.chunk_tokens is None
 
     def blocks_needed(self, block_size: int) -> int:
         """Blocks that must be held once this step's tokens are stored."""
-        num_tokens = self.num_computed_tokens + self.tokens_to_compute()
+        num_tokens = self.num_computed_tokens + self.step_tokens
         return -(-num_tokens // block_size)
 
     def view(self) -> SeqView:
+        chunking = self.residence != Residence.WAITING and self.is_prefill
         return SeqView(
             seq_id=self.seq_id,
             arrival=self.seq_id,
@@ -66,6 +81,7 @@ class Sequence:
             max_total_tokens=self.max_total_tokens,
             residence=self.residence,
             last_progress_step=self.last_progress_step,
+            num_prefill_left=self.tokens_to_compute() if chunking else 0,
         )
 
 

@@ -107,18 +107,24 @@ def prefill_attention(
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
     scale: float,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_k: int = 0,
 ) -> torch.Tensor:
-    """Causal attention within each packed prompt."""
-    # q: [T, Hq, D]; k, v: [T, Hkv, D]; cu_seqlens: [P+1] int32 -> [T, Hq, D]
+    """Causal attention within each packed prompt; with `cu_seqlens_k`, over keys that may start
+    with a prefix (see reference.prefill_attention)."""
+    # q: [T, Hq, D]; k, v: [Tk, Hkv, D]; cu_seqlens(_k): [P+1] int32 -> [T, Hq, D]
     head_dim = q.shape[-1]
     flash = q.is_cuda and q.dtype in _FLASH_DTYPES and head_dim % 8 == 0 and head_dim <= 256
     if flash and _flash_capable(q.device.index):
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        # (q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, return_debug_mask)
+        cu_k = cu if cu_seqlens_k is None else cu_seqlens_k.to(device=q.device, dtype=torch.int32)
+        max_k = max_seqlen if cu_seqlens_k is None else max_seqlen_k
+        # (q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, return_debug_mask); flash
+        # aligns the causal mask bottom-right: a chunk's queries see their prefix.
         return torch.ops.aten._flash_attention_forward(
-            q, k, v, cu, cu, max_seqlen, max_seqlen, 0.0, True, False, scale=scale
+            q, k, v, cu, cu_k, max_seqlen, max_k, 0.0, True, False, scale=scale
         )[0]
-    return reference.prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale)
+    return reference.prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, cu_seqlens_k)
 
 
 def swap_blocks(

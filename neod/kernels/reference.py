@@ -152,21 +152,36 @@ def prefill_attention(
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
     scale: float,
+    cu_seqlens_k: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention within each packed prompt; GQA by head grouping."""
-    # q: [T, Hq, D]; k, v: [T, Hkv, D]; cu_seqlens: [P+1] int32 -> out [T, Hq, D] in q's dtype
+    """Causal attention of each packed prompt's queries over its keys; GQA by head grouping.
+
+    With `cu_seqlens_k`, prompt p's keys are rows [cu_seqlens_k[p], cu_seqlens_k[p + 1]) of k and v,
+    of which its queries are the last ones (a chunk after its prefix): query i of a prompt with n
+    queries and m keys sees keys 0 .. m - n + i.
+    """
+    # q: [T, Hq, D]; k, v: [Tk, Hkv, D]; cu_seqlens(_k): [P+1] int32 -> out [T, Hq, D] in q's dtype
     del max_seqlen  # the per-prompt loop reads exact lengths from cu_seqlens
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
-    for start, stop in itertools.pairwise(bounds):
+    key_bounds = bounds if cu_seqlens_k is None else cu_seqlens_k.tolist()
+    for (start, stop), (k_start, k_stop) in zip(
+        itertools.pairwise(bounds), itertools.pairwise(key_bounds), strict=True
+    ):
         if stop == start:
             continue
         # SDPA wants [heads, len, D]
         qs = q[start:stop].float().transpose(0, 1)
-        ks = k[start:stop].float().transpose(0, 1)
-        vs = v[start:stop].float().transpose(0, 1)
+        ks = k[k_start:k_stop].float().transpose(0, 1)
+        vs = v[k_start:k_stop].float().transpose(0, 1)
+        prefix = (k_stop - k_start) - (stop - start)
+        visible = None
+        if prefix:  # query i sees key j when j <= prefix + i; SDPA's is_causal aligns top-left
+            visible = torch.ones(stop - start, k_stop - k_start, dtype=torch.bool, device=q.device)
+            visible = visible.tril(diagonal=prefix)
         attn = F.scaled_dot_product_attention(
-            qs, ks, vs, is_causal=True, scale=scale, enable_gqa=qs.shape[0] != ks.shape[0]
+            qs, ks, vs, attn_mask=visible, is_causal=not prefix, scale=scale,
+            enable_gqa=qs.shape[0] != ks.shape[0],
         )
         out[start:stop].copy_(attn.transpose(0, 1))
     return out

@@ -15,6 +15,36 @@ from neod.kernels import ops
 
 
 @dataclass
+class PrefillContext:
+    """Where the keys of prefills that continue a prompt (a chunk after its prefix) come from.
+
+    Every prefill's keys and values are packed prompt after prompt, each prefix first: the prefix
+    rows are read from the GPU pool, the rest are the batch's own prefill rows.
+    """
+
+    cu_seqlens: torch.Tensor  # [P + 1] int32: prompt p's keys are packed rows [cu[p], cu[p + 1])
+    max_seqlen: int  # longest prompt's keys
+    num_keys: int  # all prompts' keys: cu_seqlens[-1], kept on the host
+    prefix_blocks: torch.Tensor  # [M] int64: pool block of each prefix token
+    prefix_offsets: torch.Tensor  # [M] int64: its slot in the block
+    prefix_rows: torch.Tensor  # [M] int64: its packed row
+    new_rows: torch.Tensor  # [num_prefill_tokens] int64: packed row of each prefill row
+
+    def gather(
+        self, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed keys and values: [Tk, Hkv, D] each."""
+        # k, v: [num_prefill_tokens, Hkv, D]; kv_layer: [num_blocks, 2, Hkv, block_size, D]
+        packed = []
+        for i, new in enumerate((k, v)):
+            rows = new.new_empty((self.num_keys, *new.shape[1:]))
+            rows[self.new_rows] = new
+            rows[self.prefix_rows] = kv_layer[self.prefix_blocks, i, :, self.prefix_offsets]
+            packed.append(rows)
+        return packed[0], packed[1]
+
+
+@dataclass
 class AttentionMetadata:
     num_prefill_tokens: int  # rows [0, num_prefill_tokens) are packed prompts
     cu_seqlens: torch.Tensor  # [P + 1] int32: prompt p owns rows [cu_seqlens[p], cu_seqlens[p + 1])
@@ -23,6 +53,7 @@ class AttentionMetadata:
     slot_ids: torch.Tensor
     block_tables: torch.Tensor  # [B, max_blocks] int32: the decode rows' block tables
     seq_lens: torch.Tensor  # [B] int32: the decode rows' lengths, the new token included
+    context: PrefillContext | None = None  # set when a prefill continues a prompt
 
     def __post_init__(self) -> None:
         _check(self.cu_seqlens, "cu_seqlens", 1, torch.int32)
@@ -76,20 +107,33 @@ def gpu_attention(
     ops.store_kv_(k, v, kv_layer, meta.slot_ids)
     num_prefill = meta.num_prefill_tokens
     if num_prefill == num_tokens:
-        out = ops.prefill_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, scale)
+        out = _prefill(q, k, v, kv_layer, meta, scale)
         return out.reshape(num_tokens, num_q_heads * head_dim)
     out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     if num_prefill > 0:
-        out[:num_prefill] = ops.prefill_attention(
-            q[:num_prefill],
-            k[:num_prefill],
-            v[:num_prefill],
-            meta.cu_seqlens,
-            meta.max_seqlen,
-            scale,
-        )
+        out[:num_prefill] = _prefill(q[:num_prefill], k[:num_prefill], v[:num_prefill], kv_layer,
+                                     meta, scale)  # fmt: skip
     # Decode rows read their K/V, the new token's included, back from the pool.
     ops.paged_decode_attention(
         q[num_prefill:], kv_layer, meta.block_tables, meta.seq_lens, scale, out=out[num_prefill:]
     )
     return out.view(num_tokens, num_q_heads * head_dim)
+
+
+def _prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_layer: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """The prefill rows' attention: within their prompts, and over the prefixes of chunks."""
+    # q: [Tp, Hq, D]; k, v: [Tp, Hkv, D] -> [Tp, Hq, D]
+    ctx = meta.context
+    if ctx is None:
+        return ops.prefill_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, scale)
+    k_ctx, v_ctx = ctx.gather(k, v, kv_layer)
+    return ops.prefill_attention(
+        q, k_ctx, v_ctx, meta.cu_seqlens, meta.max_seqlen, scale, ctx.cu_seqlens, ctx.max_seqlen
+    )

@@ -63,8 +63,8 @@ def outlook(
         if need <= free:
             free -= need
             num_gpu, gpu_ctx = num_gpu + 1, gpu_ctx + w.num_prompt_tokens + 1
-        elif need <= cpu_room:
-            cpu_room -= need
+        elif need <= cpu_room and w.num_prompt_tokens <= limits.max_tokens_in_batch:
+            cpu_room -= need  # a CPU prefill is whole: only the GPU takes prompts in chunks
             prompts.append(CpuCandidate(w.seq_id, w.num_prompt_tokens + 1))
     if not held and not prompts:
         return False, 0, False

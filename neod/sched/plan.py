@@ -19,7 +19,7 @@ from neod.sched.views import CacheView, Limits, Residence, SeqView, blocks_for
 class Plan:  # every list holds seq_ids, oldest first
     prefill_gpu: list[int] = field(
         default_factory=list
-    )  # whole prompt prefilled, KV stays on the GPU
+    )  # prompts (or their next chunk) prefilled, KV stays on the GPU
     prefill_cpu: list[int] = field(
         default_factory=list
     )  # whole prompt prefilled, KV leaves layer by layer
@@ -35,6 +35,9 @@ class Plan:  # every list holds seq_ids, oldest first
     preempt: list[int] = field(
         default_factory=list
     )  # KV dropped, back to waiting (recompute later)
+    # GPU prefills that compute only part of what is left of their prompt this iteration: seq_id
+    # -> tokens. The rest follows in later iterations (waiting prompts start, running ones go on).
+    chunked: dict[int, int] = field(default_factory=dict)
     pipelined: bool = False
     predicted_iter_s: float = 0.0
     predicted_gpu_alone_s: float = 0.0  # the same iteration without its CPU decodes
@@ -83,9 +86,23 @@ def check_plan(
         if sid not in views:
             errors.append(f"unknown seq_id {sid}")
             return errors
-    for sid in (*plan.prefill_gpu, *plan.prefill_cpu):
+    for sid in plan.prefill_gpu:
+        if sid not in waiting_ids and not views[sid].is_chunking:
+            errors.append(f"seq {sid} is prefilled but neither waiting nor part-way in a prefill")
+    for sid in plan.prefill_cpu:
         if sid not in waiting_ids:
             errors.append(f"seq {sid} is prefilled but not waiting")
+        if sid in plan.chunked:
+            errors.append(f"seq {sid} is prefilled on the CPU in chunks")
+    for sid, n in plan.chunked.items():
+        if sid not in plan.prefill_gpu:
+            errors.append(f"seq {sid} has a chunk but is no GPU prefill")
+        elif not 0 < n < views[sid].prefill_left:
+            errors.append(f"seq {sid}: a chunk of {n} tokens of {views[sid].prefill_left} left")
+    for sid in (*plan.swap_out, *plan.swap_in, *plan.decode_gpu, *plan.decode_cpu_b0,
+                *plan.decode_cpu_b1):  # fmt: skip
+        if views[sid].is_chunking:
+            errors.append(f"seq {sid} is part-way in a prefill but swapped or decoded")
     residence = {s.seq_id: s.residence for s in running}
     for sid in plan.swap_out:
         if residence.get(sid) != Residence.GPU or sid in plan.preempt or sid in plan.unservable:
@@ -107,7 +124,10 @@ def check_plan(
                 errors.append(f"seq {sid} decodes on {where.name} but lives elsewhere")
     if plan.pipelined != bool(plan.decode_cpu_b1):
         errors.append("pipelined mode and a non-empty decode_cpu_b1 go together")
-    num_tokens = sum(views[sid].num_prompt_tokens for sid in (*plan.prefill_gpu, *plan.prefill_cpu))
+    num_tokens = sum(
+        plan.chunked.get(sid) or views[sid].prefill_left
+        for sid in (*plan.prefill_gpu, *plan.prefill_cpu)
+    )
     num_tokens += len(plan.decode_gpu) + len(plan.decode_cpu_b0) + len(plan.decode_cpu_b1)
     if plan.num_seqs > limits.max_batch_size:
         errors.append(f"{plan.num_seqs} sequences exceed max_batch_size {limits.max_batch_size}")
@@ -144,7 +164,9 @@ def _replay_blocks(plan: Plan, views: dict[int, SeqView], cache: CacheView, bs: 
         free[Residence.CPU] += views[sid].held_blocks(bs)
     for ids, where in ((plan.prefill_gpu, Residence.GPU), (plan.prefill_cpu, Residence.CPU)):
         for sid in ids:
-            take(where, blocks_for(views[sid].num_prompt_tokens, bs), "prefill")
+            view = views[sid]
+            end = view.num_computed_tokens + (plan.chunked.get(sid) or view.prefill_left)
+            take(where, blocks_for(end, bs) - view.held_blocks(bs), "prefill")
     for ids, where in (
         (plan.decode_gpu, Residence.GPU),
         (plan.decode_cpu_b0, Residence.CPU),

@@ -2,7 +2,8 @@
 
 One pass, in this order (docs/scheduler.md has the reasoning and the guarantees):
 
-1. Drop what can never run (a prompt over the token budget, KV larger than any usable pool).
+1. Drop what can never run (KV larger than any usable pool; a prompt over the token budget that
+   the GPU pool cannot hold either, since only GPU prefills go in chunks).
 2. `outlook`: whether offloading pays (policy `auto`) and how many prompts the CPU can take on.
 3. Decode slots: aged sequences first (any device, stalest first), then GPU decodes in FCFS order.
 4. Memory: CPU decodes' growth is reserved; when the GPU cannot hold its decodes' growth, the newest
@@ -11,9 +12,11 @@ One pass, in this order (docs/scheduler.md has the reasoning and the guarantees)
    threshold (hysteresis). Under `auto`, when neither offloading nor decoding what the CPU holds
    pays (or the engine's guard paused offloading), CPU requests that the GPU pool can hold come
    home instead: swapped in under the same threshold, else recomputed.
-6. Prefills in FCFS order: on the GPU if it has room, else on the CPU when the policy offloads and
-   the quota allows. A prompt that does not fit is skipped, so it never blocks the queue; once it
-   has waited `wait_age_limit` steps nothing younger is admitted until it is in.
+6. Prefills in FCFS order: first the next chunks of prefills under way, then new prompts: on the
+   GPU if it has room (a prompt longer than what is left of the token budget starts in chunks
+   there), else whole on the CPU when the policy offloads and the quota allows. A prompt that does
+   not fit is skipped, so it never blocks the queue; once it has waited `wait_age_limit` steps
+   nothing younger is admitted until it is in.
 7. CPU decodes and the mode: `split.split_cpu_decodes` over the fixed GPU work.
 """
 
@@ -97,9 +100,11 @@ class _Pass:
         self.slots, self.tokens = limits.max_batch_size, limits.max_tokens_in_batch
         self.plan = Plan()
         self.waiting = sorted(waiting, key=lambda s: s.arrival)
-        self.gpu = sorted(
+        on_gpu = sorted(
             (s for s in running if s.residence == Residence.GPU), key=lambda s: s.arrival
         )
+        self.gpu = [s for s in on_gpu if not s.is_chunking]
+        self.chunking = [s for s in on_gpu if s.is_chunking]  # part-way in a chunked prefill
         self.cpu = sorted(
             (s for s in running if s.residence == Residence.CPU), key=lambda s: s.arrival
         )
@@ -111,7 +116,8 @@ class _Pass:
         # auto: offloading does not pay, nor does decoding what the CPU holds: bring it home
         self.sends_home = False
         self.cpu_quota = 0  # prompts the CPU can take on this iteration
-        self.prefills: list[SeqView] = []  # admitted this iteration, on either device
+        # This iteration's prefills on either device: (sequence, tokens computed now)
+        self.prefills: list[tuple[SeqView, int]] = []
         self.swap_blocks = 0  # blocks copied between the pools this iteration, per layer
 
     # ---- helpers ---------------------------------------------------------------------------------
@@ -136,9 +142,14 @@ class _Pass:
         gpu = self.cache.num_gpu_blocks
         return max(gpu, self.cache.num_cpu_blocks) if self.offloads else gpu
 
+    def _prefillable(self, num_tokens: int) -> bool:
+        """Whole in one iteration on a pool the policy may use, or in chunks on the GPU."""
+        need = blocks_for(num_tokens, self.bs)
+        whole = num_tokens <= self.limits.max_tokens_in_batch and need <= self._capacity()
+        return whole or need <= self.cache.num_gpu_blocks
+
     def _recomputable(self, s: SeqView) -> bool:
-        n = s.num_computed_tokens + 1
-        return n <= self.limits.max_tokens_in_batch and blocks_for(n, self.bs) <= self._capacity()
+        return self._prefillable(s.num_computed_tokens + 1)
 
     def _may_offload(self, num_blocks: int) -> bool:
         if not self.offloads:
@@ -197,19 +208,24 @@ class _Pass:
             for s in [s for s in group if s.num_computed_tokens + 1 > cap * bs]:
                 self._unservable(s, f"its KV outgrows the largest pool it may use ({cap} blocks)")
                 group.remove(s)
-        limit = min(max_tokens, cap * bs)
-        if any(w.num_prompt_tokens > limit for w in self.waiting):
+        if not all(self._prefillable(w.num_prompt_tokens) for w in self.waiting):
+            gpu_tokens = self.cache.num_gpu_blocks * bs
             for w in self.waiting:
                 n = w.num_prompt_tokens
+                if self._prefillable(n):
+                    continue
                 if n > max_tokens:
-                    budget = f"scheduler.max_tokens_in_batch ({max_tokens})"
-                    self._unservable(w, f"{n} tokens to prefill exceed {budget}")
-                elif n > limit:
+                    self._unservable(w, (
+                        f"{n} tokens to prefill exceed scheduler.max_tokens_in_batch "
+                        f"({max_tokens}) and the GPU KV pool ({gpu_tokens} tokens), where longer "
+                        "prompts are prefilled in chunks"
+                    ))
+                else:
                     self._unservable(w, (
                         f"{n} tokens to prefill need {blocks_for(n, bs)} KV blocks, more than the "
                         f"largest pool the policy may use ({cap} blocks)"
                     ))
-            self.waiting = [w for w in self.waiting if w.num_prompt_tokens <= limit]
+            self.waiting = [w for w in self.waiting if w.seq_id not in self.plan.unservable]
 
     def _assign_slots(self) -> None:
         limit = self.sched.age_limit
@@ -255,9 +271,15 @@ class _Pass:
 
     def _make_gpu_room(self) -> None:
         growth = sum(self._growth(s) for s in self.decoders)
-        for v in self._victims(self.gpu):
+        residents = sorted((*self.gpu, *self.chunking), key=lambda s: s.arrival)
+        for v in self._victims(residents):
             if growth <= self.gpu_free:
                 break
+            if v.is_chunking:  # its prompt is not in: prefilled again later, never swapped
+                self._evict(v)
+                self.chunking.remove(v)
+                self.gpu_free += v.held_blocks(self.bs)
+                continue
             if v in self.decoders:
                 growth -= self._growth(v)
                 self.decoders.remove(v)
@@ -332,42 +354,75 @@ class _Pass:
                 settled = False  # admitting prompts now would take the room it waits for
         return settled
 
+    def _prefill_gpu(self, s: SeqView, num_tokens: int, left: int) -> None:
+        self._take(num_tokens)
+        self.plan.prefill_gpu.append(s.seq_id)
+        if num_tokens < left:
+            self.plan.chunked[s.seq_id] = num_tokens
+        self.prefills.append((s, num_tokens))
+
+    def _continue_chunks(self) -> bool:
+        """The next chunk of each prefill under way, oldest first; False when one of them must
+        wait for GPU room (then no new prompt may take that room first)."""
+        for s in self.chunking:
+            if self.slots < 1 or self.tokens < 1:
+                return False
+            n = min(s.num_prefill_left, self.tokens)
+            need = blocks_for(s.num_computed_tokens + n, self.bs) - s.held_blocks(self.bs)
+            if need > self.gpu_free:
+                return False
+            self.gpu_free -= need
+            self._prefill_gpu(s, n, s.num_prefill_left)
+        return True
+
     def _admit_prefills(self) -> None:
         cache, bs = self.cache, self.bs
         watermark = (
             math.ceil(self.sched.gpu_watermark_frac * cache.num_gpu_blocks) if self.decoders else 0
         )
         cpu_reserve = min(cache.num_gpu_blocks, cache.num_cpu_blocks // 2)  # for later swap-outs
+        gpu_open = self._continue_chunks()
         shortest_misfit = math.inf  # nothing frees up during the loop: longer prompts fail too
         for w in self.waiting:
             if self.slots < 1 or self.tokens < 1:
                 break
             n = w.num_prompt_tokens
-            if n < shortest_misfit and self.tokens >= n:
+            # Whole, or in chunks of at least a block: a prompt longer than what is left of the
+            # token budget starts now and goes on in the next iterations.
+            fits = self.tokens >= min(n, bs)
+            if n < shortest_misfit and fits:
                 need = blocks_for(n, bs)
-                if need + watermark <= self.gpu_free:
-                    self._take(n)
-                    self.gpu_free -= need
-                    self.plan.prefill_gpu.append(w.seq_id)
-                    self.prefills.append(w)
+                if gpu_open and need + watermark <= self.gpu_free:
+                    self.gpu_free -= need  # all of it: later chunks find their room
+                    self._prefill_gpu(w, min(n, self.tokens), n)
                     continue
                 reserve = min(cpu_reserve, max(0, cache.num_cpu_blocks - need))
-                if self.cpu_quota and need + reserve <= self.cpu_free and self._may_offload(need):
+                if (
+                    self.tokens >= n
+                    and self.cpu_quota
+                    and need + reserve <= self.cpu_free
+                    and self._may_offload(need)
+                ):
                     self.cpu_quota -= 1
                     self._take(n)
                     self.cpu_free -= need
                     self.plan.prefill_cpu.append(w.seq_id)
-                    self.prefills.append(w)
+                    self.prefills.append((w, n))
                     self.swap_blocks += need  # its KV leaves the GPU layer by layer
                     continue
                 shortest_misfit = n
             if self.step - w.last_progress_step >= self.sched.wait_age_limit:
                 break  # it has waited long enough: nothing younger overtakes it
 
-    def _gpu_load(self, prefills: Sequence[SeqView] = ()) -> BatchLoad:
-        lens = [w.num_prompt_tokens for w in prefills]
+    def _gpu_load(self, prefills: Sequence[tuple[SeqView, int]] = ()) -> BatchLoad:
+        # A chunk of n tokens after a prefix of c attends over an area of n * c + n^2 / 2: that of
+        # a whole prompt of sqrt(n^2 + 2 n c) tokens.
+        lens = [
+            math.isqrt(n * n + 2 * n * s.num_computed_tokens) for s, n in prefills
+        ]
         prefill_s = self.sched.cost.prefill_attn_s(lens) if lens else 0.0
-        base = BatchLoad(num_tokens=sum(lens), prefill_attn_s=prefill_s, num_seqs=len(lens))
+        num_tokens = sum(n for _, n in prefills)
+        base = BatchLoad(num_tokens=num_tokens, prefill_attn_s=prefill_s, num_seqs=len(lens))
         return base.plus_gpu_decodes(
             len(self.decoders), sum(s.decode_ctx_tokens for s in self.decoders)
         )

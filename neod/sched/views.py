@@ -36,6 +36,18 @@ class SeqView:
     residence: Residence
     # Last step in which it advanced; for a request that never ran, the step at which it was added.
     last_progress_step: int
+    # Running on the GPU part-way through a prefill done in chunks: the tokens still to prefill
+    # (the sampled token comes with the last of them); 0 for every other sequence.
+    num_prefill_left: int = 0
+
+    @property
+    def is_chunking(self) -> bool:
+        return self.num_prefill_left > 0
+
+    @property
+    def prefill_left(self) -> int:
+        """Tokens its prefill still computes: a waiting sequence's all, a chunked one's rest."""
+        return self.num_prefill_left or self.num_prompt_tokens
 
     def held_blocks(self, block_size: int) -> int:
         return blocks_for(self.num_computed_tokens, block_size)

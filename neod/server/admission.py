@@ -17,7 +17,7 @@ from neod.protocol import ErrorCode, Generate
 Refusal = tuple[ErrorCode, str]
 
 # What the server needs from engine.stats() (docs/architecture.md, "Engine API").
-REQUIRED_MODEL_INFO = ("max_model_len", "max_tokens_in_batch", "vocab_size")
+REQUIRED_MODEL_INFO = ("max_model_len", "max_prefill_tokens", "vocab_size")
 
 
 def limits_error(msg: Generate, srv: ServerConfig) -> Refusal | None:
@@ -32,7 +32,7 @@ def limits_error(msg: Generate, srv: ServerConfig) -> Refusal | None:
 
 
 def prompt_limit(model_info: Mapping[str, Any], srv: ServerConfig) -> int:
-    """Longest prompt: the engine's (context minus one token, one prefill batch), narrowed by
+    """Longest prompt: the engine's (context minus one token, what it can prefill), narrowed by
     [server] max_prompt_tokens."""
     return min(_prompt_limits(model_info, srv).values())
 
@@ -42,8 +42,8 @@ def _prompt_limits(model_info: Mapping[str, Any], srv: ServerConfig) -> dict[str
     limits = {
         f"the model's context of {model_info['max_model_len']} tokens, less one to generate":
             model_info["max_model_len"] - 1,
-        "scheduler.max_tokens_in_batch: a prompt is prefilled in one iteration":
-            model_info["max_tokens_in_batch"],
+        "scheduler.max_tokens_in_batch, or in chunks the GPU KV pool":
+            model_info["max_prefill_tokens"],
     }
     if srv.max_prompt_tokens:
         limits["server.max_prompt_tokens"] = srv.max_prompt_tokens

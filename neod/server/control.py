@@ -105,8 +105,8 @@ class ControlHandler:
         timeout_s = CPU_RETUNE_TIMEOUT_S if "cpu_threads" in args else TUNE_TIMEOUT_S
         applied = await self._on_engine(apply, timeout_s, "tune")
         server = self.server
-        if "max_tokens_in_batch" in applied:
-            server.model_info["max_tokens_in_batch"] = applied["max_tokens_in_batch"]
+        if "max_prefill_tokens" in applied:
+            server.model_info["max_prefill_tokens"] = applied["max_prefill_tokens"]
         if "max_batch_size" in applied and not server.cfg.server.engine_window and server.runner:
             server.runner.set_window(applied["max_batch_size"])
         logger.info("event=tuned %s took_ms=%.1f", " ".join(f"{k}={v}" for k, v in applied.items()),

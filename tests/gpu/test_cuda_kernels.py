@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from test_reference_ops import chunk_case
 
 from neod.kernels import cuda_ops, ops, reference
 
@@ -250,6 +251,21 @@ def test_prefill_attention_flash_gqa(dtype, num_q_heads, num_kv_heads, head_dim)
     q, k, v = _split_qkv(qkv, num_q_heads, num_kv_heads, head_dim)
     out = ops.prefill_attention(q, k, v, cu, max(lens), head_dim**-0.5)
     ref = reference.prefill_attention(q, k, v, cu, max(lens), head_dim**-0.5)
+    assert out.shape == q.shape
+    assert _rel_err(out, ref) < _tol(dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize(("num_q_heads", "num_kv_heads", "head_dim"), [(32, 8, 128), (28, 4, 128)])
+def test_prefill_attention_flash_over_a_prefix(dtype, num_q_heads, num_kv_heads, head_dim):
+    """Chunks after their prefix: flash must align the causal mask bottom-right, as the reference
+    does."""
+    lens_k, lens_q = [1000, 1, 33, 0, 17, 512, 300], [200, 1, 17, 0, 17, 16, 300]
+    q, k, v, cu_q, cu_k, _, _ = chunk_case(_gen(num_q_heads + 3), lens_k, lens_q, num_kv_heads,
+                                           num_q_heads // num_kv_heads, head_dim, dtype, DEV)
+    scale = head_dim**-0.5
+    out = ops.prefill_attention(q, k, v, cu_q, max(lens_q), scale, cu_k, max(lens_k))
+    ref = reference.prefill_attention(q, k, v, cu_q, max(lens_q), scale, cu_k)
     assert out.shape == q.shape
     assert _rel_err(out, ref) < _tol(dtype)
 
