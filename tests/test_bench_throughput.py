@@ -4,6 +4,9 @@ to the measured gains."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from neod.bench import throughput
 
 
@@ -79,3 +82,10 @@ def test_the_advisor_line_prices_pipelining_with_the_profiles_hand_off(monkeypat
     assert seen[0].cpu_fixed_s == 0.0
     assert seen[1].pipeline_handoff_s() == 20e-6 and seen[1].cpu_scale == 1.3
     assert seen[1].cpu_fixed_s == 15e-6
+
+
+def test_the_benchmark_runs_where_no_client_library_is_installed():
+    """GPU hosts get torch and the wheels in .whl/ only: the benchmark must not import pyzmq."""
+    code = "import sys; sys.modules['zmq'] = None; import neod.bench.throughput"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

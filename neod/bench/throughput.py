@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from neod.cli.ops import cpu_fit_text
+from neod.cli.cpu_fit import cpu_fit_text
 from neod.config import load_config
 from neod.engine import Engine, SamplingParams
 from neod.engine.runtime import EngineRuntime, build_runtime

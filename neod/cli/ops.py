@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from neod.cli.common import Ctl, echo_json, fail
+from neod.cli.cpu_fit import cpu_fit_text
 from neod.client import DaemonUnavailable, RequestError
 from neod.cpu.topology import format_cpu_list
 from neod.protocol import CPU_RETUNE_TIMEOUT_S
@@ -86,13 +87,6 @@ def render_status(result: dict[str, Any]) -> str:
                               if v is not None and k != "cpu_fit") or "-"
         lines.append(f"{key:<9} {value}")
     return "\n".join(lines)
-
-
-def cpu_fit_text(fit: list[dict[str, Any]]) -> str:
-    """The CPU program's measured over predicted time by CPU batch size (neod.engine.stats)."""
-    return "measured over predicted CPU time, by CPU decodes: " + ", ".join(
-        f"{b['decodes']}: {b['median_ratio']:.2f}x ({b['iterations']})" for b in fit
-    )
 
 
 def _cpu_cost(scale: dict[str, Any] | None) -> str:
