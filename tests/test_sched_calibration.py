@@ -148,6 +148,17 @@ def test_the_handoff_converges_to_the_pipelined_excess_per_layer():
     assert model.handoff_samples == 100
 
 
+def test_iterations_the_cpu_paced_leave_the_handoff_alone():
+    """An iteration whose CPU pool was busy 95% of it ran over because of the CPU's own work (the
+    CPU correction's job); one where the pool idled 40% of it over-ran on the hand-off side."""
+    model = CalibratedCostModel(FlatCost(), handoff_s=40e-6)
+    model.record_iteration(True, 0.030, 0.024, 32, cpu_busy_s=0.0285)
+    assert model.handoff_s == 40e-6 and model.handoff_samples == 0
+    model.record_iteration(True, 0.030, 0.024, 32, cpu_busy_s=0.018)
+    assert model.handoff_s == pytest.approx(40e-6 + 0.1 * 0.006 / 32)
+    assert model.handoff_samples == 1
+
+
 def test_the_handoff_stays_within_its_bounds():
     model = CalibratedCostModel(FlatCost())
     model.record_iteration(True, 0.010, 0.020, 32)  # faster than the bound: the CPU scale's job

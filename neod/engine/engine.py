@@ -121,7 +121,11 @@ class Engine:
                 cost.record_cpu(cpu_busy_s, plan.cpu_batches, self.rt.scheduler.num_layers)
             if pure_decode:
                 cost.record_iteration(
-                    plan.pipelined, elapsed_s, plan.predicted_iter_s, self.rt.scheduler.num_layers
+                    plan.pipelined,
+                    elapsed_s,
+                    plan.predicted_iter_s,
+                    self.rt.scheduler.num_layers,
+                    cpu_busy_s,
                 )
         if pure_decode and self.limits.policy == "auto":  # the only policy it acts on
             self.guard.record(

@@ -53,6 +53,9 @@ CPU_FIT_SPREAD = 0.25
 CPU_SAMPLE_CLAMP = 2.0  # a sample counts at most this far off its prediction (one hiccup)
 HANDOFF_MAX_S = 1e-3  # per layer: beyond, pipelining is a loss on any model, and the guard's call
 HANDOFF_FADE = 5e-4  # share of the learned hand-off forgotten per iteration that does not pipeline
+# A pipelined iteration whose CPU pool was busy this share of its wall time or more was paced by
+# the CPU's own work: its excess over the prediction is the CPU's (record_cpu), not the hand-off's.
+CPU_BOUND_SHARE = 0.9
 CORRECTIONS_FORMAT = 1
 
 
@@ -162,15 +165,24 @@ class CalibratedCostModel:
         self.cpu_samples += 1
 
     def record_iteration(
-        self, pipelined: bool, measured_s: float, predicted_s: float, num_layers: int
+        self,
+        pipelined: bool,
+        measured_s: float,
+        predicted_s: float,
+        num_layers: int,
+        cpu_busy_s: float = 0.0,
     ) -> None:
         """One pure decode iteration (prefills and swaps have costs of their own): its wall time
-        against the plan's prediction, which already carries the current hand-off. An iteration
-        that did not pipeline only lets the hand-off return toward the profile's."""
+        against the plan's prediction, which already carries the current hand-off, and how long
+        the CPU pool was busy in it. An iteration that did not pipeline only lets the hand-off
+        return toward the profile's; one the CPU's own work paced teaches it nothing (else a CPU
+        misprediction, which the CPU's correction takes up, would also swell the hand-off)."""
         if not pipelined:
             self.handoff_s += HANDOFF_FADE * (self.profiled_handoff_s - self.handoff_s)
             return
         if measured_s <= 0.0 or predicted_s <= 0.0 or num_layers <= 0:
+            return
+        if cpu_busy_s >= CPU_BOUND_SHARE * measured_s:
             return
         excess = (measured_s - predicted_s) / num_layers
         self.handoff_s = min(HANDOFF_MAX_S, max(0.0, self.handoff_s + WEIGHT * excess))
