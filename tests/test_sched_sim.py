@@ -226,13 +226,16 @@ def step_bound(reqs: list[Req], age_limit: int) -> int:
         50
         + max(r.arrival_step for r in reqs)
         + 4 * (age_limit + 1) * sum(r.output + 1 for r in reqs)
+        + sum(r.prompt for r in reqs)  # a budget of 1 prefills one token per step
     )
 
 
 @st.composite
-def workloads(draw, policies=("auto", "gpu-only", "neo"), ample_budget=False, crowded=False):
+def workloads(
+    draw, policies=("auto", "gpu-only", "neo"), ample_budget=False, crowded=False, tight=False
+):
     """crowded: many requests, a small GPU and a large CPU pool, where offloading and pipelining
-    happen often."""
+    happen often; tight: a token budget down to 1, below prompts and blocks (chunked prefills)."""
     block_size = draw(st.sampled_from([1, 2, 4, 16]))
     max_len = draw(st.integers(4, 64))
     per_seq = blocks_for(max_len, block_size)
@@ -247,6 +250,8 @@ def workloads(draw, policies=("auto", "gpu-only", "neo"), ample_budget=False, cr
         reqs.append(Req(draw(st.integers(1, 20)), prompt, draw(st.integers(1, max_len - prompt))))
     if ample_budget:
         limits = Limits(len(reqs), len(reqs) + max_len, policy)
+    elif tight:
+        limits = Limits(draw(st.integers(1, 8)), draw(st.integers(1, max_len)), policy)
     else:
         limits = Limits(draw(st.integers(1, 8)), draw(st.integers(max_len, 4 * max_len)), policy)
     names = ["balanced", "cheap-cpu"] if crowded else sorted(COSTS)
@@ -271,6 +276,21 @@ def test_every_plan_valid_and_every_request_finishes(case):
     assert all(s.num_tokens == s.max_total for s in sim.done.values())
     if limits.policy == "gpu-only":
         assert not sim.cpu_used_ever
+
+
+@FAST
+@given(workloads(tight=True))
+def test_a_budget_below_the_prompts_prefills_them_in_chunks_and_every_request_finishes(case):
+    num_gpu, num_cpu, bs, limits, reqs, cost = case
+    sched = Scheduler(cost, num_layers=4)
+    sim = Sim(sched, num_gpu, num_cpu, bs, limits, reqs)
+    sim.run(step_bound(reqs, sched.age_limit))
+    assert len(sim.done) == len(reqs) and not any(s.unservable for s in sim.done.values())
+    assert all(s.num_tokens == s.max_total for s in sim.done.values())
+    chunks = [n for plan in sim.plans for n in plan.chunked.values()]
+    assert all(0 < n <= limits.max_tokens_in_batch for n in chunks)
+    if any(r.prompt > limits.max_tokens_in_batch for r in reqs):
+        assert chunks
 
 
 @FAST

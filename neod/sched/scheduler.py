@@ -387,9 +387,9 @@ class _Pass:
             if self.slots < 1 or self.tokens < 1:
                 break
             n = w.num_prompt_tokens
-            # Whole, or in chunks of at least a block: a prompt longer than what is left of the
-            # token budget starts now and goes on in the next iterations.
-            fits = self.tokens >= min(n, bs)
+            # Whole, or in chunks of at least a block (or the whole budget, if smaller): a prompt
+            # longer than what is left of the budget starts now and goes on in later iterations.
+            fits = self.tokens >= min(n, bs, self.limits.max_tokens_in_batch)
             if n < shortest_misfit and fits:
                 need = blocks_for(n, bs)
                 if gpu_open and need + watermark <= self.gpu_free:
