@@ -47,7 +47,13 @@ def test_policies_are_measured_and_set_against_the_advisor(tmp_path, capsys):
     assert corrected["cpu_fixed_us"] == neo["cpu_cost_scale"]["fixed_us"]
     assert corrected["handoff_us"] == neo["pipeline_handoff"]["per_layer_us"]
     assert corrected["gpu_only"] == advice["gpu_only"]  # the GPU side is the profile's alone
+    # The same batch played through the scheduler on the profile's costs, per policy run.
+    sims = report["simulated"]
+    assert list(sims) == ["gpu-only", "neo"]
+    for sim in sims.values():
+        assert sim["output_tokens_per_s"] > 0 and sim["unservable"] == 0
     out = capsys.readouterr().out
+    assert "simulated (this batch at once, the profile's costs): gpu-only " in out
     assert "neo: measured over predicted CPU time, by CPU decodes: " in out
     assert "gpu-only: measured over" not in out
     assert "advisor (steady state): gpu-only" in out and "measured in the steady window" in out

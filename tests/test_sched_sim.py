@@ -1,4 +1,4 @@
-"""The scheduler driven by a small simulated engine: block counts, token counters, arrivals.
+"""The scheduler driven by neod.sched.simulate's engine on counters: blocks, tokens, arrivals.
 
 Every plan is checked with `check_plan` (budgets, block replay in the documented order, residences),
 then applied the way the engine applies it. Properties: no plan is ever invalid, blocks are
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -31,6 +30,7 @@ from neod.sched import (
     pipelined_s,
     sequential_s,
 )
+from neod.sched.simulate import SimRequest, SimSeq, Simulation, step_bound
 
 
 class ScriptedCost:
@@ -81,153 +81,27 @@ COSTS = {
 }
 
 
-@dataclass
-class Req:
-    arrival_step: int
-    prompt: int
-    output: int
+Req = SimRequest  # (arrival_step, prompt, output)
 
 
-@dataclass
-class SimSeq:
-    seq_id: int
-    prompt: int
-    max_total: int
-    num_tokens: int  # prompt + generated
-    computed: int = 0
-    residence: Residence = Residence.WAITING
-    last_progress: int = 0
-    first_admitted: int | None = None
-    unservable: bool = False
+class Sim(Simulation):
+    """The simulation with every plan recorded, and what the properties below check besides."""
 
-    def view(self) -> SeqView:
-        waiting = self.residence == Residence.WAITING
-        chunking = not waiting and self.computed < self.num_tokens - 1  # as neod.engine.sequence
-        return SeqView(
-            self.seq_id,
-            self.seq_id,
-            self.num_tokens if waiting or chunking else self.prompt,
-            self.computed,
-            self.max_total,
-            self.residence,
-            self.last_progress,
-            self.num_tokens - self.computed if chunking else 0,
-        )
-
-
-class Sim:
-    def __init__(
-        self,
-        sched: Scheduler,
-        num_gpu: int,
-        num_cpu: int,
-        block_size: int,
-        limits: Limits,
-        reqs: list[Req],
-    ) -> None:
-        self.sched, self.limits, self.bs = sched, limits, block_size
-        self.num_gpu, self.num_cpu = num_gpu, num_cpu
-        self.pending = sorted(enumerate(reqs), key=lambda p: (p[1].arrival_step, p[0]))
-        self.seqs: dict[int, SimSeq] = {}
-        self.done: dict[int, SimSeq] = {}
-        self.step = 0
-        self.plans: list[Plan] = []
-        self.views: list[tuple[list[SeqView], list[SeqView]]] = []
-        self.admissions: list[int] = []
+    def __init__(self, sched, num_gpu, num_cpu, block_size, limits, reqs) -> None:
+        super().__init__(sched, num_gpu, num_cpu, block_size, limits, reqs, record=True)
         self.cpu_used_ever = False
         self.max_running_gap = 0
 
-    def held(self, where: Residence) -> int:
-        return sum(
-            blocks_for(s.computed, self.bs) for s in self.seqs.values() if s.residence == where
-        )
-
-    def cache(self) -> CacheView:
-        return CacheView(
-            self.bs,
-            self.num_gpu,
-            self.num_gpu - self.held(Residence.GPU),
-            self.num_cpu,
-            self.num_cpu - self.held(Residence.CPU),
-        )
-
-    def finish(self, s: SimSeq) -> None:
-        del self.seqs[s.seq_id]
-        self.done[s.seq_id] = s
-
     def run_step(self) -> Plan:
-        self.step += 1
-        while self.pending and self.pending[0][1].arrival_step <= self.step:
-            i, r = self.pending.pop(0)
-            self.seqs[i] = SimSeq(
-                i, r.prompt, r.prompt + r.output, r.prompt, last_progress=self.step
-            )
-        waiting = [s.view() for s in self.seqs.values() if s.residence == Residence.WAITING]
-        running = [s.view() for s in self.seqs.values() if s.residence != Residence.WAITING]
-        cache = self.cache()
-        plan = self.sched.schedule(waiting, running, cache, self.limits, self.step)
-        errors = check_plan(plan, waiting, running, cache, self.limits)
-        assert not errors, (errors, plan)
-        self.plans.append(plan)
-        self.views.append((waiting, running))
-        for sid in plan.unservable:
-            self.seqs[sid].unservable = True
-            self.finish(self.seqs[sid])
-        for sid in plan.preempt:
-            s = self.seqs[sid]
-            s.residence, s.computed = Residence.WAITING, 0
-        for sid in plan.swap_out:
-            self.seqs[sid].residence = Residence.CPU
-        for sid in plan.swap_in:
-            self.seqs[sid].residence = Residence.GPU
-        for ids, where in ((plan.prefill_gpu, Residence.GPU), (plan.prefill_cpu, Residence.CPU)):
-            for sid in ids:
-                s = self.seqs[sid]
-                s.residence = where
-                s.computed = min(s.num_tokens, s.computed + plan.chunked.get(sid, s.num_tokens))
-                if s.first_admitted is None:
-                    s.first_admitted = self.step
-                    self.admissions.append(sid)
-        for sid in (*plan.decode_gpu, *plan.decode_cpu_b0, *plan.decode_cpu_b1):
-            self.seqs[sid].computed += 1
+        plan = super().run_step()
         assert self.held(Residence.GPU) <= self.num_gpu and self.held(Residence.CPU) <= self.num_cpu
         self.cpu_used_ever |= bool(
             plan.prefill_cpu or plan.decode_cpu_b0 or plan.decode_cpu_b1 or plan.swap_out
         )
-        for sid in (
-            *plan.prefill_gpu,
-            *plan.prefill_cpu,
-            *plan.decode_gpu,
-            *plan.decode_cpu_b0,
-            *plan.decode_cpu_b1,
-        ):
-            s = self.seqs[sid]
-            s.last_progress = self.step
-            if sid in plan.chunked:
-                continue  # a chunk of its prompt: nothing sampled yet
-            s.num_tokens += 1
-            if s.num_tokens >= s.max_total:
-                self.finish(s)
         for s in self.seqs.values():
             if s.residence != Residence.WAITING:
                 self.max_running_gap = max(self.max_running_gap, self.step - s.last_progress)
         return plan
-
-    def run(self, max_steps: int) -> None:
-        while self.seqs or self.pending:
-            assert self.step < max_steps, (
-                f"not finished after {max_steps} steps: {list(self.seqs.values())[:4]}"
-            )
-            self.run_step()
-
-
-def step_bound(reqs: list[Req], age_limit: int) -> int:
-    return (
-        50
-        + max(r.arrival_step for r in reqs)
-        + 4 * (age_limit + 1) * sum(r.output + 1 for r in reqs)
-        + sum(r.prompt for r in reqs)  # a budget of 1 prefills one token per step
-    )
 
 
 @st.composite

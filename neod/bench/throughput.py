@@ -33,6 +33,7 @@ from neod.config import load_config
 from neod.engine import Engine, SamplingParams
 from neod.engine.runtime import EngineRuntime, build_runtime
 from neod.sched import CalibratedCostModel, Limits, TableCostModel, predict_workload
+from neod.sched.simulate import simulate_batch
 
 logger = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 10.0
@@ -153,6 +154,30 @@ def advisor_prediction(
     )
 
 
+def simulated(
+    runtime: EngineRuntime, cfg: Any, workload: list[tuple[list[int], int]], policies: list[str]
+) -> dict[str, dict[str, Any]] | None:
+    """The same batch, sent at once, played through the scheduler on the profile's predicted
+    costs, per policy (None where this process keeps no profile): what the run should measure,
+    where the advisor prices only the steady state."""
+    if runtime.profile is None:
+        return None
+    layout = runtime.layout
+    lengths = [(len(prompt), output) for prompt, output in workload]
+    return {
+        policy: simulate_batch(
+            CalibratedCostModel(TableCostModel(runtime.profile)),
+            layout.num_layers,
+            runtime.num_gpu_blocks,
+            runtime.num_cpu_blocks,
+            layout.block_size,
+            Limits(cfg.scheduler.max_batch_size, cfg.scheduler.max_tokens_in_batch, policy),
+            lengths,
+        )
+        for policy in policies
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny")
@@ -213,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": results,
         "advisor": advisor_prediction(runtime, cfg, args.input_len, args.output_len),
         "advisor_as_measured": None,
+        "simulated": simulated(runtime, cfg, workload, list(results)),
     }
     # The corrections the engine ended the run with (they carry over from policy to policy).
     scales = [r["cpu_cost_scale"] for r in results.values()
@@ -284,6 +310,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if p != "gpu-only"
     )
     corrected = report["advisor_as_measured"]
+    sims = report["simulated"]
+    if sims:
+        base = sims.get("gpu-only", {}).get("output_tokens_per_s")
+        print("simulated (this batch at once, the profile's costs): " + ", ".join(
+            f"{p} {r['output_tokens_per_s']:.1f} tok/s"
+            + (f" ({r['output_tokens_per_s'] / base:.2f}x)" if base and p != "gpu-only" else "")
+            for p, r in sims.items()
+        ))
     for label, advice in (
         ("advisor (steady state)", report["advisor"]),
         (f"advisor, CPU cost x{corrected['cpu_scale']:.2f} + {corrected['cpu_fixed_us']:g} us "

@@ -1,0 +1,53 @@
+"""A batch played through the scheduler on predicted costs (neod.sched.simulate): the counters,
+the clock and the comparison between policies that the throughput benchmark prints."""
+
+from __future__ import annotations
+
+import pytest
+from test_sched_sim import COSTS
+
+from neod.sched import Limits, Scheduler, sequential_s
+from neod.sched.cost import BatchLoad
+from neod.sched.simulate import SimRequest, Simulation, simulate_batch
+
+
+def test_a_batch_the_gpu_holds_prefills_at_once_then_decodes_on_the_predicted_clock():
+    cost = COSTS["balanced"]
+    result = simulate_batch(cost, 4, 100, 0, 16, Limits(8, 512, "gpu-only"), [(10, 5)] * 4)
+    assert result["iterations"] == 5  # the prefill samples the first token, then 4 decodes
+    assert result["pipelined_share"] == 0.0 and result["unservable"] == 0
+    prefill = sequential_s(cost, 4, BatchLoad(40, cost.prefill_attn_s([10] * 4), 4), 0)
+    decodes = [
+        sequential_s(cost, 4, BatchLoad().plus_gpu_decodes(4, 4 * (11 + i)), 0) for i in range(4)
+    ]
+    assert result["elapsed_s"] == pytest.approx(prefill + sum(decodes))
+    assert result["output_tokens_per_s"] == pytest.approx(20 / result["elapsed_s"])
+    assert result["ttft_p50_s"] == pytest.approx(prefill)
+
+
+def test_offloading_a_batch_the_gpu_cannot_hold_pays_where_the_cpu_is_cheap():
+    """16 requests, a GPU pool for ~2 of them: the CPU takes the rest under neo and auto."""
+    requests = [(30, 20)] * 16
+    rates = {
+        policy: simulate_batch(COSTS["cheap-cpu"], 4, 8, 400, 4, Limits(16, 512, policy),
+                               requests)  # fmt: skip
+        for policy in ("gpu-only", "auto", "neo")
+    }
+    base = rates["gpu-only"]["output_tokens_per_s"]
+    assert rates["neo"]["output_tokens_per_s"] > 1.2 * base
+    assert rates["auto"]["output_tokens_per_s"] > 1.2 * base
+    assert rates["neo"]["ttft_p50_s"] < rates["gpu-only"]["ttft_p50_s"]
+    assert rates["neo"]["pipelined_share"] > 0
+
+
+def test_a_plan_the_engine_could_not_apply_stops_the_simulation():
+    class Overcommitting(Scheduler):
+        def schedule(self, waiting, running, cache, limits, step):
+            plan = super().schedule(waiting, running, cache, limits, step)
+            plan.prefill_gpu += [s.seq_id for s in waiting if s.seq_id not in plan.prefill_gpu]
+            return plan
+
+    sim = Simulation(Overcommitting(COSTS["balanced"], 4), 2, 0, 4, Limits(8, 512, "gpu-only"),
+                     [SimRequest(1, 8, 4)] * 3)  # fmt: skip
+    with pytest.raises(RuntimeError, match="cannot apply"):
+        sim.run(100)
