@@ -5,9 +5,9 @@ attention metadata covers the first three groups (CPU-bound prefill rows carry s
 goes to the host pool instead); the CPU decode rows are the tail, so their Q/K/V leave the GPU as
 one contiguous row range and their attention output comes back the same way. A GPU prefill may be a
 chunk of its prompt: its rows are the chunk's tokens, and its attention also reads the KV of the
-chunks before, already in the GPU pool. All host-side index
-tensors are built once per iteration, in two steps: the sequences become `BatchRows` (plain
-integers), which become tensors; with tensor parallelism the other ranks receive the rows.
+chunks before, already in the GPU pool. All host-side index tensors are built once per iteration,
+in two steps: the sequences become `BatchRows` (plain integers), which become tensors; with tensor
+parallelism the other ranks receive the rows.
 """
 
 from __future__ import annotations
