@@ -95,3 +95,22 @@ def test_the_benchmark_runs_where_no_client_library_is_installed():
     code = "import sys; sys.modules['zmq'] = None; import neod.bench.throughput"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_every_policy_starts_from_the_same_cost_corrections(tmp_path, monkeypatch):
+    """The first policy's run corrects the CPU cost; the next one must not start from that."""
+    starts = []
+
+    class Recording(throughput.Engine):
+        def tune(self, **knobs):
+            starts.append(self.rt.scheduler.cost.state())
+            return super().tune(**knobs)
+
+    monkeypatch.setattr(throughput, "Engine", Recording)
+    report = throughput.main([
+        "--preset", "tiny", "--policies", "neo,auto", "--num-requests", "8",
+        "--input-len", "40", "--output-len", "4", "--gpu-kv-gib", "0.0005",
+        "--cpu-kv-gib", "0.01", "--cpu-threads", "1", "--set", f"profile.dir={tmp_path}",
+    ])  # fmt: skip
+    assert report["results"]["neo"]["cpu_cost_scale"]["samples"] > 0  # neo's run moved them
+    assert len(starts) == 2 and starts[0] == starts[1]

@@ -7,14 +7,15 @@ policies.
 All requests arrive at once (offline serving, as in NEO's evaluation); lengths are uniform within
 +-10% of the given means, token ids random, EOS ignored so every request produces exactly its
 output length. The model is loaded once and shared by the runs, so the policies are compared on
-identical weights and requests in one process. Reports output tokens/s, TTFT and TPOT
-percentiles, the share of pipelined iterations, the CPU pool's busy share and the predictor's
-median error; then what the advisor (`neoctl predict`) says of the same workload on the same pools
-and profile, next to the measured gains. The advisor models the steady state (finished requests
-replaced at once). A run of n requests reaches it between the first finished request and the
-moment the queue runs dry (then the batch only shrinks): the "steady" rate is the output tokens
-of that window over its length, the one to set against the advisor; it needs n to be several
-times the number of requests the pools hold.
+identical weights and requests in one process, each starting from the same cost corrections.
+Reports output tokens/s, TTFT and TPOT percentiles, the share of pipelined iterations, the CPU
+pool's busy share and the predictor's median error; then what the advisor (`neoctl predict`)
+says of the same workload on the same pools and profile, next to the measured gains, and the same
+batch simulated through the scheduler (neod.sched.simulate). The advisor models the steady state
+(finished requests replaced at once). A run of n requests reaches it between the first finished
+request and the moment the queue runs dry (then the batch only shrinks): the "steady" rate is the
+output tokens of that window over its length, the one to set against the advisor; it needs n to
+be several times the number of requests the pools hold.
 """
 
 from __future__ import annotations
@@ -215,8 +216,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.num_requests, args.input_len, args.output_len, runtime.vocab_size, seed=0
     )
     results = {}
+    cost = runtime.scheduler.cost
+    start: dict[str, float | int] | None = None
     for policy in args.policies.split(","):
         engine = Engine(cfg, runtime=runtime)
+        # Every policy starts from the corrections a fresh engine starts with, not from those the
+        # previous policy's run left: else the later policies would start better informed.
+        if isinstance(cost, CalibratedCostModel):
+            if start is None:
+                start = cost.state()
+            else:
+                cost.restore(start)
         engine.tune(policy=policy)
         results[policy] = run_workload(engine, workload)
         if runtime.device.type == "cuda":
@@ -240,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "advisor_as_measured": None,
         "simulated": simulated(runtime, cfg, workload, list(results)),
     }
-    # The corrections the engine ended the run with (they carry over from policy to policy).
+    # The corrections the engine ended the last policy's run with.
     scales = [r["cpu_cost_scale"] for r in results.values()
               if r["cpu_cost_scale"] and r["cpu_cost_scale"]["samples"]]
     if scales:
@@ -295,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("CPU x: the CPU attention's measured over profiled cost at the end of the policy's run, "
           "and its fixed cost per sub-batch layer; hand-off: what a pipelined sub-batch's trip to "
           "the CPU and back adds per layer beyond its copies, as profiled then measured; both are "
-          "the scheduler's running corrections, carried over from one policy to the next; wait: "
+          "the scheduler's running corrections, each policy starting from the same; wait: "
           "the CPU pool workers' time waiting for their cores, of the time they wanted one")
     for policy, r in results.items():
         if r["cpu_fit"]:
