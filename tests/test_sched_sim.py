@@ -133,34 +133,34 @@ def workloads(
     return num_gpu, num_cpu, block_size, limits, reqs, cost
 
 
-FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-@FAST
-@given(workloads())
-def test_every_plan_valid_and_every_request_finishes(case):
-    num_gpu, num_cpu, bs, limits, reqs, cost = case
-    sched = Scheduler(cost, num_layers=4)
-    sim = Sim(sched, num_gpu, num_cpu, bs, limits, reqs)
-    sim.run(step_bound(reqs, sched.age_limit))
-    assert len(sim.done) == len(reqs)
-    assert not any(
-        s.unservable for s in sim.done.values()
-    )  # every request was servable by construction
-    assert all(s.num_tokens == s.max_total for s in sim.done.values())
-    if limits.policy == "gpu-only":
-        assert not sim.cpu_used_ever
-
-
-@FAST
-@given(workloads(tight=True))
-def test_a_budget_below_the_prompts_prefills_them_in_chunks_and_every_request_finishes(case):
+def served(case) -> tuple[Sim, Scheduler]:
+    """The case's requests through the simulation, which must finish every one of them, none
+    unservable (every request is servable by construction)."""
     num_gpu, num_cpu, bs, limits, reqs, cost = case
     sched = Scheduler(cost, num_layers=4)
     sim = Sim(sched, num_gpu, num_cpu, bs, limits, reqs)
     sim.run(step_bound(reqs, sched.age_limit))
     assert len(sim.done) == len(reqs) and not any(s.unservable for s in sim.done.values())
     assert all(s.num_tokens == s.max_total for s in sim.done.values())
+    return sim, sched
+
+
+FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FAST
+@given(workloads())
+def test_every_plan_valid_and_every_request_finishes(case):
+    sim, _ = served(case)
+    if case[3].policy == "gpu-only":
+        assert not sim.cpu_used_ever
+
+
+@FAST
+@given(workloads(tight=True))
+def test_a_budget_below_the_prompts_prefills_them_in_chunks_and_every_request_finishes(case):
+    sim, _ = served(case)
+    limits, reqs = case[3], case[4]
     chunks = [n for plan in sim.plans for n in plan.chunked.values()]
     assert all(0 < n <= limits.max_tokens_in_batch for n in chunks)
     if any(r.prompt > limits.max_tokens_in_batch for r in reqs):
@@ -170,11 +170,8 @@ def test_a_budget_below_the_prompts_prefills_them_in_chunks_and_every_request_fi
 @FAST
 @given(workloads(policies=("auto", "neo"), crowded=True))
 def test_crowded_offloading_stays_valid_and_predictions_match_the_plans(case):
-    num_gpu, num_cpu, bs, limits, reqs, cost = case
-    sched = Scheduler(cost, num_layers=4)
-    sim = Sim(sched, num_gpu, num_cpu, bs, limits, reqs)
-    sim.run(step_bound(reqs, sched.age_limit))
-    assert len(sim.done) == len(reqs) and not any(s.unservable for s in sim.done.values())
+    sim, sched = served(case)
+    bs, cost = case[2], case[5]
     for step, (plan, (waiting, running)) in enumerate(zip(sim.plans, sim.views, strict=True), 1):
         predicted = replay_prediction(plan, waiting, running, cost, bs)
         assert plan.predicted_iter_s == pytest.approx(predicted)
