@@ -60,11 +60,24 @@ def test_predict_needs_a_profile_then_uses_it(tmp_path):
             "100",
             "--output-len",
             "20",
+            "--batch",
+            "6",
             "--json",
         ],
     )
     assert predicted.exit_code == 0, predicted.output
     result = orjson.loads(predicted.stdout)
+    # The batch played through the scheduler: every request served under both policies.
+    batch = result["batch"]
+    assert batch["num_requests"] == 6
+    for policy in ("gpu-only", "auto"):
+        assert batch[policy]["output_tokens_per_s"] > 0 and batch[policy]["unservable"] == 0
+    assert batch["gain"] == pytest.approx(
+        batch["auto"]["output_tokens_per_s"] / batch["gpu-only"]["output_tokens_per_s"]
+    )
+    assert "a batch of 6 sent at once, through the scheduler: gpu-only" in (
+        profiling._render_prediction(result)
+    )
     assert result["gpu_only"]["tokens_per_s"] > 0
     assert result["neo"]["tokens_per_s"] >= result["gpu_only"]["tokens_per_s"]
     assert result["mode"] in ("neo", "gpu-only")

@@ -100,6 +100,23 @@ def _live_corrections(status: dict[str, Any], profile_id: str) -> dict[str, Any]
     }
 
 
+def _simulated_batch(
+    cost: Any, layout: Any, gpu_bytes: int, cpu_bytes: int, limits: Any, requests: list
+) -> dict[str, Any]:
+    """The batch through the scheduler under gpu-only and auto (neod.sched.simulate)."""
+    from neod.sched.simulate import simulate_batch
+
+    runs = {
+        policy: simulate_batch(cost, layout.num_layers, gpu_bytes // layout.block_bytes,
+                               cpu_bytes // layout.block_bytes, layout.block_size,
+                               replace(limits, policy=policy), requests)  # fmt: skip
+        for policy in ("gpu-only", "auto")
+    }
+    base = runs["gpu-only"]["output_tokens_per_s"]
+    gain = runs["auto"]["output_tokens_per_s"] / base if base > 0 else None
+    return {"num_requests": len(requests), **runs, "gain": gain}
+
+
 def _render_prediction(p: dict[str, Any]) -> str:
     g, n = p["gpu_only"], p["neo"]
     mode = "pipelined" if n["pipelined"] else "sequential"
@@ -127,8 +144,21 @@ def _render_prediction(p: dict[str, Any]) -> str:
             f"{n['cpu_batch']} CPU "
             f"({mode}, CPU bound by {n['cpu_bound']}), iteration {n['iteration_s'] * 1e3:.2f} ms",
             f"gain {gain}: use policy {p['mode']} (auto decides this per iteration)",
+            *_render_batch(p.get("batch")),
         ]
     )
+
+
+def _render_batch(b: dict[str, Any] | None) -> list[str]:
+    if b is None:
+        return []
+    gain = "n/a" if b["gain"] is None else f"{b['gain']:.2f}x"
+    return [
+        f"a batch of {b['num_requests']} sent at once, through the scheduler: gpu-only "
+        f"{b['gpu-only']['output_tokens_per_s']:.1f} tok/s, auto "
+        f"{b['auto']['output_tokens_per_s']:.1f} tok/s ({gain}), first tokens after "
+        f"{b['gpu-only']['ttft_p50_s']:.2f} / {b['auto']['ttft_p50_s']:.2f} s (median)"
+    ]
 
 
 def register(app: typer.Typer) -> None:
@@ -184,6 +214,12 @@ def register(app: typer.Typer) -> None:
             "attention scale and fixed cost, and pipeline hand-off): the running neod's, else "
             "those the last one kept beside the profile",
         ),
+        batch: int = typer.Option(
+            0,
+            min=0,
+            help="also play this many requests, sent at once, through the scheduler on the "
+            "profile's costs (the steady state leaves out a batch's start and tail)",
+        ),
         json_out: bool = typer.Option(False, "--json"),
     ) -> None:
         """Predict GPU-only and NEO throughput for a workload from this host's stored profile."""
@@ -233,6 +269,9 @@ def register(app: typer.Typer) -> None:
         )
         if corrections is not None:
             result["measured_corrections"] = corrections
+        if batch:
+            result["batch"] = _simulated_batch(cost, layout, gpu_bytes, cpu_bytes, limits,
+                                               [(input_len, output_len)] * batch)  # fmt: skip
         # A profile from before the current form of the hand-off has it timed at neod's next
         # start; until then the prediction leaves it out.
         result["handoff_timed"] = corrections is not None or profile.pipeline_handoff is not None
