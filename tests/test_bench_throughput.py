@@ -53,7 +53,11 @@ def test_policies_are_measured_and_set_against_the_advisor(tmp_path, capsys):
     for sim in sims.values():
         assert sim["output_tokens_per_s"] > 0 and sim["unservable"] == 0
     out = capsys.readouterr().out
-    assert "simulated (this batch at once, the profile's costs): gpu-only " in out
+    assert "simulated (this batch at once, the profile's costs and each run's host time per " \
+        "iteration): gpu-only " in out
+    # The engine's own time around each iteration's forward was measured, and the simulation
+    # charged it.
+    assert gpu_only["median_host_ms"] > 0
     assert "neo: measured over predicted CPU time, by CPU decodes: " in out
     assert "gpu-only: measured over" not in out
     assert "advisor (steady state): gpu-only" in out and "measured in the steady window" in out

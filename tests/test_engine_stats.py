@@ -1,4 +1,5 @@
-"""The engine's rolling statistics: the CPU program's fit, binned by CPU batch size."""
+"""The engine's rolling statistics: the CPU program's fit, binned by CPU batch size, and the
+engine's own time per iteration."""
 
 from __future__ import annotations
 
@@ -31,3 +32,11 @@ def test_cpu_fit_leaves_out_iterations_without_a_comparable_cpu_program():
     assert stats.snapshot()["cpu_fit"] == []
     _iteration(stats, 4, 3e-3)
     assert stats.snapshot()["cpu_fit"] == [{"decodes": "4-7", "iterations": 1, "median_ratio": 3.0}]
+
+
+def test_host_time_per_iteration_is_the_median_of_the_recent_ones():
+    stats = EngineStats()
+    assert stats.snapshot()["median_host_ms"] is None
+    for host_s in (0.4e-3, 3e-3, 0.5e-3):  # one slow pass (a log line, a GC) does not move it
+        stats.record_host(host_s)
+    assert stats.snapshot()["median_host_ms"] == 0.5

@@ -117,6 +117,7 @@ def run_workload(engine: Engine, workload: list[tuple[list[int], int]]) -> dict[
         "cpu_busy_share": iterations.get("cpu_busy_share"),
         "mean_cpu_decodes": iterations["mean_cpu_decodes"],
         "median_iter_ms": iterations["median_iter_ms"],
+        "median_host_ms": iterations["median_host_ms"],
         "median_prediction_error": iterations["median_prediction_error"],
         "cpu_fit": iterations["cpu_fit"],
         "offload_guard": engine.stats()["offload_guard"],
@@ -156,11 +157,14 @@ def advisor_prediction(
 
 
 def simulated(
-    runtime: EngineRuntime, cfg: Any, workload: list[tuple[list[int], int]], policies: list[str]
+    runtime: EngineRuntime,
+    cfg: Any,
+    workload: list[tuple[list[int], int]],
+    results: dict[str, dict[str, Any]],
 ) -> dict[str, dict[str, Any]] | None:
     """The same batch, sent at once, played through the scheduler on the profile's predicted
-    costs, per policy (None where this process keeps no profile): what the run should measure,
-    where the advisor prices only the steady state."""
+    costs plus each policy's measured host time per iteration (None where this process keeps no
+    profile): what the run should measure, where the advisor prices only the steady state."""
     if runtime.profile is None:
         return None
     layout = runtime.layout
@@ -174,8 +178,9 @@ def simulated(
             layout.block_size,
             Limits(cfg.scheduler.max_batch_size, cfg.scheduler.max_tokens_in_batch, policy),
             lengths,
+            (result["median_host_ms"] or 0.0) * 1e-3,
         )
-        for policy in policies
+        for policy, result in results.items()
     }
 
 
@@ -248,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": results,
         "advisor": advisor_prediction(runtime, cfg, args.input_len, args.output_len),
         "advisor_as_measured": None,
-        "simulated": simulated(runtime, cfg, workload, list(results)),
+        "simulated": simulated(runtime, cfg, workload, results),
     }
     # The corrections the engine ended the last policy's run with.
     scales = [r["cpu_cost_scale"] for r in results.values()
@@ -323,7 +328,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sims = report["simulated"]
     if sims:
         base = sims.get("gpu-only", {}).get("output_tokens_per_s")
-        print("simulated (this batch at once, the profile's costs): " + ", ".join(
+        print("simulated (this batch at once, the profile's costs and each run's host time per "
+              "iteration): " + ", ".join(
             f"{p} {r['output_tokens_per_s']:.1f} tok/s"
             + (f" ({r['output_tokens_per_s'] / base:.2f}x)" if base and p != "gpu-only" else "")
             for p, r in sims.items()

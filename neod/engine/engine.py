@@ -81,6 +81,7 @@ class Engine:
         if not self._by_request:
             return self._take_outbox()
         self.step_index += 1
+        step_start = time.perf_counter()
         plan = self.rt.scheduler.schedule(
             [s.view() for s in self.waiting],
             [s.view() for s in self.running.values()],
@@ -110,6 +111,7 @@ class Engine:
                     self._advance_chunk(seq)
             for seq, token in zip(sampling, tokens, strict=True):
                 self._advance(seq, token, outputs)
+            self.iteration_stats.record_host(time.perf_counter() - step_start - elapsed)
         return self._take_outbox()
 
     def _learn(self, plan: Plan, elapsed_s: float, cpu_busy_s: float, num_tokens: int) -> None:

@@ -25,6 +25,12 @@ class EngineStats:
         self._recent: deque[tuple[float, float, bool, int]] = deque(maxlen=WINDOW)
         # (CPU decodes, measured s, predicted s) of recent iterations whose CPU program decoded
         self._cpu_recent: deque[tuple[int, float, float]] = deque(maxlen=WINDOW)
+        # The engine thread's own time per recent iteration around the timed forward and sampling
+        # (scheduling, applying the plan, building the batches, outputs): no prediction has it.
+        self._host_recent: deque[float] = deque(maxlen=WINDOW)
+
+    def record_host(self, host_s: float) -> None:
+        self._host_recent.append(host_s)
 
     def record_iteration(
         self, plan: Plan, elapsed_s: float, num_seqs: int, cpu_busy_s: float
@@ -51,6 +57,9 @@ class EngineStats:
             "tokens": self.num_tokens,
             "last_mode": ("pipelined" if recent[-1][2] else "sequential") if recent else None,
             "median_iter_ms": None if not measured else _median(measured) * 1e3,
+            "median_host_ms": (
+                None if not self._host_recent else _median(sorted(self._host_recent)) * 1e3
+            ),
             "median_prediction_error": _median(errors),
             "mean_cpu_decodes": self.num_cpu_decodes / max(1, self.num_iterations),
             "cpu_busy_share": self.cpu_busy_s / self.busy_s if self.busy_s else None,

@@ -67,9 +67,11 @@ class Simulation:
         block_size: int,
         limits: Limits,
         requests: Sequence[SimRequest],
+        host_s: float = 0.0,
         record: bool = False,
     ) -> None:
-        """record: keep every plan and the views it was made from (`plans`, `views`)."""
+        """host_s: time added to every iteration beyond its prediction; record: keep every plan
+        and the views it was made from (`plans`, `views`)."""
         self.sched, self.limits, self.bs = sched, limits, block_size
         self.num_gpu, self.num_cpu = num_gpu_blocks, num_cpu_blocks
         self.pending = sorted(enumerate(requests), key=lambda p: (p[1].arrival_step, p[0]))
@@ -79,6 +81,7 @@ class Simulation:
         self.elapsed_s = 0.0
         self.tokens_out = 0
         self.num_pipelined = 0
+        self.host_s = host_s
         self.record = record
         self.plans: list[Plan] = []
         self.views: list[tuple[list[SeqView], list[SeqView]]] = []
@@ -144,7 +147,7 @@ class Simulation:
                     self.admissions.append(sid)
         for sid in (*plan.decode_gpu, *plan.decode_cpu_b0, *plan.decode_cpu_b1):
             self.seqs[sid].computed += 1
-        self.elapsed_s += plan.predicted_iter_s
+        self.elapsed_s += plan.predicted_iter_s + self.host_s
         self.num_pipelined += plan.pipelined
         for sid in (*plan.prefill_gpu, *plan.prefill_cpu, *plan.decode_gpu, *plan.decode_cpu_b0,
                     *plan.decode_cpu_b1):  # fmt: skip
@@ -184,13 +187,15 @@ def simulate_batch(
     block_size: int,
     limits: Limits,
     requests: Sequence[tuple[int, int]],
+    host_s: float = 0.0,
 ) -> dict[str, Any]:
     """Predicted output tokens/s of these (prompt, output) requests, all sent at once, under
-    `limits.policy`; JSON-ready. The engine's offload guard is not simulated (it only acts on
-    measurements)."""
+    `limits.policy`; JSON-ready. host_s: the engine's own time per iteration around the predicted
+    part (scheduling, batches, outputs), as measured (`median_host_ms` of the engine's stats). The
+    engine's offload guard is not simulated (it only acts on measurements)."""
     sched = Scheduler(cost_model, num_layers)
     reqs = [SimRequest(1, prompt, output) for prompt, output in requests]
-    sim = Simulation(sched, num_gpu_blocks, num_cpu_blocks, block_size, limits, reqs)
+    sim = Simulation(sched, num_gpu_blocks, num_cpu_blocks, block_size, limits, reqs, host_s)
     sim.run(step_bound(reqs, sched.age_limit))
     ttfts = [s.first_token_s for s in sim.done.values() if s.first_token_s is not None]
     return {
