@@ -102,6 +102,18 @@ def test_gpu_only_fp32_tp2_equals_tp1(engines, profile_dir):
     assert {1, 2} <= tps, "the tp_size=2 engine must store its profile under its own key"
 
 
+def test_chunked_prefills_tp2_equal_whole_prefills_tp1(engines):
+    """A token budget of 16 puts most prompts in chunks: the followers build each chunk's prefix
+    context from the rows they receive."""
+    ps = prompts(6, seed=7)
+    assert max(map(len, ps)) > 2 * 16
+    fp32 = {"scheduler.policy": "gpu-only", "model.dtype": "float32"}
+    reference = engines(1, **fp32)
+    expected = greedy_tokens(reference, ps, GREEDY)
+    got = greedy_tokens(engines(2, **fp32, **{"scheduler.max_tokens_in_batch": 16}), ps, GREEDY)
+    assert_greedy_equal(reference, {f"r{i}": p for i, p in enumerate(ps)}, expected, got)
+
+
 def test_neo_swaps_and_cpu_decodes_tp2_equal_tp1(engines):
     """fp16 (the CPU kernel's KV dtype). The scripted scheduler forces every data path: CPU
     prefills, swaps both ways, CPU decodes in both sub-batches of pipelined steps."""
