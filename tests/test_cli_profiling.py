@@ -78,6 +78,11 @@ def test_predict_needs_a_profile_then_uses_it(tmp_path):
     assert "a batch of 6 sent at once, through the scheduler: gpu-only" in (
         profiling._render_prediction(result)
     )
+    # Prompts no pool can take: the batch line says so, no traceback.
+    too_long = runner.invoke(app, ["--config", config, "predict", "--gpu-kv-gib", "0.001",
+                                   "--input-len", "100000", "--batch", "2"])  # fmt: skip
+    assert too_long.exit_code == 0, too_long.output
+    assert "first tokens after - / - s (median); 2 of them cannot be served" in too_long.stdout
     assert result["gpu_only"]["tokens_per_s"] > 0
     assert result["neo"]["tokens_per_s"] >= result["gpu_only"]["tokens_per_s"]
     assert result["mode"] in ("neo", "gpu-only")

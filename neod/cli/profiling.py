@@ -153,11 +153,17 @@ def _render_batch(b: dict[str, Any] | None) -> list[str]:
     if b is None:
         return []
     gain = "n/a" if b["gain"] is None else f"{b['gain']:.2f}x"
+    ttft = " / ".join(
+        "-" if b[p]["ttft_p50_s"] is None else f"{b[p]['ttft_p50_s']:.2f}"
+        for p in ("gpu-only", "auto")
+    )
+    unservable = max(b["gpu-only"]["unservable"], b["auto"]["unservable"])
     return [
         f"a batch of {b['num_requests']} sent at once, through the scheduler: gpu-only "
         f"{b['gpu-only']['output_tokens_per_s']:.1f} tok/s, auto "
-        f"{b['auto']['output_tokens_per_s']:.1f} tok/s ({gain}), first tokens after "
-        f"{b['gpu-only']['ttft_p50_s']:.2f} / {b['auto']['ttft_p50_s']:.2f} s (median)"
+        f"{b['auto']['output_tokens_per_s']:.1f} tok/s ({gain}), first tokens after {ttft} s "
+        "(median)"
+        + (f"; {unservable} of them cannot be served under these limits" if unservable else "")
     ]
 
 
