@@ -78,11 +78,24 @@ def test_predict_needs_a_profile_then_uses_it(tmp_path):
     assert "a batch of 6 sent at once, through the scheduler: gpu-only" in (
         profiling._render_prediction(result)
     )
+    # No neod runs here: no host time is charged unless given, and given it slows every policy.
+    assert batch["host_ms"] == 0.0
+    args = ["--config", config, "predict", "--gpu-kv-gib", "0.001", "--input-len", "100",
+            "--output-len", "20", "--batch", "6", "--host-ms", "50", "--json"]  # fmt: skip
+    charged = orjson.loads(runner.invoke(app, args).stdout)["batch"]
+    assert charged["host_ms"] == 50.0
+    for policy in ("gpu-only", "auto"):
+        assert charged[policy]["elapsed_s"] == pytest.approx(
+            batch[policy]["elapsed_s"] + 0.05 * batch[policy]["iterations"]
+        )
     # Prompts no pool can take: the batch line says so, no traceback.
     too_long = runner.invoke(app, ["--config", config, "predict", "--gpu-kv-gib", "0.001",
                                    "--input-len", "100000", "--batch", "2"])  # fmt: skip
     assert too_long.exit_code == 0, too_long.output
-    assert "first tokens after - / - s (median); 2 of them cannot be served" in too_long.stdout
+    assert (
+        "first tokens after - / - s (median), 0 ms of host time per iteration; 2 of them cannot "
+        "be served" in too_long.stdout
+    )
     assert result["gpu_only"]["tokens_per_s"] > 0
     assert result["neo"]["tokens_per_s"] >= result["gpu_only"]["tokens_per_s"]
     assert result["mode"] in ("neo", "gpu-only")

@@ -8,7 +8,7 @@ from test_sched_sim import COSTS
 
 from neod.sched import Limits, Scheduler, sequential_s
 from neod.sched.cost import BatchLoad
-from neod.sched.simulate import SimRequest, Simulation, simulate_batch
+from neod.sched.simulate import SimRequest, Simulation, batch_lengths, simulate_batch
 
 
 def test_a_batch_the_gpu_holds_prefills_at_once_then_decodes_on_the_predicted_clock():
@@ -56,3 +56,16 @@ def test_a_plan_the_engine_could_not_apply_stops_the_simulation():
                      [SimRequest(1, 8, 4)] * 3)  # fmt: skip
     with pytest.raises(RuntimeError, match="cannot apply"):
         sim.run(100)
+
+
+def test_batch_lengths_spread_around_the_means_as_the_benchmark_sends_them():
+    from neod.bench.throughput import make_workload
+
+    lengths = batch_lengths(400, 1000, 200, seed=3)
+    prompts, outputs = zip(*lengths, strict=True)
+    assert 900 <= min(prompts) < 920 and 1080 < max(prompts) <= 1100
+    assert 180 <= min(outputs) < 184 and 216 < max(outputs) <= 220
+    assert lengths == batch_lengths(400, 1000, 200, seed=3) != batch_lengths(400, 1000, 200)
+    assert batch_lengths(3, 1, 1) == [(1, 1)] * 3  # never below one token
+    workload = make_workload(20, 100, 30, vocab_size=50, seed=3)
+    assert [(len(p), o) for p, o in workload] == batch_lengths(20, 100, 30, seed=3)

@@ -34,7 +34,7 @@ from neod.config import load_config
 from neod.engine import Engine, SamplingParams
 from neod.engine.runtime import EngineRuntime, build_runtime
 from neod.sched import CalibratedCostModel, Limits, TableCostModel, predict_workload
-from neod.sched.simulate import simulate_batch
+from neod.sched.simulate import batch_lengths, simulate_batch
 
 logger = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 10.0
@@ -43,14 +43,11 @@ PROGRESS_EVERY_S = 10.0
 def make_workload(
     num_requests: int, input_len: int, output_len: int, vocab_size: int, seed: int
 ) -> list[tuple[list[int], int]]:
+    """Random prompts of the lengths `neoctl predict --batch` plays for the same means."""
     rng = random.Random(seed)
-
-    def around(mean: int) -> int:
-        return max(1, round(mean * rng.uniform(0.9, 1.1)))
-
     return [
-        ([rng.randrange(vocab_size) for _ in range(around(input_len))], around(output_len))
-        for _ in range(num_requests)
+        ([rng.randrange(vocab_size) for _ in range(prompt)], output)
+        for prompt, output in batch_lengths(num_requests, input_len, output_len, seed)
     ]
 
 

@@ -100,21 +100,31 @@ def _live_corrections(status: dict[str, Any], profile_id: str) -> dict[str, Any]
     }
 
 
+def _host_ms(obj: Ctl) -> float:
+    """The running neod's own time per iteration around the forward, else none."""
+    status = obj.call_if_running("status") or {}
+    iterations = (status.get("engine") or {}).get("iterations") or {}
+    return iterations.get("median_host_ms") or 0.0
+
+
 def _simulated_batch(
-    cost: Any, layout: Any, gpu_bytes: int, cpu_bytes: int, limits: Any, requests: list
+    cost: Any, layout: Any, gpu_bytes: int, cpu_bytes: int, limits: Any, requests: list,
+    host_ms: float,
 ) -> dict[str, Any]:
     """The batch through the scheduler under gpu-only and auto (neod.sched.simulate)."""
     from neod.sched.simulate import simulate_batch
 
+    blocks = (gpu_bytes // layout.block_bytes, cpu_bytes // layout.block_bytes)
     runs = {
-        policy: simulate_batch(cost, layout.num_layers, gpu_bytes // layout.block_bytes,
-                               cpu_bytes // layout.block_bytes, layout.block_size,
-                               replace(limits, policy=policy), requests)  # fmt: skip
+        policy: simulate_batch(
+            cost, layout.num_layers, *blocks, layout.block_size,
+            replace(limits, policy=policy), requests, host_ms * 1e-3,
+        )  # fmt: skip
         for policy in ("gpu-only", "auto")
     }
     base = runs["gpu-only"]["output_tokens_per_s"]
     gain = runs["auto"]["output_tokens_per_s"] / base if base > 0 else None
-    return {"num_requests": len(requests), **runs, "gain": gain}
+    return {"num_requests": len(requests), "host_ms": host_ms, **runs, "gain": gain}
 
 
 def _render_prediction(p: dict[str, Any]) -> str:
@@ -162,7 +172,7 @@ def _render_batch(b: dict[str, Any] | None) -> list[str]:
         f"a batch of {b['num_requests']} sent at once, through the scheduler: gpu-only "
         f"{b['gpu-only']['output_tokens_per_s']:.1f} tok/s, auto "
         f"{b['auto']['output_tokens_per_s']:.1f} tok/s ({gain}), first tokens after {ttft} s "
-        "(median)"
+        f"(median), {b['host_ms']:g} ms of host time per iteration"
         + (f"; {unservable} of them cannot be served under these limits" if unservable else "")
     ]
 
@@ -224,7 +234,14 @@ def register(app: typer.Typer) -> None:
             0,
             min=0,
             help="also play this many requests, sent at once, through the scheduler on the "
-            "profile's costs (the steady state leaves out a batch's start and tail)",
+            "profile's costs (the steady state leaves out a batch's start and tail); lengths "
+            "within +-10% of the means, as neod.bench.throughput sends them",
+        ),
+        host_ms: float | None = typer.Option(
+            None,
+            min=0.0,
+            help="with --batch: the engine's own time per iteration beyond the predicted forward "
+            "(default: the running neod's median, else 0)",
         ),
         json_out: bool = typer.Option(False, "--json"),
     ) -> None:
@@ -276,8 +293,13 @@ def register(app: typer.Typer) -> None:
         if corrections is not None:
             result["measured_corrections"] = corrections
         if batch:
-            result["batch"] = _simulated_batch(cost, layout, gpu_bytes, cpu_bytes, limits,
-                                               [(input_len, output_len)] * batch)  # fmt: skip
+            from neod.sched.simulate import batch_lengths
+
+            result["batch"] = _simulated_batch(
+                cost, layout, gpu_bytes, cpu_bytes, limits,
+                batch_lengths(batch, input_len, output_len),
+                _host_ms(ctx.obj) if host_ms is None else host_ms,
+            )  # fmt: skip
         # A profile from before the current form of the hand-off has it timed at neod's next
         # start; until then the prediction leaves it out.
         result["handoff_timed"] = corrections is not None or profile.pipeline_handoff is not None

@@ -11,6 +11,7 @@ whole history again. Time advances by each plan's predicted iteration time.
 
 from __future__ import annotations
 
+import random
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -177,6 +178,19 @@ def step_bound(requests: Sequence[SimRequest], age_limit: int) -> int:
         + 4 * (age_limit + 1) * sum(r.output + 1 for r in requests)
         + sum(r.prompt for r in requests)  # a budget of 1 prefills one token per step
     )
+
+
+def batch_lengths(
+    num_requests: int, input_len: int, output_len: int, seed: int = 0
+) -> list[tuple[int, int]]:
+    """(prompt, output) tokens of each request, uniform within +-10% of the means: the throughput
+    benchmark's workload, so a prediction and a run with the same seed play the same lengths."""
+    rng = random.Random(seed)
+
+    def around(mean: int) -> int:
+        return max(1, round(mean * rng.uniform(0.9, 1.1)))
+
+    return [(around(input_len), around(output_len)) for _ in range(num_requests)]
 
 
 def simulate_batch(
