@@ -4,6 +4,7 @@ to the measured gains."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ def test_policies_are_measured_and_set_against_the_advisor(tmp_path, capsys):
         "--preset", "tiny", "--policies", "gpu-only,neo", "--num-requests", "12",
         "--input-len", "40", "--output-len", "6", "--gpu-kv-gib", "0.0005",
         "--cpu-kv-gib", "0.01", "--cpu-threads", "1", "--set", f"profile.dir={tmp_path}",
+        "--trace-out", str(tmp_path / "trace.json"),
     ])  # fmt: skip
     gpu_only, neo = report["results"]["gpu-only"], report["results"]["neo"]
     assert gpu_only["errors"] == neo["errors"] == 0
@@ -58,6 +60,19 @@ def test_policies_are_measured_and_set_against_the_advisor(tmp_path, capsys):
     # The engine's own time around each iteration's forward was measured, and the simulation
     # charged it.
     assert gpu_only["median_host_ms"] > 0
+    # Every iteration of each run is in the trace, with its plan's shape and its times.
+    traces = json.loads((tmp_path / "trace.json").read_text())
+    for policy, result in (("gpu-only", gpu_only), ("neo", neo)):
+        trace = traces[policy]
+        assert len(trace) == result["iterations"]
+        assert sum(t["pipelined"] for t in trace) == round(
+            result["pipelined_share"] * result["iterations"]
+        )
+        assert all(t["measured_ms"] > 0 and t["host_ms"] > 0 for t in trace)
+        assert sum(t["prefill_gpu"] + t["prefill_cpu"] - t["chunked"] for t in trace) >= 12
+    assert all(t["decode_cpu_b0"] + t["decode_cpu_b1"] == 0 for t in traces["gpu-only"])
+    offloaded = [t for t in traces["neo"] if t["decode_cpu_b0"] + t["decode_cpu_b1"]]
+    assert offloaded and all(t["cpu_batches"] and t["cpu_busy_ms"] > 0 for t in offloaded)
     assert "neo: measured over predicted CPU time, by CPU decodes: " in out
     assert "gpu-only: measured over" not in out
     assert "advisor (steady state): gpu-only" in out and "measured in the steady window" in out

@@ -199,6 +199,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--set", action="append", default=[], help="extra config override section.key=value"
     )
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--trace-out", default="", help="write every iteration's plan and times, per policy, here"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     overrides = {
@@ -220,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = {}
     cost = runtime.scheduler.cost
     start: dict[str, float | int] | None = None
+    traces: dict[str, list[dict[str, Any]]] = {}
     for policy in args.policies.split(","):
         engine = Engine(cfg, runtime=runtime)
         # Every policy starts from the corrections a fresh engine starts with, not from those the
@@ -230,6 +234,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else:
                 cost.restore(start)
         engine.tune(policy=policy)
+        if args.trace_out:
+            engine.iteration_stats.trace = traces[policy] = []
         results[policy] = run_workload(engine, workload)
         if runtime.device.type == "cuda":
             torch.cuda.synchronize()
@@ -276,6 +282,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for p, r in results.items()
             if steady_base and r["steady_tokens_per_s"]
         }
+    if args.trace_out:
+        with open(args.trace_out, "w") as f:
+            json.dump(traces, f)
     if args.json:
         print(json.dumps(report, indent=2))
         return report

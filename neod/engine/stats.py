@@ -28,9 +28,13 @@ class EngineStats:
         # The engine thread's own time per recent iteration around the timed forward and sampling
         # (scheduling, applying the plan, building the batches, outputs): no prediction has it.
         self._host_recent: deque[float] = deque(maxlen=WINDOW)
+        # Every iteration's plan and times, for a benchmark to study offline; None: not kept.
+        self.trace: list[dict[str, Any]] | None = None
 
     def record_host(self, host_s: float) -> None:
         self._host_recent.append(host_s)
+        if self.trace:
+            self.trace[-1]["host_ms"] = host_s * 1e3
 
     def record_iteration(
         self, plan: Plan, elapsed_s: float, num_seqs: int, cpu_busy_s: float
@@ -45,6 +49,8 @@ class EngineStats:
         self._recent.append((elapsed_s, plan.predicted_iter_s, plan.pipelined, num_seqs))
         if num_cpu and not plan.prefill_cpu and cpu_busy_s > 0 and plan.predicted_cpu_s > 0:
             self._cpu_recent.append((num_cpu, cpu_busy_s, plan.predicted_cpu_s))
+        if self.trace is not None:
+            self.trace.append(_trace_record(plan, elapsed_s, cpu_busy_s))
 
     def snapshot(self) -> dict[str, Any]:
         recent = list(self._recent)
@@ -88,3 +94,23 @@ def _bin_label(first: int, last: int | None) -> str:
 def _median(values: list[float]) -> float | None:
     """Of sorted values."""
     return values[len(values) // 2] if values else None
+
+
+def _trace_record(plan: Plan, elapsed_s: float, cpu_busy_s: float) -> dict[str, Any]:
+    return {
+        "pipelined": plan.pipelined,
+        "prefill_gpu": len(plan.prefill_gpu),
+        "prefill_cpu": len(plan.prefill_cpu),
+        "chunked": len(plan.chunked),
+        "decode_gpu": len(plan.decode_gpu),
+        "decode_cpu_b0": len(plan.decode_cpu_b0),
+        "decode_cpu_b1": len(plan.decode_cpu_b1),
+        "swap_in": len(plan.swap_in),
+        "swap_out": len(plan.swap_out),
+        "cpu_batches": plan.cpu_batches,
+        "measured_ms": elapsed_s * 1e3,
+        "predicted_ms": plan.predicted_iter_s * 1e3,
+        "gpu_alone_ms": plan.predicted_gpu_alone_s * 1e3,
+        "predicted_cpu_ms": plan.predicted_cpu_s * 1e3,
+        "cpu_busy_ms": cpu_busy_s * 1e3,
+    }
