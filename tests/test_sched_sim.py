@@ -355,7 +355,7 @@ def test_pausing_offloading_on_and_off_keeps_every_request(case, period):
     """The engine's guard pauses `auto`'s offloading for stretches: every plan stays valid, every
     request finishes, and while paused nothing the GPU pool can hold goes to the CPU, and what
     the CPU holds comes home (swapped in or recomputed) unless recomputing it is impossible or
-    costs more than decoding its rest on the CPU."""
+    costs more than waiting on the CPU for GPU room."""
     num_gpu, num_cpu, bs, limits, reqs, cost = case
     sched = Scheduler(cost, num_layers=4)
     sim = Sim(sched, num_gpu, num_cpu, bs, limits, reqs)
@@ -377,11 +377,11 @@ def test_pausing_offloading_on_and_off_keeps_every_request(case, period):
         for v in running:
             if v.residence != Residence.CPU or v.seq_id in left:
                 continue
-            # It stays only where it cannot be recomputed, or a prefill costs more than decoding
-            # the rest of it on the CPU would add.
-            n, rest = v.decode_ctx_tokens, v.max_total_tokens - v.num_computed_tokens
+            # It stays only where it cannot be recomputed, or a prefill costs more than the least
+            # that waiting on the CPU for GPU room adds: one decode there, forced by its age.
+            n = v.decode_ctx_tokens
             prefill_s = cost.linear_s(n) + cost.prefill_attn_s([n])
-            stay_s = rest * (cost.cpu_decode_attn_s(1, n) + cost.transfer_s(1))
+            stay_s = cost.cpu_decode_attn_s(1, n) + cost.transfer_s(1)
             assert n > limits.max_tokens_in_batch or prefill_s >= stay_s
     assert len(sim.done) == len(reqs) and not any(s.unservable for s in sim.done.values())
 
@@ -428,19 +428,34 @@ def test_auto_sends_cpu_requests_home_when_the_cpu_does_not_pay():
     assert sorted(neo.decode_cpu_b0 + neo.decode_cpu_b1) == [11, 12]
 
 
-def test_auto_leaves_on_the_cpu_what_costs_less_to_finish_there_than_to_recompute():
-    """No GPU room: of two CPU requests the split does not take, the one with 8 tokens to go is
-    recomputed (a prefill, ~1 ms per layer, against 8 x 0.44 ms on the CPU), the one with 2 to go
-    stays on the CPU (and, aged, decodes there)."""
+def _two_cpu_requests_no_gpu_room(gpu_left: int) -> Plan:
+    """Three GPU decodes with `gpu_left` tokens to go, no GPU room, and two CPU requests the split
+    does not take (pipelining, two weight passes, cannot pay for them): 8 and 2 tokens to go."""
     sched = Scheduler(COSTS["balanced"], 4)
-    # Three GPU decodes: pipelining (two weight passes) cannot pay for two CPU decodes.
-    gpu_seqs = [SeqView(i, i, 40, 40, 48, Residence.GPU, 9) for i in range(3)]
+    gpu_seqs = [SeqView(i, i, 40, 40, 40 + gpu_left, Residence.GPU, 9) for i in range(3)]
     cpu_seqs = [SeqView(10, 10, 40, 40, 48, Residence.CPU, 0),
-                SeqView(11, 11, 40, 40, 42, Residence.CPU, 0)]
+                SeqView(11, 11, 40, 40, 42, Residence.CPU, 0)]  # fmt: skip
     running = gpu_seqs + cpu_seqs
     cache = CacheView(4, 36, 6, 400, 380)  # 36 GPU blocks: 30 held, 3 for growth, no room
     auto = Limits(16, 512, "auto")
     plan = sched.schedule([], running, cache, auto, 10)
     assert check_plan(plan, [], running, cache, auto) == []
-    assert plan.preempt == [10] and not plan.swap_in
+    assert not plan.swap_in
+    return plan
+
+
+def test_auto_leaves_on_the_cpu_what_costs_less_to_finish_there_than_to_recompute():
+    """The GPU frees room only in 48 steps: the request with 8 tokens to go is recomputed (a
+    prefill, ~1 ms per layer, against 8 x 0.44 ms on the CPU meanwhile), the one with 2 to go
+    stays on the CPU (and, aged, decodes there)."""
+    plan = _two_cpu_requests_no_gpu_room(48)
+    assert plan.preempt == [10]
     assert plan.decode_cpu_b0 + plan.decode_cpu_b1 == [11]  # aged: forced, on the CPU
+
+
+def test_auto_keeps_on_the_cpu_what_finds_gpu_room_soon_rather_than_recompute_it():
+    """The same requests, but the GPU decodes finish in 2 steps: waiting costs one aged decode on
+    the CPU (0.44 ms per layer) and a swap-in, less than a prefill; nothing is thrown away."""
+    plan = _two_cpu_requests_no_gpu_room(2)
+    assert not plan.preempt
+    assert sorted(plan.decode_cpu_b0 + plan.decode_cpu_b1) == [10, 11]

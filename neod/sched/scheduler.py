@@ -22,6 +22,7 @@ One pass, in this order (docs/scheduler.md has the reasoning and the guarantees)
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -300,9 +301,12 @@ class _Pass:
     def _swap_in(self, threshold: int, send_home: bool = False) -> None:
         """Oldest first, CPU requests come home while GPU use stays under the threshold. With
         send_home (auto, when the CPU's work does not pay), those that do not fit now are
-        recomputed where the prefill costs less than what decoding the rest on the CPU would add;
-        requests larger than the GPU pool stay (the CPU is their only home)."""
+        recomputed where the prefill costs less than what waiting on the CPU for GPU room would
+        add; requests larger than the GPU pool stay (the CPU is their only home)."""
         used = self.cache.num_gpu_blocks - self.gpu_free
+        # Steps until each GPU slot frees: a request left waiting takes the first to free, then
+        # holds it for its own remaining tokens (one slot per request: similar sizes).
+        frees = sorted(v.max_total_tokens - v.num_computed_tokens for v in self.gpu)
         for s in list(self.cpu_cands):
             need = s.decode_blocks(self.bs)
             if used + need <= threshold:
@@ -317,21 +321,31 @@ class _Pass:
                 send_home
                 and need <= self.cache.num_gpu_blocks
                 and self._recomputable(s)
-                and self._recompute_pays(s)
+                and self._recompute_pays(s, frees[0] if frees else None)
             ):
                 self._refund(s)
                 self.plan.preempt.append(s.seq_id)
             else:
+                if frees:
+                    wait = heapq.heappop(frees)
+                    heapq.heappush(frees, wait + s.max_total_tokens - s.num_computed_tokens)
                 continue
             self.cpu_free += need  # its blocks and the growth reserved for it
             self.cpu_cands.remove(s)
 
-    def _recompute_pays(self, s: SeqView) -> bool:
-        """Whether prefilling s again costs less than what its remaining tokens, decoded on the
-        CPU, would add to the iterations they join (their attention and copies, none hidden)."""
+    def _recompute_pays(self, s: SeqView, wait_steps: int | None) -> bool:
+        """Whether prefilling s again costs less than staying on the CPU until the GPU has room
+        for it, about `wait_steps` from now (None: no GPU decode frees any): meanwhile the
+        fairness rule decodes it there once every `age_limit` steps (attention and copies, none
+        hidden), then it is swapped in. Recomputed, it waits for the same room in the queue."""
         cost, n = self.sched.cost, s.decode_ctx_tokens
         remaining = s.max_total_tokens - s.num_computed_tokens
-        stay_s = remaining * (cost.cpu_decode_attn_s(1, n) + cost.transfer_s(1))
+        on_cpu = remaining
+        if wait_steps is not None:
+            on_cpu = min(remaining, -(-wait_steps // self.sched.age_limit))
+        stay_s = on_cpu * (cost.cpu_decode_attn_s(1, n) + cost.transfer_s(1))
+        if on_cpu < remaining:
+            stay_s += cost.swap_s(s.held_blocks(self.bs))
         return cost.linear_s(n) + cost.prefill_attn_s([n]) < stay_s
 
     def _leave_cpu(self) -> bool:
