@@ -428,16 +428,17 @@ def test_auto_sends_cpu_requests_home_when_the_cpu_does_not_pay():
     assert sorted(neo.decode_cpu_b0 + neo.decode_cpu_b1) == [11, 12]
 
 
-def _two_cpu_requests_no_gpu_room(gpu_left: int) -> Plan:
+def _two_cpu_requests_no_gpu_room(gpu_left: int, paused: bool = True) -> Plan:
     """Three GPU decodes with `gpu_left` tokens to go, no GPU room, and two CPU requests the split
-    does not take (pipelining, two weight passes, cannot pay for them): 8 and 2 tokens to go."""
+    does not take (pipelining, two weight passes, cannot pay for them): 8 and 2 tokens to go.
+    paused: the engine's guard measured offloading lose."""
     sched = Scheduler(COSTS["balanced"], 4)
     gpu_seqs = [SeqView(i, i, 40, 40, 40 + gpu_left, Residence.GPU, 9) for i in range(3)]
     cpu_seqs = [SeqView(10, 10, 40, 40, 48, Residence.CPU, 0),
                 SeqView(11, 11, 40, 40, 42, Residence.CPU, 0)]  # fmt: skip
     running = gpu_seqs + cpu_seqs
     cache = CacheView(4, 36, 6, 400, 380)  # 36 GPU blocks: 30 held, 3 for growth, no room
-    auto = Limits(16, 512, "auto")
+    auto = Limits(16, 512, "auto", offload_paused=paused)
     plan = sched.schedule([], running, cache, auto, 10)
     assert check_plan(plan, [], running, cache, auto) == []
     assert not plan.swap_in
@@ -445,9 +446,9 @@ def _two_cpu_requests_no_gpu_room(gpu_left: int) -> Plan:
 
 
 def test_auto_leaves_on_the_cpu_what_costs_less_to_finish_there_than_to_recompute():
-    """The GPU frees room only in 48 steps: the request with 8 tokens to go is recomputed (a
-    prefill, ~1 ms per layer, against 8 x 0.44 ms on the CPU meanwhile), the one with 2 to go
-    stays on the CPU (and, aged, decodes there)."""
+    """Offloading paused, the GPU frees room only in 48 steps: the request with 8 tokens to go is
+    recomputed (a prefill, ~1 ms per layer, against 8 x 0.44 ms on the CPU meanwhile), the one
+    with 2 to go stays on the CPU (and, aged, decodes there)."""
     plan = _two_cpu_requests_no_gpu_room(48)
     assert plan.preempt == [10]
     assert plan.decode_cpu_b0 + plan.decode_cpu_b1 == [11]  # aged: forced, on the CPU
@@ -457,5 +458,14 @@ def test_auto_keeps_on_the_cpu_what_finds_gpu_room_soon_rather_than_recompute_it
     """The same requests, but the GPU decodes finish in 2 steps: waiting costs one aged decode on
     the CPU (0.44 ms per layer) and a swap-in, less than a prefill; nothing is thrown away."""
     plan = _two_cpu_requests_no_gpu_room(2)
+    assert not plan.preempt
+    assert sorted(plan.decode_cpu_b0 + plan.decode_cpu_b1) == [10, 11]
+
+
+def test_auto_throws_no_cpu_work_away_on_a_prediction_alone():
+    """Not paused, offloading is only predicted not to pay, which near break-even flips from one
+    iteration to the next: a request whose decode on the CPU costs less than its prefill stays
+    there, however long the GPU stays full (the slow CPU above is recomputed at once)."""
+    plan = _two_cpu_requests_no_gpu_room(48, paused=False)
     assert not plan.preempt
     assert sorted(plan.decode_cpu_b0 + plan.decode_cpu_b1) == [10, 11]

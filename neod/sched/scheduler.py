@@ -321,7 +321,7 @@ class _Pass:
                 send_home
                 and need <= self.cache.num_gpu_blocks
                 and self._recomputable(s)
-                and self._recompute_pays(s, frees[0] if frees else None)
+                and self._recompute_pays(s, self._room_in(frees))
             ):
                 self._refund(s)
                 self.plan.preempt.append(s.seq_id)
@@ -332,6 +332,16 @@ class _Pass:
                 continue
             self.cpu_free += need  # its blocks and the growth reserved for it
             self.cpu_cands.remove(s)
+
+    def _room_in(self, frees: list[int]) -> int | None:
+        """Steps until the GPU has room for the next request sent home (None: never). Only while
+        the engine's guard pauses offloading, a measured loss, is the wait taken as the GPU
+        decodes' remaining tokens say; otherwise offloading is only predicted not to pay, a
+        prediction that flips back and forth near break-even, and a request is thrown away only
+        where even the shortest wait, one decode on the CPU, costs more than its prefill."""
+        if not self.limits.offload_paused:
+            return 1
+        return frees[0] if frees else None
 
     def _recompute_pays(self, s: SeqView, wait_steps: int | None) -> bool:
         """Whether prefilling s again costs less than staying on the CPU until the GPU has room
