@@ -20,7 +20,13 @@ from neod.sched import (
     profile_path,
     save_corrections,
 )
-from neod.sched.calibration import CPU_FIXED_MAX_S, HANDOFF_FADE, HANDOFF_MAX_S, SCALE_BOUNDS
+from neod.sched.calibration import (
+    CPU_FIXED_MAX_S,
+    HANDOFF_FADE,
+    HANDOFF_MAX_S,
+    HANDOFF_STEP_FLOOR_S,
+    SCALE_BOUNDS,
+)
 
 
 def test_every_cost_but_the_cpu_attention_is_the_profiles():
@@ -154,9 +160,27 @@ def test_iterations_the_cpu_paced_leave_the_handoff_alone():
     model = CalibratedCostModel(FlatCost(), handoff_s=40e-6)
     model.record_iteration(True, 0.030, 0.024, 32, cpu_busy_s=0.0285)
     assert model.handoff_s == 40e-6 and model.handoff_samples == 0
-    model.record_iteration(True, 0.030, 0.024, 32, cpu_busy_s=0.018)
-    assert model.handoff_s == pytest.approx(40e-6 + 0.1 * 0.006 / 32)
+    model.record_iteration(True, 0.0252, 0.024, 32, cpu_busy_s=0.018)
+    assert model.handoff_s == pytest.approx(40e-6 + 0.1 * 0.0012 / 32)
     assert model.handoff_samples == 1
+
+
+def test_a_lone_stall_moves_the_handoff_by_a_tenth_at_most_a_lasting_excess_all_the_way():
+    """One pipelined iteration 100 ms over (an allocation, a neighbour's burst) counts as an excess
+    of the hand-off itself, 40 us per layer; the EWMA alone would have added 0.1 x 3.1 ms = 312 us
+    per layer and kept the scheduler off pipelining for hundreds of iterations. A lasting excess
+    of 210 us per layer is still learned, a tenth more per iteration at first."""
+    model = CalibratedCostModel(FlatCost(), handoff_s=40e-6)
+    model.record_iteration(True, 0.120, 0.020, 32)
+    assert model.handoff_s == pytest.approx(44e-6)
+    for _ in range(60):
+        predicted = 0.020 + 32 * model.pipeline_handoff_s()
+        model.record_iteration(True, 0.020 + 32 * 250e-6, predicted, 32)
+    assert model.handoff_s == pytest.approx(250e-6, rel=1e-2)
+    # The floor lets a hand-off that starts at nothing grow too.
+    zero = CalibratedCostModel(FlatCost())
+    zero.record_iteration(True, 0.120, 0.020, 32)
+    assert zero.handoff_s == pytest.approx(HANDOFF_STEP_FLOOR_S * 0.1)
 
 
 def test_the_handoff_stays_within_its_bounds():

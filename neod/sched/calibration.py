@@ -53,6 +53,10 @@ CPU_FIT_SPREAD = 0.25
 CPU_SAMPLE_CLAMP = 2.0  # a sample counts at most this far off its prediction (one hiccup)
 HANDOFF_MAX_S = 1e-3  # per layer: beyond, pipelining is a loss on any model, and the guard's call
 HANDOFF_FADE = 5e-4  # share of the learned hand-off forgotten per iteration that does not pipeline
+# One iteration's excess counts at most as this much per layer, or as the hand-off itself where
+# that is larger: a lone stall (an allocation, a page fault storm, a neighbour) moves it by a
+# tenth at most, while a lasting excess still grows it by a tenth per iteration.
+HANDOFF_STEP_FLOOR_S = 20e-6
 # A pipelined iteration whose CPU pool was busy this share of its wall time or more was paced by
 # the CPU's own work: its excess over the prediction is the CPU's (record_cpu), not the hand-off's.
 CPU_BOUND_SHARE = 0.9
@@ -176,7 +180,8 @@ class CalibratedCostModel:
         against the plan's prediction, which already carries the current hand-off, and how long
         the CPU pool was busy in it. An iteration that did not pipeline only lets the hand-off
         return toward the profile's; one the CPU's own work paced teaches it nothing (else a CPU
-        misprediction, which the CPU's correction takes up, would also swell the hand-off)."""
+        misprediction, which the CPU's correction takes up, would also swell the hand-off). An
+        excess beyond the hand-off itself counts as the hand-off (HANDOFF_STEP_FLOOR_S)."""
         if not pipelined:
             self.handoff_s += HANDOFF_FADE * (self.profiled_handoff_s - self.handoff_s)
             return
@@ -184,7 +189,8 @@ class CalibratedCostModel:
             return
         if cpu_busy_s >= CPU_BOUND_SHARE * measured_s:
             return
-        excess = (measured_s - predicted_s) / num_layers
+        bound = max(self.handoff_s, self.profiled_handoff_s, HANDOFF_STEP_FLOOR_S)
+        excess = min(bound, (measured_s - predicted_s) / num_layers)
         self.handoff_s = min(HANDOFF_MAX_S, max(0.0, self.handoff_s + WEIGHT * excess))
         self.handoff_samples += 1
 
