@@ -108,7 +108,7 @@ def test_long_sequences_are_split_and_merged(attn, dtype, head_dim, group):
     check(batch, out, lse)
 
 
-@pytest.mark.parametrize("num_threads", [1, 2, 3, 5])
+@pytest.mark.parametrize("num_threads", [1, 2, 3, 5, 14])
 def test_any_thread_count_gives_the_reference(num_threads):
     # More workers than CPUs is legal (several pinned to one CPU): the split changes, the result
     # does not.

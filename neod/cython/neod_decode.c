@@ -2,9 +2,13 @@
  *
  * Work split: the batch's KV blocks (every block holds all KV heads of a layer, so blocks are KV
  * bytes) are dealt out in equal contiguous shares, walking the requests in order; a request that
- * straddles a share boundary becomes several pieces. Pieces of one request are merged by
- * log-sum-exp by whichever worker finishes the last one (an atomic countdown), so the workers never
- * wait for each other. At most 2 * (workers - 1) pieces are partial, which bounds every buffer. */
+ * straddles a share boundary becomes several pieces. There are a few shares per worker, and each
+ * worker claims the next unclaimed share until none is left: a worker slowed by whatever shares
+ * its core (the engine's threads, an SMT sibling, a VM neighbour) takes fewer shares instead of
+ * setting the pace for all of them, as a fixed share per worker did. Pieces of one request are
+ * merged by log-sum-exp by whichever worker finishes the last one (an atomic countdown), so the
+ * workers never wait for each other. At most 2 * (shares - 1) pieces are partial, which bounds
+ * every buffer. */
 #define _GNU_SOURCE
 #include "neod_decode.h"
 #include "neod_amx.h"
@@ -16,7 +20,9 @@
 #include <time.h>
 
 /* A share smaller than this many blocks costs more in hand-off and merging than it saves. */
-#define MIN_BLOCKS_PER_WORKER 4
+#define MIN_BLOCKS_PER_SHARE 4
+/* Shares per worker, at most: enough for the others to absorb one worker at half speed. */
+#define SHARES_PER_WORKER 4
 /* Score slots per online-softmax step: amortizes the per-head rescale over several blocks. */
 #define CHUNK_TOKENS 64
 
@@ -31,11 +37,12 @@ struct neod_decode_plan {
     struct NeodDecodeArgs args; /* args.kv is set by each run */
     struct NeodWorkItem *items;
     int *item_split;   /* [num_items] index into splits, or -1 for a whole request */
-    int *thread_first; /* worker t owns items [thread_first[t], thread_first[t + 1]) */
+    int *share_first; /* share s is items [share_first[s], share_first[s + 1]) */
+    int num_shares;
     split_request *splits;
     int num_splits;
-    float *partial_out; /* [2 * workers, num_q_heads, head_dim] */
-    float *partial_lse; /* [2 * workers, num_q_heads] */
+    float *partial_out; /* [2 * shares, num_q_heads, head_dim] */
+    float *partial_lse; /* [2 * shares, num_q_heads] */
 };
 
 typedef struct {
@@ -43,7 +50,9 @@ typedef struct {
     const struct NeodDecodeArgs *args;
     const struct NeodWorkItem *items;
     const int *item_split;   /* [num_items] index into splits, or -1 for a whole request */
-    const int *thread_first; /* worker t owns items [thread_first[t], thread_first[t + 1]) */
+    const int *share_first; /* share s is items [share_first[s], share_first[s + 1]) */
+    int num_shares;
+    atomic_int next_share;  /* the next share a worker may claim */
     split_request *splits;
     float *partial_out;      /* [num_partials, num_q_heads, head_dim] */
     float *partial_lse;      /* [num_partials, num_q_heads] */
@@ -120,8 +129,8 @@ static void append_new_kv(const struct NeodDecodeArgs *a, int b) {
 static void decode_task(void *ctx, int t) {
     decode_job *job = ctx;
     const struct NeodDecodeArgs *a = job->args;
-    int first = job->thread_first[t], last = job->thread_first[t + 1];
-    if (first == last) return;
+    int share = atomic_fetch_add_explicit(&job->next_share, 1, memory_order_relaxed);
+    if (share >= job->num_shares) return;
     int64_t start = now_ns();
     float *mem = neod_pool_scratch(job->pool, t, job->scratch_floats * sizeof(float));
     if (mem == NULL) {
@@ -139,18 +148,21 @@ static void decode_task(void *ctx, int t) {
     int append = a->k_new != NULL && a->v_new != NULL;
     int amx = a->amx_scores == NEOD_AMX_TILES || a->amx_values == NEOD_AMX_TILES;
     if (amx) neod_amx_configure();
-    for (int i = first; i < last; i++) {
-        const struct NeodWorkItem *item = &job->items[i];
-        int last_block = (a->seq_lens[item->request] - 1) / a->block_size;
-        if (append && item->block_begin <= last_block && last_block < item->block_end)
-            append_new_kv(a, item->request);
-        neod_attend(a, item, &scratch, job->partial_out, job->partial_lse);
-        int s = job->item_split[i];
-        if (s >= 0 &&
-            atomic_fetch_sub_explicit(&job->splits[s].remaining, 1, memory_order_acq_rel) == 1) {
-            split_request *sp = &job->splits[s];
-            neod_merge_partials(a, sp->request, sp->first_partial, sp->num_partials,
-                                job->partial_out, job->partial_lse);
+    for (; share < job->num_shares;
+         share = atomic_fetch_add_explicit(&job->next_share, 1, memory_order_relaxed)) {
+        for (int i = job->share_first[share]; i < job->share_first[share + 1]; i++) {
+            const struct NeodWorkItem *item = &job->items[i];
+            int last_block = (a->seq_lens[item->request] - 1) / a->block_size;
+            if (append && item->block_begin <= last_block && last_block < item->block_end)
+                append_new_kv(a, item->request);
+            neod_attend(a, item, &scratch, job->partial_out, job->partial_lse);
+            int s = job->item_split[i];
+            if (s >= 0 && atomic_fetch_sub_explicit(&job->splits[s].remaining, 1,
+                                                    memory_order_acq_rel) == 1) {
+                split_request *sp = &job->splits[s];
+                neod_merge_partials(a, sp->request, sp->first_partial, sp->num_partials,
+                                    job->partial_out, job->partial_lse);
+            }
         }
     }
     if (amx) neod_amx_release();
@@ -183,14 +195,14 @@ static int64_t validate(const struct NeodDecodeArgs *a, char *err, size_t err_le
 }
 
 size_t neod_decode_plan_bytes(const neod_pool *pool, const struct NeodDecodeArgs *a) {
-    size_t workers = (size_t)neod_pool_size(pool);
-    size_t max_items = (size_t)a->batch + workers;
-    size_t max_partials = 2 * workers;
+    size_t shares = (size_t)neod_pool_size(pool) * SHARES_PER_WORKER;
+    size_t max_items = (size_t)a->batch + shares;
+    size_t max_partials = 2 * shares;
     size_t hq = a->num_q_heads, d = a->head_dim;
     size_t sizes[] = {sizeof(struct neod_decode_plan), max_partials * hq * d * sizeof(float),
                       max_partials * hq * sizeof(float), max_items * sizeof(struct NeodWorkItem),
-                      max_items * sizeof(int), (workers + 1) * sizeof(int),
-                      workers * sizeof(split_request)};
+                      max_items * sizeof(int), (shares + 1) * sizeof(int),
+                      shares * sizeof(split_request)};
     size_t bytes = 0;
     for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) bytes += (sizes[i] + 63) & ~(size_t)63;
     return bytes;
@@ -200,12 +212,12 @@ neod_decode_plan *neod_decode_plan_init(neod_pool *pool, const struct NeodDecode
                                         void *memory, char *err, size_t err_len) {
     int64_t total = validate(a, err, err_len);
     if (total < 0) return NULL;
-    int64_t workers = total / MIN_BLOCKS_PER_WORKER;
-    int pool_size = neod_pool_size(pool);
-    if (workers < 1) workers = 1;
-    if (workers > pool_size) workers = pool_size;
-    size_t max_items = (size_t)a->batch + (size_t)pool_size;
-    size_t max_partials = 2 * (size_t)pool_size;
+    int max_shares = neod_pool_size(pool) * SHARES_PER_WORKER;
+    int64_t shares = total / MIN_BLOCKS_PER_SHARE;
+    if (shares < 1) shares = 1;
+    if (shares > max_shares) shares = max_shares;
+    size_t max_items = (size_t)a->batch + (size_t)max_shares;
+    size_t max_partials = 2 * (size_t)max_shares;
     size_t hq = a->num_q_heads, d = a->head_dim;
 
     char *cursor = memory;
@@ -215,19 +227,20 @@ neod_decode_plan *neod_decode_plan_init(neod_pool *pool, const struct NeodDecode
     plan->partial_lse = take(&cursor, max_partials * hq * sizeof(float));
     plan->items = take(&cursor, max_items * sizeof(struct NeodWorkItem));
     plan->item_split = take(&cursor, max_items * sizeof(int));
-    plan->thread_first = take(&cursor, ((size_t)pool_size + 1) * sizeof(int));
-    plan->splits = take(&cursor, (size_t)pool_size * sizeof(split_request));
+    plan->share_first = take(&cursor, ((size_t)max_shares + 1) * sizeof(int));
+    plan->splits = take(&cursor, (size_t)max_shares * sizeof(split_request));
+    plan->num_shares = (int)shares;
     struct NeodWorkItem *items = plan->items;
     int *item_split = plan->item_split;
-    int *thread_first = plan->thread_first;
+    int *share_first = plan->share_first;
 
-    /* Deal the blocks out: worker t takes total / workers blocks (plus one for the first
-     * total % workers workers), continuing where worker t - 1 stopped. */
+    /* Deal the blocks out: share s takes total / shares blocks (plus one for the first
+     * total % shares shares), continuing where share s - 1 stopped. */
     int num_items = 0, b = 0;
     int64_t pos = 0;
-    for (int t = 0; t < pool_size; t++) {
-        thread_first[t] = num_items;
-        int64_t quota = t < workers ? total / workers + (t < total % workers) : 0;
+    for (int t = 0; t < shares; t++) {
+        share_first[t] = num_items;
+        int64_t quota = total / shares + (t < total % shares);
         while (quota > 0) {
             int64_t num = (a->seq_lens[b] + a->block_size - 1) / a->block_size;
             int64_t n = num - pos < quota ? num - pos : quota;
@@ -242,7 +255,7 @@ neod_decode_plan *neod_decode_plan_init(neod_pool *pool, const struct NeodDecode
             }
         }
     }
-    thread_first[pool_size] = num_items;
+    share_first[shares] = num_items;
 
     /* Consecutive items of one request are its pieces: give them consecutive partial slots. */
     int num_splits = 0, num_partials = 0;
@@ -277,7 +290,8 @@ int neod_decode_plan_run(neod_pool *pool, neod_decode_plan *plan, void *kv, int6
         .args = &plan->args,
         .items = plan->items,
         .item_split = plan->item_split,
-        .thread_first = plan->thread_first,
+        .share_first = plan->share_first,
+        .num_shares = plan->num_shares,
         .splits = plan->splits,
         .partial_out = plan->partial_out,
         .partial_lse = plan->partial_lse,
@@ -285,6 +299,7 @@ int neod_decode_plan_run(neod_pool *pool, neod_decode_plan *plan, void *kv, int6
     };
     atomic_init(&job.out_of_memory, 0);
     atomic_init(&job.worker_ns, 0);
+    atomic_init(&job.next_share, 0);
     neod_pool_run(pool, decode_task, &job);
     *worker_ns = atomic_load(&job.worker_ns);
     return atomic_load(&job.out_of_memory) ? -2 : 0;
