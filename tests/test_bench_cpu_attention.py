@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import psutil
 import pytest
 import torch
 
@@ -34,3 +35,26 @@ def test_kv_memory_kinds_are_checked():
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             cpu_attention.main(["--kv-memory", "pinned"])
+
+
+def test_a_busy_neighbour_spins_only_while_the_kernel_is_timed(tmp_path):
+    out = tmp_path / "report.json"
+    code = cpu_attention.main([
+        "--batch", "4", "--context", "256", "--threads", "2", "--q-heads", "8", "--kv-heads", "2",
+        "--seconds", "0.2", "--probe-bytes", str(16 << 20), "--reserve-cores", "0",
+        "--products", "fp32", "--no-torch", "--busy-cpus", "0", "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["busy_cpus"] == [0] and row["kernel_gbps"] > 0
+    # The spinner is gone: no child of this process is left.
+    assert not psutil.Process().children(recursive=True)
+
+
+def test_spinning_keeps_its_cpus_busy_for_its_duration():
+    with cpu_attention.spinning([0]):
+        children = psutil.Process().children()
+        assert len(children) == 1
+        busy = children[0].cpu_percent(interval=0.3)
+        assert busy > 50 and children[0].cpu_affinity() == [0]
+    assert not psutil.Process().children()

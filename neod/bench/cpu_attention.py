@@ -8,7 +8,10 @@ over several layers' worth of KV so that no call finds the previous one's data i
 `--resident-blocks N` every request reads the same N blocks instead, which stay in cache, so the
 rate is the kernel's compute bound (the same work without the memory). "busy" is the share of the
 pool's thread time during the timed calls that its workers spent computing; the rest went to
-waking them, handing work off and waiting for the slowest worker of each call.
+waking them, handing work off and waiting for the slowest worker of each call. With
+`--busy-cpus`, a process spins on each of those CPUs while the kernel is timed: a neighbour that
+slows some of the pool's workers, as the engine's own threads and a VM's neighbours do while
+serving.
 
     python -m neod.bench.cpu_attention [--quick] [--json] [--out FILE]
         [--batch 1,16,64] [--context 1024,4096,16384] [--threads 1,8,16] [--torch-at 16]
@@ -22,8 +25,11 @@ import logging
 import math
 import platform
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import torch
@@ -52,6 +58,20 @@ def time_calls(fn: Callable[[], None], min_seconds: float, min_calls: int) -> fl
         fn()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
+
+
+@contextmanager
+def spinning(cpus: list[int]) -> Iterator[None]:
+    """A busy process pinned to each of `cpus` for the duration."""
+    loop = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass"
+    procs = [subprocess.Popen([sys.executable, "-c", loop, str(cpu)]) for cpu in cpus]
+    try:
+        time.sleep(0.05 if procs else 0.0)  # pinned and spinning before the timing starts
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 class Point:
@@ -142,9 +162,11 @@ def measure(args: argparse.Namespace, pool: CpuAttention, point: Point, host_rat
     point.kernel_call(pool)
     torch.testing.assert_close(point.out.float(), expected, rtol=2e-2, atol=2e-2)
 
-    worker_before, start = pool.worker_seconds, time.perf_counter()
-    kernel_s = time_calls(lambda: point.kernel_call(pool), args.seconds, 5)
-    pool_share = (pool.worker_seconds - worker_before) / (threads * (time.perf_counter() - start))
+    with spinning(args.busy_cpus):
+        worker_before, start = pool.worker_seconds, time.perf_counter()
+        kernel_s = time_calls(lambda: point.kernel_call(pool), args.seconds, 5)
+        elapsed = time.perf_counter() - start
+    pool_share = (pool.worker_seconds - worker_before) / (threads * elapsed)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -167,6 +189,7 @@ def measure(args: argparse.Namespace, pool: CpuAttention, point: Point, host_rat
         "pool_share": pool_share,
         "torch_ms": None if torch_s is None else torch_s * 1e3,
         "speedup_vs_torch": None if torch_s is None else torch_s / kernel_s,
+        "busy_cpus": args.busy_cpus,
     }
 
 
@@ -219,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-memory", type=lambda text: text.split(","), default=["pageable"],
                         help="where the KV lies, compared: pageable (plain host memory), pinned "
                              "(page-locked by CUDA, as the engine's host pool on a GPU host)")
+    parser.add_argument("--busy-cpus", type=parse_ints, default=[],
+                        help="spin a process on each of these CPUs while the kernel is timed")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch baseline")
     parser.add_argument("--torch-at", type=parse_ints, default=[],
                         help="run the torch baseline only at these thread counts (default: all)")
