@@ -31,30 +31,44 @@ static int wait_flag(const uint32_t *flag, uint32_t value, int64_t timeout_ns) {
     }
 }
 
+/* Row chunks per worker, at most: as in the decode split (neod_decode.c), a worker slowed by
+ * whatever shares its core takes fewer chunks instead of pacing the layer. */
+#define STORE_CHUNKS_PER_WORKER 4
+
 typedef struct {
     const struct NeodFlight *flight;
     char *kv; /* this layer of the pool */
     int64_t row_bytes; /* one token's K (or V): num_kv_heads * head_dim elements */
-    int num_threads;
+    int64_t chunk_rows; /* rows a worker claims at a time */
+    atomic_llong next_row; /* the first row not claimed yet */
     atomic_llong worker_ns; /* time in store_task, summed over the workers */
 } store_job;
 
-/* Worker t copies its share of the staged prefill rows into their slots, K and V, every head. */
+/* Copies claimed chunks of the staged prefill rows into their slots, K and V, every head, until
+ * none is left. */
 static void store_task(void *ctx, int t) {
+    (void)t;
     store_job *job = ctx;
     const struct NeodFlight *f = job->flight;
     const struct NeodDecodeArgs *a = &f->decode;
+    int64_t n = f->num_prefill, step = job->chunk_rows;
+    int64_t first = atomic_fetch_add_explicit(&job->next_row, step, memory_order_relaxed);
+    if (first >= n) return;
     int64_t start = clock_ns();
-    int64_t n = f->num_prefill, first = n * t / job->num_threads, last = n * (t + 1) / job->num_threads;
     int64_t head_bytes = (int64_t)a->head_dim * 2;
     int64_t tile_bytes = (int64_t)a->block_size * head_bytes; /* one head of one block */
-    for (int64_t r = first; r < last; r++) {
-        int64_t block = f->prefill_slots[r] / a->block_size, offset = f->prefill_slots[r] % a->block_size;
-        for (int64_t kv = 0; kv < 2; kv++) {
-            const char *src = (const char *)(kv ? f->prefill_v : f->prefill_k) + r * job->row_bytes;
-            char *dst = job->kv + ((block * 2 + kv) * a->num_kv_heads) * tile_bytes + offset * head_bytes;
-            for (int64_t h = 0; h < a->num_kv_heads; h++)
-                memcpy(dst + h * tile_bytes, src + h * head_bytes, head_bytes);
+    for (; first < n; first = atomic_fetch_add_explicit(&job->next_row, step, memory_order_relaxed)) {
+        int64_t last = first + step < n ? first + step : n;
+        for (int64_t r = first; r < last; r++) {
+            int64_t block = f->prefill_slots[r] / a->block_size;
+            int64_t offset = f->prefill_slots[r] % a->block_size;
+            for (int64_t kv = 0; kv < 2; kv++) {
+                const char *src = (const char *)(kv ? f->prefill_v : f->prefill_k) + r * job->row_bytes;
+                char *dst = job->kv + ((block * 2 + kv) * a->num_kv_heads) * tile_bytes +
+                            offset * head_bytes;
+                for (int64_t h = 0; h < a->num_kv_heads; h++)
+                    memcpy(dst + h * tile_bytes, src + h * head_bytes, head_bytes);
+            }
         }
     }
     atomic_fetch_add_explicit(&job->worker_ns, clock_ns() - start, memory_order_relaxed);
@@ -128,8 +142,10 @@ int neod_decode_layers(neod_pool *pool, const struct NeodFlight *flights, int nu
             int64_t start = clock_ns();
             char *kv = (char *)f->decode.kv + (int64_t)l * layer_bytes;
             if (f->num_prefill > 0) {
+                int64_t chunks = (int64_t)threads * STORE_CHUNKS_PER_WORKER;
                 store_job job = {f, kv, (int64_t)f->decode.num_kv_heads * f->decode.head_dim * 2,
-                                 threads};
+                                 (f->num_prefill + chunks - 1) / chunks};
+                atomic_init(&job.next_row, 0);
                 atomic_init(&job.worker_ns, 0);
                 neod_pool_run(pool, store_task, &job);
                 *worker_ns += atomic_load(&job.worker_ns);
