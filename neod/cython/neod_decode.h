@@ -1,10 +1,10 @@
 /* Paged decode attention and the memory-read probe, run on a neod_pool.
  *
  * neod_decode plans the batch in the calling thread (validation, and a split of the KV blocks into
- * equal shares per worker, cutting long requests into pieces), then runs it on the pool: each
- * worker appends the new K/V of the requests whose last block it owns, attends its pieces, and the
- * worker that finishes the last piece of a split request merges its partials. No barrier, no
- * serial phase. */
+ * equal shares, a few per worker, cutting long requests into pieces), then runs it on the pool:
+ * each worker claims shares until none is left, appends the new K/V of the requests whose last
+ * block a share holds, attends its pieces, and the worker that finishes the last piece of a split
+ * request merges its partials. No barrier, no serial phase. */
 #ifndef NEOD_DECODE_H
 #define NEOD_DECODE_H
 
