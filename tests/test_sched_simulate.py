@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from test_sched_sim import COSTS
 
-from neod.sched import Limits, Scheduler, sequential_s
+from neod.sched import CacheView, Limits, Residence, Scheduler, SeqView, sequential_s
 from neod.sched.cost import BatchLoad
 from neod.sched.simulate import SimRequest, Simulation, batch_lengths, simulate_batch
 
@@ -69,3 +69,15 @@ def test_batch_lengths_spread_around_the_means_as_the_benchmark_sends_them():
     assert batch_lengths(3, 1, 1) == [(1, 1)] * 3  # never below one token
     workload = make_workload(20, 100, 30, vocab_size=50, seed=3)
     assert [(len(p), o) for p, o in workload] == batch_lengths(20, 100, 30, seed=3)
+
+
+def test_requests_no_pool_can_take_are_counted_not_logged(caplog):
+    """A simulation reports what cannot be served in its result; only a serving scheduler warns."""
+    cost, limits = COSTS["balanced"], Limits(8, 512, "gpu-only")
+    with caplog.at_level("WARNING", logger="neod.sched.scheduler"):
+        result = simulate_batch(cost, 4, 10, 0, 16, limits, [(10, 5), (1000, 5)])
+    assert result["unservable"] == 1 and not caplog.records
+    too_long = SeqView(1, 0, 1000, 0, 1005, Residence.WAITING, 0)
+    with caplog.at_level("WARNING", logger="neod.sched.scheduler"):
+        Scheduler(cost, 4).schedule([too_long], [], CacheView(16, 10, 10, 0, 0), limits, 1)
+    assert "1 sequence(s) cannot be served" in caplog.text

@@ -50,12 +50,15 @@ class Scheduler:
         gpu_watermark_frac: float = 0.01,
         auto_margin: float = 0.03,
         cpu_stretch: float = 0.1,
+        log_drops: bool = True,
     ) -> None:
         """age_limit: a running sequence idle for this many steps is forced into the batch;
         wait_age_limit: a prompt waiting this long is no longer overtaken by younger ones;
         gpu_watermark_frac: share of GPU blocks a prefill leaves free while decodes run (they grow);
         auto_margin: how much faster offloading must be predicted before policy auto uses it;
-        cpu_stretch: how much CPU work may lengthen an iteration beyond its GPU work."""
+        cpu_stretch: how much CPU work may lengthen an iteration beyond its GPU work;
+        log_drops: warn of sequences that cannot be served (off where a caller reports them, as a
+        simulation does)."""
         if num_layers < 1 or age_limit < 1 or wait_age_limit < 1:
             raise ValueError("num_layers, age_limit and wait_age_limit must be >= 1")
         if not 0.0 < swap_in_frac <= 1.0 or not 0.0 <= gpu_watermark_frac < 1.0:
@@ -70,6 +73,7 @@ class Scheduler:
         self.gpu_watermark_frac = gpu_watermark_frac
         self.auto_margin = auto_margin
         self.cpu_stretch = cpu_stretch
+        self.log_drops = log_drops
 
     def schedule(
         self,
@@ -169,7 +173,7 @@ class _Pass:
         """One line per pass, however many were dropped (a lowered budget can drop a whole
         queue)."""
         dropped = self.plan.unservable
-        if dropped:
+        if dropped and self.sched.log_drops:
             first = islice(dropped.items(), LOGGED_DROPS)
             shown = "; ".join(f"seq {sid}: {why}" for sid, why in first)
             more = len(dropped) - LOGGED_DROPS

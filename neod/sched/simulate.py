@@ -206,8 +206,9 @@ def simulate_batch(
     """Predicted output tokens/s of these (prompt, output) requests, all sent at once, under
     `limits.policy`; JSON-ready. host_s: the engine's own time per iteration around the predicted
     part (scheduling, batches, outputs), as measured (`median_host_ms` of the engine's stats). The
-    engine's offload guard is not simulated (it only acts on measurements)."""
-    sched = Scheduler(cost_model, num_layers)
+    engine's offload guard is not simulated (it only acts on measurements). Requests that cannot
+    be served are counted ("unservable"), not logged as a serving scheduler would."""
+    sched = Scheduler(cost_model, num_layers, log_drops=False)
     reqs = [SimRequest(1, prompt, output) for prompt, output in requests]
     sim = Simulation(sched, num_gpu_blocks, num_cpu_blocks, block_size, limits, reqs, host_s)
     sim.run(step_bound(reqs, sched.age_limit))
