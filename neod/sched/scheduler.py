@@ -11,7 +11,8 @@ One pass, in this order (docs/scheduler.md has the reasoning and the guarantees)
 5. Swap-in, oldest first, only when nothing was swapped out and GPU use stays under the lower
    threshold (hysteresis). Under `auto`, when neither offloading nor decoding what the CPU holds
    pays (or the engine's guard paused offloading), CPU requests that the GPU pool can hold come
-   home instead: swapped in under the same threshold, else recomputed.
+   home instead: swapped in under the same threshold, else recomputed where that costs less than
+   waiting on the CPU for room.
 6. Prefills in FCFS order: first the next chunks of prefills under way, then new prompts: on the
    GPU if it has room (a prompt longer than what is left of the token budget starts in chunks
    there), else whole on the CPU when the policy offloads and the quota allows. A prompt that does
