@@ -32,6 +32,8 @@ def test_a_small_grid_reports_rates_and_the_pools_busy_share(tmp_path):
 def test_kv_memory_kinds_are_checked():
     with pytest.raises(SystemExit):
         cpu_attention.main(["--kv-memory", "huge"])
+    with pytest.raises(SystemExit):  # a CPU this process may not run on: no silent no-op
+        cpu_attention.main(["--busy-cpus", "100000"])
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             cpu_attention.main(["--kv-memory", "pinned"])

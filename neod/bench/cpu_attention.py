@@ -256,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--kv-memory takes pageable and pinned, not {args.kv_memory}")
     if "pinned" in args.kv_memory and not torch.cuda.is_available():
         parser.error("--kv-memory pinned needs CUDA (the driver page-locks the memory)")
+    if not set(args.busy_cpus) <= set(topo.allowed_cpus):
+        parser.error(f"--busy-cpus {args.busy_cpus}: this process may run only on CPUs "
+                     f"{sorted(topo.allowed_cpus)}")
     if args.quick:
         args.batch, args.context, args.seconds = [4], [2048], 0.1
         args.threads = sorted({1, cpus})
