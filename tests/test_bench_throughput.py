@@ -8,6 +8,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from neod.bench import throughput
 
 
@@ -133,3 +135,9 @@ def test_every_policy_starts_from_the_same_cost_corrections(tmp_path, monkeypatc
     ])  # fmt: skip
     assert report["results"]["neo"]["cpu_cost_scale"]["samples"] > 0  # neo's run moved them
     assert len(starts) == 2 and starts[0] == starts[1]
+
+
+def test_a_trace_file_that_cannot_be_written_is_refused_before_the_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        throughput.main(["--trace-out", str(tmp_path / "no-such-dir" / "trace.json")])
+    assert "--trace-out" in capsys.readouterr().err

@@ -200,7 +200,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
-        "--trace-out", default="", help="write every iteration's plan and times, per policy, here"
+        "--trace-out",
+        type=argparse.FileType("w"),  # opened now: a bad path fails before the run, not after it
+        help="write every iteration's plan and times, per policy, here",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -283,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if steady_base and r["steady_tokens_per_s"]
         }
     if args.trace_out:
-        with open(args.trace_out, "w") as f:
+        with args.trace_out as f:
             json.dump(traces, f)
     if args.json:
         print(json.dumps(report, indent=2))
