@@ -26,7 +26,8 @@ def test_each_mode_is_measured_against_its_prediction(tmp_path, capsys):
         assert r["predicted_ms"] > 0 and r["x_gpu_only"] > 0
         assert r["workers_wait_ms"] >= 0 and r["others_wait_ms"] >= 0
         assert r["workers_preempted"] >= 0
+        assert 0 < r["issue_ms"] <= r["wall_ms"]  # on CPU, the layers are issued and run inline
     assert sum(with_cpu["pipelined"]["split"]) == 3
     out = capsys.readouterr().out
     assert "CPU pool busy ms measured / predicted" in out and out.count(" cpu ") == 6
-    assert out.count(" wait ") == 6 and "other threads anywhere" in out
+    assert out.count(" wait ") == 6 and out.count(" issue ") == 6 and "other threads anywhere" in out

@@ -71,6 +71,7 @@ def test_policies_are_measured_and_set_against_the_advisor(tmp_path, capsys):
             result["pipelined_share"] * result["iterations"]
         )
         assert all(t["measured_ms"] > 0 and t["host_ms"] > 0 for t in trace)
+        assert all(0 < t["issue_ms"] <= t["measured_ms"] for t in trace)  # no CUDA graphs on CPU
         assert sum(t["prefill_gpu"] + t["prefill_cpu"] - t["chunked"] for t in trace) >= 12
     assert all(t["decode_cpu_b0"] + t["decode_cpu_b1"] == 0 for t in traces["gpu-only"])
     offloaded = [t for t in traces["neo"] if t["decode_cpu_b0"] + t["decode_cpu_b1"]]

@@ -37,25 +37,27 @@ GIB = 1 << 30
 
 
 def _time_iterations(runtime: EngineRuntime, batches: list, repeats: int) -> dict[str, Any]:
-    """Median wall time of one iteration, the CPU attention's busy time in it, the share of the
-    pool's thread time in that busy time that computed (None without CPU work), and per
-    iteration how long the pool's workers and this process's other threads waited for a core."""
+    """Median wall time of one iteration, the CPU attention's busy time in it, the engine thread's
+    time issuing its layers, the share of the pool's thread time in that busy time that computed
+    (None without CPU work), and per iteration how long the pool's workers and this process's
+    other threads waited for a core."""
     executor = runtime.executor
     for _ in range(2):
         executor.run(batches)
-    walls, busy = [], []
+    walls, busy, issue = [], [], []
     worker_before, capacity_before = executor.cpu_worker_s, executor.cpu_capacity_s
     workers = runtime.cpu_attention.thread_ids()
     others = sorted(set(process_threads()) - set(workers))
     workers_before, others_before = thread_times(workers), thread_times(others)
     for _ in range(repeats):
-        cpu_before = executor.cpu_busy_s
+        cpu_before, issue_before = executor.cpu_busy_s, executor.issue_s
         start = time.perf_counter()
         logits = executor.run(batches)
         for t in logits:
             t.argmax(dim=-1).cpu()  # what sampling waits for
         walls.append(time.perf_counter() - start)
         busy.append(executor.cpu_busy_s - cpu_before)
+        issue.append(executor.issue_s - issue_before)
     capacity = executor.cpu_capacity_s - capacity_before
     worker = executor.cpu_worker_s - worker_before
     workers_waited = thread_times(workers) - workers_before
@@ -63,6 +65,7 @@ def _time_iterations(runtime: EngineRuntime, batches: list, repeats: int) -> dic
     return {
         "wall_ms": statistics.median(walls) * 1e3,
         "cpu_busy_ms": statistics.median(busy) * 1e3,
+        "issue_ms": statistics.median(issue) * 1e3,
         "cpu_pool_share": worker / capacity if capacity > 0 else None,
         "workers_wait_ms": workers_waited.wait_s / repeats * 1e3,
         "workers_preempted": workers_waited.preempted / repeats,
@@ -206,7 +209,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{args.preset} on {report['gpu']}, {report['cpu_threads']} CPU attention threads, "
         f"context {ctx}; wall ms measured / predicted, tokens/s vs GPU-only, CPU pool busy ms "
         "measured / predicted, the share of the pool's thread time in it that computed, and ms "
-        "per iteration the pool's workers / the process's other threads waited for a core"
+        "per iteration the pool's workers / the process's other threads waited for a core, and "
+        "the engine thread's ms issuing the layers"
     )
     shown: object = ()
     for row in report["rows"]:
@@ -233,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{r['wall_ms']:6.2f}/{r['predicted_ms']:6.2f}ms {r['x_gpu_only']:4.2f}x"
                 f" cpu {r['cpu_busy_ms']:5.2f}/{r['cpu_predicted_ms']:5.2f}{pool}{split}"
                 f" wait {r['workers_wait_ms']:5.2f}/{r['others_wait_ms']:5.2f}"
+                f" issue {r['issue_ms']:6.2f}"
             )
         print(" | ".join(parts))
     return report

@@ -93,6 +93,7 @@ class Engine:
         if order:
             start = time.perf_counter()
             cpu_busy_before = self.rt.executor.cpu_busy_s
+            issue_before = self.rt.executor.issue_s
             logits = self.rt.forward(batches)
             sampling = [s for s in order if s.samples]
             tokens = sample(
@@ -103,7 +104,9 @@ class Engine:
             ) if sampling else []  # fmt: skip
             elapsed = time.perf_counter() - start
             cpu_busy = self.rt.executor.cpu_busy_s - cpu_busy_before
-            self.iteration_stats.record_iteration(plan, elapsed, len(sampling), cpu_busy)
+            self.iteration_stats.record_iteration(
+                plan, elapsed, len(sampling), cpu_busy, self.rt.executor.issue_s - issue_before
+            )
             self._learn(plan, elapsed, cpu_busy, len(sampling))
             self.corrections.tick()
             for seq in order:

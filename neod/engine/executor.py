@@ -151,6 +151,10 @@ class Executor:
         # The pool workers' time in that work (summed over them), and the pool's thread time over
         # the same spans; their ratio is the share of the pool that computed.
         self.cpu_worker_s = self.cpu_capacity_s = 0.0
+        # This thread's time issuing layer-by-layer forwards (not a whole captured step); on a GPU
+        # host, where it nears the iteration's time, the GPU waits on Python, not on its work or
+        # the CPU's.
+        self.issue_s = 0.0
         self.cpu_timeout_s = 60.0  # a layer's inputs not on the host by then: the GPU is stuck
         # Per sub-batch slot: ready flags (set by the GPU), done flags (set by the CPU), [L] each.
         self._flags = (
@@ -394,6 +398,7 @@ class Executor:
         flights = [self._start_flight(i, b) for i, b in enumerate(batches)]
         self._pending_swaps.clear()
         program = self._start_cpu_program(flights)
+        start = time.perf_counter()
         try:
             self._layers(flights)
             logits = [self.model.final(f.hidden, f.residual, f.batch.sample_indices)
@@ -405,6 +410,7 @@ class Executor:
                 with contextlib.suppress(Exception):
                     program.result()
             raise
+        self.issue_s += time.perf_counter() - start
         if program is not None:
             busy = program.result()
             self.cpu_busy_s += busy.wall_s

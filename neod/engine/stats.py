@@ -37,7 +37,7 @@ class EngineStats:
             self.trace[-1]["host_ms"] = host_s * 1e3
 
     def record_iteration(
-        self, plan: Plan, elapsed_s: float, num_seqs: int, cpu_busy_s: float
+        self, plan: Plan, elapsed_s: float, num_seqs: int, cpu_busy_s: float, issue_s: float = 0.0
     ) -> None:
         self.busy_s += elapsed_s
         self.cpu_busy_s += cpu_busy_s
@@ -50,7 +50,7 @@ class EngineStats:
         if num_cpu and not plan.prefill_cpu and cpu_busy_s > 0 and plan.predicted_cpu_s > 0:
             self._cpu_recent.append((num_cpu, cpu_busy_s, plan.predicted_cpu_s))
         if self.trace is not None:
-            self.trace.append(_trace_record(plan, elapsed_s, cpu_busy_s))
+            self.trace.append(_trace_record(plan, elapsed_s, cpu_busy_s, issue_s))
 
     def snapshot(self) -> dict[str, Any]:
         recent = list(self._recent)
@@ -96,7 +96,9 @@ def _median(values: list[float]) -> float | None:
     return values[len(values) // 2] if values else None
 
 
-def _trace_record(plan: Plan, elapsed_s: float, cpu_busy_s: float) -> dict[str, Any]:
+def _trace_record(
+    plan: Plan, elapsed_s: float, cpu_busy_s: float, issue_s: float
+) -> dict[str, Any]:
     return {
         "pipelined": plan.pipelined,
         "prefill_gpu": len(plan.prefill_gpu),
@@ -113,4 +115,5 @@ def _trace_record(plan: Plan, elapsed_s: float, cpu_busy_s: float) -> dict[str, 
         "gpu_alone_ms": plan.predicted_gpu_alone_s * 1e3,
         "predicted_cpu_ms": plan.predicted_cpu_s * 1e3,
         "cpu_busy_ms": cpu_busy_s * 1e3,
+        "issue_ms": issue_s * 1e3,
     }
