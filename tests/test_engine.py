@@ -715,3 +715,9 @@ def test_the_cpu_rows_q_k_v_are_one_fused_slab():
         _fused_rows(q.contiguous(), k, v)
     with pytest.raises(ValueError, match="views of one fused"):
         _fused_rows(q, v, k)  # out of order
+
+
+def test_the_cpu_stretch_setting_reaches_the_scheduler(tmp_path):
+    engine = make_engine(tmp_path, **{"scheduler.cpu_stretch": 0.4})
+    assert engine.rt.scheduler.cpu_stretch == 0.4
+    assert make_engine(tmp_path).rt.scheduler.cpu_stretch == 0.1  # etc/neod.toml's default

@@ -380,7 +380,9 @@ def build_runtime(cfg: Any, refresh_profile: bool = False, group: Any = None) ->
         cpu_tile_path=tile_path if cpu_pool is not None else None,
         profile=profile,
         executor=executor,
-        scheduler=Scheduler(cost_model_of(profile), mc.num_hidden_layers),
+        scheduler=Scheduler(
+            cost_model_of(profile), mc.num_hidden_layers, cpu_stretch=cfg.scheduler.cpu_stretch
+        ),
         cpu_node=cpu_node,
         process_cpus=process_cpus,
         other_cpus=other_cpus,
