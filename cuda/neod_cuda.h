@@ -105,6 +105,23 @@ NEOD_API int neod_swap_blocks(const void* src, int64_t src_layer_bytes, void* ds
 NEOD_API int neod_stream_write_flag(uint32_t* flag, uint32_t value, cudaStream_t stream);
 NEOD_API int neod_stream_wait_flag(const uint32_t* flag, uint32_t value, cudaStream_t stream);
 
+/* Events for neod_handoff, without timing: recording one costs only its place in the stream. */
+NEOD_API int neod_event_create(cudaEvent_t* event);
+NEOD_API int neod_event_destroy(cudaEvent_t event);
+NEOD_API int neod_stream_wait_event(cudaStream_t stream, cudaEvent_t event);
+
+/* One leg of a sub-batch's trip between the devices for one layer, issued in one call, in this
+ * order on `copy`: wait for the work issued so far on `after` (through `joined`, recorded there;
+ * skipped when joined is null), wait until *wait_flag == wait_value (skipped when wait_flag is
+ * null), copy `height` rows of `width` bytes from src (rows `spitch` bytes apart) to dst (rows
+ * `dpitch` apart; skipped when height is 0), record `copied` (unless null), then set
+ * *set_flag = set_value (unless null) once the copy's host writes are visible. */
+NEOD_API int neod_handoff(cudaStream_t after, cudaEvent_t joined, cudaStream_t copy,
+                          const uint32_t* wait_flag, uint32_t wait_value, void* dst,
+                          int64_t dpitch, const void* src, int64_t spitch, int64_t width,
+                          int64_t height, cudaEvent_t copied, uint32_t* set_flag,
+                          uint32_t set_value);
+
 #ifdef __cplusplus
 }
 #endif

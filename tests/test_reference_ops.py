@@ -298,7 +298,7 @@ def _c_letter(c_type: str) -> str:
     c_type = c_type.replace("const ", "").strip()
     if c_type == "char*":
         return "s"
-    if "*" in c_type or c_type == "cudaStream_t":
+    if "*" in c_type or c_type in ("cudaStream_t", "cudaEvent_t"):
         return "p"
     return {"int": "i", "int64_t": "l", "uint32_t": "u", "float": "f"}[c_type]
 

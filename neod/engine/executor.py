@@ -95,6 +95,28 @@ def _fused_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
     return q.as_strided((q.shape[0], heads, q.shape[2]), (row, q.shape[2], 1))
 
 
+@dataclass(frozen=True)
+class _SlotSync:
+    """One sub-batch slot's flags (host addresses, [L] uint32 each) and native events."""
+
+    ready: int  # flag `layer`: its Q/K/V are on the host (set by the GPU)
+    done: int  # flag `layer`: its attention output is in the staging buffer (set by the CPU)
+    d2h_join: int
+    qkv_on_host: int
+    h2d_join: int
+    out_on_device: int
+
+    @classmethod
+    def create(cls, flags: torch.Tensor) -> _SlotSync:
+        """flags: [2, L] pinned int32, ready then done."""
+        ready, done = (cuda_ops.flag_address(f, 0) for f in flags)
+        return cls(ready, done, *(cuda_ops.event_create() for _ in range(4)))
+
+    def destroy(self) -> None:
+        for event in (self.d2h_join, self.qkv_on_host, self.h2d_join, self.out_on_device):
+            cuda_ops.event_destroy(event)
+
+
 @dataclass
 class _Flight:
     batch: SubBatch
@@ -107,9 +129,9 @@ class _Flight:
     q: torch.Tensor | None = None  # [T, Hq, D], between the projections and the GPU attention
     k: torch.Tensor | None = None  # [T, Hkv, D]
     v: torch.Tensor | None = None  # [T, Hkv, D]
-    out_on_device: torch.cuda.Event | None = None
-    qkv_on_host: torch.cuda.Event | None = None
-    slot: int = 0  # index of its host buffers and flags
+    out_on_device: int | None = None  # events of its slot (_SlotSync), once recorded
+    qkv_on_host: int | None = None
+    slot: int = 0  # index of its host buffers, flags and events
 
     @property
     def has_cpu_work(self) -> bool:
@@ -163,6 +185,8 @@ class Executor:
             else None
         )
         self._seq = 0  # this iteration's flag value
+        self._sync = [] if self._flags is None else [_SlotSync.create(f) for f in self._flags]
+        self._compute = 0  # the raw compute stream of the iteration being issued
         self._buffers = (
             [
                 _HostBuffers.allocate(
@@ -182,6 +206,11 @@ class Executor:
 
     def close(self) -> None:
         self._cpu_thread.shutdown(wait=True)
+        if self._sync:
+            torch.cuda.synchronize(self.device)  # no stream may still wait on the events
+        for sync in self._sync:
+            sync.destroy()
+        self._sync = []
 
     # ---- swaps -----------------------------------------------------------------------------------
     def swap(
@@ -240,29 +269,36 @@ class Executor:
         b, buf = f.batch, f.buffers
         c, n = b.cpu_decode_start, b.num_cpu_decodes
         p0, p1 = b.cpu_prefill_rows
-        copies = [
-            (buf.qkv[:n], _fused_rows(f.q, f.k, f.v)[c:]),
-            (buf.prefill_k[: p1 - p0], f.k[p0:p1]),
-            (buf.prefill_v[: p1 - p0], f.v[p0:p1]),
-        ]
         if self.d2h is None:
-            for dst, src in copies:
-                dst.copy_(src)
+            buf.qkv[:n].copy_(_fused_rows(f.q, f.k, f.v)[c:])
+            buf.prefill_k[: p1 - p0].copy_(f.k[p0:p1])
+            buf.prefill_v[: p1 - p0].copy_(f.v[p0:p1])
             return
-        ready, done = self._flags[f.slot]
-        self.d2h.wait_stream(torch.cuda.current_stream(self.device))
-        if layer > 0:  # the staging buffers are free once the CPU is done with the last layer
-            cuda_ops.stream_wait_flag(done, layer - 1, self._seq, self.d2h)
-        # No record_stream: the engine thread runs layers ahead of the GPU, and memory recorded
-        # on this stream (paced by the CPU) would stay unusable for every layer issued meanwhile.
+        # One native call per leg (cuda/host_flags.cu). The copy stream joins the compute stream
+        # and, past the first layer, waits for the CPU to be done with the staging buffers. No
+        # record_stream: the engine thread runs layers ahead of the GPU, and memory recorded on
+        # this stream (paced by the CPU) would stay unusable for every layer issued meanwhile;
         # `post` orders the compute stream after these copies instead (_post_pre).
-        with torch.cuda.stream(self.d2h):
-            for dst, src in copies:
-                if src.numel():
-                    dst.copy_(src, non_blocking=True)
-            f.qkv_on_host = torch.cuda.Event()
-            f.qkv_on_host.record(self.d2h)
-        cuda_ops.stream_write_flag(ready, layer, self._seq, self.d2h)
+        sync, seq, d2h = self._sync[f.slot], self._seq, self.d2h.cuda_stream
+        fused = _fused_rows(f.q, f.k, f.v)  # [T, Hq + 2 Hkv, D]
+        row = fused.stride(0) * fused.element_size()
+        prefill = p1 > p0
+        last = (sync.qkv_on_host, sync.ready + 4 * layer)  # the event and flag of the last copy
+        cuda_ops.handoff(
+            self._compute, sync.d2h_join, d2h,
+            sync.done + 4 * (layer - 1) if layer else None, seq,
+            buf.qkv.data_ptr(), row, fused.data_ptr() + c * row, row, row, n,
+            *((None, None) if prefill else last), seq,
+        )  # fmt: skip
+        if prefill:
+            kv_row = buf.prefill_k.stride(0) * buf.prefill_k.element_size()
+            for dst, src, done in ((buf.prefill_k, f.k, None), (buf.prefill_v, f.v, last)):
+                cuda_ops.handoff(
+                    self._compute, None, d2h, None, 0,
+                    dst.data_ptr(), kv_row, src[p0].data_ptr(), row, kv_row, p1 - p0,
+                    *(done or (None, None)), seq,
+                )  # fmt: skip
+        f.qkv_on_host = sync.qkv_on_host
 
     def _cpu_layer(self, f: _Flight, layer: int) -> None:
         """On a CPU-only host: one layer's host work, in place (store CPU-bound prefill KV, then
@@ -335,26 +371,29 @@ class Executor:
         b, buf, n = f.batch, f.buffers, f.batch.num_cpu_decodes
         if not n:
             return
-        rows = f.attn_out[b.cpu_decode_start :]
         if self.h2d is None:
-            rows.copy_(buf.o[:n].view(n, -1))
+            f.attn_out[b.cpu_decode_start :].copy_(buf.o[:n].view(n, -1))
             return
-        # The rows may be a buffer that the compute stream still reads for the previous layer.
-        self.h2d.wait_stream(torch.cuda.current_stream(self.device))
-        cuda_ops.stream_wait_flag(self._flags[f.slot][1], layer, self._seq, self.h2d)
-        with torch.cuda.stream(self.h2d):  # attn_out lives on until post has waited for this
-            rows.copy_(buf.o[:n].view(n, -1), non_blocking=True)
-            f.out_on_device = torch.cuda.Event()
-            f.out_on_device.record(self.h2d)
+        # The copy stream joins the compute stream first: the rows may be a buffer that it still
+        # reads for the previous layer. attn_out ([T, Hq * D], contiguous) lives on until post
+        # has waited for this.
+        sync, out = self._sync[f.slot], f.attn_out
+        row = out.stride(0) * out.element_size()
+        cuda_ops.handoff(
+            self._compute, sync.h2d_join, self.h2d.cuda_stream, sync.done + 4 * layer, self._seq,
+            out.data_ptr() + b.cpu_decode_start * row, row, buf.o.data_ptr(), row, n * row, 1,
+            sync.out_on_device, None, 0,
+        )  # fmt: skip
+        f.out_on_device = sync.out_on_device
 
     def _post_pre(self, f: _Flight, layer: int) -> None:
         """post(layer), then pre(layer + 1) unless it was the last layer."""
         # Past this wait the copy streams are done with this layer's tensors (the output arrives
         # after the CPU saw its inputs, which left before), so the compute stream may reuse them.
         if f.out_on_device is not None and f.batch.num_cpu_decodes:
-            torch.cuda.current_stream(self.device).wait_event(f.out_on_device)
+            cuda_ops.stream_wait_event(self._compute, f.out_on_device)
         elif f.qkv_on_host is not None:
-            torch.cuda.current_stream(self.device).wait_event(f.qkv_on_host)
+            cuda_ops.stream_wait_event(self._compute, f.qkv_on_host)
         f.q = f.k = f.v = None
         if f.graph_slot is None:
             f.hidden, f.residual = self.model.layer_post(layer, f.attn_out, f.residual)
@@ -371,6 +410,19 @@ class Executor:
 
     def _start_flight(self, slot: int, batch: SubBatch) -> _Flight:
         buffers = self._buffers[slot] if self._buffers else None
+        c, n = batch.cpu_decode_start, batch.num_cpu_decodes
+        p0, p1 = batch.cpu_prefill_rows
+        # The copies to and from the staging buffers are raw: the rows must be where they fit.
+        if (n or p1 > p0) and (
+            buffers is None
+            or (n and c + n != batch.num_tokens)
+            or n > buffers.qkv.shape[0]
+            or not 0 <= p0 <= p1 <= min(batch.num_tokens, p0 + buffers.prefill_k.shape[0])
+        ):
+            raise ValueError(
+                f"sub-batch of {batch.num_tokens} rows: CPU decodes at {c}:{c + n}, CPU prefill "
+                f"rows {p0}:{p1} do not fit this executor's staging buffers"
+            )
         f = _Flight(batch, buffers, self.model.embed(batch.input_ids), slot=slot)
         graphs = self.stage_graphs
         size = None if graphs is None else graphs.bucket(batch.num_tokens)
@@ -389,6 +441,7 @@ class Executor:
     def run(self, batches: list[SubBatch]) -> list[torch.Tensor]:
         """Forward one or two sub-batches; returns fp32 logits [num seqs, vocab] per sub-batch."""
         compute = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        self._compute = 0 if compute is None else compute.cuda_stream
         if compute is not None:
             for event in self._pending_swaps:
                 compute.wait_event(event)

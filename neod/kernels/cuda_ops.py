@@ -23,7 +23,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 LIB_ENV = "NEOD_CUDA_LIB"
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -50,6 +50,10 @@ _SIGNATURES = {
     "neod_swap_blocks": "i:plpllplplip",
     "neod_stream_write_flag": "i:pup",
     "neod_stream_wait_flag": "i:pup",
+    "neod_event_create": "i:p",
+    "neod_event_destroy": "i:p",
+    "neod_stream_wait_event": "i:pp",
+    "neod_handoff": "i:ppppuplplllppu",
 }
 
 
@@ -352,7 +356,8 @@ def swap_blocks(
               layer_ids.data_ptr(), layer_ids.numel(), method_code, stream.cuda_stream)  # fmt: skip
 
 
-def _flag_address(flags: torch.Tensor, index: int, op: str) -> int:
+def flag_address(flags: torch.Tensor, index: int, op: str = "flag_address") -> int:
+    """The host address of `flags[index]`, checked: what `handoff` takes for a flag."""
     ok = flags.dtype == torch.int32 and flags.dim() == 1 and flags.is_pinned()
     _require(ok and flags.is_contiguous(), op, "flags must be a pinned 1-d int32 tensor")
     _require(0 <= index < flags.shape[0], op, f"flag index {index} out of range")
@@ -363,7 +368,7 @@ def stream_write_flag(
     flags: torch.Tensor, index: int, value: int, stream: torch.cuda.Stream
 ) -> None:
     """`flags[index] = value` once `stream`'s earlier work is done (its host writes visible)."""
-    address = _flag_address(flags, index, "stream_write_flag")
+    address = flag_address(flags, index, "stream_write_flag")
     _call("stream_write_flag", "neod_stream_write_flag", address, value, stream.cuda_stream)
 
 
@@ -371,5 +376,47 @@ def stream_wait_flag(
     flags: torch.Tensor, index: int, value: int, stream: torch.cuda.Stream
 ) -> None:
     """`stream`'s later work waits until `flags[index] == value`; the host does not wait."""
-    address = _flag_address(flags, index, "stream_wait_flag")
+    address = flag_address(flags, index, "stream_wait_flag")
     _call("stream_wait_flag", "neod_stream_wait_flag", address, value, stream.cuda_stream)
+
+
+def event_create() -> int:
+    """A cudaEvent_t without timing, for `handoff` and `stream_wait_event`; free it with
+    `event_destroy`."""
+    event = ctypes.c_void_p()
+    _call("event_create", "neod_event_create", ctypes.byref(event))
+    return event.value
+
+
+def event_destroy(event: int) -> None:
+    _call("event_destroy", "neod_event_destroy", event)
+
+
+def stream_wait_event(stream: int, event: int) -> None:
+    """`stream` (a raw cudaStream_t) waits for the work recorded in `event` when issued."""
+    _call("stream_wait_event", "neod_stream_wait_event", stream, event)
+
+
+def handoff(
+    after: int,
+    joined: int | None,
+    copy: int,
+    wait_flag: int | None,
+    wait_value: int,
+    dst: int,
+    dpitch: int,
+    src: int,
+    spitch: int,
+    width: int,
+    height: int,
+    copied: int | None,
+    set_flag: int | None,
+    set_value: int,
+) -> None:
+    """One leg of a sub-batch's trip between the devices, in one call (neod_cuda.h): on the raw
+    stream `copy`, join `after` through event `joined`, wait for the flag at address `wait_flag`,
+    copy `height` rows of `width` bytes (pitches in bytes), record `copied`, set `set_flag`. None
+    skips a step, height 0 the copy. The pointers are the caller's to check: this is the hot
+    path of the pipelined forward."""
+    _call("handoff", "neod_handoff", after, joined, copy, wait_flag, wait_value, dst, dpitch, src,
+          spitch, width, height, copied, set_flag, set_value)  # fmt: skip

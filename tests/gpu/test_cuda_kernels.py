@@ -353,3 +353,51 @@ def test_stream_flags_reject_unpinned_or_out_of_range_flags():
         cuda_ops.stream_write_flag(torch.zeros(2, dtype=torch.int32), 0, 1, stream)
     with pytest.raises(cuda_ops.CudaKernelError, match="out of range"):
         cuda_ops.stream_wait_flag(torch.zeros(2, dtype=torch.int32, pin_memory=True), 2, 1, stream)
+
+
+def test_handoff_joins_waits_copies_records_and_announces_in_order():
+    flags = torch.zeros(4, dtype=torch.int32, pin_memory=True)
+    compute, copy = torch.cuda.Stream(), torch.cuda.Stream()
+    joined, copied = cuda_ops.event_create(), cuda_ops.event_create()
+    rows, width, pitch = 5, 96, 160  # bytes: strided rows on the device, packed on the host
+    src = torch.zeros(rows, pitch, dtype=torch.uint8, device=DEV)
+    dst = torch.zeros(rows, width, dtype=torch.uint8, pin_memory=True)
+    late = torch.randint(0, 255, (rows, pitch), dtype=torch.uint8, device=DEV)
+    try:
+        with torch.cuda.stream(compute):
+            torch.cuda._sleep(200_000_000)  # ~0.1 s: outlasts the flag wait below
+            src.copy_(late)
+        cuda_ops.handoff(
+            compute.cuda_stream, joined, copy.cuda_stream,
+            cuda_ops.flag_address(flags, 1), 7,
+            dst.data_ptr(), width, src.data_ptr(), pitch, width, rows,
+            copied, cuda_ops.flag_address(flags, 2), 9,
+        )  # fmt: skip
+        time.sleep(0.05)
+        assert int(flags[2]) == 0, "announced before the CPU's flag was set"
+        flags[1] = 7
+        deadline = time.monotonic() + 10
+        while int(flags[2]) != 9:
+            assert time.monotonic() < deadline, "the copy stream never set its flag"
+        assert torch.equal(dst, late[:, :width].cpu()), "the copy ran before the compute stream"
+        waiter = torch.cuda.Stream()
+        cuda_ops.stream_wait_event(waiter.cuda_stream, copied)
+        waiter.synchronize()
+        copy.synchronize()
+        # One packed range, no join, no flags: the two directions' common case.
+        back = torch.zeros(rows * width, dtype=torch.uint8, device=DEV)
+        cuda_ops.handoff(
+            0, None, copy.cuda_stream, None, 0,
+            back.data_ptr(), 0, dst.data_ptr(), 0, rows * width, 1, None, None, 0,
+        )  # fmt: skip
+        copy.synchronize()
+        assert torch.equal(back.view(rows, width).cpu(), dst)
+        with pytest.raises(cuda_ops.CudaKernelError, match="invalid argument"):
+            cuda_ops.handoff(
+                0, None, copy.cuda_stream, None, 0,
+                dst.data_ptr(), width, src.data_ptr(), width - 1, width, 2, None, None, 0,
+            )  # fmt: skip
+    finally:
+        torch.cuda.synchronize()
+        cuda_ops.event_destroy(joined)
+        cuda_ops.event_destroy(copied)
