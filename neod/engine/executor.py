@@ -206,11 +206,14 @@ class Executor:
 
     def close(self) -> None:
         self._cpu_thread.shutdown(wait=True)
-        if self._sync:
-            torch.cuda.synchronize(self.device)  # no stream may still wait on the events
-        for sync in self._sync:
-            sync.destroy()
-        self._sync = []
+        slots, self._sync = self._sync, []
+        if slots:
+            # No stream may still wait on the events. A failed CUDA context can neither
+            # synchronise nor free them: they go with the process, and shutdown goes on.
+            with contextlib.suppress(RuntimeError):
+                torch.cuda.synchronize(self.device)
+                for sync in slots:
+                    sync.destroy()
 
     # ---- swaps -----------------------------------------------------------------------------------
     def swap(
