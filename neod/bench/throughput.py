@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--trace-out",
         type=argparse.FileType("w"),  # opened now: a bad path fails before the run, not after it
-        help="write every iteration's plan and times, per policy, here",
+        help="write every iteration's plan and times, per policy, here (neod.bench.trace_summary "
+        "summarises it)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
