@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import orjson
 import pytest
@@ -721,3 +722,23 @@ def test_the_cpu_stretch_setting_reaches_the_scheduler(tmp_path):
     engine = make_engine(tmp_path, **{"scheduler.cpu_stretch": 0.4})
     assert engine.rt.scheduler.cpu_stretch == 0.4
     assert make_engine(tmp_path).rt.scheduler.cpu_stretch == 0.1  # etc/neod.toml's default
+
+
+def test_the_executor_refuses_cpu_rows_its_staging_buffers_cannot_hold(tmp_path):
+    """The copies to and from the host staging buffers are raw on a GPU host: a sub-batch whose
+    CPU rows overflow them is refused before anything is issued."""
+    executor = make_engine(tmp_path).rt.executor
+    rows, tokens = executor._buffers[0].qkv.shape[0], executor._buffers[0].prefill_k.shape[0]
+
+    def batch(num_tokens, num_cpu_decodes, prefill_rows):
+        return SimpleNamespace(num_tokens=num_tokens, num_cpu_decodes=num_cpu_decodes,
+                               cpu_decode_start=num_tokens - num_cpu_decodes,
+                               cpu_prefill_rows=prefill_rows)  # fmt: skip
+
+    for bad in (
+        batch(rows + 1, rows + 1, (0, 0)),  # more CPU decodes than staged rows
+        batch(tokens + 2, 1, (0, tokens + 1)),  # a CPU prefill longer than the staged K/V
+        batch(8, 1, (5, 9)),  # prefill rows past the batch
+    ):
+        with pytest.raises(ValueError, match="staging buffers"):
+            executor.run([bad])

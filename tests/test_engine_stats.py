@@ -11,7 +11,7 @@ def _iteration(stats: EngineStats, num_cpu: int, measured_s: float, prefill_cpu:
     plan = Plan(decode_cpu_b0=list(range(num_cpu)), predicted_cpu_s=1e-3, predicted_iter_s=2e-3)
     if prefill_cpu:
         plan.prefill_cpu = [99]
-    stats.record_iteration(plan, 2e-3, num_cpu + 1, measured_s)
+    stats.record_iteration(plan, 2e-3, num_cpu + 1, measured_s, 0.0)
 
 
 def test_cpu_fit_bins_by_cpu_decodes_and_takes_each_bins_median():

@@ -418,7 +418,6 @@ class Executor:
         # The copies to and from the staging buffers are raw: the rows must be where they fit.
         if (n or p1 > p0) and (
             buffers is None
-            or (n and c + n != batch.num_tokens)
             or n > buffers.qkv.shape[0]
             or not 0 <= p0 <= p1 <= min(batch.num_tokens, p0 + buffers.prefill_k.shape[0])
         ):

@@ -37,7 +37,7 @@ class EngineStats:
             self.trace[-1]["host_ms"] = host_s * 1e3
 
     def record_iteration(
-        self, plan: Plan, elapsed_s: float, num_seqs: int, cpu_busy_s: float, issue_s: float = 0.0
+        self, plan: Plan, elapsed_s: float, num_seqs: int, cpu_busy_s: float, issue_s: float
     ) -> None:
         self.busy_s += elapsed_s
         self.cpu_busy_s += cpu_busy_s
