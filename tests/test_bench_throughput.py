@@ -11,6 +11,8 @@ import sys
 import pytest
 
 from neod.bench import throughput
+from neod.config import SchedulerConfig
+from neod.sched import SplitRule
 
 
 def test_policies_are_measured_and_set_against_the_advisor(tmp_path, capsys):
@@ -96,12 +98,18 @@ def test_the_advisor_line_prices_pipelining_with_the_profiles_hand_off(monkeypat
     from neod.cache.pool import KVLayout
 
     seen = []
-    monkeypatch.setattr(throughput, "predict_workload", lambda cost, *a, **k: seen.append(cost))
+    rules = []
+    monkeypatch.setattr(
+        throughput,
+        "predict_workload",
+        lambda cost, *a, **k: (seen.append(cost), rules.append(k["split_rule"])),
+    )
     runtime = SimpleNamespace(
         profile=replace(make_profile(), pipeline_handoff=85e-6),
         layout=KVLayout(2, 1, 64, 16, torch.bfloat16), num_gpu_blocks=8, num_cpu_blocks=64,
     )  # fmt: skip
-    cfg = SimpleNamespace(scheduler=SimpleNamespace(max_batch_size=8, max_tokens_in_batch=512))
+    cfg = SimpleNamespace(scheduler=SchedulerConfig(max_batch_size=8, max_tokens_in_batch=512,
+                                                    cpu_min_gain=0.02, cpu_stretch=0.5))
     throughput.advisor_prediction(runtime, cfg, 1000, 200)
     throughput.advisor_prediction(
         runtime, cfg, 1000, 200, cpu_scale=1.3, handoff_s=20e-6, cpu_fixed_s=15e-6
@@ -110,6 +118,7 @@ def test_the_advisor_line_prices_pipelining_with_the_profiles_hand_off(monkeypat
     assert seen[0].cpu_fixed_s == 0.0
     assert seen[1].pipeline_handoff_s() == 20e-6 and seen[1].cpu_scale == 1.3
     assert seen[1].cpu_fixed_s == 15e-6
+    assert rules == [SplitRule(min_gain=0.02, stretch=0.5)] * 2  # the engine's rule, as configured
 
 
 def test_the_benchmark_runs_where_no_client_library_is_installed():

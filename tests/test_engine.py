@@ -18,6 +18,7 @@ from neod.engine import Engine, corrections
 from neod.engine.request import EngineError, FinishReason, RequestOutput, SamplingParams
 from neod.engine.runtime import build_runtime
 from neod.model.attention import AttentionMetadata
+from neod.sched import SplitRule
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
@@ -718,10 +719,10 @@ def test_the_cpu_rows_q_k_v_are_one_fused_slab():
         _fused_rows(q, v, k)  # out of order
 
 
-def test_the_cpu_stretch_setting_reaches_the_scheduler(tmp_path):
-    engine = make_engine(tmp_path, **{"scheduler.cpu_stretch": 0.4})
-    assert engine.rt.scheduler.cpu_stretch == 0.4
-    assert make_engine(tmp_path).rt.scheduler.cpu_stretch == 0.1  # etc/neod.toml's default
+def test_the_split_rule_settings_reach_the_scheduler(tmp_path):
+    engine = make_engine(tmp_path, **{"scheduler.cpu_stretch": 0.4, "scheduler.cpu_min_gain": 0.2})
+    assert engine.rt.scheduler.split_rule == SplitRule(min_gain=0.2, stretch=0.4)
+    assert make_engine(tmp_path).rt.scheduler.split_rule == SplitRule()  # the defaults of neod.toml
 
 
 def test_the_executor_refuses_cpu_rows_its_staging_buffers_cannot_hold(tmp_path):

@@ -42,7 +42,9 @@ def test_offloading_a_batch_the_gpu_cannot_hold_pays_where_the_cpu_is_cheap():
     assert rates["neo"]["output_tokens_per_s"] > 1.2 * base
     assert rates["auto"]["output_tokens_per_s"] > 1.2 * base
     assert rates["neo"]["ttft_p50_s"] < rates["gpu-only"]["ttft_p50_s"]
-    assert rates["neo"]["pipelined_share"] > 0
+    # CPU attention this cheap hides under the GPU's in one batch: a second weight pass would
+    # only cost time.
+    assert rates["neo"]["pipelined_share"] == 0
 
 
 def test_a_plan_the_engine_could_not_apply_stops_the_simulation():

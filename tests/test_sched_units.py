@@ -20,7 +20,7 @@ from neod.sched import (
     sequential_s,
 )
 from neod.sched.cost import pipelined_layer_s, rate_beats
-from neod.sched.split import CpuCandidate, split_cpu_decodes
+from neod.sched.split import CpuCandidate, SplitRule, split_cpu_decodes
 
 
 class FlatCost:
@@ -143,12 +143,14 @@ def test_split_pipelines_when_cpu_work_hides_behind_projections():
     split = split_cpu_decodes(cost, 1, base, (), cands(8), 8, 0)
     assert split.pipelined and len(split.b0_ids) + len(split.b1_ids) == 8
     assert split.iter_s == pytest.approx(2.0)  # both sub-batches' projections, CPU fully hidden
-    # With one CPU request a second weight pass does not pay, and running it sequentially would
-    # stretch the GPU's iteration by 25%: it waits, unless the operator allows that much stretch.
+    # With one CPU request a second weight pass does not pay. Run sequentially it stretches the
+    # GPU's iteration by 25% and raises tokens/s by 20% (3 in 1.25 against 2 in 1.0): it is taken
+    # unless the operator asks for a larger gain or allows less stretch.
     one = split_cpu_decodes(cost, 1, base, (), cands(1), 1, 0)
-    assert not one.pipelined and one.b0_ids == [] and one.num_tokens_out == 2
-    lax = split_cpu_decodes(cost, 1, base, (), cands(1), 1, 0, stretch=0.3)
-    assert not lax.pipelined and lax.b0_ids == [100] and lax.iter_s == pytest.approx(1.25)
+    assert not one.pipelined and one.b0_ids == [100] and one.iter_s == pytest.approx(1.25)
+    for strict in (SplitRule(min_gain=0.25), SplitRule(stretch=0.2)):
+        waits = split_cpu_decodes(cost, 1, base, (), cands(1), 1, 0, strict)
+        assert not waits.pipelined and waits.b0_ids == [] and waits.num_tokens_out == 2
 
 
 class HandoffCost(FlatCost):
@@ -176,6 +178,28 @@ def test_split_still_pipelines_when_every_sub_batch_pays_a_hand_off():
                                          transfer_per_seq=0.05, overhead=0.0),
                              1, base, (), cands(8), 8, 0)  # fmt: skip
     assert not dear.pipelined
+
+
+def test_past_the_balance_point_the_gain_decides_not_the_hand_off():
+    """8 CPU decodes hide under two weight passes and their hand-offs (2.2 per layer). The 9th and
+    10th make the CPU set the pace (2.35, then 2.5) and raise tokens/s by 3.0% and 2.5%; the 11th
+    would unbalance the sub-batches and lower it. A bound on the stretch alone would stop at 9,
+    and at fewer the cheaper the hand-off, since it is part of the GPU-bound time."""
+    cost = HandoffCost(0.1, lin=1.0, gpu_attn=0.0, cpu_per_seq=0.2, transfer_per_seq=0.05,
+                       overhead=0.0)  # fmt: skip
+    base = BatchLoad().plus_gpu_decodes(2, 200)
+
+    def taken(rule):
+        split = split_cpu_decodes(cost, 1, base, (), cands(30), 30, 0, rule)
+        assert split.pipelined
+        return len(split.b0_ids) + len(split.b1_ids), split.iter_s
+
+    assert taken(SplitRule()) == (10, pytest.approx(2.5))
+    assert taken(SplitRule(min_gain=0.028)) == (9, pytest.approx(2.35))
+    assert taken(SplitRule(stretch=0.1)) == (9, pytest.approx(2.35))
+    assert taken(SplitRule(min_gain=0.5)) == (8, pytest.approx(2.2))  # NEO's balance rule
+    with pytest.raises(ValueError):
+        SplitRule(min_gain=-0.01)
 
 
 def test_split_leaves_out_cpu_work_that_lowers_the_rate_but_keeps_forced():

@@ -33,8 +33,14 @@ from neod.cli.cpu_fit import cpu_fit_text
 from neod.config import load_config
 from neod.engine import Engine, SamplingParams
 from neod.engine.runtime import EngineRuntime, build_runtime
-from neod.sched import CalibratedCostModel, Limits, TableCostModel, predict_workload
-from neod.sched.simulate import batch_lengths, simulate_batch
+from neod.sched import (
+    CalibratedCostModel,
+    Limits,
+    SplitRule,
+    TableCostModel,
+    predict_workload,
+)
+from neod.sched.simulate import batch_lengths, simulate_policies
 
 logger = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 10.0
@@ -150,6 +156,7 @@ def advisor_prediction(
         output_len,
         Limits(cfg.scheduler.max_batch_size, cfg.scheduler.max_tokens_in_batch),
         block_size=layout.block_size,
+        split_rule=SplitRule.of(cfg.scheduler),
     )
 
 
@@ -165,20 +172,17 @@ def simulated(
     if runtime.profile is None:
         return None
     layout = runtime.layout
-    lengths = [(len(prompt), output) for prompt, output in workload]
-    return {
-        policy: simulate_batch(
-            CalibratedCostModel(TableCostModel(runtime.profile)),
-            layout.num_layers,
-            runtime.num_gpu_blocks,
-            runtime.num_cpu_blocks,
-            layout.block_size,
-            Limits(cfg.scheduler.max_batch_size, cfg.scheduler.max_tokens_in_batch, policy),
-            lengths,
-            (result["median_host_ms"] or 0.0) * 1e-3,
-        )
-        for policy, result in results.items()
-    }
+    return simulate_policies(
+        CalibratedCostModel(TableCostModel(runtime.profile)),
+        layout.num_layers,
+        runtime.num_gpu_blocks,
+        runtime.num_cpu_blocks,
+        layout.block_size,
+        Limits(cfg.scheduler.max_batch_size, cfg.scheduler.max_tokens_in_batch),
+        [(len(prompt), output) for prompt, output in workload],
+        {policy: (result["median_host_ms"] or 0.0) * 1e-3 for policy, result in results.items()},
+        SplitRule.of(cfg.scheduler),
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

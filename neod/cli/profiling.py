@@ -109,19 +109,16 @@ def _host_ms(obj: Ctl) -> float:
 
 def _simulated_batch(
     cost: Any, layout: Any, gpu_bytes: int, cpu_bytes: int, limits: Any, requests: list,
-    host_ms: float,
+    host_ms: float, split_rule: Any,
 ) -> dict[str, Any]:
     """The batch through the scheduler under gpu-only and auto (neod.sched.simulate)."""
-    from neod.sched.simulate import simulate_batch
+    from neod.sched.simulate import simulate_policies
 
-    blocks = (gpu_bytes // layout.block_bytes, cpu_bytes // layout.block_bytes)
-    runs = {
-        policy: simulate_batch(
-            cost, layout.num_layers, *blocks, layout.block_size,
-            replace(limits, policy=policy), requests, host_ms * 1e-3,
-        )  # fmt: skip
-        for policy in ("gpu-only", "auto")
-    }
+    runs = simulate_policies(
+        cost, layout.num_layers, gpu_bytes // layout.block_bytes, cpu_bytes // layout.block_bytes,
+        layout.block_size, limits, requests, dict.fromkeys(("gpu-only", "auto"), host_ms * 1e-3),
+        split_rule,
+    )  # fmt: skip
     base = runs["gpu-only"]["output_tokens_per_s"]
     gain = runs["auto"]["output_tokens_per_s"] / base if base > 0 else None
     return {"num_requests": len(requests), "host_ms": host_ms, **runs, "gain": gain}
@@ -247,7 +244,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Predict GPU-only and NEO throughput for a workload from this host's stored profile."""
         from neod.cache.pool import host_pool_blocks
-        from neod.sched import CalibratedCostModel, Limits, TableCostModel, predict_workload
+        from neod.sched import (
+            CalibratedCostModel,
+            Limits,
+            SplitRule,
+            TableCostModel,
+            predict_workload,
+        )
 
         cfg = ctx.obj.config()
         profile, layout, path = _stored_profile(cfg)
@@ -269,6 +272,7 @@ def register(app: typer.Typer) -> None:
             cpu_bytes = host_pool_blocks(whole, 0.0, pinned=False) * whole.block_bytes
         cpu_bytes //= tp
         limits = Limits(cfg.scheduler.max_batch_size, cfg.scheduler.max_tokens_in_batch, "auto")
+        rule = SplitRule.of(cfg.scheduler)
         cost = TableCostModel(profile)
         corrections = None
         if as_measured:
@@ -289,6 +293,7 @@ def register(app: typer.Typer) -> None:
             output_len,
             limits,
             block_size=layout.block_size,
+            split_rule=rule,
         )
         if corrections is not None:
             result["measured_corrections"] = corrections
@@ -298,7 +303,7 @@ def register(app: typer.Typer) -> None:
             result["batch"] = _simulated_batch(
                 cost, layout, gpu_bytes, cpu_bytes, limits,
                 batch_lengths(batch, input_len, output_len),
-                _host_ms(ctx.obj) if host_ms is None else host_ms,
+                _host_ms(ctx.obj) if host_ms is None else host_ms, rule,
             )  # fmt: skip
         # A profile from before the current form of the hand-off has it timed at neod's next
         # start; until then the prediction leaves it out.

@@ -26,6 +26,7 @@ from neod.sched import (
     CostModel,
     Profile,
     Scheduler,
+    SplitRule,
     TableCostModel,
     ZeroCostModel,
 )
@@ -381,7 +382,7 @@ def build_runtime(cfg: Any, refresh_profile: bool = False, group: Any = None) ->
         profile=profile,
         executor=executor,
         scheduler=Scheduler(
-            cost_model_of(profile), mc.num_hidden_layers, cpu_stretch=cfg.scheduler.cpu_stretch
+            cost_model_of(profile), mc.num_hidden_layers, split_rule=SplitRule.of(cfg.scheduler)
         ),
         cpu_node=cpu_node,
         process_cpus=process_cpus,

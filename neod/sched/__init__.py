@@ -24,6 +24,7 @@ from neod.sched.profile import (
     save_profile,
 )
 from neod.sched.scheduler import Scheduler
+from neod.sched.split import SplitRule
 from neod.sched.views import POLICIES, CacheView, Limits, Residence, SeqView, blocks_for
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "Residence",
     "Scheduler",
     "SeqView",
+    "SplitRule",
     "Table1D",
     "Table2D",
     "TableCostModel",

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from neod.sched.cost import BatchLoad, CostModel, sequential_s
-from neod.sched.split import CpuCandidate, DecodeSplit, split_cpu_decodes
+from neod.sched.split import CpuCandidate, DecodeSplit, SplitRule, split_cpu_decodes
 from neod.sched.views import Limits, blocks_for
 
 
@@ -31,7 +31,7 @@ def predict_workload(
     *,
     block_size: int = 16,
     margin: float = 0.03,
-    cpu_stretch: float = 0.1,
+    split_rule: SplitRule = SplitRule(),
 ) -> dict[str, Any]:
     """GPU-only and NEO throughput (output tokens/s), batch sizes, mode and gain, JSON-ready."""
     if min(num_layers, kv_bytes_per_token, input_len, output_len, block_size) < 1:
@@ -71,7 +71,7 @@ def predict_workload(
     # around the GPU decodes alone. The iteration is then rated with its prefill and copies.
     cands = [CpuCandidate(i, avg_ctx) for i in range(max_cpu)]
     admitted = split_cpu_decodes(
-        cost_model, num_layers, load(num_gpu, 0), (), cands, max_cpu, 0, cpu_stretch
+        cost_model, num_layers, load(num_gpu, 0), (), cands, max_cpu, 0, split_rule
     )
     num_cpu = len(admitted.b0_ids) + len(admitted.b1_ids)
     split = split_cpu_decodes(
@@ -82,7 +82,7 @@ def predict_workload(
         (),
         0,
         round(num_cpu * copy_blocks),
-        cpu_stretch,
+        split_rule,
     )
     neo = _rated(split)
     if neo["tokens_per_s"] <= gpu_rate:  # taking no CPU request is always possible

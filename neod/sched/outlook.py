@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from neod.sched.cost import BatchLoad, CostModel, rate_beats, sequential_s
-from neod.sched.split import CpuCandidate, split_cpu_decodes
+from neod.sched.split import CpuCandidate, SplitRule, split_cpu_decodes
 from neod.sched.views import CacheView, Limits, SeqView, blocks_for
 
 # Waiting prompts weighed as future CPU decodes: enough to fill any CPU's hidden capacity, few
@@ -27,7 +27,7 @@ class _Knobs(Protocol):
     cost: CostModel
     num_layers: int
     auto_margin: float
-    cpu_stretch: float
+    split_rule: SplitRule
 
 
 def candidates(seqs: Sequence[SeqView]) -> list[CpuCandidate]:
@@ -77,7 +77,7 @@ def outlook(
         held + prompts,
         max(0, budget - num_gpu),
         0,
-        knobs.cpu_stretch,
+        knobs.split_rule,
     )
     taken = {*split.b0_ids, *split.b1_ids}
     quota = 0

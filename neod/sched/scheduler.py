@@ -32,7 +32,7 @@ from itertools import islice
 from neod.sched.cost import BatchLoad, CostModel, sequential_s
 from neod.sched.outlook import candidates, outlook
 from neod.sched.plan import Plan
-from neod.sched.split import CpuCandidate, DecodeSplit, split_cpu_decodes
+from neod.sched.split import CpuCandidate, DecodeSplit, SplitRule, split_cpu_decodes
 from neod.sched.views import CacheView, Limits, Residence, SeqView, blocks_for
 
 logger = logging.getLogger(__name__)
@@ -50,22 +50,22 @@ class Scheduler:
         wait_age_limit: int = 16,
         gpu_watermark_frac: float = 0.01,
         auto_margin: float = 0.03,
-        cpu_stretch: float = 0.1,
+        split_rule: SplitRule = SplitRule(),
         log_drops: bool = True,
     ) -> None:
         """age_limit: a running sequence idle for this many steps is forced into the batch;
         wait_age_limit: a prompt waiting this long is no longer overtaken by younger ones;
         gpu_watermark_frac: share of GPU blocks a prefill leaves free while decodes run (they grow);
         auto_margin: how much faster offloading must be predicted before policy auto uses it;
-        cpu_stretch: how much CPU work may lengthen an iteration beyond its GPU work;
+        split_rule: how far past the balance point CPU decodes are taken (neod.sched.split);
         log_drops: warn of sequences that cannot be served (off where a caller reports them, as a
         simulation does)."""
         if num_layers < 1 or age_limit < 1 or wait_age_limit < 1:
             raise ValueError("num_layers, age_limit and wait_age_limit must be >= 1")
         if not 0.0 < swap_in_frac <= 1.0 or not 0.0 <= gpu_watermark_frac < 1.0:
             raise ValueError("swap_in_frac must be in (0, 1] and gpu_watermark_frac in [0, 1)")
-        if auto_margin < 0.0 or cpu_stretch < 0.0:
-            raise ValueError("auto_margin and cpu_stretch must be >= 0")
+        if auto_margin < 0.0:
+            raise ValueError("auto_margin must be >= 0")
         self.cost = cost_model
         self.num_layers = num_layers
         self.swap_in_frac = swap_in_frac
@@ -73,7 +73,7 @@ class Scheduler:
         self.wait_age_limit = wait_age_limit
         self.gpu_watermark_frac = gpu_watermark_frac
         self.auto_margin = auto_margin
-        self.cpu_stretch = cpu_stretch
+        self.split_rule = split_rule
         self.log_drops = log_drops
 
     def schedule(
@@ -475,7 +475,7 @@ class _Pass:
             optional,
             max(0, max_optional),
             swap_blocks,
-            sched.cpu_stretch,
+            sched.split_rule,
         )
 
     def _split(self) -> None:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import random
 import statistics
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from neod.sched.cost import CostModel
 from neod.sched.plan import Plan, check_plan
 from neod.sched.scheduler import Scheduler
+from neod.sched.split import SplitRule
 from neod.sched.views import CacheView, Limits, Residence, SeqView, blocks_for
 
 
@@ -202,13 +203,14 @@ def simulate_batch(
     limits: Limits,
     requests: Sequence[tuple[int, int]],
     host_s: float = 0.0,
+    split_rule: SplitRule = SplitRule(),
 ) -> dict[str, Any]:
     """Predicted output tokens/s of these (prompt, output) requests, all sent at once, under
     `limits.policy`; JSON-ready. host_s: the engine's own time per iteration around the predicted
     part (scheduling, batches, outputs), as measured (`median_host_ms` of the engine's stats). The
     engine's offload guard is not simulated (it only acts on measurements). Requests that cannot
     be served are counted ("unservable"), not logged as a serving scheduler would."""
-    sched = Scheduler(cost_model, num_layers, log_drops=False)
+    sched = Scheduler(cost_model, num_layers, split_rule=split_rule, log_drops=False)
     reqs = [SimRequest(1, prompt, output) for prompt, output in requests]
     sim = Simulation(sched, num_gpu_blocks, num_cpu_blocks, block_size, limits, reqs, host_s)
     sim.run(step_bound(reqs, sched.age_limit))
@@ -221,4 +223,25 @@ def simulate_batch(
         "pipelined_share": sim.num_pipelined / sim.step if sim.step else 0.0,
         "ttft_p50_s": statistics.median(ttfts) if ttfts else None,
         "unservable": sum(s.unservable for s in sim.done.values()),
+    }
+
+
+def simulate_policies(
+    cost_model: CostModel,
+    num_layers: int,
+    num_gpu_blocks: int,
+    num_cpu_blocks: int,
+    block_size: int,
+    limits: Limits,
+    requests: Sequence[tuple[int, int]],
+    host_s: Mapping[str, float],
+    split_rule: SplitRule = SplitRule(),
+) -> dict[str, dict[str, Any]]:
+    """simulate_batch under each policy of host_s (policy: its host time per iteration)."""
+    return {
+        policy: simulate_batch(
+            cost_model, num_layers, num_gpu_blocks, num_cpu_blocks, block_size,
+            replace(limits, policy=policy), requests, host, split_rule,
+        )  # fmt: skip
+        for policy, host in host_s.items()
     }

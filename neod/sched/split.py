@@ -9,10 +9,13 @@ built greedily, a CPU decode at a time:
   CPU decodes, b0 holds the GPU work.
 
 A CPU decode is taken when its work hides under the GPU work it overlaps (NEO's balance rule, PCIe
-copies included), or when it raises tokens per second without stretching the candidate's GPU-bound
-time (the same candidate without CPU attention and copies) by more than `stretch`: the CPU may not
-set the pace for the GPU's requests. With no GPU work at all there is nothing to slow down, and CPU
-decodes are taken while they raise the rate. The faster candidate wins; ties go to sequential.
+copies included), or past that balance point when it raises the candidate's tokens per second by at
+least `SplitRule.min_gain` without stretching its GPU-bound time (the same candidate without CPU
+attention and copies) by more than `SplitRule.stretch`. The gain, not the stretch, is what stops
+the CPU batch: a stretch bound alone would admit fewer CPU decodes the cheaper the hand-offs are,
+since they are part of the GPU-bound time. With no GPU work at all there is nothing to slow down,
+and CPU decodes are taken while they raise the rate. The faster candidate wins; ties go to
+sequential.
 
 Forced sequences (aged CPU requests) are in both candidates whatever they cost, so a CPU request
 always progresses, alone or not. A candidate at least as long as one already rejected is skipped
@@ -24,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from neod.sched.cost import (
     BatchLoad,
@@ -37,6 +41,24 @@ from neod.sched.cost import (
 )
 
 Trial = tuple[float, float, float]  # a side's (projections, CPU path, transfer) seconds per layer
+
+
+@dataclass(frozen=True)
+class SplitRule:
+    """How far past the balance point CPU decodes are taken (scheduler.cpu_min_gain and
+    scheduler.cpu_stretch in neod.toml)."""
+
+    min_gain: float = 0.01  # least rise of the iteration's tokens/s that one more CPU decode buys
+    stretch: float = 1.0  # most the iteration may exceed its GPU-bound time (1.0: twice it)
+
+    def __post_init__(self) -> None:
+        if self.min_gain < 0.0 or self.stretch < 0.0:
+            raise ValueError("min_gain and stretch must be >= 0")
+
+    @classmethod
+    def of(cls, scheduler_config: Any) -> SplitRule:
+        """From neod.toml's [scheduler] section (neod.config.SchedulerConfig)."""
+        return cls(scheduler_config.cpu_min_gain, scheduler_config.cpu_stretch)
 
 
 @dataclass(frozen=True)
@@ -83,11 +105,11 @@ class _Side:
 
 
 class _Builder:
-    def __init__(self, cost: CostModel, num_layers: int, swap_blocks: int, stretch: float) -> None:
+    def __init__(self, cost: CostModel, num_layers: int, swap_blocks: int, rule: SplitRule) -> None:
         self.cost = cost
         self.num_layers = num_layers
         self.swap = cost.swap_s(swap_blocks) if swap_blocks else 0.0
-        self.stretch = stretch
+        self.rule = rule
 
     def _total(self, layer_s: float, num_seqs: int) -> float:
         return (
@@ -117,9 +139,11 @@ class _Builder:
     def takes(self, gpu_work: bool, n: int, t: float, t_new: float, ref_new: float) -> bool:
         if t_new <= ref_new * (1.0 + 1e-9):
             return True  # hidden under the GPU work
-        if rate_beats(n, t, n + 1, t_new):
-            return False
-        return not gpu_work or t_new <= (1.0 + self.stretch) * ref_new
+        if not gpu_work:
+            return not rate_beats(n, t, n + 1, t_new)
+        return t_new <= (1.0 + self.rule.stretch) * ref_new and rate_beats(
+            n + 1, t_new, n, t, self.rule.min_gain
+        )
 
     def sequential(
         self,
@@ -202,11 +226,11 @@ def split_candidates(
     optional: Sequence[CpuCandidate],
     max_optional: int,
     swap_blocks: int,
-    stretch: float = 0.1,
+    rule: SplitRule = SplitRule(),
 ) -> tuple[DecodeSplit, DecodeSplit | None]:
     """The sequential and the pipelined candidate (None when no pipelined split exists); see
     `split_cpu_decodes` for the arguments."""
-    builder = _Builder(cost, num_layers, swap_blocks, stretch)
+    builder = _Builder(cost, num_layers, swap_blocks, rule)
     seq = builder.sequential(base, forced, optional, max_optional)
     if not forced and not optional:
         return seq, None
@@ -221,7 +245,7 @@ def split_cpu_decodes(
     optional: Sequence[CpuCandidate],
     max_optional: int,
     swap_blocks: int,
-    stretch: float = 0.1,
+    rule: SplitRule = SplitRule(),
 ) -> DecodeSplit:
     """Best plan for the CPU decodes around the fixed GPU work `base` (sub-batch 0's).
 
@@ -229,7 +253,7 @@ def split_cpu_decodes(
     taken; swap_blocks are the blocks copied per layer this iteration (swaps, CPU-bound prefills).
     """
     seq, pipe = split_candidates(
-        cost, num_layers, base, forced, optional, max_optional, swap_blocks, stretch
+        cost, num_layers, base, forced, optional, max_optional, swap_blocks, rule
     )
     if pipe is not None and rate_beats(
         pipe.num_tokens_out, pipe.iter_s, seq.num_tokens_out, seq.iter_s
