@@ -191,3 +191,27 @@ def test_pool_and_metadata_are_checked() -> None:
             torch.zeros((0, 1), dtype=torch.int32),
             torch.zeros(0, dtype=torch.int32),
         )
+
+
+@pytest.mark.parametrize("kind", ["prefill", "decode"])
+def test_attention_into_given_rows_equals_attention_returned(kind: str) -> None:
+    """The pipelined executor has sub-batch 0's attention written straight into the first rows of
+    the batch's output; the rows after them (the CPU's) must stay as they are."""
+    cfg = TINY
+    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    if kind == "prefill":
+        meta, _ = _prefill_meta([7, 12], [0, 2])
+    else:
+        meta, _ = _decode_meta([5, 17, 33], [0, 2, 5])
+    t = meta.num_tokens
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(t, h, d, generator=gen) for h in (hq, hkv, hkv))
+    pool = torch.randn(16, 2, hkv, BLOCK_SIZE, d, generator=gen)
+    expected = gpu_attention(q, k, v, pool.clone(), meta, 0.125)
+    batch_out = torch.full((t + 2, hq * d), 7.0)
+    got = gpu_attention(q, k, v, pool.clone(), meta, 0.125, out=batch_out[:t])
+    assert got.data_ptr() == batch_out.data_ptr()
+    torch.testing.assert_close(batch_out[:t], expected)
+    assert bool((batch_out[t:] == 7.0).all())
+    with pytest.raises(ValueError, match="contiguous"):
+        gpu_attention(q, k, v, pool, meta, 0.125, out=torch.empty(t, hq * d + 1))

@@ -94,30 +94,39 @@ def gpu_attention(
     kv_layer: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Store the batch's K/V in the paged cache, then attend (causal within prompts; paged)."""
+    """Store the batch's K/V in the paged cache, then attend (causal within prompts; paged). With
+    `out` (contiguous, [T, Hq * D]) the result is written there, as the pipelined executor does
+    into its sub-batch's rows, and `out` is returned."""
     # q: [T, Hq, D]; k, v: [T, Hkv, D]; kv_layer: [num_blocks, 2, Hkv, block_size, D] -> [T, Hq * D]
     num_tokens, num_q_heads, head_dim = q.shape
     if num_tokens != meta.num_tokens:
         raise ValueError(
             f"batch has {num_tokens} rows but the metadata describes {meta.num_tokens}"
         )
+    width = num_q_heads * head_dim
+    if out is not None and (out.shape != (num_tokens, width) or not out.is_contiguous()):
+        raise ValueError(f"out must be contiguous [{num_tokens}, {width}]")
     if num_tokens == 0:
-        return q.new_empty((0, num_q_heads * head_dim))
+        return q.new_empty((0, width)) if out is None else out
     ops.store_kv_(k, v, kv_layer, meta.slot_ids)
     num_prefill = meta.num_prefill_tokens
-    if num_prefill == num_tokens:
-        out = _prefill(q, k, v, kv_layer, meta, scale)
-        return out.reshape(num_tokens, num_q_heads * head_dim)
-    out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    if out is None and num_prefill == num_tokens:
+        return _prefill(q, k, v, kv_layer, meta, scale).reshape(num_tokens, width)
+    if out is None:
+        out = torch.empty((num_tokens, width), dtype=q.dtype, device=q.device)
+    heads = out.view(num_tokens, num_q_heads, head_dim)
     if num_prefill > 0:
-        out[:num_prefill] = _prefill(q[:num_prefill], k[:num_prefill], v[:num_prefill], kv_layer,
-                                     meta, scale)  # fmt: skip
-    # Decode rows read their K/V, the new token's included, back from the pool.
-    ops.paged_decode_attention(
-        q[num_prefill:], kv_layer, meta.block_tables, meta.seq_lens, scale, out=out[num_prefill:]
-    )
-    return out.view(num_tokens, num_q_heads * head_dim)
+        heads[:num_prefill] = _prefill(q[:num_prefill], k[:num_prefill], v[:num_prefill], kv_layer,
+                                       meta, scale)  # fmt: skip
+    if num_prefill < num_tokens:
+        # Decode rows read their K/V, the new token's included, back from the pool.
+        ops.paged_decode_attention(
+            q[num_prefill:], kv_layer, meta.block_tables, meta.seq_lens, scale,
+            out=heads[num_prefill:],
+        )  # fmt: skip
+    return out
 
 
 def _prefill(

@@ -363,6 +363,7 @@ def test_handoff_joins_waits_copies_records_and_announces_in_order():
     src = torch.zeros(rows, pitch, dtype=torch.uint8, device=DEV)
     dst = torch.zeros(rows, width, dtype=torch.uint8, pin_memory=True)
     late = torch.randint(0, 255, (rows, pitch), dtype=torch.uint8, device=DEV)
+    waiter, marker = torch.cuda.Stream(), torch.zeros(1, device=DEV)
     try:
         with torch.cuda.stream(compute):
             torch.cuda._sleep(200_000_000)  # ~0.1 s: outlasts the flag wait below
@@ -373,16 +374,21 @@ def test_handoff_joins_waits_copies_records_and_announces_in_order():
             dst.data_ptr(), width, src.data_ptr(), pitch, width, rows,
             copied, cuda_ops.flag_address(flags, 2), 9,
         )  # fmt: skip
+        # A stream waiting on `copied` is held until the copy has run: an event never recorded
+        # would not hold it.
+        cuda_ops.stream_wait_event(waiter.cuda_stream, copied)
+        with torch.cuda.stream(waiter):
+            marker.fill_(1.0)
         time.sleep(0.05)
         assert int(flags[2]) == 0, "announced before the CPU's flag was set"
+        assert not waiter.query(), "the copy's event was not recorded by the hand-off"
         flags[1] = 7
         deadline = time.monotonic() + 10
         while int(flags[2]) != 9:
             assert time.monotonic() < deadline, "the copy stream never set its flag"
         assert torch.equal(dst, late[:, :width].cpu()), "the copy ran before the compute stream"
-        waiter = torch.cuda.Stream()
-        cuda_ops.stream_wait_event(waiter.cuda_stream, copied)
         waiter.synchronize()
+        assert float(marker) == 1.0
         copy.synchronize()
         # One packed range, no join, no flags: the two directions' common case.
         back = torch.zeros(rows * width, dtype=torch.uint8, device=DEV)
