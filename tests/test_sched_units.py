@@ -5,6 +5,8 @@ checker itself."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from neod.sched import (
     BatchLoad,
@@ -375,3 +377,47 @@ def test_check_plan_reports_violations():
     assert any(
         "unknown" in e for e in check_plan(Plan(decode_gpu=[9]), waiting, running, cache, limits)
     )
+
+
+class AffineCost(FlatCost):
+    """Costs with a fixed part and a part per token, as measured tables have them."""
+
+    def __init__(self, lin0, lin1, attn1, cpu0, cpu1, transfer, overhead, handoff):
+        super().__init__(transfer_per_seq=transfer, overhead=overhead)
+        self.lin0, self.lin1, self.attn1, self.cpu0, self.cpu1 = lin0, lin1, attn1, cpu0, cpu1
+        self.handoff = handoff
+
+    def linear_s(self, num_tokens):
+        return self.lin0 + self.lin1 * num_tokens if num_tokens else 0.0
+
+    def gpu_decode_attn_s(self, num_seqs, num_ctx_tokens):
+        return self.attn1 * num_ctx_tokens if num_seqs else 0.0
+
+    def cpu_decode_attn_s(self, num_seqs, num_ctx_tokens):
+        return self.cpu0 + self.cpu1 * num_ctx_tokens if num_seqs else 0.0
+
+    def pipeline_handoff_s(self):
+        return self.handoff
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    costs=st.tuples(*(st.floats(0.0, 2.0) for _ in range(8))),
+    num_gpu=st.integers(0, 12),
+    contexts=st.lists(st.integers(1, 4000), max_size=24),
+    rule=st.builds(SplitRule, st.floats(0.0, 0.2), st.floats(0.0, 3.0)),
+)
+def test_offloading_never_lowers_the_predicted_rate_of_the_gpu_work(
+    costs, num_gpu, contexts, rule
+):
+    """Each CPU decode is taken only where it hides under the GPU work or raises tokens/s, and the
+    faster candidate wins: whatever the costs and the rule, the plan is at least as fast, in tokens
+    per second, as the GPU work without any CPU decode."""
+    cost = AffineCost(*(c * 1e-3 for c in costs[:2]), costs[2] * 1e-6, costs[3] * 1e-3,
+                      costs[4] * 1e-6, *(c * 1e-3 for c in costs[5:]))  # fmt: skip
+    base = BatchLoad().plus_gpu_decodes(num_gpu, 1100 * num_gpu)
+    cands = [CpuCandidate(100 + i, n) for i, n in enumerate(contexts)]
+    split = split_cpu_decodes(cost, 4, base, (), cands, len(cands), 0, rule)
+    alone = sequential_s(cost, 4, base, 0)
+    assert split.num_tokens_out == num_gpu + len(split.b0_ids) + len(split.b1_ids)
+    assert not rate_beats(num_gpu, alone, split.num_tokens_out, split.iter_s, 1e-9)
