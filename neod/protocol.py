@@ -355,7 +355,8 @@ class ControlRequest:
     args: dict[str, Any] = field(default_factory=dict)  # validated per command
 
 
-_TUNE_KNOBS = ("policy", "max_batch_size", "max_tokens_in_batch", "cpu_threads")
+_TUNE_KNOBS = ("policy", "max_batch_size", "max_tokens_in_batch", "cpu_threads", "cpu_min_gain",
+               "cpu_stretch")
 # A tune that resizes the CPU pool may measure the pool again (its CPU side of the profile):
 # the daemon waits this long for the engine, and neoctl a little longer for the reply.
 CPU_RETUNE_TIMEOUT_S = 300.0
@@ -388,7 +389,9 @@ def _control_fields(obj: dict[str, Any]) -> ControlRequest:
         knobs = (("policy", policy),
                  ("max_batch_size", f.integer("max_batch_size", None, 1, 1 << 20)),
                  ("max_tokens_in_batch", f.integer("max_tokens_in_batch", None, 1, 1 << 24)),
-                 ("cpu_threads", f.integer("cpu_threads", None, 1, 4096)))
+                 ("cpu_threads", f.integer("cpu_threads", None, 1, 4096)),
+                 ("cpu_min_gain", f.number("cpu_min_gain", None, 0.0, 1.0)),
+                 ("cpu_stretch", f.number("cpu_stretch", None, 0.0, 100.0)))
         args = {name: value for name, value in knobs if value is not None}
         if not args:
             raise _bad(f"tune needs at least one of {', '.join(_TUNE_KNOBS)}")

@@ -74,6 +74,13 @@ def test_tune_applies_and_validates(daemon: EmbeddedDaemon, config_file: Path) -
     assert code == 0 and orjson.loads(out)["applied"]["max_batch_size"] == 16
     code, _, err = ctl(config_file, "tune", "--policy", "fastest")
     assert code == 1 and "neod refused 'tune'" in err and "policy" in err
+    code, out, _ = ctl(config_file, "tune", "--cpu-stretch", "0.5", "--cpu-min-gain", "0.02")
+    assert code == 0 and "cpu_stretch=0.5" in out and "cpu_min_gain=0.02" in out
+    code, out, _ = ctl(config_file, "status", "--json")
+    assert orjson.loads(out)["engine"]["cpu_stretch"] == 0.5
+    assert "cpu_min_gain 0.02  cpu_stretch 0.5" in ctl(config_file, "status")[1]
+    code, _, err = ctl(config_file, "tune", "--cpu-min-gain", "-1")
+    assert code == 1 and "cpu_min_gain" in err
     code, _, err = ctl(config_file, "tune")
     assert code == 2 and "give at least one of" in err
 

@@ -478,6 +478,13 @@ def test_tune_validates_and_applies(tmp_path):
     with pytest.raises(ValueError, match="unknown"):
         engine.tune(speed=3)
     assert engine.stats()["max_batch_size"] == 8
+    applied = engine.tune(cpu_stretch=0.3, cpu_min_gain=0.05)
+    assert (applied["cpu_stretch"], applied["cpu_min_gain"]) == (0.3, 0.05)
+    assert engine.rt.scheduler.split_rule == SplitRule(min_gain=0.05, stretch=0.3)
+    with pytest.raises(ValueError, match="min_gain and stretch must be >= 0"):
+        engine.tune(cpu_stretch=-0.5, max_batch_size=4)
+    assert engine.rt.scheduler.split_rule.stretch == 0.3 and engine.stats()["max_batch_size"] == 8
+    assert engine.stats()["cpu_stretch"] == 0.3
 
 
 def test_resizing_the_cpu_pool_brings_its_profile_along(tmp_path, monkeypatch):

@@ -138,6 +138,12 @@ def test_control_messages() -> None:
     assert err.value.request_id == "q7"  # so the refusal reaches the right caller
     with pytest.raises(ProtocolError, match="field 'max_batch_size' must be an integer"):
         decode_control(encode_control("tune", "q", max_batch_size=0))
+    rule = decode_control(encode_control("tune", "q", cpu_min_gain=0, cpu_stretch=0.25)).args
+    assert rule == {"cpu_min_gain": 0.0, "cpu_stretch": 0.25}
+    with pytest.raises(ProtocolError, match=r"field 'cpu_stretch' must be a number in \[0.0, "):
+        decode_control(encode_control("tune", "q", cpu_stretch=-1))
+    with pytest.raises(ProtocolError, match="field 'cpu_min_gain' must be a number"):
+        decode_control(encode_control("tune", "q", cpu_min_gain="1%"))
     with pytest.raises(ProtocolError, match="unknown control command 'generate'"):
         decode_control(encode_control("generate", "q"))
     reply = orjson.loads(encode_reply("q", error=ProtocolError(ErrorCode.OVERLOADED, "busy")))

@@ -14,9 +14,9 @@ from neod.cpu.topology import format_cpu_list
 from neod.protocol import CPU_RETUNE_TIMEOUT_S
 
 _SHOWN_ENGINE_KEYS = {"model", "device", "dtype", "policy", "mode", "max_batch_size",
-                      "max_tokens_in_batch", "max_model_len", "waiting", "decoding_gpu",
-                      "decoding_cpu", "kv_gpu", "kv_cpu", "cpu_pool", "cpu_cost_scale",
-                      "pipeline_handoff"}
+                      "max_tokens_in_batch", "cpu_min_gain", "cpu_stretch", "max_model_len",
+                      "waiting", "decoding_gpu", "decoding_cpu", "kv_gpu", "kv_cpu", "cpu_pool",
+                      "cpu_cost_scale", "pipeline_handoff"}
 
 
 def _pct(p: dict[str, float]) -> str:
@@ -48,7 +48,8 @@ def render_status(result: dict[str, Any]) -> str:
             f"context {eng.get('max_model_len')}",
             f"policy    {eng.get('policy')}  mode {_mode(eng)}"
             + f"  max_batch_size {eng.get('max_batch_size')}  max_tokens_in_batch "
-              f"{eng.get('max_tokens_in_batch')}",
+              f"{eng.get('max_tokens_in_batch')}  cpu_min_gain {eng.get('cpu_min_gain')}  "
+              f"cpu_stretch {eng.get('cpu_stretch')}",
             f"requests  active {srv.get('active_requests')}  waiting {srv.get('waiting_requests')} "
             f"(engine queue {eng.get('waiting')}, held by neod {srv.get('held_by_neod')})  "
             f"decoding on GPU {eng.get('decoding_gpu')}, on CPU {eng.get('decoding_cpu')}",
@@ -140,14 +141,21 @@ def register(app: typer.Typer) -> None:
              cpu_threads: int | None = typer.Option(
                  None, help="CPU attention threads (the pool is profiled again unless a profile "
                  "of that size is stored)"),
+             cpu_min_gain: float | None = typer.Option(
+                 None, help="least rise of an iteration's tokens/s for which a CPU decode beyond "
+                 "what hides under the GPU work is taken (0.01 = 1%)"),
+             cpu_stretch: float | None = typer.Option(
+                 None, help="most CPU decodes may lengthen an iteration beyond its GPU work "
+                 "(1.0 = to twice it): the GPU requests' time per token against throughput"),
              json: bool = typer.Option(False, "--json", help="print the raw JSON")) -> None:
         """Change scheduling knobs live; the daemon validates them and reports what it applied."""
         knobs = {k: v for k, v in (("policy", policy), ("max_batch_size", max_batch_size),
                                    ("max_tokens_in_batch", max_tokens_in_batch),
-                                   ("cpu_threads", cpu_threads)) if v is not None}
+                                   ("cpu_threads", cpu_threads), ("cpu_min_gain", cpu_min_gain),
+                                   ("cpu_stretch", cpu_stretch)) if v is not None}
         if not knobs:
             fail("give at least one of --policy, --max-batch-size, --max-tokens-in-batch, "
-                 "--cpu-threads", 2)
+                 "--cpu-threads, --cpu-min-gain, --cpu-stretch", 2)
         wait = {"timeout_s": CPU_RETUNE_TIMEOUT_S + 10} if cpu_threads is not None else {}
         result = ctx.obj.call("tune", **wait, **knobs)
         if json:

@@ -11,6 +11,7 @@ error).
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import time
 from collections.abc import Callable
@@ -28,7 +29,15 @@ from neod.engine.runtime import EngineRuntime, build_runtime
 from neod.engine.sampler import sample
 from neod.engine.sequence import Sequence
 from neod.engine.stats import EngineStats
-from neod.sched import POLICIES, CacheView, CalibratedCostModel, Limits, Plan, Residence
+from neod.sched import (
+    POLICIES,
+    CacheView,
+    CalibratedCostModel,
+    Limits,
+    Plan,
+    Residence,
+    SplitRule,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -176,11 +185,19 @@ class Engine:
         max_batch = knobs.pop("max_batch_size", self.limits.max_batch_size)
         max_tokens = knobs.pop("max_tokens_in_batch", self.limits.max_tokens_in_batch)
         threads = knobs.pop("cpu_threads", None)
+        rule = self.rt.scheduler.split_rule
+        min_gain = knobs.pop("cpu_min_gain", rule.min_gain)
+        stretch = knobs.pop("cpu_stretch", rule.stretch)
         if knobs:
             raise ValueError(
-                f"unknown tuning knob(s): {', '.join(sorted(knobs))}; "
-                "allowed: policy, max_batch_size, max_tokens_in_batch, cpu_threads"
+                f"unknown tuning knob(s): {', '.join(sorted(knobs))}; allowed: policy, "
+                "max_batch_size, max_tokens_in_batch, cpu_threads, cpu_min_gain, cpu_stretch"
             )
+        if not all(isinstance(v, int | float) and math.isfinite(v) for v in (min_gain, stretch)):
+            raise ValueError(
+                f"cpu_min_gain and cpu_stretch must be numbers, got {min_gain!r}, {stretch!r}"
+            )
+        rule = SplitRule(float(min_gain), float(stretch))  # ValueError where negative
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         if policy != "gpu-only" and self.rt.cpu_pool is None:
@@ -207,12 +224,15 @@ class Engine:
         self.limits = Limits(
             max_batch_size=max_batch, max_tokens_in_batch=max_tokens, policy=policy
         )
+        self.rt.scheduler.split_rule = rule
         return {
             "policy": policy,
             "max_batch_size": max_batch,
             "max_tokens_in_batch": max_tokens,
             "max_prefill_tokens": self.max_prefill_tokens,
             "cpu_threads": self.rt.cpu_threads,
+            "cpu_min_gain": rule.min_gain,
+            "cpu_stretch": rule.stretch,
         }
 
     def stats(self) -> dict[str, Any]:
@@ -226,6 +246,8 @@ class Engine:
             "max_batch_size": self.limits.max_batch_size,
             "max_tokens_in_batch": self.limits.max_tokens_in_batch,
             "max_prefill_tokens": self.max_prefill_tokens,
+            "cpu_min_gain": self.rt.scheduler.split_rule.min_gain,
+            "cpu_stretch": self.rt.scheduler.split_rule.stretch,
             "max_model_len": self.rt.max_model_len,
             "vocab_size": self.rt.vocab_size,
             "waiting": len(self.waiting),
