@@ -155,6 +155,9 @@ def random_knobs(rng: random.Random, start: dict[str, Any]) -> dict[str, Any]:
             rng.choice([64, 256]) if rng.random() < 0.2 else start["max_tokens_in_batch"]
         ),
     }
+    if rng.random() < 0.3:  # from hiding-only to past any balance
+        knobs["cpu_min_gain"] = rng.choice([0.0, 0.01, 1.0])
+        knobs["cpu_stretch"] = rng.choice([0.0, 0.1, 1.0, 10.0])
     if start.get("cpu_threads") and rng.random() < CPU_RESIZE_SHARE:
         knobs["cpu_threads"] = rng.randint(1, start["cpu_threads"])
     return knobs
@@ -175,8 +178,8 @@ async def _retune(control: str, every_s: float, rng: random.Random, done: asynci
                   tunes: collections.Counter, problems: list[str], drain: bool) -> None:
     with ControlClient(control) as ctl:
         engine = (await asyncio.to_thread(ctl.call, "status"))["engine"]
-        start = {"policy": engine["policy"], "max_batch_size": engine["max_batch_size"],
-                 "max_tokens_in_batch": engine["max_tokens_in_batch"]}
+        start = {key: engine[key] for key in ("policy", "max_batch_size", "max_tokens_in_batch",
+                                              "cpu_min_gain", "cpu_stretch")}
         if engine.get("cpu_pool", {}).get("threads"):
             start["cpu_threads"] = engine["cpu_pool"]["threads"]
         last = False
