@@ -122,9 +122,10 @@ class SchedulerConfig(_Section):
     max_batch_size: int = _key(256, "most requests in one iteration", lo=1)
     max_tokens_in_batch: int = _key(8192, "most tokens (prefill + decode) in one iteration", lo=1)
     cpu_min_gain: float = _key(0.01, "least rise of an iteration's tokens/s for which a CPU decode "
-                               "that does not hide under the GPU work is taken", lo=0.0)
+                               "that does not hide under the GPU work is taken (1.0: in practice "
+                               "none)", lo=0.0, hi=1.0)
     cpu_stretch: float = _key(1.0, "most CPU decodes may lengthen an iteration beyond its GPU work "
-                              "(1.0: to twice it)", lo=0.0)
+                              "(1.0: to twice it)", lo=0.0, hi=100.0)
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,9 @@ def test_boolean_keys_read_the_word(text: str, value: bool) -> None:
     ("model.dtype=int8", "auto, bfloat16, float16, float32"),
     ("server.heartbeat_interval_s=nan", "[server] heartbeat_interval_s"),
     ("cpu.amx=maybe", "[cpu] amx: 'maybe' is not allowed; expected true or false"),
+    ("scheduler.cpu_min_gain=2", "[scheduler] cpu_min_gain: 2.0 is not allowed; expected a number "
+                                 "in [0.0, 1.0]"),
+    ("scheduler.cpu_stretch=-0.1", "[scheduler] cpu_stretch"),
     ("cpu.amx_values=true", "[cpu] amx_values: 'true' is not allowed; expected one of auto, on, "
                             "off"),
 ])
