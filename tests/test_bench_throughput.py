@@ -58,9 +58,14 @@ def test_policies_are_measured_and_set_against_the_advisor(tmp_path, capsys):
     assert list(sims) == ["gpu-only", "neo"]
     for sim in sims.values():
         assert sim["output_tokens_per_s"] > 0 and sim["unservable"] == 0
+    # ... and with the costs as the run corrected them: the CPU's dearer or cheaper, the GPU's not.
+    as_run = report["simulated_as_measured"]
+    assert list(as_run) == ["gpu-only", "neo"]
+    assert as_run["gpu-only"] == sims["gpu-only"]
     out = capsys.readouterr().out
     assert "simulated (this batch at once, the profile's costs and each run's host time per " \
         "iteration): gpu-only " in out
+    assert "simulated (this batch at once, the costs as the run corrected them" in out
     # The engine's own time around each iteration's forward was measured, and the simulation
     # charged it.
     assert gpu_only["median_host_ms"] > 0
