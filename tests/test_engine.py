@@ -594,6 +594,8 @@ class ScriptedScheduler:
     """Drives every data path on purpose: CPU prefills, swaps both ways every few steps, CPU decodes
     in both sub-batches of a pipelined iteration, GPU decodes beside them."""
 
+    split_rule = SplitRule()  # reported by the engine's stats, unused by the script
+
     def schedule(self, waiting, running, cache, limits, step):
         from neod.sched import Plan, Residence
 
