@@ -483,6 +483,8 @@ def test_tune_validates_and_applies(tmp_path):
     assert engine.rt.scheduler.split_rule == SplitRule(min_gain=0.05, stretch=0.3)
     with pytest.raises(ValueError, match="min_gain and stretch must be >= 0"):
         engine.tune(cpu_stretch=-0.5, max_batch_size=4)
+    with pytest.raises(ValueError, match="must be numbers"):
+        engine.tune(cpu_min_gain=True)
     assert engine.rt.scheduler.split_rule.stretch == 0.3 and engine.stats()["max_batch_size"] == 8
     assert engine.stats()["cpu_stretch"] == 0.3
 

@@ -193,7 +193,10 @@ class Engine:
                 f"unknown tuning knob(s): {', '.join(sorted(knobs))}; allowed: policy, "
                 "max_batch_size, max_tokens_in_batch, cpu_threads, cpu_min_gain, cpu_stretch"
             )
-        if not all(isinstance(v, int | float) and math.isfinite(v) for v in (min_gain, stretch)):
+        if not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            for v in (min_gain, stretch)
+        ):
             raise ValueError(
                 f"cpu_min_gain and cpu_stretch must be numbers, got {min_gain!r}, {stretch!r}"
             )
