@@ -182,11 +182,11 @@ def test_split_still_pipelines_when_every_sub_batch_pays_a_hand_off():
     assert not dear.pipelined
 
 
-def test_past_the_balance_point_the_gain_decides_not_the_hand_off():
+def test_past_the_balance_point_the_minimum_gain_and_the_stretch_bound_decide():
     """8 CPU decodes hide under two weight passes and their hand-offs (2.2 per layer). The 9th and
     10th make the CPU set the pace (2.35, then 2.5) and raise tokens/s by 3.0% and 2.5%; the 11th
-    would unbalance the sub-batches and lower it. A bound on the stretch alone would stop at 9,
-    and at fewer the cheaper the hand-off, since it is part of the GPU-bound time."""
+    would unbalance the sub-batches and lower it. The default rule takes all 10; a larger minimum
+    gain or the old 10% stretch bound stops at 9, although the 10th still pays."""
     cost = HandoffCost(0.1, lin=1.0, gpu_attn=0.0, cpu_per_seq=0.2, transfer_per_seq=0.05,
                        overhead=0.0)  # fmt: skip
     base = BatchLoad().plus_gpu_decodes(2, 200)
