@@ -98,6 +98,22 @@ inline bool aligned16(const void* ptr) {
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Status of the last launch on this thread: NEOD_OK or the cudaError_t.
+// The address at which the device reaches `ptr`: itself for device memory, the mapped alias for
+// pinned host memory, nullptr for memory the device cannot reach (pageable host memory).
+inline const void* device_alias(const void* ptr) {
+  cudaPointerAttributes attr;
+  if (cudaPointerGetAttributes(&attr, ptr) != cudaSuccess) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  switch (attr.type) {
+    case cudaMemoryTypeDevice:
+    case cudaMemoryTypeManaged: return ptr;
+    case cudaMemoryTypeHost: return attr.devicePointer;
+    default: return nullptr;
+  }
+}
+
 inline int launch_status() {
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? NEOD_OK : static_cast<int>(err);

@@ -5,7 +5,7 @@
 #include "common.cuh"
 
 // Bump whenever a signature in neod_cuda.h changes.
-#define NEOD_ABI_VERSION 3
+#define NEOD_ABI_VERSION 4
 
 extern "C" int neod_abi_version(void) { return NEOD_ABI_VERSION; }
 

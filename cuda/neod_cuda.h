@@ -69,6 +69,14 @@ NEOD_API int neod_store_kv(const void* k, int64_t k_stride, const void* v, int64
                            int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int dtype,
                            cudaStream_t stream);
 
+/* The inverse of neod_store_kv: the rows of k, v [T, Hkv, D] (token stride) <- their slots of
+ * kv_layer [num_blocks, 2, Hkv, block_size, D], which may be pinned host memory (read through
+ * its mapped address); slot_ids [T] int64 on the device, -1 = leave the row as it is. */
+NEOD_API int neod_load_kv(void* k, int64_t k_stride, void* v, int64_t v_stride,
+                          const void* kv_layer, const int64_t* slot_ids, int64_t num_tokens,
+                          int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int dtype,
+                          cudaStream_t stream);
+
 /* How many KV splits a decode batch should use (1 = no split, no workspace); a pure function of
  * its arguments, so callers may cache it. max_seq_len may be an upper bound. */
 NEOD_API int neod_paged_decode_max_splits(int64_t batch, int64_t num_q_heads, int64_t num_kv_heads,

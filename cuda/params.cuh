@@ -43,12 +43,12 @@ struct ActivationParams {
   int64_t inter;
 };
 
-struct StoreKVParams {
-  const void* k;           // [T, Hkv, D]
+struct KVRowsParams {
+  void* k;                 // [T, Hkv, D]: read by a store, written by a load
   int64_t k_stride;        // in copy units
-  const void* v;
+  void* v;
   int64_t v_stride;
-  void* kv_layer;          // [num_blocks, 2, Hkv, block_size, D]
+  void* kv_layer;          // [num_blocks, 2, Hkv, block_size, D]: a load's may be mapped host memory
   const int64_t* slot_ids; // [T], -1 = skip
   int64_t num_tokens;
   int num_kv_heads;

@@ -48,22 +48,6 @@ __global__ void __launch_bounds__(kThreads) swap_kernel(const SwapParams p) {
   }
 }
 
-// The address at which the device reaches `ptr`: itself for device memory, the mapped alias for
-// pinned host memory, nullptr for memory the device cannot reach (pageable host memory).
-const void* device_alias(const void* ptr) {
-  cudaPointerAttributes attr;
-  if (cudaPointerGetAttributes(&attr, ptr) != cudaSuccess) {
-    cudaGetLastError();
-    return nullptr;
-  }
-  switch (attr.type) {
-    case cudaMemoryTypeDevice:
-    case cudaMemoryTypeManaged: return ptr;
-    case cudaMemoryTypeHost: return attr.devicePointer;
-    default: return nullptr;
-  }
-}
-
 int swap_with_kernel(SwapParams p, int64_t num_layers, cudaStream_t stream) {
   if (p.chunk_bytes % 16 != 0 || !aligned16(p.src) || !aligned16(p.dst) ||
       p.src_layer_bytes % 16 != 0 || p.dst_layer_bytes % 16 != 0 || num_layers > 65535 ||

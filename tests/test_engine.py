@@ -18,7 +18,7 @@ from neod.engine import Engine, corrections
 from neod.engine.request import EngineError, FinishReason, RequestOutput, SamplingParams
 from neod.engine.runtime import build_runtime
 from neod.model.attention import AttentionMetadata
-from neod.sched import SplitRule
+from neod.sched import Residence, SplitRule
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
@@ -433,36 +433,57 @@ def test_prompts_over_the_token_budget_are_prefilled_in_chunks_with_unchanged_to
     assert_greedy_equal(engine, {f"r{i}": p for i, p in enumerate(ps)}, expected, got)
 
 
-def test_a_queued_prompt_over_a_lowered_budget_and_the_gpu_pool_ends_as_too_long(
+ONLY_THE_HOST_HOLDS_IT = {"scheduler.policy": "neo", "cache.gpu_kv_gib": 8 * 16 * 2048 / 2**30,
+                          "cache.cpu_kv_gib": 0.01, "model.dtype": "float16"}  # fmt: skip
+
+
+def test_prompts_only_the_host_pool_holds_are_prefilled_there_in_chunks(tmp_path):
+    """Prompts longer than the GPU pool (128 tokens) and than the token budget go to the host pool
+    in chunks, each chunk's attention reading the earlier chunks' KV from there; the greedy
+    tokens are those of each request alone, prefilled whole."""
+    rng = random.Random(11)
+    ps = prompts(3, seed=11) + [[rng.randrange(256) for _ in range(n)] for n in (300, 257, 211)]
+    engine = make_engine(tmp_path, **ONLY_THE_HOST_HOLDS_IT)
+    assert engine.stats()["kv_gpu"]["blocks_total"] == 8
+    assert engine.tune(max_tokens_in_batch=64)["max_prefill_tokens"] > 300
+    plans = recording_plans(engine)
+    for i, p in enumerate(ps):
+        engine.add_request(f"r{i}", p, GREEDY)
+    outs = run_all(engine)
+    assert_all_free(engine)
+    cpu_chunks = [n for plan in plans for sid, n in plan.chunked.items() if sid in plan.prefill_cpu]
+    assert len(cpu_chunks) >= 300 // 64 and max(cpu_chunks) <= 64
+    got = {k: tokens_of(v) for k, v in outs.items()}
+    expected = {f"r{i}": reference_greedy(engine, p, GREEDY.max_tokens) for i, p in enumerate(ps)}
+    assert_greedy_equal(engine, {f"r{i}": p for i, p in enumerate(ps)}, expected, got)
+
+
+def test_prompts_only_the_host_pool_holds_end_as_too_long_once_the_policy_keeps_to_the_gpu(
     tmp_path, caplog
 ):
-    """A prompt longer than the GPU pool is prefilled whole on the CPU or not at all: once the
-    token budget drops below it, it cannot be served, and says why."""
-    engine = make_engine(tmp_path, **{"scheduler.policy": "neo",
-                                      "cache.gpu_kv_gib": 8 * 16 * 2048 / 2**30,
-                                      "cache.cpu_kv_gib": 0.01, "model.dtype": "float16"})
-    assert engine.stats()["kv_gpu"]["blocks_total"] == 8
-    engine.tune(max_batch_size=1)  # one at a time: the long prompts queue behind the short one
-    engine.add_request("short", [1] * 10, GREEDY)
+    """Queued, and one part-way in on the CPU: under gpu-only none of them can be served, and
+    each says why; nothing is left behind."""
+    engine = make_engine(tmp_path, **ONLY_THE_HOST_HOLDS_IT)
+    engine.tune(max_batch_size=1, max_tokens_in_batch=64)  # one at a time, in chunks
     for i in range(8):
         engine.add_request(f"long{i}", [2] * (300 + i), GREEDY)
     outs: dict[str, list[RequestOutput]] = {}
-    for out in engine.step():  # admits them all; prefills the short one
+    for out in engine.step():  # the first chunk of the first prompt
         outs.setdefault(out.request_id, []).append(out)
-    assert len(engine.waiting) == 8
-    engine.tune(max_tokens_in_batch=64)
+    [part_way] = engine.running.values()
+    assert part_way.residence == Residence.CPU and 0 < part_way.num_computed_tokens < 300
+    engine.tune(policy="gpu-only")
     with caplog.at_level(logging.WARNING, logger="neod.sched.scheduler"):
         for rid, more in run_all(engine).items():
             outs.setdefault(rid, []).extend(more)
     for i in range(8):
-        last = outs[f"long{i}"][-1]
+        [last] = outs[f"long{i}"]
         assert last.finish_reason == FinishReason.ERROR
         assert last.error_kind == EngineError.PROMPT_TOO_LONG
-        assert last.error.endswith(  # dropped from the queue, with the bounds that bind
-            f"{300 + i} tokens to prefill exceed scheduler.max_tokens_in_batch (64) and the GPU "
-            "KV pool (128 tokens), where longer prompts are prefilled in chunks"
+        assert last.error.endswith(  # dropped, with the bound that binds
+            f"{300 + i} tokens to prefill need {-(-(300 + i) // 16)} KV blocks, more than the "
+            "largest pool the policy may use (8 blocks)"
         )
-    assert outs["short"][-1].finish_reason == FinishReason.LENGTH
     assert_all_free(engine)
     # One log line for the pass that dropped them, naming the first few.
     [line] = [r.getMessage() for r in caplog.records if "cannot be served" in r.getMessage()]

@@ -85,6 +85,26 @@ def test_gpu_chunked_prefills_keep_greedy_tokens(tmp_path, policy):
     assert_all_free(engine)
 
 
+def test_gpu_prompts_only_the_host_pool_holds_go_there_in_chunks(tmp_path):
+    """Prompts longer than the GPU pool (128 tokens) and the token budget: each chunk's attention
+    reads the earlier chunks' KV from the pinned host pool through its mapped address."""
+    rng = random.Random(13)
+    ps = prompts(4, seed=13) + [[rng.randrange(256) for _ in range(n)] for n in (300, 257, 211)]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    expected = run(
+        make_engine(tmp_path, **{"scheduler.policy": "gpu-only"}, **SMALL_GPU), ps, params
+    )
+    engine = make_engine(tmp_path, **{**SMALL_GPU, "scheduler.policy": "neo",
+                                      "cache.gpu_kv_gib": 8 * 16 * 2048 / 2**30,
+                                      "scheduler.max_tokens_in_batch": 64})  # fmt: skip
+    plans = recording_plans(engine)
+    got = run(engine, ps, params)
+    cpu_chunks = [n for plan in plans for sid, n in plan.chunked.items() if sid in plan.prefill_cpu]
+    assert len(cpu_chunks) >= 300 // 64
+    assert_greedy_equal(engine, {f"r{i}": p for i, p in enumerate(ps)}, expected, got)
+    assert_all_free(engine)
+
+
 @pytest.mark.parametrize("knobs", [{"cpu_threads": 1}, {"policy": "gpu-only"}])
 def test_gpu_live_tuning_while_requests_decode_on_the_cpu_keeps_their_tokens(tmp_path, knobs):
     """The CPU side measured again on a GPU host (copies competing) over the live host pool."""

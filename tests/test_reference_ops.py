@@ -141,6 +141,26 @@ def test_store_kv_writes_slots_and_skips_minus_one(dtype, block_size):
     assert torch.equal(kv_layer, expected)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_load_kv_reads_slots_and_leaves_minus_one_rows(dtype, block_size):
+    g = _gen(block_size + 1)
+    num_blocks, num_kv_heads, head_dim = 9, 2, 64
+    kv_layer = _random_kv_layer(g, num_blocks, num_kv_heads, block_size, head_dim, dtype)
+    # block boundaries, a repeated slot and rows to leave alone
+    slots = torch.tensor([block_size - 1, -1, block_size, 5, 5, -1, num_blocks * block_size - 1])
+    k = torch.randn(len(slots), num_kv_heads, head_dim, generator=g).to(dtype)
+    v = torch.randn(len(slots), num_kv_heads, head_dim, generator=g).to(dtype)
+    expected_k, expected_v = k.clone(), v.clone()
+    for t, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            block, offset = divmod(slot, block_size)
+            expected_k[t] = kv_layer[block, 0, :, offset]
+            expected_v[t] = kv_layer[block, 1, :, offset]
+    reference.load_kv_(kv_layer, slots, k, v)
+    assert torch.equal(k, expected_k) and torch.equal(v, expected_v)
+
+
 def _naive_decode(q, kv_layer, block_tables, seq_lens, scale):
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads, block_size = kv_layer.shape[2], kv_layer.shape[3]

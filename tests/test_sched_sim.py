@@ -106,17 +106,27 @@ class Sim(Simulation):
 
 @st.composite
 def workloads(
-    draw, policies=("auto", "gpu-only", "neo"), ample_budget=False, crowded=False, tight=False
+    draw,
+    policies=("auto", "gpu-only", "neo"),
+    ample_budget=False,
+    crowded=False,
+    tight=False,
+    host_only=False,
 ):
     """crowded: many requests, a small GPU and a large CPU pool, where offloading and pipelining
-    happen often; tight: a token budget down to 1, below prompts and blocks (chunked prefills)."""
+    happen often; tight: a token budget down to 1, below prompts and blocks (chunked prefills);
+    host_only: a GPU pool smaller than the longest request, which only the CPU pool can hold."""
     block_size = draw(st.sampled_from([1, 2, 4, 16]))
-    max_len = draw(st.integers(4, 64))
+    max_len = draw(st.integers(4 * block_size if host_only else 4, 64))
     per_seq = blocks_for(max_len, block_size)
-    num_gpu = draw(st.integers(per_seq, (2 if crowded else 4) * per_seq))
-    num_cpu = draw(
-        st.integers(10 * per_seq, 40 * per_seq) if crowded else st.integers(0, 6 * per_seq)
-    )
+    if host_only:
+        num_gpu = draw(st.integers(1, per_seq - 1))
+        num_cpu = draw(st.integers(per_seq, 6 * per_seq))
+    else:
+        num_gpu = draw(st.integers(per_seq, (2 if crowded else 4) * per_seq))
+        num_cpu = draw(
+            st.integers(10 * per_seq, 40 * per_seq) if crowded else st.integers(0, 6 * per_seq)
+        )
     policy = draw(st.sampled_from(policies))
     reqs = []
     for _ in range(draw(st.integers(10, 40) if crowded else st.integers(1, 12))):
@@ -168,6 +178,20 @@ def test_a_budget_below_the_prompts_prefills_them_in_chunks_and_every_request_fi
 
 
 @FAST
+@given(workloads(policies=("auto", "neo"), tight=True, host_only=True))
+def test_prompts_only_the_host_pool_holds_go_there_in_chunks_and_every_request_finishes(case):
+    sim, _ = served(case)
+    num_gpu, bs, limits, reqs = case[0], case[2], case[3], case[4]
+    cpu_chunks = [n for plan in sim.plans for sid, n in plan.chunked.items()
+                  if sid in plan.prefill_cpu]  # fmt: skip
+    assert all(0 < n <= limits.max_tokens_in_batch for n in cpu_chunks)
+    if any(
+        r.prompt > limits.max_tokens_in_batch and blocks_for(r.prompt, bs) > num_gpu for r in reqs
+    ):
+        assert cpu_chunks
+
+
+@FAST
 @given(workloads(policies=("auto", "neo"), crowded=True))
 def test_crowded_offloading_stays_valid_and_predictions_match_the_plans(case):
     sim, sched = served(case)
@@ -203,7 +227,11 @@ def replay_prediction(plan: Plan, waiting, running, cost, bs: int) -> float:
         else:
             b1 = BatchLoad().plus_cpu_decodes(len(ids), ctx)
     swap = sum(views[i].held_blocks(bs) for i in (*plan.swap_out, *plan.swap_in))
-    swap += sum(blocks_for(views[i].num_prompt_tokens, bs) for i in plan.prefill_cpu)
+    # A CPU prefill's new KV leaves the GPU, its earlier chunks' KV comes back to be read.
+    swap += sum(
+        blocks_for(plan.chunked.get(i) or views[i].prefill_left, bs) + views[i].held_blocks(bs)
+        for i in plan.prefill_cpu
+    )
     if plan.pipelined:
         return pipelined_s(cost, 4, b0, b1, swap)
     return sequential_s(cost, 4, b0, swap)
@@ -294,8 +322,8 @@ def test_prompt_that_never_fits_does_not_block_the_queue():
     cache = CacheView(16, 100, 100, 0, 0)
     plan = sched.schedule(waiting, [], cache, Limits(8, 256, "gpu-only"), 1)
     assert plan.unservable == {
-        2: "2000 tokens to prefill exceed scheduler.max_tokens_in_batch (256) and the GPU KV pool "
-        "(1600 tokens), where longer prompts are prefilled in chunks",
+        2: "2000 tokens to prefill need 125 KV blocks, more than the largest pool the policy may "
+        "use (100 blocks)",
     }
     # The GPU pool holds 500 tokens: that prompt starts in chunks, and takes the whole budget.
     assert plan.prefill_gpu == [0] and plan.chunked == {0: 256}

@@ -73,7 +73,6 @@ def _run_step(runtime: Any, step: Step) -> bool:
     for swap in step.swaps:
         src, dst = (gpu_pool, cpu_pool) if swap.to_host else (cpu_pool, gpu_pool)
         executor.swap(src, dst, [tuple(p) for p in swap.pairs], to_host=swap.to_host)
-    block_size = runtime.layout.block_size
-    batches = [sub_batch_from_rows(rows, [], runtime.device, block_size) for rows in step.batches]
+    batches = [sub_batch_from_rows(rows, [], runtime.device) for rows in step.batches]
     executor.run(batches)  # logits discarded: rank 0 samples
     return True

@@ -4,8 +4,9 @@ Rows are ordered `[GPU prefill tokens | CPU prefill tokens | GPU decodes | CPU d
 attention metadata covers the first three groups (CPU-bound prefill rows carry slot -1: their KV
 goes to the host pool instead); the CPU decode rows are the tail, so their Q/K/V leave the GPU as
 one contiguous row range and their attention output comes back the same way. A GPU prefill may be a
-chunk of its prompt: its rows are the chunk's tokens, and its attention also reads the KV of the
-chunks before, already in the GPU pool. All host-side index tensors are built once per iteration,
+chunk of its prompt, and so may a CPU-bound one (a prompt only the host pool can hold): its rows are
+the chunk's tokens, and its attention also reads the KV of the chunks before, already in the pool
+that holds the prompt. All host-side index tensors are built once per iteration,
 in two steps: the sequences become `BatchRows` (plain integers), which become tensors; with tensor
 parallelism the other ranks receive the rows.
 """
@@ -34,7 +35,10 @@ class BatchRows:
     positions: list[int]  # [T]
     cu_seqlens: list[int]  # [P+1] over all prefills, GPU then CPU
     prefill_starts: list[int]  # [P] tokens of each prefill's prompt computed before (its prefix)
-    prefix_slots: list[int]  # GPU-pool slots of those prefixes' tokens, prefill after prefill
+    # Slots of those prefixes' tokens, prefill after prefill: in the GPU pool for the first
+    # num_gpu_prefills prefills, in the host pool for the rest.
+    prefix_slots: list[int]
+    num_gpu_prefills: int
     gpu_slots: list[int]  # [num_gpu_rows]; -1 on CPU-bound prefill rows
     gpu_block_tables: list[list[int]]  # block ids of each GPU decode
     cpu_prefill_slots: list[int]  # host-pool slots of the CPU-bound prefill rows
@@ -129,6 +133,7 @@ def batch_rows(
         gpu_slots=gpu_slots,
         gpu_block_tables=[list(s.block_ids) for s in gpu_decodes],
         cpu_prefill_slots=cpu_slots,
+        num_gpu_prefills=len(gpu_prefills),
         num_gpu_prefill_tokens=sum(s.step_tokens for s in gpu_prefills),
         cpu_block_tables=[list(s.block_ids) for s in cpu_decodes],
         sample_rows=sample_rows,
@@ -136,31 +141,37 @@ def batch_rows(
 
 
 def _prefill_context(
-    rows: BatchRows, block_size: int, to_dev: Callable[[list[int], torch.dtype], torch.Tensor]
+    rows: BatchRows, to_dev: Callable[[list[int], torch.dtype], torch.Tensor]
 ) -> PrefillContext | None:
     """The packed keys' layout when a prefill continues a prompt (None: keys are the rows)."""
     if not any(rows.prefill_starts):
         return None
-    cu, prefix_rows, new_rows = [0], [], []
+    cu, new_rows = [0], []
+    pool_slots: tuple[list[int], list[int]] = ([], [])  # GPU pool, host pool; per packed row
+    prefix = iter(rows.prefix_slots)
     for p, start in enumerate(rows.prefill_starts):
         n = rows.cu_seqlens[p + 1] - rows.cu_seqlens[p]
-        prefix_rows += range(cu[-1], cu[-1] + start)
         new_rows += range(cu[-1] + start, cu[-1] + start + n)
         cu.append(cu[-1] + start + n)
+        home, other = pool_slots if p < rows.num_gpu_prefills else pool_slots[::-1]
+        home += itertools.islice(prefix, start)
+        home += [-1] * n
+        other += [-1] * (start + n)
+
+    def slots_on_dev(slots: list[int]) -> torch.Tensor | None:
+        return to_dev(slots, torch.int64) if any(s >= 0 for s in slots) else None
+
     return PrefillContext(
         cu_seqlens=to_dev(cu, torch.int32),
         max_seqlen=max(b - a for a, b in itertools.pairwise(cu)),
         num_keys=cu[-1],
-        prefix_blocks=to_dev([slot // block_size for slot in rows.prefix_slots], torch.int64),
-        prefix_offsets=to_dev([slot % block_size for slot in rows.prefix_slots], torch.int64),
-        prefix_rows=to_dev(prefix_rows, torch.int64),
         new_rows=to_dev(new_rows, torch.int64),
+        gpu_slots=slots_on_dev(pool_slots[0]),
+        host_slots=slots_on_dev(pool_slots[1]),
     )
 
 
-def sub_batch_from_rows(
-    rows: BatchRows, seqs: list[Sequence], device: torch.device, block_size: int
-) -> SubBatch:
+def sub_batch_from_rows(rows: BatchRows, seqs: list[Sequence], device: torch.device) -> SubBatch:
     """The sub-batch's tensors on `device`; `seqs` in row order (empty on a rank that only
     follows)."""
 
@@ -184,7 +195,7 @@ def sub_batch_from_rows(
         slot_ids=to_dev(rows.gpu_slots, torch.int64),
         block_tables=_block_table(rows.gpu_block_tables).to(device, non_blocking=True),
         seq_lens=to_dev(decode_lens[:num_gpu_decodes], torch.int32),
-        context=_prefill_context(rows, block_size, to_dev),
+        context=_prefill_context(rows, to_dev),
     )
     return SubBatch(
         seqs=seqs,
@@ -213,4 +224,4 @@ def build_sub_batch(
     """The sub-batch of these sequences on `device` (see `batch_rows`)."""
     rows = batch_rows(gpu_prefills, cpu_prefills, gpu_decodes, cpu_decodes, block_size)
     seqs = gpu_prefills + cpu_prefills + gpu_decodes + cpu_decodes
-    return sub_batch_from_rows(rows, seqs, device, block_size)
+    return sub_batch_from_rows(rows, seqs, device)

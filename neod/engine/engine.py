@@ -413,8 +413,12 @@ class Engine:
 
     @property
     def max_prefill_tokens(self) -> int:
-        """Longest prefill: one iteration's token budget, or in chunks what the GPU pool holds."""
-        return max(self.limits.max_tokens_in_batch, self.gpu_blocks.num_blocks * self.block_size)
+        """Longest prefill: one iteration's token budget, or in chunks what a pool the policy may
+        use holds."""
+        blocks = self.gpu_blocks.num_blocks
+        if self.limits.policy != "gpu-only":
+            blocks = max(blocks, self.cpu_blocks.num_blocks)
+        return max(self.limits.max_tokens_in_batch, blocks * self.block_size)
 
     def _allocator(self, residence: Residence) -> BlockAllocator:
         return self.gpu_blocks if residence == Residence.GPU else self.cpu_blocks
@@ -467,8 +471,10 @@ class Engine:
         rt = self.rt
         for sid, why in plan.unservable.items():
             seq = self.running.get(sid) or next(s for s in self.waiting if s.seq_id == sid)
-            if seq.residence == Residence.WAITING:
+            waiting = seq.residence == Residence.WAITING
+            if waiting:
                 self.waiting.remove(seq)
+            if waiting or seq.num_output_tokens == 0:  # a prompt, maybe part-way in on the CPU
                 self._finish(
                     seq,
                     FinishReason.ERROR,

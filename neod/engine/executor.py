@@ -262,9 +262,10 @@ class Executor:
     def _gpu_attention(self, f: _Flight, layer: int) -> None:
         b, g = f.batch, f.batch.num_gpu_rows
         if g:
+            host_layer = None if self.cpu_pool is None else self.cpu_pool[layer]
             gpu_attention(
                 f.q[:g], f.k[:g], f.v[:g], self.gpu_pool[layer], b.gpu_meta, self.scale,
-                out=f.attn_out[:g],
+                out=f.attn_out[:g], host_kv_layer=host_layer,
             )  # fmt: skip
         if not f.has_cpu_work:  # else the copy streams may still read them: dropped in post
             f.q = f.k = f.v = None

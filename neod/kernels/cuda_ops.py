@@ -23,7 +23,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 LIB_ENV = "NEOD_CUDA_LIB"
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -44,6 +44,7 @@ _SIGNATURES = {
     "neod_rotary_embedding": "i:pplplpllllip",
     "neod_silu_and_mul": "i:pplllip",
     "neod_store_kv": "i:plplppllllip",
+    "neod_load_kv": "i:plplppllllip",
     "neod_paged_decode_max_splits": "i:lllll",
     "neod_paged_decode_workspace_bytes": "l:llll",
     "neod_paged_decode_attention": "i:plplpplplllllflplip",
@@ -239,6 +240,26 @@ def store_kv_(
     _call(op, "neod_store_kv", k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
           kv_layer.data_ptr(), slot_ids.data_ptr(), k.shape[0], num_kv_heads, head_dim,
           block_size, _dtype_code(kv_layer, op), _stream(kv_layer.device))  # fmt: skip
+
+
+def load_kv_(
+    kv_layer: torch.Tensor, slot_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
+    """The inverse of store_kv_: each row of k and v gets its slot's K/V; slot -1 is skipped. The
+    layer may be a pinned host pool's, read over the bus without a copy through the CPU."""
+    # kv_layer: [num_blocks, 2, Hkv, block_size, D]; slot_ids: [T] int64; k, v: [T, Hkv, D]
+    op = "load_kv_"
+    ok = kv_layer.dim() == 5 and kv_layer.is_contiguous()
+    _require(ok and (kv_layer.is_cuda or kv_layer.is_pinned()), op,
+             "kv_layer must be a contiguous 5-D CUDA or pinned host tensor")  # fmt: skip
+    _, _, num_kv_heads, block_size, head_dim = kv_layer.shape
+    ok = _is_heads(k) and _is_heads(v) and k.shape == v.shape
+    ok = ok and k.shape[1:] == (num_kv_heads, head_dim) and k.dtype == v.dtype == kv_layer.dtype
+    _require(ok, op, f"k and v must be [T, {num_kv_heads}, {head_dim}] with contiguous heads")
+    _require(_is_vector(slot_ids, torch.int64, k.shape[0]), op, "slot_ids must be int64 [T]")
+    _call(op, "neod_load_kv", k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+          kv_layer.data_ptr(), slot_ids.data_ptr(), k.shape[0], num_kv_heads, head_dim,
+          block_size, _dtype_code(kv_layer, op), _stream(k.device))  # fmt: skip
 
 
 def decode_supported(q: torch.Tensor, kv_layer: torch.Tensor) -> bool:

@@ -84,6 +84,18 @@ def store_kv_(
         reference.store_kv_(k, v, kv_layer, slot_ids)
 
 
+def load_kv_(
+    kv_layer: torch.Tensor, slot_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
+    """Read each row's K/V out of its slot of the layer's paged cache (slot -1: skipped). On a
+    GPU the layer may be the pinned host pool's."""
+    # kv_layer: [num_blocks, 2, Hkv, block_size, D]; slot_ids: [T] int64; k, v: [T, Hkv, D]
+    if _use_cuda(k):
+        cuda_ops.load_kv_(kv_layer, slot_ids, k, v)
+    else:
+        reference.load_kv_(kv_layer, slot_ids, k, v)
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     kv_layer: torch.Tensor,

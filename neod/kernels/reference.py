@@ -94,6 +94,23 @@ def store_kv_(
         dst[block_ids, offsets] = src[keep.to(src.device)].to(kv_layer.dtype)
 
 
+def load_kv_(
+    kv_layer: torch.Tensor, slot_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
+    """Read each row's K and V out of its slot; slot id -1 leaves the row as it is."""
+    # kv_layer: [num_blocks, 2, Hkv, block_size, D]; slot_ids: [T] int64; k, v: [T, Hkv, D]
+    block_size = kv_layer.shape[3]
+    slot_ids = slot_ids.to(kv_layer.device)
+    keep = slot_ids >= 0
+    slots = slot_ids[keep]
+    block_ids = torch.div(slots, block_size, rounding_mode="floor")
+    offsets = slots - block_ids * block_size
+    rows = keep.to(k.device)
+    for which, dst in ((0, k), (1, v)):
+        src = kv_layer[:, which].transpose(1, 2)  # [num_blocks, block_size, Hkv, D]
+        dst[rows] = src[block_ids, offsets].to(device=dst.device, dtype=dst.dtype)
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     kv_layer: torch.Tensor,

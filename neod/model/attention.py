@@ -19,29 +19,35 @@ class PrefillContext:
     """Where the keys of prefills that continue a prompt (a chunk after its prefix) come from.
 
     Every prefill's keys and values are packed prompt after prompt, each prefix first: the prefix
-    rows are read from the GPU pool, the rest are the batch's own prefill rows.
+    rows are read from the pool that holds the prompt's KV (the GPU pool, or the pinned host pool
+    for a prompt whose KV lives there), the rest are the batch's own prefill rows.
     """
 
     cu_seqlens: torch.Tensor  # [P + 1] int32: prompt p's keys are packed rows [cu[p], cu[p + 1])
     max_seqlen: int  # longest prompt's keys
     num_keys: int  # all prompts' keys: cu_seqlens[-1], kept on the host
-    prefix_blocks: torch.Tensor  # [M] int64: pool block of each prefix token
-    prefix_offsets: torch.Tensor  # [M] int64: its slot in the block
-    prefix_rows: torch.Tensor  # [M] int64: its packed row
     new_rows: torch.Tensor  # [num_prefill_tokens] int64: packed row of each prefill row
+    gpu_slots: torch.Tensor | None  # [num_keys] int64: GPU pool slot of each packed row, else -1
+    host_slots: torch.Tensor | None  # [num_keys] int64: host pool slot of each packed row, else -1
 
     def gather(
-        self, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor
+        self, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
+        host_kv_layer: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The packed keys and values: [Tk, Hkv, D] each."""
-        # k, v: [num_prefill_tokens, Hkv, D]; kv_layer: [num_blocks, 2, Hkv, block_size, D]
-        packed = []
-        for i, new in enumerate((k, v)):
-            rows = new.new_empty((self.num_keys, *new.shape[1:]))
-            rows[self.new_rows] = new
-            rows[self.prefix_rows] = kv_layer[self.prefix_blocks, i, :, self.prefix_offsets]
-            packed.append(rows)
-        return packed[0], packed[1]
+        # k, v: [num_prefill_tokens, Hkv, D]; kv_layers: [num_blocks, 2, Hkv, block_size, D]
+        keys = k.new_empty((self.num_keys, *k.shape[1:]))
+        values = v.new_empty((self.num_keys, *v.shape[1:]))
+        keys[self.new_rows] = k
+        values[self.new_rows] = v
+        if self.gpu_slots is not None:
+            ops.load_kv_(kv_layer, self.gpu_slots, keys, values)
+        if self.host_slots is not None:
+            if host_kv_layer is None:
+                raise ValueError("a prefill continues a prompt held by the host pool, but no host "
+                                 "pool layer was given")  # fmt: skip
+            ops.load_kv_(host_kv_layer, self.host_slots, keys, values)
+        return keys, values
 
 
 @dataclass
@@ -95,10 +101,12 @@ def gpu_attention(
     meta: AttentionMetadata,
     scale: float,
     out: torch.Tensor | None = None,
+    host_kv_layer: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Store the batch's K/V in the paged cache, then attend (causal within prompts; paged). With
     `out` (contiguous, [T, Hq * D]) the result is written there, as the pipelined executor does
-    into its sub-batch's rows, and `out` is returned."""
+    into its sub-batch's rows, and `out` is returned. `host_kv_layer`, the host pool's layer, is
+    read when a prefill continues a prompt whose KV lives there."""
     # q: [T, Hq, D]; k, v: [T, Hkv, D]; kv_layer: [num_blocks, 2, Hkv, block_size, D] -> [T, Hq * D]
     num_tokens, num_q_heads, head_dim = q.shape
     if num_tokens != meta.num_tokens:
@@ -113,13 +121,15 @@ def gpu_attention(
     ops.store_kv_(k, v, kv_layer, meta.slot_ids)
     num_prefill = meta.num_prefill_tokens
     if out is None and num_prefill == num_tokens:
-        return _prefill(q, k, v, kv_layer, meta, scale).reshape(num_tokens, width)
+        return _prefill(q, k, v, kv_layer, host_kv_layer, meta, scale).reshape(
+            num_tokens, width
+        )
     if out is None:
         out = torch.empty((num_tokens, width), dtype=q.dtype, device=q.device)
     heads = out.view(num_tokens, num_q_heads, head_dim)
     if num_prefill > 0:
         heads[:num_prefill] = _prefill(q[:num_prefill], k[:num_prefill], v[:num_prefill], kv_layer,
-                                       meta, scale)  # fmt: skip
+                                       host_kv_layer, meta, scale)  # fmt: skip
     if num_prefill < num_tokens:
         # Decode rows read their K/V, the new token's included, back from the pool.
         ops.paged_decode_attention(
@@ -134,6 +144,7 @@ def _prefill(
     k: torch.Tensor,
     v: torch.Tensor,
     kv_layer: torch.Tensor,
+    host_kv_layer: torch.Tensor | None,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
@@ -142,7 +153,7 @@ def _prefill(
     ctx = meta.context
     if ctx is None:
         return ops.prefill_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, scale)
-    k_ctx, v_ctx = ctx.gather(k, v, kv_layer)
+    k_ctx, v_ctx = ctx.gather(k, v, kv_layer, host_kv_layer)
     return ops.prefill_attention(
         q, k_ctx, v_ctx, meta.cu_seqlens, meta.max_seqlen, scale, ctx.cu_seqlens, ctx.max_seqlen
     )

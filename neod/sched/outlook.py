@@ -1,7 +1,8 @@
 """Before a pass: would offloading pay, and how many new prompts can the CPU take on?
 
 Both answers come from one split over the incoming state, with as would-be CPU decodes: the requests
-already on the CPU, the GPU decodes that would have to leave, and the prompts the GPU cannot take.
+already on the CPU (prompts part-way in there included), the GPU decodes that would have to leave,
+and the prompts the GPU cannot take.
 Policy `auto` offloads only when that beats the GPU alone, rated on the same sequences. The count of
 prompts the split takes is the CPU admission quota of the iteration: 0 once the CPU cannot keep up
 with the requests it holds, so prompts wait in the queue instead of starving on the CPU. When the
@@ -63,8 +64,8 @@ def outlook(
         if need <= free:
             free -= need
             num_gpu, gpu_ctx = num_gpu + 1, gpu_ctx + w.num_prompt_tokens + 1
-        elif need <= cpu_room and w.num_prompt_tokens <= limits.max_tokens_in_batch:
-            cpu_room -= need  # a CPU prefill is whole: only the GPU takes prompts in chunks
+        elif need <= cpu_room:
+            cpu_room -= need
             prompts.append(CpuCandidate(w.seq_id, w.num_prompt_tokens + 1))
     if not held and not prompts:
         return False, 0, False

@@ -22,7 +22,7 @@ class Plan:  # every list holds seq_ids, oldest first
     )  # prompts (or their next chunk) prefilled, KV stays on the GPU
     prefill_cpu: list[int] = field(
         default_factory=list
-    )  # whole prompt prefilled, KV leaves layer by layer
+    )  # prompts (or their next chunk) prefilled, KV leaves layer by layer for the host pool
     decode_gpu: list[int] = field(default_factory=list)
     decode_cpu_b0: list[int] = field(
         default_factory=list
@@ -35,7 +35,7 @@ class Plan:  # every list holds seq_ids, oldest first
     preempt: list[int] = field(
         default_factory=list
     )  # KV dropped, back to waiting (recompute later)
-    # GPU prefills that compute only part of what is left of their prompt this iteration: seq_id
+    # Prefills that compute only part of what is left of their prompt this iteration: seq_id
     # -> tokens. The rest follows in later iterations (waiting prompts start, running ones go on).
     chunked: dict[int, int] = field(default_factory=dict)
     pipelined: bool = False
@@ -44,9 +44,9 @@ class Plan:  # every list holds seq_ids, oldest first
     predicted_cpu_s: float = 0.0  # the CPU decodes' attention, all layers and sub-batches
     # Per sub-batch with CPU decodes: (decodes, their context tokens), what the CPU runs per layer.
     cpu_batches: list[tuple[int, int]] = field(default_factory=list)
-    # Can never run under the current limits and policy (a prompt longer than the token budget, KV
-    # larger than every pool the policy may use), each with why: the engine frees their blocks and
-    # finishes them (error if waiting, length if running).
+    # Can never run under the current limits and policy (KV larger than every pool the policy may
+    # use), each with why: the engine frees their blocks and finishes them (an error for those that
+    # produced no token yet, length for the others).
     unservable: dict[int, str] = field(default_factory=dict)
 
     @property
@@ -86,17 +86,19 @@ def check_plan(
         if sid not in views:
             errors.append(f"unknown seq_id {sid}")
             return errors
-    for sid in plan.prefill_gpu:
-        if sid not in waiting_ids and not views[sid].is_chunking:
-            errors.append(f"seq {sid} is prefilled but neither waiting nor part-way in a prefill")
-    for sid in plan.prefill_cpu:
-        if sid not in waiting_ids:
-            errors.append(f"seq {sid} is prefilled but not waiting")
-        if sid in plan.chunked:
-            errors.append(f"seq {sid} is prefilled on the CPU in chunks")
+    for ids, where in ((plan.prefill_gpu, Residence.GPU), (plan.prefill_cpu, Residence.CPU)):
+        for sid in ids:
+            view = views[sid]
+            if sid not in waiting_ids and not view.is_chunking:
+                errors.append(
+                    f"seq {sid} is prefilled but neither waiting nor part-way in a prefill"
+                )
+            elif view.is_chunking and view.residence != where:
+                errors.append(f"seq {sid} goes on with its prefill away from its KV")
+    prefills = {*plan.prefill_gpu, *plan.prefill_cpu}
     for sid, n in plan.chunked.items():
-        if sid not in plan.prefill_gpu:
-            errors.append(f"seq {sid} has a chunk but is no GPU prefill")
+        if sid not in prefills:
+            errors.append(f"seq {sid} has a chunk but is no prefill")
         elif not 0 < n < views[sid].prefill_left:
             errors.append(f"seq {sid}: a chunk of {n} tokens of {views[sid].prefill_left} left")
     for sid in (*plan.swap_out, *plan.swap_in, *plan.decode_gpu, *plan.decode_cpu_b0,

@@ -2,8 +2,7 @@
 
 One pass, in this order (docs/scheduler.md has the reasoning and the guarantees):
 
-1. Drop what can never run (KV larger than any usable pool; a prompt over the token budget that
-   the GPU pool cannot hold either, since only GPU prefills go in chunks).
+1. Drop what can never run (KV larger than any usable pool).
 2. `outlook`: whether offloading pays (policy `auto`) and how many prompts the CPU can take on.
 3. Decode slots: aged sequences first (any device, stalest first), then GPU decodes in FCFS order.
 4. Memory: CPU decodes' growth is reserved; when the GPU cannot hold its decodes' growth, the newest
@@ -15,9 +14,10 @@ One pass, in this order (docs/scheduler.md has the reasoning and the guarantees)
    waiting on the CPU for room.
 6. Prefills in FCFS order: first the next chunks of prefills under way, then new prompts: on the
    GPU if it has room (a prompt longer than what is left of the token budget starts in chunks
-   there), else whole on the CPU when the policy offloads and the quota allows. A prompt that does
-   not fit is skipped, so it never blocks the queue; once it has waited `wait_age_limit` steps
-   nothing younger is admitted until it is in.
+   there), else on the CPU when the policy offloads and the quota allows: whole, or in chunks when
+   it is longer than the whole token budget (each chunk's attention reads the prompt's earlier KV
+   from the host pool over the bus). A prompt that does not fit is skipped, so it never blocks the
+   queue; once it has waited `wait_age_limit` steps nothing younger is admitted until it is in.
 7. CPU decodes and the mode: `split.split_cpu_decodes` over the fixed GPU work.
 """
 
@@ -111,9 +111,11 @@ class _Pass:
         )
         self.gpu = [s for s in on_gpu if not s.is_chunking]
         self.chunking = [s for s in on_gpu if s.is_chunking]  # part-way in a chunked prefill
-        self.cpu = sorted(
+        on_cpu = sorted(
             (s for s in running if s.residence == Residence.CPU), key=lambda s: s.arrival
         )
+        self.cpu = [s for s in on_cpu if not s.is_chunking]
+        self.cpu_chunking = [s for s in on_cpu if s.is_chunking]
         self.slotted: set[int] = set()  # running sequences holding a decode slot
         self.decoders: list[SeqView] = []  # GPU decodes
         self.cpu_cands: list[SeqView] = []  # may decode on the CPU this iteration
@@ -149,10 +151,9 @@ class _Pass:
         return max(gpu, self.cache.num_cpu_blocks) if self.offloads else gpu
 
     def _prefillable(self, num_tokens: int) -> bool:
-        """Whole in one iteration on a pool the policy may use, or in chunks on the GPU."""
-        need = blocks_for(num_tokens, self.bs)
-        whole = num_tokens <= self.limits.max_tokens_in_batch and need <= self._capacity()
-        return whole or need <= self.cache.num_gpu_blocks
+        """Whole in one iteration or in chunks, on a pool the policy may use: the GPU's always,
+        the CPU's when it offloads."""
+        return blocks_for(num_tokens, self.bs) <= self._capacity()
 
     def _recomputable(self, s: SeqView) -> bool:
         return self._prefillable(s.num_computed_tokens + 1)
@@ -186,7 +187,12 @@ class _Pass:
         self._drop_unservable()
         if self.offloads and not self.limits.offload_paused:
             self.offload_pays, self.cpu_quota, cpu_pays = outlook(
-                self.sched, self.gpu, self.cpu, self.waiting, self.cache, self.limits
+                self.sched,
+                self.gpu,
+                sorted((*self.cpu, *self.cpu_chunking), key=lambda s: s.arrival),
+                self.waiting,
+                self.cache,
+                self.limits,
             )
             self.sends_home = self.limits.policy == "auto" and not (self.offload_pays or cpu_pays)
         elif self.offloads:  # paused: only what the GPU pool cannot hold goes to the CPU
@@ -209,29 +215,20 @@ class _Pass:
         return self.plan
 
     def _drop_unservable(self) -> None:
-        cap, bs, max_tokens = self._capacity(), self.bs, self.limits.max_tokens_in_batch
+        cap, bs = self._capacity(), self.bs
         for group in (self.gpu, self.cpu):
             for s in [s for s in group if s.num_computed_tokens + 1 > cap * bs]:
                 self._unservable(s, f"its KV outgrows the largest pool it may use ({cap} blocks)")
                 group.remove(s)
-        if not all(self._prefillable(w.num_prompt_tokens) for w in self.waiting):
-            gpu_tokens = self.cache.num_gpu_blocks * bs
-            for w in self.waiting:
+        # Prompts, and those part-way in on the CPU when the policy no longer offloads.
+        for group in (self.waiting, self.cpu_chunking):
+            for w in [w for w in group if not self._prefillable(w.num_prompt_tokens)]:
                 n = w.num_prompt_tokens
-                if self._prefillable(n):
-                    continue
-                if n > max_tokens:
-                    self._unservable(w, (
-                        f"{n} tokens to prefill exceed scheduler.max_tokens_in_batch "
-                        f"({max_tokens}) and the GPU KV pool ({gpu_tokens} tokens), where longer "
-                        "prompts are prefilled in chunks"
-                    ))
-                else:
-                    self._unservable(w, (
-                        f"{n} tokens to prefill need {blocks_for(n, bs)} KV blocks, more than the "
-                        f"largest pool the policy may use ({cap} blocks)"
-                    ))
-            self.waiting = [w for w in self.waiting if w.seq_id not in self.plan.unservable]
+                self._unservable(w, (
+                    f"{n} tokens to prefill need {blocks_for(n, bs)} KV blocks, more than the "
+                    f"largest pool the policy may use ({cap} blocks)"
+                ))
+                group.remove(w)
 
     def _assign_slots(self) -> None:
         limit = self.sched.age_limit
@@ -257,13 +254,17 @@ class _Pass:
     def _reserve_cpu_growth(self) -> None:
         self.cpu_cands = list(self.cpu)
         growth = sum(self._growth(s) for s in self.cpu)
-        for v in self._victims(self.cpu):
+        residents = sorted((*self.cpu, *self.cpu_chunking), key=lambda s: s.arrival)
+        for v in self._victims(residents):
             if growth <= self.cpu_free:
                 break
             self._evict(v)
+            self.cpu_free += v.held_blocks(self.bs)
+            if v.is_chunking:
+                self.cpu_chunking.remove(v)
+                continue
             self.cpu.remove(v)
             self.cpu_cands.remove(v)
-            self.cpu_free += v.held_blocks(self.bs)
             growth -= self._growth(v)
         self.cpu_free -= growth
 
@@ -381,6 +382,9 @@ class _Pass:
                 self.cpu_free += s.held_blocks(self.bs)
             else:
                 settled = False  # admitting prompts now would take the room it waits for
+        for s in self.cpu_chunking:  # recomputable: _drop_unservable failed the others
+            self.plan.preempt.append(s.seq_id)
+            self.cpu_free += s.held_blocks(self.bs)
         return settled
 
     def _prefill_gpu(self, s: SeqView, num_tokens: int, left: int) -> None:
@@ -390,18 +394,36 @@ class _Pass:
             self.plan.chunked[s.seq_id] = num_tokens
         self.prefills.append((s, num_tokens))
 
-    def _continue_chunks(self) -> bool:
-        """The next chunk of each prefill under way, oldest first; False when one of them must
-        wait for GPU room (then no new prompt may take that room first)."""
-        for s in self.chunking:
+    def _prefill_cpu(self, s: SeqView, num_tokens: int, left: int) -> None:
+        self._take(num_tokens)
+        self.plan.prefill_cpu.append(s.seq_id)
+        if num_tokens < left:
+            self.plan.chunked[s.seq_id] = num_tokens
+        self.prefills.append((s, num_tokens))
+        # Its new KV leaves the GPU layer by layer; its earlier chunks' KV crosses the bus the
+        # other way, layer by layer, for the chunk's attention: both priced as swapped blocks.
+        self.swap_blocks += blocks_for(num_tokens, self.bs) + s.held_blocks(self.bs)
+
+    def _continue_chunks(self) -> tuple[bool, bool]:
+        """The next chunk of each prefill under way, oldest first, per device; (GPU, CPU) False
+        when one of that device's must wait for room (then no new prompt may take it first)."""
+        gpu_open = self._next_chunks(self.chunking, on_gpu=True)
+        return gpu_open, self._next_chunks(self.cpu_chunking, on_gpu=False)
+
+    def _next_chunks(self, chunking: list[SeqView], on_gpu: bool) -> bool:
+        for s in chunking:
             if self.slots < 1 or self.tokens < 1:
                 return False
             n = min(s.num_prefill_left, self.tokens)
             need = blocks_for(s.num_computed_tokens + n, self.bs) - s.held_blocks(self.bs)
-            if need > self.gpu_free:
+            if need > (self.gpu_free if on_gpu else self.cpu_free):
                 return False
-            self.gpu_free -= need
-            self._prefill_gpu(s, n, s.num_prefill_left)
+            if on_gpu:
+                self.gpu_free -= need
+                self._prefill_gpu(s, n, s.num_prefill_left)
+            else:
+                self.cpu_free -= need
+                self._prefill_cpu(s, n, s.num_prefill_left)
         return True
 
     def _admit_prefills(self) -> None:
@@ -410,12 +432,13 @@ class _Pass:
             math.ceil(self.sched.gpu_watermark_frac * cache.num_gpu_blocks) if self.decoders else 0
         )
         cpu_reserve = min(cache.num_gpu_blocks, cache.num_cpu_blocks // 2)  # for later swap-outs
-        gpu_open = self._continue_chunks()
+        gpu_open, cpu_open = self._continue_chunks()
         shortest_misfit = math.inf  # nothing frees up during the loop: longer prompts fail too
         for w in self.waiting:
             if self.slots < 1 or self.tokens < 1:
                 break
             n = w.num_prompt_tokens
+            aged = self.step - w.last_progress_step >= self.sched.wait_age_limit
             # Whole, or in chunks of at least a block (or the whole budget, if smaller): a prompt
             # longer than what is left of the budget starts now and goes on in later iterations.
             fits = self.tokens >= min(n, bs, self.limits.max_tokens_in_batch)
@@ -426,21 +449,23 @@ class _Pass:
                     self._prefill_gpu(w, min(n, self.tokens), n)
                     continue
                 reserve = min(cpu_reserve, max(0, cache.num_cpu_blocks - need))
+                # The quota keeps prompts off a CPU that cannot keep up; one that only the CPU
+                # can ever hold goes there anyway once it has waited its turn.
+                quota = self.cpu_quota > 0 or (aged and need > cache.num_gpu_blocks)
+                # Whole, or in chunks when no iteration could ever take it whole.
                 if (
-                    self.tokens >= n
-                    and self.cpu_quota
+                    (self.tokens >= n or n > self.limits.max_tokens_in_batch)
+                    and cpu_open
+                    and quota
                     and need + reserve <= self.cpu_free
                     and self._may_offload(need)
                 ):
-                    self.cpu_quota -= 1
-                    self._take(n)
-                    self.cpu_free -= need
-                    self.plan.prefill_cpu.append(w.seq_id)
-                    self.prefills.append((w, n))
-                    self.swap_blocks += need  # its KV leaves the GPU layer by layer
+                    self.cpu_quota = max(0, self.cpu_quota - 1)
+                    self.cpu_free -= need  # all of it: later chunks find their room
+                    self._prefill_cpu(w, min(n, self.tokens), n)
                     continue
                 shortest_misfit = n
-            if self.step - w.last_progress_step >= self.sched.wait_age_limit:
+            if aged:
                 break  # it has waited long enough: nothing younger overtakes it
 
     def _gpu_load(self, prefills: Sequence[tuple[SeqView, int]] = ()) -> BatchLoad:

@@ -153,6 +153,39 @@ def test_store_kv_bit_exact(dtype, head_dim, block_size, num_kv_heads):
     assert torch.equal(kv_layer, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("num_kv_heads", [1, 8])
+@pytest.mark.parametrize("pool", ["device", "pinned host"])
+def test_load_kv_bit_exact(dtype, head_dim, block_size, num_kv_heads, pool):
+    """Into strided rows, from the GPU pool or through the pinned host pool's mapped address."""
+    g = _gen(head_dim + block_size + num_kv_heads + 1)
+    num_blocks, num_tokens, num_q_heads = 20, 50, 2 * num_kv_heads
+    kv_layer = _randn(g, num_blocks, 2, num_kv_heads, block_size, head_dim, dtype=dtype)
+    if pool == "pinned host":
+        kv_layer = kv_layer.cpu().pin_memory()
+    edges = torch.tensor([block_size - 1, block_size, num_blocks * block_size - 1], device=DEV)
+    picks = torch.randint(0, num_blocks * block_size, (num_tokens - 7,), generator=g, device=DEV)
+    skip = torch.full((4,), -1, device=DEV)  # rows left as they are
+    slots = torch.cat((edges, skip, picks))[torch.randperm(num_tokens, device=DEV)]
+    qkv = _randn(g, num_tokens, (num_q_heads + 2 * num_kv_heads) * head_dim, dtype=dtype)
+    _, k, v = _split_qkv(qkv, num_q_heads, num_kv_heads, head_dim)
+    expected_k, expected_v = k.clone(), v.clone()
+    reference.load_kv_(kv_layer, slots, expected_k, expected_v)
+    cuda_ops.load_kv_(kv_layer, slots, k, v)
+    torch.cuda.synchronize()
+    assert torch.equal(k, expected_k) and torch.equal(v, expected_v)
+
+
+def test_load_kv_refuses_pageable_host_memory():
+    kv_layer = torch.zeros(4, 2, 1, 16, 64, dtype=torch.bfloat16)
+    k = torch.zeros(3, 1, 64, dtype=torch.bfloat16, device=DEV)
+    slots = torch.zeros(3, dtype=torch.int64, device=DEV)
+    with pytest.raises(cuda_ops.CudaKernelError, match="pinned"):
+        cuda_ops.load_kv_(kv_layer, slots, k, k.clone())
+
+
 def _decode_case(g, lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype, padding=3):
     """A pool with the requests' blocks scattered at random; table padding holds junk ids."""
     blocks_per_req = [math.ceil(n / block_size) for n in lens]
