@@ -156,3 +156,20 @@ def test_a_trace_file_that_cannot_be_written_is_refused_before_the_run(tmp_path,
     with pytest.raises(SystemExit):
         throughput.main(["--trace-out", str(tmp_path / "no-such-dir" / "trace.json")])
     assert "--trace-out" in capsys.readouterr().err
+
+
+def test_prompts_gpu_only_refuses_are_counted_and_leave_no_gain_to_divide(tmp_path, capsys):
+    """Prompts longer than the GPU pool and the token budget: GPU-only refuses them all, NEO
+    prefills them on the CPU in chunks; the table says so instead of failing on a zero rate."""
+    report = throughput.main([
+        "--preset", "tiny", "--policies", "gpu-only,neo", "--num-requests", "3",
+        "--input-len", "300", "--output-len", "4", "--gpu-kv-gib", "0.00025",
+        "--max-tokens-in-batch", "64", "--cpu-kv-gib", "0.01", "--cpu-threads", "1",
+        "--set", "model.dtype=float16", "--set", f"profile.dir={tmp_path}",
+    ])  # fmt: skip
+    gpu_only, neo = report["results"]["gpu-only"], report["results"]["neo"]
+    assert gpu_only["errors"] == 3 and gpu_only["output_tokens"] == 0
+    assert neo["errors"] == 0 and neo["output_tokens"] >= 3 * 3
+    assert all(x != x for x in report["speedup_vs_gpu_only"].values())  # nan: nothing to divide
+    out = capsys.readouterr().out
+    assert "gpu-only: 3 of 3 requests ended in an error" in out

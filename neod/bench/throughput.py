@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import random
 import time
 from typing import Any
@@ -288,8 +289,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     if "gpu-only" in results:
         base = results["gpu-only"]["output_tokens_per_s"]
-        report["speedup_vs_gpu_only"] = {
-            p: r["output_tokens_per_s"] / base for p, r in results.items()
+        report["speedup_vs_gpu_only"] = {  # nan where GPU-only served none (prompts it refused)
+            p: r["output_tokens_per_s"] / base if base else math.nan for p, r in results.items()
         }
         steady_base = results["gpu-only"]["steady_tokens_per_s"]
         report["steady_speedup_vs_gpu_only"] = {
@@ -321,9 +322,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         steady_rate = r["steady_tokens_per_s"]
         print(
             f"{policy:10} {r['output_tokens_per_s']:9.1f} {speedup:6.2f} "
-            f"{'-' if steady_rate is None else f'{steady_rate:8.1f}':>8} {r['ttft_p50_s']:9.3f} "
-            f"{r['ttft_p99_s']:8.3f} {r['tpot_p50_s'] * 1e3:8.1f}m {r['tpot_p99_s'] * 1e3:7.1f}m "
-            f"{100 * r['pipelined_share']:6.1f} {'-' if err is None else f'{100 * err:7.1f}%'} "
+            f"{_opt(steady_rate, '8.1f'):>8} {_opt(r['ttft_p50_s'], '9.3f'):>9} "
+            f"{_opt(r['ttft_p99_s'], '8.3f'):>8} {_opt(r['tpot_p50_s'], '8.1f', 1e3, 'm'):>9} "
+            f"{_opt(r['tpot_p99_s'], '7.1f', 1e3, 'm'):>8} "
+            f"{100 * r['pipelined_share']:6.1f} {'-' if err is None else f'{100 * err:7.1f}%':>8} "
             f"{r['mean_cpu_decodes']:8.1f} {100 * (r['cpu_busy_share'] or 0):7.1f}% "
             f"{_scale(r['cpu_cost_scale']):>10} {_handoff(r['pipeline_handoff']):>8} "
             f"{_share(r['pool_wait_share']):>6}"
@@ -333,6 +335,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           "the CPU and back adds per layer beyond its copies, as profiled then measured; both are "
           "the scheduler's running corrections, each policy starting from the same; wait: "
           "the CPU pool workers' time waiting for their cores, of the time they wanted one")
+    for policy, r in results.items():
+        if r["errors"]:
+            print(f"{policy}: {r['errors']} of {args.num_requests} requests ended in an error")
     for policy, r in results.items():
         if r["cpu_fit"]:
             print(f"{policy}: {cpu_fit_text(r['cpu_fit'])} (iterations)")
@@ -378,6 +383,11 @@ def _advice(advice: dict[str, Any]) -> str:
     return (f"gpu-only {gpu['tokens_per_s']:.1f} tok/s with {gpu['gpu_batch']} requests, neo "
             f"{neo['tokens_per_s']:.1f} tok/s with {neo['gpu_batch']} + "
             f"{neo['cpu_batch']} ({mode}), gain {gain}, advice {advice['mode']}")
+
+
+def _opt(value: float | None, spec: str, factor: float = 1.0, unit: str = "") -> str:
+    """A number, or '-' where there is none (no request produced a token)."""
+    return "-" if value is None else f"{value * factor:{spec}}{unit}"
 
 
 def _scale(scale: dict[str, Any] | None) -> str:
