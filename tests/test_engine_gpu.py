@@ -105,6 +105,21 @@ def test_gpu_prompts_only_the_host_pool_holds_go_there_in_chunks(tmp_path):
     assert_all_free(engine)
 
 
+def test_gpu_decode_attention_is_profiled_past_a_small_pool(tmp_path):
+    """The pool holds 512 tokens; the profile's GPU decode attention still reaches the grid's
+    end, timed over a scratch cache (the predictor would otherwise extrapolate from launch-bound
+    points)."""
+    from neod.engine.profiler import GPU_DECODE_GRID_TOKENS
+
+    engine = make_engine(tmp_path, **{"scheduler.policy": "neo"}, **SMALL_GPU)
+    assert engine.stats()["kv_gpu"]["blocks_total"] * 16 < GPU_DECODE_GRID_TOKENS
+    table = engine.rt.profile.gpu_decode_attn
+    # 8 requests of up to 4096 tokens (the tiny model's longest) reach the grid's end.
+    eight = table.rows[table.xs.index(8.0)]
+    assert eight.xs[-1] == GPU_DECODE_GRID_TOKENS and 512 in eight.xs
+    assert eight.ys[-1] > eight.ys[eight.xs.index(512)]  # 64x the KV read
+
+
 @pytest.mark.parametrize("knobs", [{"cpu_threads": 1}, {"policy": "gpu-only"}])
 def test_gpu_live_tuning_while_requests_decode_on_the_cpu_keeps_their_tokens(tmp_path, knobs):
     """The CPU side measured again on a GPU host (copies competing) over the live host pool."""

@@ -40,7 +40,7 @@ from neod.sched.calibration import HANDOFF_MAX_S
 
 logger = logging.getLogger(__name__)
 
-KERNEL_VERSION = "5"  # bump when a kernel changes enough to invalidate stored profiles
+KERNEL_VERSION = "6"  # bump when a kernel or what is measured changes: stored profiles go stale
 REPEATS = 5
 # Layers cost the same, but a timed program must read more KV than the host's caches hold, as
 # serving does (a last-level cache of ~100 MB would otherwise serve small points from cache).
@@ -49,6 +49,14 @@ TILE_PROBE_CONTEXT = 1024  # tokens per request in the batches that choose the C
 HANDOFF_PROBE_DECODES = 4  # GPU and CPU decodes of the iteration that times the hand-off
 HANDOFF_PROBE_CONTEXT = 1024  # tokens per request in it
 HANDOFF_PROBE_REPEATS = 11  # iterations timed (after two to warm up): the GPU hosts are noisy
+# GPU decode attention is timed up to this much context even where the GPU pool holds less (a pool
+# capped at 0.5 GiB holds 4096 tokens of an 8B model): past a smaller grid's end the predictor
+# extrapolates from points where launches, not KV reads, set the time, and a later run with a
+# larger pool decodes long contexts 1.5x slower than so predicted. By then the cost is linear in
+# the KV read, which extrapolates. The extra points are timed over a scratch cache of a few layers
+# whose reads, as the pool's, exceed the GPU's L2 cache; it is freed right after.
+GPU_DECODE_GRID_TOKENS = 32768
+GPU_DECODE_SCRATCH_LAYERS = 4
 
 
 def _ladder(top: int, start: int = 1) -> list[int]:
@@ -216,9 +224,32 @@ class Profiler:
         return points
 
     def gpu_decode(self) -> dict[tuple[int, int], float]:
-        pool = self.executor.gpu_pool
+        pool, bs = self.executor.gpu_pool, self.layout.block_size
+        capacity = pool.shape[1] * bs
+        table = self._gpu_decode_over(pool, self._decode_grid(capacity))
+        if capacity >= GPU_DECODE_GRID_TOKENS or self.device.type != "cuda":
+            return table
+        blocks = GPU_DECODE_GRID_TOKENS // bs
+        try:
+            scratch = torch.zeros(
+                (GPU_DECODE_SCRATCH_LAYERS, blocks, *pool.shape[2:]), dtype=pool.dtype,
+                device=self.device,
+            )  # fmt: skip
+        except torch.cuda.OutOfMemoryError:
+            logger.info("no GPU memory to time decode attention past the pool's %d tokens: "
+                        "longer contexts are extrapolated", capacity)  # fmt: skip
+            return table
+        longer = [(b, ctx) for b, ctx in self._decode_grid(blocks * bs) if ctx > capacity]
+        table.update(self._gpu_decode_over(scratch, longer))
+        del scratch
+        torch.cuda.empty_cache()  # the activations' reserve, lent for the measurement
+        return table
+
+    def _gpu_decode_over(
+        self, pool: torch.Tensor, grid: list[tuple[int, int]]
+    ) -> dict[tuple[int, int], float]:
         table = {}
-        for b, ctx in self._decode_grid(pool.shape[1] * self.layout.block_size):
+        for b, ctx in grid:
             q, tables, lens = self._decode_inputs(pool, b, ctx)
             q, tables, lens = q.to(self.device), tables.to(self.device), lens.to(self.device)
             run = functools.partial(self._gpu_decode_layers, q, pool, tables, lens)
@@ -228,10 +259,12 @@ class Profiler:
     def _gpu_decode_layers(
         self, q: torch.Tensor, pool: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor
     ) -> None:
-        """The timed work of `gpu_decode`: paged decode attention per layer."""
+        """The timed work of `gpu_decode`: paged decode attention per layer (a scratch cache of
+        fewer layers is read in turn)."""
         # q: [B, Hq, D], pool: [L, N, 2, Hkv, bs, D], tables: [B, blocks] int32, lens: [B] int32
         for i in range(self.num_layers):
-            ops.paged_decode_attention(q, pool[i], tables, lens, self.cfg.head_dim**-0.5)
+            layer = pool[i % pool.shape[0]]
+            ops.paged_decode_attention(q, layer, tables, lens, self.cfg.head_dim**-0.5)
 
     def cpu_decode(self) -> dict[tuple[int, int], float]:
         """CPU attention through the engine's own path (one `decode_layers` program over several
@@ -488,8 +521,8 @@ def host_key(
     tp: int = 1,
     tile_paths: Sequence[str | None] | None = None,
 ) -> Any:
-    """Everything a profile depends on: another model, GPU, CPU, pool size, tensor-parallel degree,
-    kernel or tile paths to choose from gets a new profile. Under tensor parallelism `model` is one
+    """Everything a profile depends on: another model, GPU, CPU, tensor-parallel degree, kernel or
+    tile paths to choose from gets a new profile. Under tensor parallelism `model` is one
     rank's shard."""
     import platform
 
