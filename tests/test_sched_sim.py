@@ -189,6 +189,9 @@ def test_prompts_only_the_host_pool_holds_go_there_in_chunks_and_every_request_f
         r.prompt > limits.max_tokens_in_batch and blocks_for(r.prompt, bs) > num_gpu for r in reqs
     ):
         assert cpu_chunks
+    for plan, (waiting, running) in zip(sim.plans, sim.views, strict=True):
+        predicted = replay_prediction(plan, waiting, running, case[5], bs)
+        assert plan.predicted_iter_s == pytest.approx(predicted)
 
 
 @FAST
@@ -217,7 +220,11 @@ def replay_prediction(plan: Plan, waiting, running, cost, bs: int) -> float:
         math.isqrt(n * n + 2 * n * v.num_computed_tokens)
         for v, n in zip(prefills, tokens, strict=True)
     ]
-    base = BatchLoad(sum(tokens), cost.prefill_attn_s(attn) if attn else 0.0, len(attn))
+    prefill_s = cost.prefill_attn_s(attn) if attn else 0.0
+    # A chunk on the CPU reads the earlier chunks' KV from the host pool before its attention.
+    host_prefix = sum(v.held_blocks(bs) for v in prefills if v.residence == Residence.CPU)
+    prefill_s += cost.swap_s(host_prefix) if host_prefix else 0.0
+    base = BatchLoad(sum(tokens), prefill_s, len(attn))
     gpu = [views[i] for i in plan.decode_gpu]
     b0 = base.plus_gpu_decodes(len(gpu), sum(v.decode_ctx_tokens for v in gpu))
     for ids, into in ((plan.decode_cpu_b0, "b0"), (plan.decode_cpu_b1, "b1")):
@@ -227,10 +234,8 @@ def replay_prediction(plan: Plan, waiting, running, cost, bs: int) -> float:
         else:
             b1 = BatchLoad().plus_cpu_decodes(len(ids), ctx)
     swap = sum(views[i].held_blocks(bs) for i in (*plan.swap_out, *plan.swap_in))
-    # A CPU prefill's new KV leaves the GPU, its earlier chunks' KV comes back to be read.
     swap += sum(
-        blocks_for(plan.chunked.get(i) or views[i].prefill_left, bs) + views[i].held_blocks(bs)
-        for i in plan.prefill_cpu
+        blocks_for(plan.chunked.get(i) or views[i].prefill_left, bs) for i in plan.prefill_cpu
     )
     if plan.pipelined:
         return pipelined_s(cost, 4, b0, b1, swap)

@@ -400,9 +400,7 @@ class _Pass:
         if num_tokens < left:
             self.plan.chunked[s.seq_id] = num_tokens
         self.prefills.append((s, num_tokens))
-        # Its new KV leaves the GPU layer by layer; its earlier chunks' KV crosses the bus the
-        # other way, layer by layer, for the chunk's attention: both priced as swapped blocks.
-        self.swap_blocks += blocks_for(num_tokens, self.bs) + s.held_blocks(self.bs)
+        self.swap_blocks += blocks_for(num_tokens, self.bs)  # its KV leaves the GPU layer by layer
 
     def _continue_chunks(self) -> tuple[bool, bool]:
         """The next chunk of each prefill under way, oldest first, per device; (GPU, CPU) False
@@ -475,6 +473,13 @@ class _Pass:
             math.isqrt(n * n + 2 * n * s.num_computed_tokens) for s, n in prefills
         ]
         prefill_s = self.sched.cost.prefill_attn_s(lens) if lens else 0.0
+        # A chunk of a prompt the host pool holds reads the earlier chunks' KV over the bus before
+        # its attention, on the compute stream: priced as swapped blocks, but not hidden.
+        host_prefix = sum(
+            s.held_blocks(self.bs) for s, _ in prefills if s.residence == Residence.CPU
+        )
+        if host_prefix:
+            prefill_s += self.sched.cost.swap_s(host_prefix)
         num_tokens = sum(n for _, n in prefills)
         base = BatchLoad(num_tokens=num_tokens, prefill_attn_s=prefill_s, num_seqs=len(lens))
         return base.plus_gpu_decodes(
