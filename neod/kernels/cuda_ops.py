@@ -232,14 +232,7 @@ def store_kv_(
     # k, v: [T, Hkv, D]; kv_layer: [num_blocks, 2, Hkv, block_size, D]; slot_ids: [T] int64
     op = "store_kv_"
     _require(_is_kv_layer(kv_layer), op, "kv_layer must be a contiguous 5-D CUDA tensor")
-    _, _, num_kv_heads, block_size, head_dim = kv_layer.shape
-    ok = _is_heads(k) and _is_heads(v) and k.shape == v.shape
-    ok = ok and k.shape[1:] == (num_kv_heads, head_dim) and k.dtype == v.dtype == kv_layer.dtype
-    _require(ok, op, f"k and v must be [T, {num_kv_heads}, {head_dim}] with contiguous heads")
-    _require(_is_vector(slot_ids, torch.int64, k.shape[0]), op, "slot_ids must be int64 [T]")
-    _call(op, "neod_store_kv", k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
-          kv_layer.data_ptr(), slot_ids.data_ptr(), k.shape[0], num_kv_heads, head_dim,
-          block_size, _dtype_code(kv_layer, op), _stream(kv_layer.device))  # fmt: skip
+    _kv_rows(op, "neod_store_kv", kv_layer, slot_ids, k, v)
 
 
 def load_kv_(
@@ -252,14 +245,22 @@ def load_kv_(
     ok = kv_layer.dim() == 5 and kv_layer.is_contiguous()
     _require(ok and (kv_layer.is_cuda or kv_layer.is_pinned()), op,
              "kv_layer must be a contiguous 5-D CUDA or pinned host tensor")  # fmt: skip
+    _kv_rows(op, "neod_load_kv", kv_layer, slot_ids, k, v)
+
+
+def _kv_rows(
+    op: str, fn: str, kv_layer: torch.Tensor, slot_ids: torch.Tensor, k: torch.Tensor,
+    v: torch.Tensor,
+) -> None:
+    """Checks the rows and slots of a store or load, then calls it on k's device's stream."""
     _, _, num_kv_heads, block_size, head_dim = kv_layer.shape
     ok = _is_heads(k) and _is_heads(v) and k.shape == v.shape
     ok = ok and k.shape[1:] == (num_kv_heads, head_dim) and k.dtype == v.dtype == kv_layer.dtype
     _require(ok, op, f"k and v must be [T, {num_kv_heads}, {head_dim}] with contiguous heads")
     _require(_is_vector(slot_ids, torch.int64, k.shape[0]), op, "slot_ids must be int64 [T]")
-    _call(op, "neod_load_kv", k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
-          kv_layer.data_ptr(), slot_ids.data_ptr(), k.shape[0], num_kv_heads, head_dim,
-          block_size, _dtype_code(kv_layer, op), _stream(k.device))  # fmt: skip
+    _call(op, fn, k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), kv_layer.data_ptr(),
+          slot_ids.data_ptr(), k.shape[0], num_kv_heads, head_dim, block_size,
+          _dtype_code(kv_layer, op), _stream(k.device))  # fmt: skip
 
 
 def decode_supported(q: torch.Tensor, kv_layer: torch.Tensor) -> bool:

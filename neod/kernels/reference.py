@@ -77,17 +77,21 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate) * up).to(x.dtype)
 
 
+def _slots(kv_layer: torch.Tensor, slot_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(rows with a slot, their blocks, their offsets in the block), on the layer's device."""
+    block_size = kv_layer.shape[3]
+    keep = slot_ids.to(kv_layer.device) >= 0
+    slots = slot_ids.to(kv_layer.device)[keep]
+    block_ids = torch.div(slots, block_size, rounding_mode="floor")
+    return keep, block_ids, slots - block_ids * block_size
+
+
 def store_kv_(
     k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_ids: torch.Tensor
 ) -> None:
     """Write each token's K and V into its slot; slot id -1 means skip the token."""
     # k, v: [T, Hkv, D]; kv_layer: [num_blocks, 2, Hkv, block_size, D]; slot_ids: [T] int64
-    block_size = kv_layer.shape[3]
-    slot_ids = slot_ids.to(kv_layer.device)
-    keep = slot_ids >= 0
-    slots = slot_ids[keep]
-    block_ids = torch.div(slots, block_size, rounding_mode="floor")
-    offsets = slots - block_ids * block_size
+    keep, block_ids, offsets = _slots(kv_layer, slot_ids)
     for which, src in ((0, k), (1, v)):
         # [num_blocks, block_size, Hkv, D] view; indexing by (block, offset) gives [n, Hkv, D]
         dst = kv_layer[:, which].transpose(1, 2)
@@ -99,16 +103,10 @@ def load_kv_(
 ) -> None:
     """Read each row's K and V out of its slot; slot id -1 leaves the row as it is."""
     # kv_layer: [num_blocks, 2, Hkv, block_size, D]; slot_ids: [T] int64; k, v: [T, Hkv, D]
-    block_size = kv_layer.shape[3]
-    slot_ids = slot_ids.to(kv_layer.device)
-    keep = slot_ids >= 0
-    slots = slot_ids[keep]
-    block_ids = torch.div(slots, block_size, rounding_mode="floor")
-    offsets = slots - block_ids * block_size
-    rows = keep.to(k.device)
+    keep, block_ids, offsets = _slots(kv_layer, slot_ids)
     for which, dst in ((0, k), (1, v)):
         src = kv_layer[:, which].transpose(1, 2)  # [num_blocks, block_size, Hkv, D]
-        dst[rows] = src[block_ids, offsets].to(device=dst.device, dtype=dst.dtype)
+        dst[keep.to(dst.device)] = src[block_ids, offsets].to(device=dst.device, dtype=dst.dtype)
 
 
 def paged_decode_attention(

@@ -387,20 +387,15 @@ class _Pass:
             self.cpu_free += s.held_blocks(self.bs)
         return settled
 
-    def _prefill_gpu(self, s: SeqView, num_tokens: int, left: int) -> None:
+    def _prefill(self, s: SeqView, num_tokens: int, left: int, on_gpu: bool) -> None:
+        """num_tokens of the `left` its prefill has to go, this iteration."""
         self._take(num_tokens)
-        self.plan.prefill_gpu.append(s.seq_id)
+        (self.plan.prefill_gpu if on_gpu else self.plan.prefill_cpu).append(s.seq_id)
         if num_tokens < left:
             self.plan.chunked[s.seq_id] = num_tokens
         self.prefills.append((s, num_tokens))
-
-    def _prefill_cpu(self, s: SeqView, num_tokens: int, left: int) -> None:
-        self._take(num_tokens)
-        self.plan.prefill_cpu.append(s.seq_id)
-        if num_tokens < left:
-            self.plan.chunked[s.seq_id] = num_tokens
-        self.prefills.append((s, num_tokens))
-        self.swap_blocks += blocks_for(num_tokens, self.bs)  # its KV leaves the GPU layer by layer
+        if not on_gpu:  # its KV leaves the GPU layer by layer
+            self.swap_blocks += blocks_for(num_tokens, self.bs)
 
     def _continue_chunks(self) -> tuple[bool, bool]:
         """The next chunk of each prefill under way, oldest first, per device; (GPU, CPU) False
@@ -418,10 +413,9 @@ class _Pass:
                 return False
             if on_gpu:
                 self.gpu_free -= need
-                self._prefill_gpu(s, n, s.num_prefill_left)
             else:
                 self.cpu_free -= need
-                self._prefill_cpu(s, n, s.num_prefill_left)
+            self._prefill(s, n, s.num_prefill_left, on_gpu)
         return True
 
     def _admit_prefills(self) -> None:
@@ -444,7 +438,7 @@ class _Pass:
                 need = blocks_for(n, bs)
                 if gpu_open and need + watermark <= self.gpu_free:
                     self.gpu_free -= need  # all of it: later chunks find their room
-                    self._prefill_gpu(w, min(n, self.tokens), n)
+                    self._prefill(w, min(n, self.tokens), n, on_gpu=True)
                     continue
                 reserve = min(cpu_reserve, max(0, cache.num_cpu_blocks - need))
                 # The quota keeps prompts off a CPU that cannot keep up; one that only the CPU
@@ -460,7 +454,7 @@ class _Pass:
                 ):
                     self.cpu_quota = max(0, self.cpu_quota - 1)
                     self.cpu_free -= need  # all of it: later chunks find their room
-                    self._prefill_cpu(w, min(n, self.tokens), n)
+                    self._prefill(w, min(n, self.tokens), n, on_gpu=False)
                     continue
                 shortest_misfit = n
             if aged:
