@@ -195,6 +195,33 @@ def test_prompts_only_the_host_pool_holds_go_there_in_chunks_and_every_request_f
 
 
 @FAST
+@given(workloads(policies=("neo",), tight=True, host_only=True), st.integers(1, 30))
+def test_turning_to_gpu_only_midway_ends_what_only_the_host_holds_and_finishes_the_rest(
+    case, switch_step
+):
+    """Prompts part-way in on the CPU, requests decoding there and queued ones: once the policy
+    is gpu-only, what the GPU pool cannot hold ends (as unservable), everything else finishes, and
+    no plan touches the CPU again."""
+    num_gpu, num_cpu, bs, limits, reqs, cost = case
+    sched = Scheduler(cost, num_layers=4)
+    sim = Sim(sched, num_gpu, num_cpu, bs, limits, reqs)
+    while sim.step < switch_step and (sim.seqs or sim.pending):
+        sim.run_step()
+    sim.limits = dataclasses.replace(limits, policy="gpu-only")
+    switched = len(sim.plans)
+    sim.run(switch_step + step_bound(reqs, sched.age_limit))
+    assert len(sim.done) == len(reqs)
+    assert sim.held(Residence.GPU) == sim.held(Residence.CPU) == 0
+    for plan in sim.plans[switched:]:
+        assert not (plan.prefill_cpu or plan.swap_out or plan.decode_cpu_b0 or plan.decode_cpu_b1)
+    for s in sim.done.values():
+        if s.unservable:  # only what the GPU pool could never hold
+            assert blocks_for(s.num_tokens, bs) > num_gpu
+        else:
+            assert s.num_tokens == s.max_total
+
+
+@FAST
 @given(workloads(policies=("auto", "neo"), crowded=True))
 def test_crowded_offloading_stays_valid_and_predictions_match_the_plans(case):
     sim, sched = served(case)
