@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -129,6 +130,22 @@ def test_neo_swaps_and_cpu_decodes_tp2_equal_tp1(engines):
     engine.rt.scheduler = ScriptedScheduler()
     got = greedy_tokens(engine, ps, GREEDY)
     assert engine.stats()["iterations"]["pipelined"] > 0
+    assert_greedy_equal(reference, {f"r{i}": p for i, p in enumerate(ps)}, expected, got)
+    assert_all_free(engine)
+
+
+def test_prompts_only_the_host_pool_holds_tp2_equal_whole_prefills_tp1(engines):
+    """Prompts longer than the GPU pool and the token budget go to the host pool in chunks: each
+    rank reads its own heads' earlier KV from its own host pool for every chunk."""
+    rng = random.Random(9)
+    ps = [[rng.randrange(256) for _ in range(n)] for n in (70, 45, 90)]
+    reference = engines(1, **{"scheduler.policy": "gpu-only", "model.dtype": "float16"})
+    expected = greedy_tokens(reference, ps, GREEDY)
+    engine = engines(2, **{"scheduler.policy": "neo", "model.dtype": "float16",
+                           "cache.cpu_kv_gib": 0.01, "cache.gpu_kv_gib": 2 * 16 * 1024 / 2**30,
+                           "scheduler.max_tokens_in_batch": 16})  # fmt: skip
+    assert engine.stats()["kv_gpu"]["blocks_total"] * 16 < min(map(len, ps))
+    got = greedy_tokens(engine, ps, GREEDY)
     assert_greedy_equal(reference, {f"r{i}": p for i, p in enumerate(ps)}, expected, got)
     assert_all_free(engine)
 
