@@ -279,6 +279,18 @@ def test_running_requests_never_starve(case):
     assert sim.max_running_gap <= sched.age_limit
 
 
+@pytest.mark.parametrize("cost", sorted(COSTS))
+def test_a_prefill_under_way_keeps_the_room_it_was_admitted_with(cost):
+    """A 30-token prompt goes in chunks into a 39-block pool, then an older request's decodes
+    grow into the rest of its room: the prefill must not wait for them to finish (it did, 4 steps
+    with an age limit of 3)."""
+    reqs = [Req(1, 1, 11), Req(1, 10, 11), Req(3, 1, 13), Req(1, 30, 1)]
+    sched = Scheduler(COSTS[cost], num_layers=4, age_limit=3)
+    sim = Sim(sched, 39, 0, 1, Limits(4, 35, "auto"), reqs)
+    sim.run(step_bound(reqs, sched.age_limit))
+    assert len(sim.done) == len(reqs) and sim.max_running_gap <= sched.age_limit
+
+
 @FAST
 @given(
     st.integers(1, 40),

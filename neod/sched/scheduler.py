@@ -5,8 +5,9 @@ One pass, in this order (docs/scheduler.md has the reasoning and the guarantees)
 1. Drop what can never run (KV larger than any usable pool).
 2. `outlook`: whether offloading pays (policy `auto`) and how many prompts the CPU can take on.
 3. Decode slots: aged sequences first (any device, stalest first), then GPU decodes in FCFS order.
-4. Memory: CPU decodes' growth is reserved; when the GPU cannot hold its decodes' growth, the newest
-   GPU sequences leave it: swapped to the CPU when the policy offloads, else preempted.
+4. Memory: CPU decodes' growth and the rest of the prompts under way there are reserved; when the
+   GPU cannot hold its decodes' growth and the rest of its prompts under way, the newest GPU
+   sequences leave it: swapped to the CPU when the policy offloads, else preempted.
 5. Swap-in, oldest first, only when nothing was swapped out and GPU use stays under the lower
    threshold (hysteresis). Under `auto`, when neither offloading nor decoding what the CPU holds
    pays (or the engine's guard paused offloading), CPU requests that the GPU pool can hold come
@@ -251,22 +252,32 @@ class _Pass:
         yield from (s for s in newest_first if self._recomputable(s))
         yield from (s for s in newest_first if not self._recomputable(s))
 
+    def _rest(self, s: SeqView) -> int:
+        """Blocks a prefill under way still needs for all of its prompt."""
+        return blocks_for(s.num_computed_tokens + s.num_prefill_left, self.bs) - s.held_blocks(
+            self.bs
+        )
+
     def _reserve_cpu_growth(self) -> None:
+        """The CPU decodes' growth and the rest of the prompts under way there (admitted with room
+        for all of it, which stays theirs); the newest residents leave while that does not fit."""
         self.cpu_cands = list(self.cpu)
         growth = sum(self._growth(s) for s in self.cpu)
+        reserved = sum(self._rest(s) for s in self.cpu_chunking)
         residents = sorted((*self.cpu, *self.cpu_chunking), key=lambda s: s.arrival)
         for v in self._victims(residents):
-            if growth <= self.cpu_free:
+            if growth + reserved <= self.cpu_free:
                 break
             self._evict(v)
             self.cpu_free += v.held_blocks(self.bs)
             if v.is_chunking:
                 self.cpu_chunking.remove(v)
+                reserved -= self._rest(v)
                 continue
             self.cpu.remove(v)
             self.cpu_cands.remove(v)
             growth -= self._growth(v)
-        self.cpu_free -= growth
+        self.cpu_free -= growth + reserved
 
     def _evict(self, v: SeqView) -> None:
         """Preempt v for recompute, or fail it when its context can no longer be recomputed."""
@@ -277,15 +288,20 @@ class _Pass:
             self._unservable(v, "evicted under memory pressure and too long to recompute")
 
     def _make_gpu_room(self) -> None:
+        """As _reserve_cpu_growth, on the GPU: the newest residents are swapped out (when the
+        policy offloads) or preempted. Without the prompts' reserved rest, decodes growing into
+        it would hold a prefill under way back until they finish."""
         growth = sum(self._growth(s) for s in self.decoders)
+        reserved = sum(self._rest(s) for s in self.chunking)
         residents = sorted((*self.gpu, *self.chunking), key=lambda s: s.arrival)
         for v in self._victims(residents):
-            if growth <= self.gpu_free:
+            if growth + reserved <= self.gpu_free:
                 break
             if v.is_chunking:  # its prompt is not in: prefilled again later, never swapped
                 self._evict(v)
                 self.chunking.remove(v)
                 self.gpu_free += v.held_blocks(self.bs)
+                reserved -= self._rest(v)
                 continue
             if v in self.decoders:
                 growth -= self._growth(v)
@@ -302,7 +318,7 @@ class _Pass:
                 self._evict(v)
             self.gpu.remove(v)
             self.gpu_free += v.held_blocks(self.bs)
-        self.gpu_free -= growth
+        self.gpu_free -= growth + reserved
 
     def _swap_in(self, threshold: int, send_home: bool = False) -> None:
         """Oldest first, CPU requests come home while GPU use stays under the threshold. With
@@ -385,6 +401,7 @@ class _Pass:
         for s in self.cpu_chunking:  # recomputable: _drop_unservable failed the others
             self.plan.preempt.append(s.seq_id)
             self.cpu_free += s.held_blocks(self.bs)
+        self.cpu_chunking = []
         return settled
 
     def _prefill(self, s: SeqView, num_tokens: int, left: int, on_gpu: bool) -> None:
@@ -397,25 +414,15 @@ class _Pass:
         if not on_gpu:  # its KV leaves the GPU layer by layer
             self.swap_blocks += blocks_for(num_tokens, self.bs)
 
-    def _continue_chunks(self) -> tuple[bool, bool]:
-        """The next chunk of each prefill under way, oldest first, per device; (GPU, CPU) False
-        when one of that device's must wait for room (then no new prompt may take it first)."""
-        gpu_open = self._next_chunks(self.chunking, on_gpu=True)
-        return gpu_open, self._next_chunks(self.cpu_chunking, on_gpu=False)
-
-    def _next_chunks(self, chunking: list[SeqView], on_gpu: bool) -> bool:
-        for s in chunking:
-            if self.slots < 1 or self.tokens < 1:
-                return False
-            n = min(s.num_prefill_left, self.tokens)
-            need = blocks_for(s.num_computed_tokens + n, self.bs) - s.held_blocks(self.bs)
-            if need > (self.gpu_free if on_gpu else self.cpu_free):
-                return False
-            if on_gpu:
-                self.gpu_free -= need
-            else:
-                self.cpu_free -= need
-            self._prefill(s, n, s.num_prefill_left, on_gpu)
+    def _continue_chunks(self) -> bool:
+        """The next chunk of each prefill under way (its room is reserved), oldest first; False
+        when the budget left none for one of them (then no new prompt goes before it)."""
+        for chunking, on_gpu in ((self.chunking, True), (self.cpu_chunking, False)):
+            for s in chunking:
+                if self.slots < 1 or self.tokens < 1:
+                    return False
+                n = min(s.num_prefill_left, self.tokens)
+                self._prefill(s, n, s.num_prefill_left, on_gpu)
         return True
 
     def _admit_prefills(self) -> None:
@@ -424,7 +431,7 @@ class _Pass:
             math.ceil(self.sched.gpu_watermark_frac * cache.num_gpu_blocks) if self.decoders else 0
         )
         cpu_reserve = min(cache.num_gpu_blocks, cache.num_cpu_blocks // 2)  # for later swap-outs
-        gpu_open, cpu_open = self._continue_chunks()
+        chunks_in = self._continue_chunks()
         shortest_misfit = math.inf  # nothing frees up during the loop: longer prompts fail too
         for w in self.waiting:
             if self.slots < 1 or self.tokens < 1:
@@ -436,7 +443,7 @@ class _Pass:
             fits = self.tokens >= min(n, bs, self.limits.max_tokens_in_batch)
             if n < shortest_misfit and fits:
                 need = blocks_for(n, bs)
-                if gpu_open and need + watermark <= self.gpu_free:
+                if chunks_in and need + watermark <= self.gpu_free:
                     self.gpu_free -= need  # all of it: later chunks find their room
                     self._prefill(w, min(n, self.tokens), n, on_gpu=True)
                     continue
@@ -447,7 +454,7 @@ class _Pass:
                 # Whole, or in chunks when no iteration could ever take it whole.
                 if (
                     (self.tokens >= n or n > self.limits.max_tokens_in_batch)
-                    and cpu_open
+                    and chunks_in
                     and quota
                     and need + reserve <= self.cpu_free
                     and self._may_offload(need)
