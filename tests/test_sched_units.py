@@ -379,6 +379,25 @@ def test_check_plan_reports_violations():
     )
 
 
+def test_check_plan_keeps_a_chunked_prefill_with_its_kv():
+    """A prompt part-way in on the CPU goes on there, in chunks or to its end; not on the GPU,
+    not decoded, not swapped."""
+    part_way = SeqView(5, 5, 100, 48, 110, Residence.CPU, 0, num_prefill_left=52)
+    cache = CacheView(16, 4, 4, 16, 10)
+    limits = Limits(4, 32, "neo")
+
+    def errors(plan: Plan) -> list[str]:
+        return check_plan(plan, [], [part_way], cache, limits)
+
+    assert errors(Plan(prefill_cpu=[5], chunked={5: 32})) == []
+    assert any("away from its KV" in e for e in errors(Plan(prefill_gpu=[5], chunked={5: 32})))
+    assert any("part-way" in e for e in errors(Plan(decode_cpu_b0=[5])))
+    assert any("part-way" in e for e in errors(Plan(swap_in=[5])))
+    assert any("a chunk of 52 tokens of 52 left" in e
+               for e in errors(Plan(prefill_cpu=[5], chunked={5: 52})))  # fmt: skip
+    assert any("max_tokens_in_batch" in e for e in errors(Plan(prefill_cpu=[5])))  # all 52 left
+
+
 class AffineCost(FlatCost):
     """Costs with a fixed part and a part per token, as measured tables have them."""
 
