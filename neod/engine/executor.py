@@ -262,7 +262,9 @@ class Executor:
     def _gpu_attention(self, f: _Flight, layer: int) -> None:
         b, g = f.batch, f.batch.num_gpu_rows
         if g:
-            host_layer = None if self.cpu_pool is None else self.cpu_pool[layer]
+            ctx = b.gpu_meta.context  # a chunk of a prompt the host pool holds reads its prefix
+            reads_host = ctx is not None and ctx.host_slots is not None
+            host_layer = self.cpu_pool[layer] if reads_host else None
             gpu_attention(
                 f.q[:g], f.k[:g], f.v[:g], self.gpu_pool[layer], b.gpu_meta, self.scale,
                 out=f.attn_out[:g], host_kv_layer=host_layer,
