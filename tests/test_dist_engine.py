@@ -26,6 +26,7 @@ from test_engine import (
     assert_all_free,
     assert_greedy_equal,
     prompts,
+    recording_plans,
     run_all,
     tokens_of,
 )
@@ -145,7 +146,9 @@ def test_prompts_only_the_host_pool_holds_tp2_equal_whole_prefills_tp1(engines):
                            "cache.cpu_kv_gib": 0.01, "cache.gpu_kv_gib": 2 * 16 * 1024 / 2**30,
                            "scheduler.max_tokens_in_batch": 16})  # fmt: skip
     assert engine.stats()["kv_gpu"]["blocks_total"] * 16 < min(map(len, ps))
+    plans = recording_plans(engine)
     got = greedy_tokens(engine, ps, GREEDY)
+    assert any(sid in plan.prefill_cpu for plan in plans for sid in plan.chunked)
     assert_greedy_equal(reference, {f"r{i}": p for i, p in enumerate(ps)}, expected, got)
     assert_all_free(engine)
 

@@ -502,8 +502,10 @@ def test_tune_validates_and_applies(tmp_path):
     applied = engine.tune(cpu_stretch=0.3, cpu_min_gain=0.05)
     assert (applied["cpu_stretch"], applied["cpu_min_gain"]) == (0.3, 0.05)
     assert engine.rt.scheduler.split_rule == SplitRule(min_gain=0.05, stretch=0.3)
-    with pytest.raises(ValueError, match="min_gain and stretch must be >= 0"):
+    with pytest.raises(ValueError, match=r"stretch in \[0, 100\], got 0.05, -0.5"):
         engine.tune(cpu_stretch=-0.5, max_batch_size=4)
+    with pytest.raises(ValueError, match=r"min_gain must be in \[0, 1\]"):
+        engine.tune(cpu_min_gain=2.0)  # as neod.toml and the control protocol refuse it
     with pytest.raises(ValueError, match="must be numbers"):
         engine.tune(cpu_min_gain=True)
     assert engine.rt.scheduler.split_rule.stretch == 0.3 and engine.stats()["max_batch_size"] == 8

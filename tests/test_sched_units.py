@@ -200,8 +200,9 @@ def test_past_the_balance_point_the_minimum_gain_and_the_stretch_bound_decide():
     assert taken(SplitRule(min_gain=0.028)) == (9, pytest.approx(2.35))
     assert taken(SplitRule(stretch=0.1)) == (9, pytest.approx(2.35))
     assert taken(SplitRule(min_gain=0.5)) == (8, pytest.approx(2.2))  # NEO's balance rule
-    with pytest.raises(ValueError):
-        SplitRule(min_gain=-0.01)
+    for out_of_range in ({"min_gain": -0.01}, {"min_gain": 1.5}, {"stretch": 101.0}):
+        with pytest.raises(ValueError, match="must be in"):
+            SplitRule(**out_of_range)
 
 
 def test_split_leaves_out_cpu_work_that_lowers_the_rate_but_keeps_forced():

@@ -200,7 +200,7 @@ class Engine:
             raise ValueError(
                 f"cpu_min_gain and cpu_stretch must be numbers, got {min_gain!r}, {stretch!r}"
             )
-        rule = SplitRule(float(min_gain), float(stretch))  # ValueError where negative
+        rule = SplitRule(float(min_gain), float(stretch))  # ValueError out of range
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         if policy != "gpu-only" and self.rt.cpu_pool is None:

@@ -80,8 +80,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def _slots(kv_layer: torch.Tensor, slot_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(rows with a slot, their blocks, their offsets in the block), on the layer's device."""
     block_size = kv_layer.shape[3]
-    keep = slot_ids.to(kv_layer.device) >= 0
-    slots = slot_ids.to(kv_layer.device)[keep]
+    slot_ids = slot_ids.to(kv_layer.device)
+    keep = slot_ids >= 0
+    slots = slot_ids[keep]
     block_ids = torch.div(slots, block_size, rounding_mode="floor")
     return keep, block_ids, slots - block_ids * block_size
 

@@ -52,8 +52,12 @@ class SplitRule:
     stretch: float = 1.0  # most the iteration may exceed its GPU-bound time (1.0: twice it)
 
     def __post_init__(self) -> None:
-        if self.min_gain < 0.0 or self.stretch < 0.0:
-            raise ValueError("min_gain and stretch must be >= 0")
+        # The ranges neod.toml and the control protocol allow (a gain over 100% is never bought).
+        if not (0.0 <= self.min_gain <= 1.0 and 0.0 <= self.stretch <= 100.0):
+            raise ValueError(
+                f"min_gain must be in [0, 1] and stretch in [0, 100], got {self.min_gain}, "
+                f"{self.stretch}"
+            )
 
     @classmethod
     def of(cls, scheduler_config: Any) -> SplitRule:
