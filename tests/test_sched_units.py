@@ -260,6 +260,44 @@ def test_auto_offloads_only_when_the_predictor_says_it_pays(cpu_per_seq, offload
     assert plan.decode_gpu == [0]
 
 
+class GrowingCost(FlatCost):
+    """FlatCost whose projections grow with the rows: a prefill lengthens the GPU's work."""
+
+    def __init__(self, per_token, **kwargs):
+        super().__init__(**kwargs)
+        self.per_token = per_token
+
+    def linear_s(self, num_tokens):
+        return self.lin + self.per_token * num_tokens if num_tokens else 0.0
+
+
+@pytest.mark.parametrize(
+    "per_token, cpu_per_seq, admitted",
+    [
+        (0.0, 0.5, 3),  # prefills cost the GPU nothing: what a decode iteration hides
+        (0.01, 0.5, 10),  # 1000 prompt tokens make the GPU's layer 11x longer: all of them
+        (0.01, 5.0, 0),  # offloading does not pay when decoding: no prefill makes it pay
+    ],
+)
+def test_the_cpu_takes_the_prompts_it_keeps_up_with_while_the_gpu_prefills_them(
+    per_token, cpu_per_seq, admitted
+):
+    """The GPU is full; ten prompts of 100 tokens wait. A decode iteration hides three CPU
+    decodes; the iteration that prefills the queue hides all ten, and they go to the CPU at
+    once instead of waiting there for the running requests to finish."""
+    cost = GrowingCost(
+        per_token, lin=1.0, gpu_attn=0.0, cpu_per_seq=cpu_per_seq, transfer_per_seq=0.0,
+        overhead=0.0,
+    )  # fmt: skip
+    running = [gpu(0, 80), gpu(1, 80)]
+    cache = CacheView(16, 10, 0, 1000, 1000)
+    waiting = [wait(i, 100) for i in range(2, 12)]
+    limits = Limits(64, 2048, "neo")
+    plan = Scheduler(cost, 1).schedule(waiting, running, cache, limits, 1)
+    assert check_plan(plan, waiting, running, cache, limits) == []
+    assert plan.prefill_cpu == list(range(2, 2 + admitted))
+
+
 def test_gpu_only_preempts_newest_and_never_touches_the_cpu():
     running = [gpu(0, 80), gpu(1, 80)]
     cache = CacheView(16, 10, 0, 100, 100)

@@ -5,7 +5,12 @@ already on the CPU (prompts part-way in there included), the GPU decodes that wo
 and the prompts the GPU cannot take.
 Policy `auto` offloads only when that beats the GPU alone, rated on the same sequences. The count of
 prompts the split takes is the CPU admission quota of the iteration: 0 once the CPU cannot keep up
-with the requests it holds, so prompts wait in the queue instead of starving on the CPU. When the
+with the requests it holds, so prompts wait in the queue instead of starving on the CPU. Where
+offloading pays, the quota is also weighed against the GPU work of prefilling the queue (up to the
+token budget): the CPU takes as many prompts as it keeps up with while the GPU prefills. Prompts
+left in the queue would otherwise be prefilled later, a few at a time, in iterations that stall
+every decode for a prefill, and the batch would end in a tail the CPU cannot fill; on the CPU they
+are ready for its next free decode slot (ageing keeps each of them progressing). When the
 split takes none of the requests already on the CPU and offloading does not pay, `auto` sends them
 home (scheduler.py, `_swap_in`).
 """
@@ -81,12 +86,43 @@ def outlook(
         knobs.split_rule,
     )
     taken = {*split.b0_ids, *split.b1_ids}
-    quota = 0
-    if all(c.seq_id in taken for c in held):
-        quota = sum(1 for c in prompts if c.seq_id in taken)
+    quota = _quota(taken, held, prompts)
     gpu_s = sequential_s(knobs.cost, knobs.num_layers, load, 0)
     placing = bool(leaving or prompts)  # else nothing new would go to the CPU
     pays = placing and rate_beats(
         split.num_tokens_out, split.iter_s, num_gpu, gpu_s, knobs.auto_margin
     )
+    if pays and prompts:
+        prefilling = _queue_prefill(knobs.cost, waiting, limits.max_tokens_in_batch)
+        while_prefilling = split_cpu_decodes(
+            knobs.cost,
+            knobs.num_layers,
+            prefilling.plus_gpu_decodes(num_gpu, gpu_ctx),
+            (),
+            held + prompts,
+            max(0, budget - num_gpu),
+            0,
+            knobs.split_rule,
+        )
+        quota = max(quota, _quota({*while_prefilling.b0_ids, *while_prefilling.b1_ids}, held,
+                                  prompts))  # fmt: skip
     return pays, quota, any(s.seq_id in taken for s in cpu)
+
+
+def _quota(taken: set[int], held: Sequence[CpuCandidate], prompts: Sequence[CpuCandidate]) -> int:
+    """Prompts a split took, once it took every request the CPU already holds (else none)."""
+    if not all(c.seq_id in taken for c in held):
+        return 0
+    return sum(1 for c in prompts if c.seq_id in taken)
+
+
+def _queue_prefill(cost: CostModel, waiting: Sequence[SeqView], budget: int) -> BatchLoad:
+    """The GPU work of one iteration prefilling the queue, oldest first, up to the token budget
+    (a prompt longer than what is left goes in a chunk)."""
+    lens = []
+    for w in waiting:
+        if budget <= 0:
+            break
+        lens.append(min(w.num_prompt_tokens, budget))
+        budget -= lens[-1]
+    return BatchLoad(sum(lens), cost.prefill_attn_s(lens), len(lens))
