@@ -92,20 +92,9 @@ def outlook(
     pays = placing and rate_beats(
         split.num_tokens_out, split.iter_s, num_gpu, gpu_s, knobs.auto_margin
     )
-    if pays and prompts:
-        prefilling = _queue_prefill(knobs.cost, waiting, limits.max_tokens_in_batch)
-        while_prefilling = split_cpu_decodes(
-            knobs.cost,
-            knobs.num_layers,
-            prefilling.plus_gpu_decodes(num_gpu, gpu_ctx),
-            (),
-            held + prompts,
-            max(0, budget - num_gpu),
-            0,
-            knobs.split_rule,
-        )
-        quota = max(quota, _quota({*while_prefilling.b0_ids, *while_prefilling.b1_ids}, held,
-                                  prompts))  # fmt: skip
+    if pays and quota < len(prompts):
+        quota = max(quota, _quota_while_prefilling(knobs, num_gpu, gpu_ctx, held, prompts,
+                                                   waiting, limits))  # fmt: skip
     return pays, quota, any(s.seq_id in taken for s in cpu)
 
 
@@ -114,6 +103,32 @@ def _quota(taken: set[int], held: Sequence[CpuCandidate], prompts: Sequence[CpuC
     if not all(c.seq_id in taken for c in held):
         return 0
     return sum(1 for c in prompts if c.seq_id in taken)
+
+
+def _quota_while_prefilling(
+    knobs: _Knobs,
+    num_gpu: int,
+    gpu_ctx: int,
+    held: Sequence[CpuCandidate],
+    prompts: Sequence[CpuCandidate],
+    waiting: Sequence[SeqView],
+    limits: Limits,
+) -> int:
+    """The quota against the GPU decodes plus one iteration's prefill of the queue."""
+    prefilling = _queue_prefill(knobs.cost, waiting, limits.max_tokens_in_batch)
+    # No more prompts than one iteration prefills are admitted: the rest wait for the next pass.
+    first = prompts[: prefilling.num_seqs]
+    split = split_cpu_decodes(
+        knobs.cost,
+        knobs.num_layers,
+        prefilling.plus_gpu_decodes(num_gpu, gpu_ctx),
+        (),
+        [*held, *first],
+        max(0, limits.max_batch_size - num_gpu),
+        0,
+        knobs.split_rule,
+    )
+    return _quota({*split.b0_ids, *split.b1_ids}, held, first)
 
 
 def _queue_prefill(cost: CostModel, waiting: Sequence[SeqView], budget: int) -> BatchLoad:
