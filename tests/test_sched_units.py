@@ -272,29 +272,33 @@ class GrowingCost(FlatCost):
 
 
 @pytest.mark.parametrize(
-    "per_token, cpu_per_seq, admitted",
+    "per_token, cpu_per_seq, num_waiting, admitted",
     [
-        (0.0, 0.5, 3),  # prefills cost the GPU nothing: what a decode iteration hides
-        (0.01, 0.5, 10),  # 1000 prompt tokens make the GPU's layer 11x longer: all of them
-        (0.01, 5.0, 0),  # offloading does not pay when decoding: no prefill makes it pay
+        (0.0, 0.5, 10, 3),  # prefills cost the GPU nothing: what a decode iteration hides
+        (0.01, 0.5, 10, 10),  # 1000 prompt tokens make the GPU's layer 11x longer: all of them
+        # A decode iteration keeps up with 4 CPU decodes (the GPU decode that leaves, 3 prompts):
+        # the CPU holds at most 3 requests per decode, the one that leaves and 11 prompts.
+        (0.01, 0.5, 20, 11),
+        (0.01, 5.0, 10, 0),  # offloading does not pay when decoding: no prefill makes it pay
     ],
 )
 def test_the_cpu_takes_the_prompts_it_keeps_up_with_while_the_gpu_prefills_them(
-    per_token, cpu_per_seq, admitted
+    per_token, cpu_per_seq, num_waiting, admitted
 ):
-    """The GPU is full; ten prompts of 100 tokens wait. A decode iteration hides three CPU
-    decodes; the iteration that prefills the queue hides all ten, and they go to the CPU at
-    once instead of waiting there for the running requests to finish."""
+    """The GPU is full; prompts of 100 tokens wait. A decode iteration hides three of them as CPU
+    decodes; the iteration that prefills the queue hides more, and those go to the CPU at once
+    instead of waiting for the running requests to finish."""
     cost = GrowingCost(
         per_token, lin=1.0, gpu_attn=0.0, cpu_per_seq=cpu_per_seq, transfer_per_seq=0.0,
         overhead=0.0,
     )  # fmt: skip
     running = [gpu(0, 80), gpu(1, 80)]
     cache = CacheView(16, 10, 0, 1000, 1000)
-    waiting = [wait(i, 100) for i in range(2, 12)]
-    limits = Limits(64, 2048, "neo")
+    waiting = [wait(i, 100) for i in range(2, 2 + num_waiting)]
+    limits = Limits(64, 4096, "neo")
     plan = Scheduler(cost, 1).schedule(waiting, running, cache, limits, 1)
     assert check_plan(plan, waiting, running, cache, limits) == []
+    assert plan.swap_out == [1]
     assert plan.prefill_cpu == list(range(2, 2 + admitted))
 
 

@@ -7,10 +7,11 @@ Policy `auto` offloads only when that beats the GPU alone, rated on the same seq
 prompts the split takes is the CPU admission quota of the iteration: 0 once the CPU cannot keep up
 with the requests it holds, so prompts wait in the queue instead of starving on the CPU. Where
 offloading pays, the quota is also weighed against the GPU work of prefilling the queue (up to the
-token budget): the CPU takes as many prompts as it keeps up with while the GPU prefills. Prompts
-left in the queue would otherwise be prefilled later, a few at a time, in iterations that stall
-every decode for a prefill, and the batch would end in a tail the CPU cannot fill; on the CPU they
-are ready for its next free decode slot (ageing keeps each of them progressing). When the
+token budget): the CPU takes as many prompts as it keeps up with while the GPU prefills, up to
+ROUND_ROBIN requests per decode it keeps up with in a decode iteration. Prompts left in the queue
+would otherwise be prefilled later, a few at a time, in iterations that stall every decode for a
+prefill, and the batch would end in a tail the CPU cannot fill; on the CPU they are ready for its
+next free decode slot (ageing keeps each of them progressing). When the
 split takes none of the requests already on the CPU and offloading does not pay, `auto` sends them
 home (scheduler.py, `_swap_in`).
 """
@@ -27,6 +28,10 @@ from neod.sched.views import CacheView, Limits, SeqView, blocks_for
 # Waiting prompts weighed as future CPU decodes: enough to fill any CPU's hidden capacity, few
 # enough to keep a pass well under a millisecond.
 MAX_PROMPTS = 128
+# Requests the CPU may hold per decode it keeps up with, when it takes prompts while the GPU
+# prefills: each of them then decodes at least every third iteration on average, and the decode
+# iterations after the prompts stay at the CPU's balance instead of its pace.
+ROUND_ROBIN = 3
 
 
 class _Knobs(Protocol):
@@ -93,8 +98,12 @@ def outlook(
         split.num_tokens_out, split.iter_s, num_gpu, gpu_s, knobs.auto_margin
     )
     if pays and quota < len(prompts):
-        quota = max(quota, _quota_while_prefilling(knobs, num_gpu, gpu_ctx, held, prompts,
-                                                   waiting, limits))  # fmt: skip
+        room = ROUND_ROBIN * len(taken) - len(held)
+        if room > quota:
+            while_prefilling = _quota_while_prefilling(
+                knobs, num_gpu, gpu_ctx, held, prompts, waiting, limits
+            )
+            quota = max(quota, min(while_prefilling, room))
     return pays, quota, any(s.seq_id in taken for s in cpu)
 
 
