@@ -302,6 +302,21 @@ def test_the_cpu_takes_the_prompts_it_keeps_up_with_while_the_gpu_prefills_them(
     assert plan.prefill_cpu == list(range(2, 2 + admitted))
 
 
+def test_where_offloading_only_just_pays_the_cpu_takes_no_more_than_a_decode_iteration_hides():
+    """20 GPU decodes fill the GPU; one CPU decode hides under their attention (0.3 of 0.5 per
+    layer): 21 tokens against 20, under the 10% that takes prompts while the GPU prefills."""
+    cost = GrowingCost(
+        0.01, lin=1.0, gpu_attn=0.5, cpu_per_seq=0.3, transfer_per_seq=0.0, overhead=0.0
+    )
+    running = [gpu(i, 70) for i in range(20)]
+    cache = CacheView(16, 100, 0, 1000, 1000)
+    waiting = [wait(i, 100) for i in range(20, 30)]
+    limits = Limits(64, 4096, "neo")
+    plan = Scheduler(cost, 1).schedule(waiting, running, cache, limits, 1)
+    assert check_plan(plan, waiting, running, cache, limits) == []
+    assert plan.prefill_cpu == [20]
+
+
 def test_gpu_only_preempts_newest_and_never_touches_the_cpu():
     running = [gpu(0, 80), gpu(1, 80)]
     cache = CacheView(16, 10, 0, 100, 100)

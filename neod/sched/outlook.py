@@ -5,15 +5,17 @@ already on the CPU (prompts part-way in there included), the GPU decodes that wo
 and the prompts the GPU cannot take.
 Policy `auto` offloads only when that beats the GPU alone, rated on the same sequences. The count of
 prompts the split takes is the CPU admission quota of the iteration: 0 once the CPU cannot keep up
-with the requests it holds, so prompts wait in the queue instead of starving on the CPU. Where
-offloading pays, the quota is also weighed against the GPU work of prefilling the queue (up to the
-token budget): the CPU takes as many prompts as it keeps up with while the GPU prefills, up to
-ROUND_ROBIN requests per decode it keeps up with in a decode iteration. Prompts left in the queue
-would otherwise be prefilled later, a few at a time, in iterations that stall every decode for a
-prefill, and the batch would end in a tail the CPU cannot fill; on the CPU they are ready for its
-next free decode slot (ageing keeps each of them progressing). When the
-split takes none of the requests already on the CPU and offloading does not pay, `auto` sends them
-home (scheduler.py, `_swap_in`).
+with the requests it holds, so prompts wait in the queue instead of starving on the CPU.
+
+Where offloading pays clearly (CLEAR_GAIN), the quota is also weighed against the GPU work of
+prefilling the queue (up to the token budget): the CPU takes as many prompts as it keeps up with
+while the GPU prefills, up to ROUND_ROBIN requests per decode it keeps up with in a decode
+iteration. Prompts left in the queue would otherwise be prefilled later, a few at a time, in
+iterations that stall every decode for a prefill, and the batch would end in a tail the CPU cannot
+fill; on the CPU they are ready for its next free decode slot (ageing keeps each progressing).
+
+When the split takes none of the requests already on the CPU and offloading does not pay, `auto`
+sends them home (scheduler.py, `_swap_in`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ MAX_PROMPTS = 128
 # prefills: each of them then decodes at least every third iteration on average, and the decode
 # iterations after the prompts stay at the CPU's balance instead of its pace.
 ROUND_ROBIN = 3
+# Least predicted gain of a decode iteration over the GPU alone before the CPU takes prompts
+# beyond the decode quota: it holds each for its whole output, and where offloading only just
+# pays, `auto` may soon send them home, which costs more than their later prefills would have.
+CLEAR_GAIN = 0.10
 
 
 class _Knobs(Protocol):
@@ -97,7 +103,8 @@ def outlook(
     pays = placing and rate_beats(
         split.num_tokens_out, split.iter_s, num_gpu, gpu_s, knobs.auto_margin
     )
-    if pays and quota < len(prompts):
+    clear = rate_beats(split.num_tokens_out, split.iter_s, num_gpu, gpu_s, CLEAR_GAIN)
+    if pays and clear and quota < len(prompts):
         room = ROUND_ROBIN * len(taken) - len(held)
         if room > quota:
             while_prefilling = _quota_while_prefilling(
