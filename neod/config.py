@@ -126,6 +126,9 @@ class SchedulerConfig(_Section):
                                "none)", lo=0.0, hi=1.0)
     cpu_stretch: float = _key(1.0, "most CPU decodes may lengthen an iteration beyond its GPU work "
                               "(1.0: to twice it)", lo=0.0, hi=100.0)
+    cpu_round_robin: int = _key(3, "most requests the CPU holds per decode it keeps up with, when "
+                                "it takes prompts while the GPU prefills the queue (1: no more "
+                                "than it decodes every iteration)", lo=1, hi=64)
 
 
 @dataclass(frozen=True)

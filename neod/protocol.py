@@ -356,7 +356,7 @@ class ControlRequest:
 
 
 _TUNE_KNOBS = ("policy", "max_batch_size", "max_tokens_in_batch", "cpu_threads", "cpu_min_gain",
-               "cpu_stretch")
+               "cpu_stretch", "cpu_round_robin")
 # A tune that resizes the CPU pool may measure the pool again (its CPU side of the profile):
 # the daemon waits this long for the engine, and neoctl a little longer for the reply.
 CPU_RETUNE_TIMEOUT_S = 300.0
@@ -391,7 +391,8 @@ def _control_fields(obj: dict[str, Any]) -> ControlRequest:
                  ("max_tokens_in_batch", f.integer("max_tokens_in_batch", None, 1, 1 << 24)),
                  ("cpu_threads", f.integer("cpu_threads", None, 1, 4096)),
                  ("cpu_min_gain", f.number("cpu_min_gain", None, 0.0, 1.0)),
-                 ("cpu_stretch", f.number("cpu_stretch", None, 0.0, 100.0)))
+                 ("cpu_stretch", f.number("cpu_stretch", None, 0.0, 100.0)),
+                 ("cpu_round_robin", f.integer("cpu_round_robin", None, 1, 64)))
         args = {name: value for name, value in knobs if value is not None}
         if not args:
             raise _bad(f"tune needs at least one of {', '.join(_TUNE_KNOBS)}")

@@ -78,7 +78,11 @@ def test_tune_applies_and_validates(daemon: EmbeddedDaemon, config_file: Path) -
     assert code == 0 and "cpu_stretch=0.5" in out and "cpu_min_gain=0.02" in out
     code, out, _ = ctl(config_file, "status", "--json")
     assert orjson.loads(out)["engine"]["cpu_stretch"] == 0.5
-    assert "cpu_min_gain 0.02  cpu_stretch 0.5" in ctl(config_file, "status")[1]
+    assert "cpu_min_gain 0.02  cpu_stretch 0.5  cpu_round_robin 3" in ctl(config_file, "status")[1]
+    code, out, _ = ctl(config_file, "tune", "--cpu-round-robin", "1")
+    assert code == 0 and "cpu_round_robin=1" in out
+    code, _, err = ctl(config_file, "tune", "--cpu-round-robin", "0")
+    assert code == 1 and "cpu_round_robin" in err
     code, _, err = ctl(config_file, "tune", "--cpu-min-gain", "-1")
     assert code == 1 and "cpu_min_gain" in err
     code, _, err = ctl(config_file, "tune")

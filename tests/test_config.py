@@ -91,6 +91,8 @@ def test_boolean_keys_read_the_word(text: str, value: bool) -> None:
     ("scheduler.cpu_min_gain=2", "[scheduler] cpu_min_gain: 2.0 is not allowed; expected a number "
                                  "in [0.0, 1.0]"),
     ("scheduler.cpu_stretch=-0.1", "[scheduler] cpu_stretch"),
+    ("scheduler.cpu_round_robin=0", "[scheduler] cpu_round_robin: 0 is not allowed; expected an "
+                                    "integer in [1, 64]"),
     ("cpu.amx_values=true", "[cpu] amx_values: 'true' is not allowed; expected one of auto, on, "
                             "off"),
 ])

@@ -510,6 +510,12 @@ def test_tune_validates_and_applies(tmp_path):
         engine.tune(cpu_min_gain=True)
     assert engine.rt.scheduler.split_rule.stretch == 0.3 and engine.stats()["max_batch_size"] == 8
     assert engine.stats()["cpu_stretch"] == 0.3
+    assert engine.tune(cpu_round_robin=1)["cpu_round_robin"] == 1
+    assert engine.rt.scheduler.split_rule == SplitRule(min_gain=0.05, stretch=0.3, round_robin=1)
+    for bad in (0, 65, 2.0, True):
+        with pytest.raises(ValueError, match=r"round_robin must be an integer in \[1, 64\]"):
+            engine.tune(cpu_round_robin=bad, cpu_stretch=1.0)
+    assert engine.stats()["cpu_round_robin"] == 1 and engine.stats()["cpu_stretch"] == 0.3
 
 
 def test_resizing_the_cpu_pool_brings_its_profile_along(tmp_path, monkeypatch):

@@ -144,6 +144,12 @@ def test_control_messages() -> None:
         decode_control(encode_control("tune", "q", cpu_stretch=-1))
     with pytest.raises(ProtocolError, match="field 'cpu_min_gain' must be a number"):
         decode_control(encode_control("tune", "q", cpu_min_gain="1%"))
+    assert decode_control(encode_control("tune", "q", cpu_round_robin=1)).args == {
+        "cpu_round_robin": 1
+    }
+    for bad in (0, 65, 2.5):
+        with pytest.raises(ProtocolError, match=r"field 'cpu_round_robin' must be an integer"):
+            decode_control(encode_control("tune", "q", cpu_round_robin=bad))
     with pytest.raises(ProtocolError, match="unknown control command 'generate'"):
         decode_control(encode_control("generate", "q"))
     reply = orjson.loads(encode_reply("q", error=ProtocolError(ErrorCode.OVERLOADED, "busy")))

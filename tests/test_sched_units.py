@@ -200,9 +200,11 @@ def test_past_the_balance_point_the_minimum_gain_and_the_stretch_bound_decide():
     assert taken(SplitRule(min_gain=0.028)) == (9, pytest.approx(2.35))
     assert taken(SplitRule(stretch=0.1)) == (9, pytest.approx(2.35))
     assert taken(SplitRule(min_gain=0.5)) == (8, pytest.approx(2.2))  # NEO's balance rule
-    for out_of_range in ({"min_gain": -0.01}, {"min_gain": 1.5}, {"stretch": 101.0}):
-        with pytest.raises(ValueError, match="must be in"):
-            SplitRule(**out_of_range)
+    out_of_range = ({"min_gain": -0.01}, {"min_gain": 1.5}, {"stretch": 101.0},
+                    {"round_robin": 0}, {"round_robin": 65}, {"round_robin": 2.0})  # fmt: skip
+    for knobs in out_of_range:
+        with pytest.raises(ValueError, match="must be"):
+            SplitRule(**knobs)
 
 
 def test_split_leaves_out_cpu_work_that_lowers_the_rate_but_keeps_forced():
@@ -300,6 +302,11 @@ def test_the_cpu_takes_the_prompts_it_keeps_up_with_while_the_gpu_prefills_them(
     assert check_plan(plan, waiting, running, cache, limits) == []
     assert plan.swap_out == [1]
     assert plan.prefill_cpu == list(range(2, 2 + admitted))
+    # scheduler.cpu_round_robin = 1: no more than the CPU decodes every iteration.
+    once = Scheduler(cost, 1, split_rule=SplitRule(round_robin=1)).schedule(
+        waiting, running, cache, limits, 1
+    )
+    assert once.prefill_cpu == list(range(2, 2 + min(admitted, 3)))
 
 
 def test_where_offloading_only_just_pays_the_cpu_takes_no_more_than_a_decode_iteration_hides():

@@ -158,6 +158,7 @@ def random_knobs(rng: random.Random, start: dict[str, Any]) -> dict[str, Any]:
     if rng.random() < 0.3:  # from hiding-only to past any balance
         knobs["cpu_min_gain"] = rng.choice([0.0, 0.01, 1.0])
         knobs["cpu_stretch"] = rng.choice([0.0, 0.1, 1.0, 10.0])
+        knobs["cpu_round_robin"] = rng.choice([1, 3, 64])
     if start.get("cpu_threads") and rng.random() < CPU_RESIZE_SHARE:
         knobs["cpu_threads"] = rng.randint(1, start["cpu_threads"])
     return knobs
@@ -179,7 +180,8 @@ async def _retune(control: str, every_s: float, rng: random.Random, done: asynci
     with ControlClient(control) as ctl:
         engine = (await asyncio.to_thread(ctl.call, "status"))["engine"]
         start = {key: engine[key] for key in ("policy", "max_batch_size", "max_tokens_in_batch",
-                                              "cpu_min_gain", "cpu_stretch")}
+                                              "cpu_min_gain", "cpu_stretch",
+                                              "cpu_round_robin")}
         if engine.get("cpu_pool", {}).get("threads"):
             start["cpu_threads"] = engine["cpu_pool"]["threads"]
         last = False

@@ -14,7 +14,8 @@ from neod.cpu.topology import format_cpu_list
 from neod.protocol import CPU_RETUNE_TIMEOUT_S
 
 _SHOWN_ENGINE_KEYS = {"model", "device", "dtype", "policy", "mode", "max_batch_size",
-                      "max_tokens_in_batch", "cpu_min_gain", "cpu_stretch", "max_model_len",
+                      "max_tokens_in_batch", "cpu_min_gain", "cpu_stretch", "cpu_round_robin",
+                      "max_model_len",
                       "waiting", "decoding_gpu", "decoding_cpu", "kv_gpu", "kv_cpu", "cpu_pool",
                       "cpu_cost_scale", "pipeline_handoff"}
 
@@ -49,7 +50,7 @@ def render_status(result: dict[str, Any]) -> str:
             f"policy    {eng.get('policy')}  mode {_mode(eng)}"
             + f"  max_batch_size {eng.get('max_batch_size')}  max_tokens_in_batch "
               f"{eng.get('max_tokens_in_batch')}  cpu_min_gain {eng.get('cpu_min_gain')}  "
-              f"cpu_stretch {eng.get('cpu_stretch')}",
+              f"cpu_stretch {eng.get('cpu_stretch')}  cpu_round_robin {eng.get('cpu_round_robin')}",
             f"requests  active {srv.get('active_requests')}  waiting {srv.get('waiting_requests')} "
             f"(engine queue {eng.get('waiting')}, held by neod {srv.get('held_by_neod')})  "
             f"decoding on GPU {eng.get('decoding_gpu')}, on CPU {eng.get('decoding_cpu')}",
@@ -147,15 +148,21 @@ def register(app: typer.Typer) -> None:
              cpu_stretch: float | None = typer.Option(
                  None, help="most CPU decodes may lengthen an iteration beyond its GPU work "
                  "(1.0 = to twice it): the GPU requests' time per token against throughput"),
+             cpu_round_robin: int | None = typer.Option(
+                 None, help="most requests the CPU holds per decode it keeps up with, when it "
+                 "takes prompts while the GPU prefills (1 = no more than it decodes every "
+                 "iteration): throughput and time to first token against the CPU requests' time "
+                 "per token"),
              json: bool = typer.Option(False, "--json", help="print the raw JSON")) -> None:
         """Change scheduling knobs live; the daemon validates them and reports what it applied."""
         knobs = {k: v for k, v in (("policy", policy), ("max_batch_size", max_batch_size),
                                    ("max_tokens_in_batch", max_tokens_in_batch),
                                    ("cpu_threads", cpu_threads), ("cpu_min_gain", cpu_min_gain),
-                                   ("cpu_stretch", cpu_stretch)) if v is not None}
+                                   ("cpu_stretch", cpu_stretch),
+                                   ("cpu_round_robin", cpu_round_robin)) if v is not None}
         if not knobs:
             fail("give at least one of --policy, --max-batch-size, --max-tokens-in-batch, "
-                 "--cpu-threads, --cpu-min-gain, --cpu-stretch", 2)
+                 "--cpu-threads, --cpu-min-gain, --cpu-stretch, --cpu-round-robin", 2)
         wait = {"timeout_s": CPU_RETUNE_TIMEOUT_S + 10} if cpu_threads is not None else {}
         result = ctx.obj.call("tune", **wait, **knobs)
         if json:

@@ -188,10 +188,12 @@ class Engine:
         rule = self.rt.scheduler.split_rule
         min_gain = knobs.pop("cpu_min_gain", rule.min_gain)
         stretch = knobs.pop("cpu_stretch", rule.stretch)
+        round_robin = knobs.pop("cpu_round_robin", rule.round_robin)
         if knobs:
             raise ValueError(
                 f"unknown tuning knob(s): {', '.join(sorted(knobs))}; allowed: policy, "
-                "max_batch_size, max_tokens_in_batch, cpu_threads, cpu_min_gain, cpu_stretch"
+                "max_batch_size, max_tokens_in_batch, cpu_threads, cpu_min_gain, cpu_stretch, "
+                "cpu_round_robin"
             )
         if not all(
             isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
@@ -200,7 +202,8 @@ class Engine:
             raise ValueError(
                 f"cpu_min_gain and cpu_stretch must be numbers, got {min_gain!r}, {stretch!r}"
             )
-        rule = SplitRule(float(min_gain), float(stretch))  # ValueError out of range
+        # ValueError out of range
+        rule = SplitRule(float(min_gain), float(stretch), round_robin)
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         if policy != "gpu-only" and self.rt.cpu_pool is None:
@@ -236,6 +239,7 @@ class Engine:
             "cpu_threads": self.rt.cpu_threads,
             "cpu_min_gain": rule.min_gain,
             "cpu_stretch": rule.stretch,
+            "cpu_round_robin": rule.round_robin,
         }
 
     def stats(self) -> dict[str, Any]:
@@ -251,6 +255,7 @@ class Engine:
             "max_prefill_tokens": self.max_prefill_tokens,
             "cpu_min_gain": self.rt.scheduler.split_rule.min_gain,
             "cpu_stretch": self.rt.scheduler.split_rule.stretch,
+            "cpu_round_robin": self.rt.scheduler.split_rule.round_robin,
             "max_model_len": self.rt.max_model_len,
             "vocab_size": self.rt.vocab_size,
             "waiting": len(self.waiting),

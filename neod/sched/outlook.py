@@ -9,8 +9,10 @@ with the requests it holds, so prompts wait in the queue instead of starving on 
 
 Where offloading pays clearly (CLEAR_GAIN), the quota is also weighed against the GPU work of
 prefilling the queue (up to the token budget): the CPU takes as many prompts as it keeps up with
-while the GPU prefills, up to ROUND_ROBIN requests per decode it keeps up with in a decode
-iteration. Prompts left in the queue would otherwise be prefilled later, a few at a time, in
+while the GPU prefills, up to `SplitRule.round_robin` requests per decode it keeps up with in a
+decode iteration (scheduler.cpu_round_robin; 3: each then decodes at least every third iteration
+on average, and the decode iterations after the prompts stay at the CPU's balance instead of its
+pace). Prompts left in the queue would otherwise be prefilled later, a few at a time, in
 iterations that stall every decode for a prefill, and the batch would end in a tail the CPU cannot
 fill; on the CPU they are ready for its next free decode slot (ageing keeps each progressing).
 
@@ -30,10 +32,6 @@ from neod.sched.views import CacheView, Limits, SeqView, blocks_for
 # Waiting prompts weighed as future CPU decodes: enough to fill any CPU's hidden capacity, few
 # enough to keep a pass well under a millisecond.
 MAX_PROMPTS = 128
-# Requests the CPU may hold per decode it keeps up with, when it takes prompts while the GPU
-# prefills: each of them then decodes at least every third iteration on average, and the decode
-# iterations after the prompts stay at the CPU's balance instead of its pace.
-ROUND_ROBIN = 3
 # Least predicted gain of a decode iteration over the GPU alone before the CPU takes prompts
 # beyond the decode quota: it holds each for its whole output, and where offloading only just
 # pays, `auto` may soon send them home, which costs more than their later prefills would have.
@@ -105,7 +103,7 @@ def outlook(
     )
     clear = rate_beats(split.num_tokens_out, split.iter_s, num_gpu, gpu_s, CLEAR_GAIN)
     if pays and clear and quota < len(prompts):
-        room = ROUND_ROBIN * len(taken) - len(held)
+        room = knobs.split_rule.round_robin * len(taken) - len(held)
         if room > quota:
             while_prefilling = _quota_while_prefilling(
                 knobs, num_gpu, gpu_ctx, held, prompts, waiting, limits

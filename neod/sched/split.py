@@ -41,15 +41,19 @@ from neod.sched.cost import (
 )
 
 Trial = tuple[float, float, float]  # a side's (projections, CPU path, transfer) seconds per layer
+MAX_ROUND_ROBIN = 64  # SplitRule.round_robin: past this a CPU request waits too long for a token
 
 
 @dataclass(frozen=True)
 class SplitRule:
-    """How far past the balance point CPU decodes are taken (scheduler.cpu_min_gain and
-    scheduler.cpu_stretch in neod.toml)."""
+    """How far past the balance point the CPU's work goes (scheduler.cpu_min_gain,
+    scheduler.cpu_stretch and scheduler.cpu_round_robin in neod.toml)."""
 
     min_gain: float = 0.01  # least rise of the iteration's tokens/s that one more CPU decode buys
     stretch: float = 1.0  # most the iteration may exceed its GPU-bound time (1.0: twice it)
+    # Most requests the CPU holds per decode it keeps up with, when it takes prompts while the GPU
+    # prefills the queue (neod.sched.outlook); 1: no more than it decodes every iteration.
+    round_robin: int = 3
 
     def __post_init__(self) -> None:
         # The ranges neod.toml and the control protocol allow (a gain over 100% is never bought).
@@ -58,11 +62,22 @@ class SplitRule:
                 f"min_gain must be in [0, 1] and stretch in [0, 100], got {self.min_gain}, "
                 f"{self.stretch}"
             )
+        if isinstance(self.round_robin, bool) or not isinstance(self.round_robin, int) or not (
+            1 <= self.round_robin <= MAX_ROUND_ROBIN
+        ):
+            raise ValueError(
+                f"round_robin must be an integer in [1, {MAX_ROUND_ROBIN}], got "
+                f"{self.round_robin!r}"
+            )
 
     @classmethod
     def of(cls, scheduler_config: Any) -> SplitRule:
         """From neod.toml's [scheduler] section (neod.config.SchedulerConfig)."""
-        return cls(scheduler_config.cpu_min_gain, scheduler_config.cpu_stretch)
+        return cls(
+            scheduler_config.cpu_min_gain,
+            scheduler_config.cpu_stretch,
+            scheduler_config.cpu_round_robin,
+        )
 
 
 @dataclass(frozen=True)
