@@ -101,8 +101,8 @@ def outlook(
     pays = placing and rate_beats(
         split.num_tokens_out, split.iter_s, num_gpu, gpu_s, knobs.auto_margin
     )
-    clear = rate_beats(split.num_tokens_out, split.iter_s, num_gpu, gpu_s, CLEAR_GAIN)
-    if pays and clear and quota < len(prompts):
+    clear = pays and rate_beats(split.num_tokens_out, split.iter_s, num_gpu, gpu_s, CLEAR_GAIN)
+    if clear and quota < len(prompts):
         room = knobs.split_rule.round_robin * len(taken) - len(held)
         if room > quota:
             while_prefilling = _quota_while_prefilling(
