@@ -24,6 +24,7 @@ from neod.sched import (
     Residence,
     Scheduler,
     SeqView,
+    SplitRule,
     ZeroCostModel,
     blocks_for,
     check_plan,
@@ -276,6 +277,22 @@ def test_running_requests_never_starve(case):
     sched = Scheduler(cost, num_layers=4, age_limit=3)
     sim = Sim(sched, num_gpu, num_cpu, bs, limits, reqs)
     sim.run(step_bound(reqs, sched.age_limit))
+    assert sim.max_running_gap <= sched.age_limit
+
+
+@FAST
+@given(workloads(("auto", "neo"), ample_budget=True, crowded=True), st.sampled_from([1, 2, 3, 64]))
+def test_the_cpu_taking_the_queue_keeps_every_plan_valid_and_every_request_progressing(
+    case, round_robin
+):
+    """Whatever scheduler.cpu_round_robin lets the CPU take from the queue while the GPU
+    prefills, every request finishes and none waits longer than the age limit between tokens."""
+    num_gpu, num_cpu, bs, limits, reqs, cost = case
+    rule = SplitRule(round_robin=round_robin)
+    sched = Scheduler(cost, num_layers=4, age_limit=3, split_rule=rule)
+    sim = Sim(sched, num_gpu, num_cpu, bs, limits, reqs)
+    sim.run(step_bound(reqs, sched.age_limit))
+    assert len(sim.done) == len(reqs) and not any(s.unservable for s in sim.done.values())
     assert sim.max_running_gap <= sched.age_limit
 
 
