@@ -24,6 +24,7 @@ SYSTEM_CONFIG_PATH = Path("/etc/neod/neod.toml")
 
 PRESET_NAMES = ("tiny", "llama-3.2-1b", "llama-2-7b", "llama-3.1-8b", "llama-3.1-70b")
 POLICIES = ("auto", "gpu-only", "neo")
+MAX_CPU_ROUND_ROBIN = 64  # as neod.sched.split.MAX_ROUND_ROBIN (the scheduler imports no config)
 _DEVICE_RE = re.compile(r"auto|cpu|cuda|cuda:\d+")
 _ENDPOINT_RE = re.compile(r"tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.*-]+):\d{1,5}|ipc://.+")
 
@@ -128,7 +129,8 @@ class SchedulerConfig(_Section):
                               "(1.0: to twice it)", lo=0.0, hi=100.0)
     cpu_round_robin: int = _key(3, "most requests the CPU holds per decode it keeps up with, when "
                                 "it takes prompts while the GPU prefills the queue (1: no more "
-                                "than it decodes every iteration)", lo=1, hi=64)
+                                "than it decodes every iteration)", lo=1,
+                                hi=MAX_CPU_ROUND_ROBIN)
 
 
 @dataclass(frozen=True)

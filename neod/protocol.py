@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import orjson
 
-from neod.config import POLICIES
+from neod.config import MAX_CPU_ROUND_ROBIN, POLICIES
 
 PROTOCOL_VERSION = 1
 MAX_ID_CHARS = 128
@@ -392,7 +392,7 @@ def _control_fields(obj: dict[str, Any]) -> ControlRequest:
                  ("cpu_threads", f.integer("cpu_threads", None, 1, 4096)),
                  ("cpu_min_gain", f.number("cpu_min_gain", None, 0.0, 1.0)),
                  ("cpu_stretch", f.number("cpu_stretch", None, 0.0, 100.0)),
-                 ("cpu_round_robin", f.integer("cpu_round_robin", None, 1, 64)))
+                 ("cpu_round_robin", f.integer("cpu_round_robin", None, 1, MAX_CPU_ROUND_ROBIN)))
         args = {name: value for name, value in knobs if value is not None}
         if not args:
             raise _bad(f"tune needs at least one of {', '.join(_TUNE_KNOBS)}")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from neod.config import (
+    MAX_CPU_ROUND_ROBIN,
     Config,
     ConfigError,
     ServerConfig,
@@ -23,6 +24,13 @@ from neod.config import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_round_robin_bound_is_the_schedulers():
+    """neod.toml and the control protocol refuse what SplitRule refuses, and nothing more."""
+    from neod.sched.split import MAX_ROUND_ROBIN
+
+    assert MAX_CPU_ROUND_ROBIN == MAX_ROUND_ROBIN
 
 
 def test_defaults_match_the_contract() -> None:
