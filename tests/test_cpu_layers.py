@@ -26,6 +26,14 @@ def attn(tile_products):
         yield pool
 
 
+@pytest.fixture(scope="module")
+def crowded(tile_products):
+    """Four workers per CPU: they are preempted mid-share, so one falls behind while the others
+    run ahead, which a pool of one worker per core rarely shows."""
+    with CpuAttention(cores=CPUS[:2] * 4) as pool:
+        yield pool
+
+
 def _flight(
     gen: torch.Generator,
     seq_lens: list[int],
@@ -128,13 +136,15 @@ def test_layers_match_the_reference_flight_by_flight(attn, dtype, hq, hkv, head_
         assert f.done.tolist() == [seq] * num_layers
 
 
-def _check_layer(kv: torch.Tensor, f: CpuFlight, block_size: int, dtype: torch.dtype) -> None:
+def _check_layer(
+    kv: torch.Tensor, f: CpuFlight, block_size: int, dtype: torch.dtype, output: bool = True
+) -> None:
     for i in range(f.q.shape[0]):  # the new token's K/V were appended before the attention
         pos = int(f.seq_lens[i]) - 1
         block, offset = int(f.block_tables[i, pos // block_size]), pos % block_size
         assert torch.equal(kv[block, 0, :, offset], f.k_new[i])
         assert torch.equal(kv[block, 1, :, offset], f.v_new[i])
-    if f.q.shape[0]:
+    if output and f.q.shape[0]:
         ref, _ = reference_decode(f.q, kv, f.block_tables, f.seq_lens)
         torch.testing.assert_close(f.out.double(), ref, rtol=RTOL[dtype], atol=2e-4)
     if f.prefill_slots is not None:
@@ -205,3 +215,85 @@ def test_a_flight_that_only_stores_prefill_rows_runs(attn):
     assert staged.done.tolist() == [seq] * num_layers
     for layer in range(num_layers):
         _check_layer(pool[layer], staged, 16, torch.bfloat16)
+
+
+def _fill(gen: torch.Generator, f: CpuFlight) -> None:
+    for t in (f.q, f.k_new, f.v_new, f.prefill_k, f.prefill_v):
+        if t is not None:
+            t.copy_(torch.randn(t.shape, generator=gen))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("pool_kind", ["attn", "crowded"])
+def test_layers_ready_together_run_back_to_back_and_match_the_reference(
+    attn, crowded, pool_kind, seed
+):
+    """Every ready flag set before the call: workers move on to the next (layer, flight) while the
+    slowest finishes the last, so consecutive steps overlap. Long requests are cut into pieces
+    whose partials two overlapping steps must not mix up; each flight's output is checked at the
+    last layer, its appended and stored rows in every layer."""
+    attn = crowded if pool_kind == "crowded" else attn
+    gen = torch.Generator().manual_seed(100 + seed)
+    dtype, hq, hkv, head_dim, block_size = torch.bfloat16, 8, 2, 64, 16
+    num_flights = 2 + seed % 3
+    num_layers = 1 + seed % 4
+    seq = 7 + seed
+    flights, first_block = [], 0
+    lens_of = []
+    for i in range(num_flights):
+        lens = torch.randint(1, 40 * block_size, (1 + (seed + i) % 4,), generator=gen).tolist()
+        lens_of.append(lens)
+        first_block += sum(-(-n // block_size) for n in lens)
+    num_prefill = 3 * block_size + seed
+    prefill_first = first_block
+    num_blocks = first_block + -(-num_prefill * num_flights // block_size) + 1
+    pool = torch.randn(num_layers, num_blocks, 2, hkv, block_size, head_dim, generator=gen)
+    pool = pool.to(dtype)
+    first_block = 0
+    for i, lens in enumerate(lens_of):
+        staged = num_prefill if i % 2 == 0 else 0
+        f = _flight(gen, lens, first_block, num_layers, hq, hkv, head_dim, block_size, dtype,
+                    staged, prefill_first + i * num_prefill // block_size, fused=i == 1)
+        if staged:  # slots past the flights' blocks, disjoint between flights
+            f.prefill_slots = (prefill_first * block_size + i * num_prefill
+                               + torch.randperm(num_prefill, generator=gen))
+        _fill(gen, f)
+        f.ready.fill_(seq)
+        flights.append(f)
+        first_block += sum(-(-n // block_size) for n in lens)
+    busy = attn.decode_layers(pool, flights, seq, timeout_s=30.0)
+    assert busy.wall_s > 0 and 0 < busy.worker_s <= attn.num_threads * busy.wall_s
+    for f in flights:
+        assert f.done.tolist() == [seq] * num_layers
+        _check_layer(pool[num_layers - 1], f, block_size, dtype)
+        for layer in range(num_layers - 1):
+            _check_layer(pool[layer], f, block_size, dtype, output=False)
+
+
+def test_one_flight_with_every_layer_ready_appends_and_stores_in_each(attn):
+    """Consecutive layers of one flight may overlap (as when a profiler times ready layers back to
+    back): each layer still gets its own appended and stored rows, and the last layer's output."""
+    gen = torch.Generator().manual_seed(12)
+    num_layers, seq, block_size = 5, 3, 16
+    pool = torch.randn(num_layers, 80, 2, 2, block_size, 64, generator=gen).to(torch.bfloat16)
+    f = _flight(gen, [700, 33, 260], 0, num_layers, 8, 2, 64, block_size, torch.bfloat16,
+                num_prefill=40, prefill_first_block=70)
+    _fill(gen, f)
+    f.ready.fill_(seq)
+    attn.decode_layers(pool, [f], seq, timeout_s=30.0)
+    assert f.done.tolist() == [seq] * num_layers
+    for layer in range(num_layers):
+        _check_layer(pool[layer], f, block_size, torch.bfloat16, output=False)
+
+
+def test_a_late_flight_times_out_after_the_others_ran(attn):
+    """Flight 0 is ready in every layer, flight 1 never: flight 0's first layer runs, the call
+    names flight 1's, and every done flag is released."""
+    pool, flight = _small(num_layers=3)
+    _, late = _small(num_layers=3)
+    late.block_tables = flight.block_tables.clone()
+    flight.ready.fill_(4)
+    with pytest.raises(TimeoutError, match="layer 0 of flight 1"):
+        attn.decode_layers(pool, [flight, late], 4, timeout_s=0.2)
+    assert flight.done.tolist() == [4, 4, 4] and late.done.tolist() == [4, 4, 4]
+    _check_layer(pool[0], flight, 16, torch.bfloat16)

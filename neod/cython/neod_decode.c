@@ -21,8 +21,6 @@
 
 /* A share smaller than this many blocks costs more in hand-off and merging than it saves. */
 #define MIN_BLOCKS_PER_SHARE 4
-/* Shares per worker, at most: enough for the others to absorb one worker at half speed. */
-#define SHARES_PER_WORKER 4
 /* Score slots per online-softmax step: amortizes the per-head rescale over several blocks. */
 #define CHUNK_TOKENS 64
 
@@ -30,33 +28,25 @@ typedef struct {
     int request;
     int first_partial;
     int num_partials;
-    atomic_int remaining;
 } split_request;
 
 struct neod_decode_plan {
-    struct NeodDecodeArgs args; /* args.kv is set by each run */
+    struct NeodDecodeArgs args; /* as validated; each run passes its own (its kv layer) */
     struct NeodWorkItem *items;
     int *item_split;   /* [num_items] index into splits, or -1 for a whole request */
     int *share_first; /* share s is items [share_first[s], share_first[s + 1]) */
     int num_shares;
     split_request *splits;
     int num_splits;
-    float *partial_out; /* [2 * shares, num_q_heads, head_dim] */
-    float *partial_lse; /* [2 * shares, num_q_heads] */
+    size_t scratch_floats; /* per worker */
 };
 
 typedef struct {
     neod_pool *pool;
+    const neod_decode_plan *plan;
     const struct NeodDecodeArgs *args;
-    const struct NeodWorkItem *items;
-    const int *item_split;   /* [num_items] index into splits, or -1 for a whole request */
-    const int *share_first; /* share s is items [share_first[s], share_first[s + 1]) */
-    int num_shares;
+    struct NeodDecodeRun run;
     atomic_int next_share;  /* the next share a worker may claim */
-    split_request *splits;
-    float *partial_out;      /* [num_partials, num_q_heads, head_dim] */
-    float *partial_lse;      /* [num_partials, num_q_heads] */
-    size_t scratch_floats;
     atomic_int out_of_memory;
     atomic_llong worker_ns;  /* time in decode_task, summed over the workers */
 } decode_job;
@@ -126,17 +116,22 @@ static void append_new_kv(const struct NeodDecodeArgs *a, int b) {
     }
 }
 
-static void decode_task(void *ctx, int t) {
-    decode_job *job = ctx;
-    const struct NeodDecodeArgs *a = job->args;
-    int share = atomic_fetch_add_explicit(&job->next_share, 1, memory_order_relaxed);
-    if (share >= job->num_shares) return;
-    int64_t start = now_ns();
-    float *mem = neod_pool_scratch(job->pool, t, job->scratch_floats * sizeof(float));
-    if (mem == NULL) {
-        atomic_store(&job->out_of_memory, 1);
-        return;
-    }
+size_t neod_decode_scratch_bytes(const neod_decode_plan *plan) {
+    return plan->scratch_floats * sizeof(float);
+}
+
+int neod_decode_plan_shares(const neod_decode_plan *plan) { return plan->num_shares; }
+
+int neod_decode_plan_uses_amx(const neod_decode_plan *plan) {
+    return plan->args.amx_scores == NEOD_AMX_TILES || plan->args.amx_values == NEOD_AMX_TILES;
+}
+
+void neod_decode_run_arm(const neod_decode_plan *plan, struct NeodDecodeRun *run) {
+    for (int s = 0; s < plan->num_splits; s++) run->split_remaining[s] = plan->splits[s].num_partials;
+}
+
+void neod_decode_share(const neod_decode_plan *plan, const struct NeodDecodeArgs *a, int share,
+                       float *mem, const struct NeodDecodeRun *run) {
     size_t qf = query_floats(a), acc = pad16((size_t)a->num_q_heads * a->head_dim);
     size_t h = pad16(a->num_q_heads);
     size_t scores = (size_t)a->num_q_heads * pad16(a->block_size) * (size_t)chunk_blocks(a);
@@ -146,25 +141,36 @@ static void decode_task(void *ctx, int t) {
     struct NeodScratch scratch = {mem, mem + qf, mem + qf + acc, mem + qf + acc + h, s,
                                   s + scores, tiles, chunk_blocks(a)};
     int append = a->k_new != NULL && a->v_new != NULL;
-    int amx = a->amx_scores == NEOD_AMX_TILES || a->amx_values == NEOD_AMX_TILES;
-    if (amx) neod_amx_configure();
-    for (; share < job->num_shares;
-         share = atomic_fetch_add_explicit(&job->next_share, 1, memory_order_relaxed)) {
-        for (int i = job->share_first[share]; i < job->share_first[share + 1]; i++) {
-            const struct NeodWorkItem *item = &job->items[i];
-            int last_block = (a->seq_lens[item->request] - 1) / a->block_size;
-            if (append && item->block_begin <= last_block && last_block < item->block_end)
-                append_new_kv(a, item->request);
-            neod_attend(a, item, &scratch, job->partial_out, job->partial_lse);
-            int s = job->item_split[i];
-            if (s >= 0 && atomic_fetch_sub_explicit(&job->splits[s].remaining, 1,
-                                                    memory_order_acq_rel) == 1) {
-                split_request *sp = &job->splits[s];
-                neod_merge_partials(a, sp->request, sp->first_partial, sp->num_partials,
-                                    job->partial_out, job->partial_lse);
-            }
+    for (int i = plan->share_first[share]; i < plan->share_first[share + 1]; i++) {
+        const struct NeodWorkItem *item = &plan->items[i];
+        int last_block = (a->seq_lens[item->request] - 1) / a->block_size;
+        if (append && item->block_begin <= last_block && last_block < item->block_end)
+            append_new_kv(a, item->request);
+        neod_attend(a, item, &scratch, run->partial_out, run->partial_lse);
+        int k = plan->item_split[i];
+        if (k >= 0 && __atomic_fetch_sub(&run->split_remaining[k], 1, __ATOMIC_ACQ_REL) == 1) {
+            const split_request *sp = &plan->splits[k];
+            neod_merge_partials(a, sp->request, sp->first_partial, sp->num_partials,
+                                run->partial_out, run->partial_lse);
         }
     }
+}
+
+static void decode_task(void *ctx, int t) {
+    decode_job *job = ctx;
+    int share = atomic_fetch_add_explicit(&job->next_share, 1, memory_order_relaxed);
+    if (share >= job->plan->num_shares) return;
+    int64_t start = now_ns();
+    float *mem = neod_pool_scratch(job->pool, t, neod_decode_scratch_bytes(job->plan));
+    if (mem == NULL) {
+        atomic_store(&job->out_of_memory, 1);
+        return;
+    }
+    int amx = neod_decode_plan_uses_amx(job->plan);
+    if (amx) neod_amx_configure();
+    for (; share < job->plan->num_shares;
+         share = atomic_fetch_add_explicit(&job->next_share, 1, memory_order_relaxed))
+        neod_decode_share(job->plan, job->args, share, mem, &job->run);
     if (amx) neod_amx_release();
     atomic_fetch_add_explicit(&job->worker_ns, now_ns() - start, memory_order_relaxed);
 }
@@ -195,12 +201,9 @@ static int64_t validate(const struct NeodDecodeArgs *a, char *err, size_t err_le
 }
 
 size_t neod_decode_plan_bytes(const neod_pool *pool, const struct NeodDecodeArgs *a) {
-    size_t shares = (size_t)neod_pool_size(pool) * SHARES_PER_WORKER;
+    size_t shares = (size_t)neod_pool_size(pool) * NEOD_SHARES_PER_WORKER;
     size_t max_items = (size_t)a->batch + shares;
-    size_t max_partials = 2 * shares;
-    size_t hq = a->num_q_heads, d = a->head_dim;
-    size_t sizes[] = {sizeof(struct neod_decode_plan), max_partials * hq * d * sizeof(float),
-                      max_partials * hq * sizeof(float), max_items * sizeof(struct NeodWorkItem),
+    size_t sizes[] = {sizeof(struct neod_decode_plan), max_items * sizeof(struct NeodWorkItem),
                       max_items * sizeof(int), (shares + 1) * sizeof(int),
                       shares * sizeof(split_request)};
     size_t bytes = 0;
@@ -208,28 +211,47 @@ size_t neod_decode_plan_bytes(const neod_pool *pool, const struct NeodDecodeArgs
     return bytes;
 }
 
+size_t neod_decode_run_bytes(const neod_pool *pool, const struct NeodDecodeArgs *a) {
+    size_t shares = (size_t)neod_pool_size(pool) * NEOD_SHARES_PER_WORKER;
+    size_t partials = 2 * shares, hq = a->num_q_heads, d = a->head_dim;
+    size_t sizes[] = {partials * hq * d * sizeof(float), partials * hq * sizeof(float),
+                      shares * sizeof(int)};
+    size_t bytes = 0;
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) bytes += (sizes[i] + 63) & ~(size_t)63;
+    return bytes;
+}
+
+struct NeodDecodeRun neod_decode_run_init(const neod_pool *pool, const struct NeodDecodeArgs *a,
+                                          void *memory) {
+    size_t shares = (size_t)neod_pool_size(pool) * NEOD_SHARES_PER_WORKER;
+    size_t partials = 2 * shares, hq = a->num_q_heads, d = a->head_dim;
+    char *cursor = memory;
+    struct NeodDecodeRun run;
+    run.partial_out = take(&cursor, partials * hq * d * sizeof(float));
+    run.partial_lse = take(&cursor, partials * hq * sizeof(float));
+    run.split_remaining = take(&cursor, shares * sizeof(int));
+    return run;
+}
+
 neod_decode_plan *neod_decode_plan_init(neod_pool *pool, const struct NeodDecodeArgs *a,
                                         void *memory, char *err, size_t err_len) {
     int64_t total = validate(a, err, err_len);
     if (total < 0) return NULL;
-    int max_shares = neod_pool_size(pool) * SHARES_PER_WORKER;
+    int max_shares = neod_pool_size(pool) * NEOD_SHARES_PER_WORKER;
     int64_t shares = total / MIN_BLOCKS_PER_SHARE;
     if (shares < 1) shares = 1;
     if (shares > max_shares) shares = max_shares;
     size_t max_items = (size_t)a->batch + (size_t)max_shares;
-    size_t max_partials = 2 * (size_t)max_shares;
-    size_t hq = a->num_q_heads, d = a->head_dim;
 
     char *cursor = memory;
     neod_decode_plan *plan = take(&cursor, sizeof(*plan));
     plan->args = *a;
-    plan->partial_out = take(&cursor, max_partials * hq * d * sizeof(float));
-    plan->partial_lse = take(&cursor, max_partials * hq * sizeof(float));
     plan->items = take(&cursor, max_items * sizeof(struct NeodWorkItem));
     plan->item_split = take(&cursor, max_items * sizeof(int));
     plan->share_first = take(&cursor, ((size_t)max_shares + 1) * sizeof(int));
     plan->splits = take(&cursor, (size_t)max_shares * sizeof(split_request));
     plan->num_shares = (int)shares;
+    plan->scratch_floats = scratch_floats(a);
     struct NeodWorkItem *items = plan->items;
     int *item_split = plan->item_split;
     int *share_first = plan->share_first;
@@ -279,41 +301,24 @@ neod_decode_plan *neod_decode_plan_init(neod_pool *pool, const struct NeodDecode
     return plan;
 }
 
-int neod_decode_plan_run(neod_pool *pool, neod_decode_plan *plan, void *kv, int64_t *worker_ns) {
+int neod_decode(neod_pool *pool, const struct NeodDecodeArgs *a, int64_t *worker_ns, char *err,
+                size_t err_len) {
     *worker_ns = 0;
-    if (plan->args.batch == 0) return 0;
-    plan->args.kv = kv;
-    for (int s = 0; s < plan->num_splits; s++)
-        atomic_init(&plan->splits[s].remaining, plan->splits[s].num_partials);
-    decode_job job = {
-        .pool = pool,
-        .args = &plan->args,
-        .items = plan->items,
-        .item_split = plan->item_split,
-        .share_first = plan->share_first,
-        .num_shares = plan->num_shares,
-        .splits = plan->splits,
-        .partial_out = plan->partial_out,
-        .partial_lse = plan->partial_lse,
-        .scratch_floats = scratch_floats(&plan->args),
-    };
+    if (a->batch == 0) return 0;
+    size_t plan_bytes = neod_decode_plan_bytes(pool, a);
+    char *memory = neod_pool_workspace(pool, plan_bytes + neod_decode_run_bytes(pool, a));
+    if (memory == NULL) return -2;
+    neod_decode_plan *plan = neod_decode_plan_init(pool, a, memory, err, err_len);
+    if (plan == NULL) return -1;
+    decode_job job = {.pool = pool, .plan = plan, .args = a,
+                      .run = neod_decode_run_init(pool, a, memory + plan_bytes)};
+    neod_decode_run_arm(plan, &job.run);
     atomic_init(&job.out_of_memory, 0);
     atomic_init(&job.worker_ns, 0);
     atomic_init(&job.next_share, 0);
     neod_pool_run(pool, decode_task, &job);
     *worker_ns = atomic_load(&job.worker_ns);
     return atomic_load(&job.out_of_memory) ? -2 : 0;
-}
-
-int neod_decode(neod_pool *pool, const struct NeodDecodeArgs *a, int64_t *worker_ns, char *err,
-                size_t err_len) {
-    *worker_ns = 0;
-    if (a->batch == 0) return 0;
-    void *memory = neod_pool_workspace(pool, neod_decode_plan_bytes(pool, a));
-    if (memory == NULL) return -2;
-    neod_decode_plan *plan = neod_decode_plan_init(pool, a, memory, err, err_len);
-    if (plan == NULL) return -1;
-    return neod_decode_plan_run(pool, plan, a->kv, worker_ns);
 }
 
 /* ---- read-bandwidth probe ------------------------------------------------------------------ */

@@ -20,7 +20,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define SPIN_NS 50000L /* poll this long before sleeping: covers the gap between layers */
+#define SPIN_NS 50000L /* poll this long before sleeping: covers the gap between back-to-back calls */
 
 typedef struct {
     neod_pool *pool;
@@ -42,7 +42,6 @@ struct neod_pool {
     atomic_uint generation;
     atomic_int remaining;
     atomic_int stopping;
-    atomic_int hold; /* workers poll without sleeping while set (neod_pool_hold) */
     int num_started; /* guarded by mutex */
     neod_task_fn fn;
     void *ctx;
@@ -73,8 +72,7 @@ static unsigned spin_for_generation(neod_pool *pool, unsigned seen) {
             if (gen != seen) return gen;
             cpu_relax();
         }
-        if (now_ns() > deadline && !atomic_load_explicit(&pool->hold, memory_order_relaxed))
-            return seen;
+        if (now_ns() > deadline) return seen;
     }
 }
 
@@ -160,7 +158,6 @@ neod_pool *neod_pool_create(const int *cores, int num_threads, char *err, size_t
     atomic_init(&pool->generation, 0);
     atomic_init(&pool->remaining, 0);
     atomic_init(&pool->stopping, 0);
-    atomic_init(&pool->hold, 0);
 
     /* Workers inherit a full signal mask: signals stay with the interpreter's threads. */
     sigset_t all, old;
@@ -214,10 +211,6 @@ void neod_pool_thread_ids(const neod_pool *pool, long *tids) {
     for (int i = 0; i < pool->num_threads; i++) tids[i] = pool->workers[i].tid;
 }
 
-void neod_pool_hold(neod_pool *pool, int on) {
-    atomic_store_explicit(&pool->hold, on, memory_order_relaxed);
-}
-
 void neod_pool_run(neod_pool *pool, neod_task_fn fn, void *ctx) {
     pthread_mutex_lock(&pool->mutex);
     pool->fn = fn;
@@ -230,7 +223,7 @@ void neod_pool_run(neod_pool *pool, neod_task_fn fn, void *ctx) {
     long deadline = now_ns() + SPIN_NS;
     while (atomic_load_explicit(&pool->remaining, memory_order_acquire) != 0) {
         cpu_relax();
-        if (now_ns() > deadline && !atomic_load_explicit(&pool->hold, memory_order_relaxed)) {
+        if (now_ns() > deadline) {
             pthread_mutex_lock(&pool->mutex);
             while (atomic_load_explicit(&pool->remaining, memory_order_acquire) != 0)
                 pthread_cond_wait(&pool->done, &pool->mutex);

@@ -2,8 +2,9 @@
  *
  * Why not OpenMP: its threads are unpinned, spin for long after a parallel region (stealing the
  * core of the thread that drives the GPU) and cannot be restarted with another core set. Here a
- * worker spins for a few tens of microseconds after a task (decode calls of consecutive layers
- * arrive that close together) and then sleeps on a condition variable.
+ * worker spins for a few tens of microseconds after a task (back-to-back calls arrive that close
+ * together; an iteration's layers are one task, neod_layers.h) and then sleeps on a condition
+ * variable.
  *
  * neod_pool_run is not reentrant: the caller serializes calls (the Cython binding holds a lock). */
 #ifndef NEOD_POOL_H
@@ -27,11 +28,6 @@ int neod_pool_size(const neod_pool *pool);
 
 /* Kernel thread ids (gettid) of the workers, in thread_index order. */
 void neod_pool_thread_ids(const neod_pool *pool, long *tids);
-
-/* While on, idle workers poll for the next task instead of sleeping after SPIN_NS: for a burst of
- * tasks separated by waits on the GPU (one per layer), where a futex wake-up per task would cost
- * more than the task. */
-void neod_pool_hold(neod_pool *pool, int on);
 
 /* Runs fn(ctx, i) on every worker i and returns when all have returned. */
 void neod_pool_run(neod_pool *pool, neod_task_fn fn, void *ctx);
