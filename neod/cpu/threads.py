@@ -1,12 +1,13 @@
 """The CPU attention pool's cores kept for its workers, and how long the workers waited for them.
 
-The pool splits every layer's KV blocks evenly over its pinned workers, so a layer ends when the
-slowest worker does: one worker that the kernel's scheduler pauses to run another thread holds up
-the whole pool. The engine thread, the thread that drives the CPU program, CUDA's and torch's
-threads are otherwise free to land on a worker's core, most of all while both devices work at once
-(pipelined iterations), which is when every core is busy. Keeping them on the cores the pool
-leaves, and reading how long the workers sat runnable but not running (the kernel's schedstat),
-makes that visible and avoidable.
+The pool's workers claim shares of every layer's KV blocks until none is left, so a layer ends
+when the worker holding its last share does: one worker that the kernel's scheduler pauses to run
+another thread in the middle of a share holds up every step that waits on that layer. The engine
+thread, the thread that drives the CPU program, CUDA's and torch's threads are otherwise free to
+land on a worker's core, most of all while both devices work at once (pipelined iterations),
+which is when every core is busy. Keeping them on the cores the pool leaves, and reading how long
+the workers sat runnable but not running (the kernel's schedstat), makes that visible and
+avoidable.
 """
 
 from __future__ import annotations

@@ -268,8 +268,9 @@ class Profiler:
 
     def cpu_decode(self) -> dict[tuple[int, int], float]:
         """CPU attention through the engine's own path (one `decode_layers` program over several
-        layers, the pool's workers held between them), each layer's inputs already in place, while
-        host-to-device copies compete for memory bandwidth (on a GPU host)."""
+        layers), each layer's inputs already in place, so that its steps run back to back as in an
+        iteration the CPU paces, while host-to-device copies compete for memory bandwidth (on a
+        GPU host)."""
         capacity = self.executor.cpu_pool.shape[1] * self.layout.block_size
         return {(b, ctx): self._cpu_point(b, ctx) for b, ctx in self._decode_grid(capacity)}
 

@@ -70,12 +70,12 @@ class CpuFlight:
 class LayersBusy(NamedTuple):
     """Where `decode_layers` spent an iteration (not counting its waits for the GPU)."""
 
-    wall_s: float  # computing, from each layer's inputs to its done flag
+    wall_s: float  # time during which some (layer, flight) step was computing
     worker_s: float  # the workers' time in that work, summed over them: at most threads x wall_s
 
     def pool_share(self, threads: int) -> float | None:
         """Share of the pool's thread time that computed; the rest went to hand-offs and to
-        waiting for the slowest worker of each layer."""
+        workers waiting for the next step's inputs while others finished theirs."""
         return self.worker_s / (threads * self.wall_s) if self.wall_s > 0 else None
 
 
