@@ -5,7 +5,8 @@ This is the regime in which the CPU paces a pipelined iteration: each step's inp
 when the previous one ends, so what the program loses between steps (a worker idle while the
 slowest of a step finishes, hand-offs) shows up in full. The profiler times the same program;
 this bench spells it out over a grid and next to the host's read rate, and an A/B of two builds
-of the native module is two runs of it on one machine.
+of the native module is two runs of it on one machine. Each point is first checked against the
+float64 reference.
 
     python -m neod.bench.cpu_program [--flights 2] [--batch 4,6,8] [--context 512,1100,4096]
         [--threads N] [--q-heads 64 --kv-heads 8 --head-dim 128] [--products amx-scores]
@@ -20,15 +21,23 @@ import logging
 import platform
 import statistics
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import torch
 
 from neod.bench.cpu_attention import GB, parse_ints
 from neod.cpu.topology import pool_cores, read_topology
-from neod.kernels.cpu_attention import CpuAttention, CpuFlight, amx_in_use, use_amx
+from neod.kernels.cpu_attention import (
+    CpuAttention,
+    CpuFlight,
+    amx_in_use,
+    reference_decode,
+    use_amx,
+)
 
 READ_BYTES = 1 << 30  # KV one timed program reads, at least: far beyond any last-level cache
+PATTERN_ELEMENTS = 1_000_003  # the KV pool's fill repeats after this many elements (a prime)
 
 
 def flights_for(
@@ -44,7 +53,12 @@ def flights_for(
     layers = -(-READ_BYTES // (step_bytes * args.flights))
     layers = max(1, min(args.layers, layers, int(args.max_kv_gib * 2**30 // layer_bytes)))
     pool = torch.empty(layers, num_blocks, 2, hkv, bs, d, dtype=args.dtype)
-    pool.normal_(generator=gen)
+    # A random pattern of a prime length repeated: every block differs from its neighbours, and
+    # filling gigabytes with fresh random numbers would take longer than timing them.
+    flat, pattern = pool.view(-1), torch.randn(PATTERN_ELEMENTS, generator=gen)
+    whole = flat.numel() // PATTERN_ELEMENTS * PATTERN_ELEMENTS
+    flat[:whole].view(-1, PATTERN_ELEMENTS).copy_(pattern)
+    flat[whole:].copy_(pattern[: flat.numel() - whole])
     order = torch.randperm(num_blocks, generator=gen).to(torch.int32)
     flights = []
     for i in range(args.flights):
@@ -63,6 +77,18 @@ def flights_for(
     return pool, flights
 
 
+def validate(attn: CpuAttention, pool: torch.Tensor, flights: list[CpuFlight], seq: int) -> None:
+    """One layer through the program, each flight's output against the float64 reference (the
+    timed programs overlap consecutive layers, whose outputs share rows)."""
+    layer = [replace(f, ready=f.ready[:1], done=f.done[:1]) for f in flights]
+    for f in layer:
+        f.ready.fill_(seq)
+    attn.decode_layers(pool[:1], layer, seq)
+    for f in layer:
+        expected, _ = reference_decode(f.q, pool[0], f.block_tables, f.seq_lens)
+        torch.testing.assert_close(f.out.double(), expected, rtol=2e-2, atol=2e-2)
+
+
 def measure(
     args: argparse.Namespace, attn: CpuAttention, batch: int, context: int, host_rate: float
 ) -> dict:
@@ -79,6 +105,7 @@ def measure(
         busy = attn.decode_layers(pool, flights, seq)
         return time.perf_counter() - start, busy.wall_s, busy.worker_s
 
+    validate(attn, pool, flights, next(seqs))
     program()  # warm-up: workspace, scratch, page faults
     samples = [program() for _ in range(args.repeats)]
     wall = statistics.median(s[0] for s in samples)
