@@ -48,12 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     if probe is not None:
         print(f"\nread bandwidth ({probe.buffer_bytes / 2**20:.0f} MiB buffer, cores "
               f"{','.join(map(str, probe.cores))})")
-        print("threads   GB/s   of peak")
-        for n, rate in zip(probe.thread_counts, probe.read_bytes_per_s, strict=True):
-            print(f"{n:7d} {rate / 1e9:6.1f} {rate / probe.peak_bytes_per_s:8.0%}")
-        print(f"attention kernel on one thread: {probe.kernel_bytes_per_s / 1e9:.1f} GB/s")
+        print("threads   GB/s   of peak   attention kernel GB/s")
+        kernel = probe.kernel_bytes_per_s or (0.0,) * len(probe.thread_counts)
+        for n, rate, attn in zip(probe.thread_counts, probe.read_bytes_per_s, kernel, strict=True):
+            print(f"{n:7d} {rate / 1e9:6.1f} {rate / probe.peak_bytes_per_s:8.0%} "
+                  f"{attn / 1e9:23.1f}")
         print(f"\nrecommended CPU attention threads: {report['recommended_threads']} "
-              f"(the kernel reaches {args.fraction:.0%} of peak, "
+              f"(the kernel reaches {args.fraction:.0%} of its best rate, "
               f"{args.reserve_cores} core(s) reserved)")
     return 0
 

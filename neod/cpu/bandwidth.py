@@ -2,13 +2,13 @@
 it implies.
 
 Decode attention on the CPU can go no faster than memory bandwidth, so the pool should have the
-fewest threads with which the attention kernel reaches (nearly) the host's peak read rate: more
-threads only take cores from the GPU-driving thread, the tokenizer and I/O. That count is the
-larger of two: the threads at which plain reads saturate memory, and the threads the kernel needs
-at its own per-thread rate (it does arithmetic on every byte, so one thread of it reads less than
-one thread of plain loads can). The probe reads a buffer much larger than the last-level cache with
-1..N pinned workers of the same native pool, then times the kernel on one worker. It is cached on
-disk, keyed by CPU model, usable cores and memory size, so it runs once per host.
+fewest threads with which the attention kernel reaches (nearly) its best rate on this host: more
+threads only take cores from the GPU-driving thread, the tokenizer and I/O. The kernel does
+arithmetic on every byte, and each thread's share of the memory system shrinks as threads are
+added, so that count is timed, not extrapolated from one thread: the kernel reads a KV far larger
+than the last-level cache with 1..N pinned workers, as does a plain read loop (the host's read
+rate, for reference). It is cached on disk, keyed by CPU model, usable cores and memory size, so
+it runs once per host.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from neod.cpu.topology import CpuTopology, pool_cores, read_topology
 logger = logging.getLogger(__name__)
 
 _MIB = 1 << 20
-PROBE_VERSION = 2  # bump when the probe changes what it measures: old cache entries are ignored
-# The shape the kernel's per-thread rate is timed on: a Llama-3 layer (GQA 4, head_dim 128, bf16).
+PROBE_VERSION = 3  # bump when the probe changes what it measures: old cache entries are ignored
+# The shape the kernel is timed on: a Llama-3 layer (GQA 4, head_dim 128, bf16).
 _KERNEL_SHAPE = {"num_q_heads": 32, "num_kv_heads": 8, "head_dim": 128, "block_size": 16}
-_KERNEL_KV_BYTES = 64 * _MIB
+_KERNEL_REQUESTS = 16  # requests the timed batch splits the KV among
+_PATTERN_ELEMENTS = 1_000_003  # the timed KV repeats a random pattern of this prime length
 
 
 @dataclass(frozen=True)
@@ -41,22 +42,19 @@ class BandwidthProbe:
     read_bytes_per_s: tuple[float, ...]  # best read rate with thread_counts[i] workers
     buffer_bytes: int
     measured_at: float  # unix time
-    # KV read rate of the attention kernel on one thread; 0: not measured
-    kernel_bytes_per_s: float = 0.0
+    # KV read rate of the attention kernel with thread_counts[i] workers; empty: not measured
+    kernel_bytes_per_s: tuple[float, ...] = ()
 
     @property
     def peak_bytes_per_s(self) -> float:
         return max(self.read_bytes_per_s)
 
     def threads_for(self, fraction: float = 0.95) -> int:
-        """The fewest threads with which the attention kernel reaches `fraction` of the peak read
-        rate: where plain reads reach it, or more when one kernel thread reads less than that."""
-        target = fraction * self.peak_bytes_per_s
-        reads = min(n for n, r in zip(self.thread_counts, self.read_bytes_per_s, strict=True)
-                    if r >= target)
-        if self.kernel_bytes_per_s <= 0:
-            return reads
-        return max(reads, math.ceil(target / self.kernel_bytes_per_s))
+        """The fewest threads with which the attention kernel reaches `fraction` of its best
+        rate (without a kernel timing: of the plain reads' peak)."""
+        rates = self.kernel_bytes_per_s or self.read_bytes_per_s
+        target = fraction * max(rates)
+        return min(n for n, r in zip(self.thread_counts, rates, strict=True) if r >= target)
 
     def rate_for(self, num_threads: int) -> float:
         """Read rate with `num_threads` workers, interpolated between measured counts."""
@@ -81,7 +79,7 @@ class BandwidthProbe:
             read_bytes_per_s=tuple(float(r) for r in data["read_bytes_per_s"]),
             buffer_bytes=int(data["buffer_bytes"]),
             measured_at=float(data["measured_at"]),
-            kernel_bytes_per_s=float(data["kernel_bytes_per_s"]),
+            kernel_bytes_per_s=tuple(float(r) for r in data["kernel_bytes_per_s"]),
         )
 
 
@@ -123,44 +121,60 @@ def probe_bandwidth(
     started = time.monotonic()
     with CpuAttention(cores=cores) as pool:
         rates = pool.probe_read_bandwidth(nbytes, counts, repeats)
-    kernel_rate = kernel_read_rate(cores[0], repeats)
+    kernel_rates = kernel_read_rates(cores, counts, nbytes, repeats)
+    best = max(range(len(counts)), key=lambda i: kernel_rates[i])
     logger.info(
-        "memory read bandwidth probe: %d..%d threads, peak %.1f GB/s, attention kernel %.1f GB/s "
-        "per thread, %.1f s",
+        "memory read bandwidth probe: %d..%d threads, peak %.1f GB/s; attention kernel %.1f GB/s "
+        "at its best, with %d threads; %.1f s",
         counts[0],
         counts[-1],
         max(rates) / 1e9,
-        kernel_rate / 1e9,
+        kernel_rates[best] / 1e9,
+        counts[best],
         time.monotonic() - started,
     )
     return BandwidthProbe(
-        tuple(cores), tuple(counts), tuple(rates), nbytes, time.time(), kernel_rate
+        tuple(cores), tuple(counts), tuple(rates), nbytes, time.time(), tuple(kernel_rates)
     )
 
 
-def kernel_read_rate(core: int, repeats: int = 3) -> float:
-    """KV bytes per second the decode-attention kernel reads on one thread pinned to `core`
-    (one long request, so the timing is the kernel's and not the hand-off's)."""
+def kernel_read_rates(
+    cores: list[int], thread_counts: list[int], nbytes: int, repeats: int = 3
+) -> list[float]:
+    """KV bytes per second the decode-attention kernel reads with the first n of `cores`, for
+    each n in thread_counts: one batch whose KV (`nbytes`, far more than the last-level cache
+    holds) is read once per call, as serving reads it."""
     import torch
 
     from neod.kernels.cpu_attention import CpuAttention
 
     shape = _KERNEL_SHAPE
     hkv, d, bs = shape["num_kv_heads"], shape["head_dim"], shape["block_size"]
-    num_blocks = _KERNEL_KV_BYTES // (2 * hkv * bs * d * 2)
+    block_elements = 2 * hkv * bs * d
+    per_request = max(1, nbytes // (2 * block_elements * _KERNEL_REQUESTS))
+    num_blocks = per_request * _KERNEL_REQUESTS
     gen = torch.Generator().manual_seed(0)
-    kv = torch.empty(num_blocks, 2, hkv, bs, d, dtype=torch.bfloat16).uniform_(-1, 1, generator=gen)
-    q = torch.empty(1, shape["num_q_heads"], d, dtype=torch.bfloat16).uniform_(-1, 1, generator=gen)
-    tables = torch.randperm(num_blocks, generator=gen).to(torch.int32).view(1, -1)
-    lens = torch.tensor([num_blocks * bs], dtype=torch.int32)
+    kv = torch.empty(num_blocks, 2, hkv, bs, d, dtype=torch.bfloat16)
+    flat, pattern = kv.view(-1), torch.empty(_PATTERN_ELEMENTS).uniform_(-1, 1, generator=gen)
+    whole = flat.numel() // _PATTERN_ELEMENTS * _PATTERN_ELEMENTS
+    flat[:whole].view(-1, _PATTERN_ELEMENTS).copy_(pattern)
+    flat[whole:].copy_(pattern[: flat.numel() - whole])
+    q = torch.empty(_KERNEL_REQUESTS, shape["num_q_heads"], d, dtype=torch.bfloat16)
+    q.uniform_(-1, 1, generator=gen)
+    tables = torch.randperm(num_blocks, generator=gen).to(torch.int32)
+    tables = tables.view(_KERNEL_REQUESTS, per_request)
+    lens = torch.full((_KERNEL_REQUESTS,), per_request * bs, dtype=torch.int32)
     out = torch.empty_like(q)
-    best = math.inf
-    with CpuAttention(cores=[core]) as pool:
-        for _ in range(repeats + 1):  # the first call also faults the scratch in
-            start = time.perf_counter()
-            pool.decode(q, kv, tables, lens, out)
-            best = min(best, time.perf_counter() - start)
-    return kv.numel() * kv.element_size() / best
+    rates = []
+    for n in thread_counts:
+        best = math.inf
+        with CpuAttention(cores=cores[:n]) as pool:
+            for _ in range(repeats + 1):  # the first call also faults the scratch in
+                start = time.perf_counter()
+                pool.decode(q, kv, tables, lens, out)
+                best = min(best, time.perf_counter() - start)
+        rates.append(kv.numel() * kv.element_size() / best)
+    return rates
 
 
 def cache_dir(env: Mapping[str, str] | None = None) -> Path:
@@ -209,8 +223,8 @@ def cached_probe(
 
 
 def recommended_threads(reserve_cores: int = 1, fraction: float = 0.95) -> int:
-    """Pool size: the fewest threads with which the attention kernel reaches `fraction` of the
-    host's peak read bandwidth, never more than the physical cores left after `reserve_cores` and
+    """Pool size: the fewest threads with which the attention kernel reaches `fraction` of its
+    best rate on this host, never more than the physical cores left after `reserve_cores` and
     one more for the thread that drives the pool through an iteration (at least 1)."""
     topo = read_topology()
     limit = max(1, topo.num_physical_cores - reserve_cores - 1)

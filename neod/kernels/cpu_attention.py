@@ -108,7 +108,8 @@ class CpuAttention:
 
     `cores` pins worker i to cores[i]; by default the pool takes `num_threads` cores from
     `neod.cpu.pool_cores` (physical cores, leaving one free), and `num_threads` defaults to
-    `neod.cpu.recommended_threads()` (the fewest threads that reach the host's read bandwidth).
+    `neod.cpu.recommended_threads()` (the fewest threads with which the kernel reaches its best
+    rate).
     """
 
     def __init__(self, num_threads: int | None = None, cores: list[int] | None = None) -> None:
