@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Validates and times neod on a GPU host that has torch and a compiler but no ispc and no network
 # (the prebuilt build/ispc objects and build/libneod_cuda.so travel with the tree; docs/build.md).
-# Usage: scripts/gpu_check.sh OUTDIR [tests] [step] [cpu] [amx] [kvmem] [pipeline]
+# Usage: scripts/gpu_check.sh OUTDIR [tests] [step] [cpu] [amx] [kvmem] [program] [pipeline]
 #        [throughput ARGS...]
 set -uo pipefail
-out=${1:?usage: scripts/gpu_check.sh OUTDIR [tests] [step] [cpu] [amx] [kvmem] [pipeline] [throughput ARGS...]}
+out=${1:?usage: scripts/gpu_check.sh OUTDIR [tests] [step] [cpu] [amx] [kvmem] [program] [pipeline] [throughput ARGS...]}
 shift
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 mkdir -p "$out"
@@ -44,6 +44,9 @@ while [ $# -gt 0 ]; do
                 --q-heads 64 --kv-heads 8 --head-dim 128 --no-torch --seconds 0.3 \
                 --reserve-cores 1 --products amx,amx-scores --kv-memory pageable,pinned \
                 --out "$out/kvmem.json" 2>&1 | tee "$out/kvmem.txt" ;;
+        program)  # the engine's CPU program, every layer ready, at the 8B/70B sub-batch sizes
+            python3 -m neod.bench.cpu_program --batch 4,8,16 --context 16,1100 \
+                --out "$out/program.json" 2>&1 | tee "$out/program.txt" ;;
         pipeline)  # one iteration of G GPU and K CPU decodes, each mode, measured and predicted
             python3 -m neod.bench.pipeline --preset llama-3.1-8b --gpu-decodes 4 \
                 --cpu-decodes 0,1,2,4,8,16 --context 1100 --repeats 5 2>&1 \
