@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 import torch
 
 from neod.bench.cpu_attention import GB, parse_ints
+from neod.cpu.bandwidth import fill_repeating
 from neod.cpu.topology import pool_cores, read_topology
 from neod.kernels.cpu_attention import (
     CpuAttention,
@@ -37,7 +38,6 @@ from neod.kernels.cpu_attention import (
 )
 
 READ_BYTES = 1 << 30  # KV one timed program reads, at least: far beyond any last-level cache
-PATTERN_ELEMENTS = 1_000_003  # the KV pool's fill repeats after this many elements (a prime)
 
 
 def flights_for(
@@ -53,12 +53,7 @@ def flights_for(
     layers = -(-READ_BYTES // (step_bytes * args.flights))
     layers = max(1, min(args.layers, layers, int(args.max_kv_gib * 2**30 // layer_bytes)))
     pool = torch.empty(layers, num_blocks, 2, hkv, bs, d, dtype=args.dtype)
-    # A random pattern of a prime length repeated: every block differs from its neighbours, and
-    # filling gigabytes with fresh random numbers would take longer than timing them.
-    flat, pattern = pool.view(-1), torch.randn(PATTERN_ELEMENTS, generator=gen)
-    whole = flat.numel() // PATTERN_ELEMENTS * PATTERN_ELEMENTS
-    flat[:whole].view(-1, PATTERN_ELEMENTS).copy_(pattern)
-    flat[whole:].copy_(pattern[: flat.numel() - whole])
+    fill_repeating(pool, gen)
     order = torch.randperm(num_blocks, generator=gen).to(torch.int32)
     flights = []
     for i in range(args.flights):

@@ -22,8 +22,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from neod.cpu.topology import CpuTopology, pool_cores, read_topology
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +36,7 @@ PROBE_VERSION = 3  # bump when the probe changes what it measures: old cache ent
 # The shape the kernel is timed on: a Llama-3 layer (GQA 4, head_dim 128, bf16).
 _KERNEL_SHAPE = {"num_q_heads": 32, "num_kv_heads": 8, "head_dim": 128, "block_size": 16}
 _KERNEL_REQUESTS = 16  # requests the timed batch splits the KV among
-_PATTERN_ELEMENTS = 1_000_003  # the timed KV repeats a random pattern of this prime length
+_PATTERN_ELEMENTS = 1_000_003  # fill_repeating's pattern length (a prime)
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,18 @@ def probe_bandwidth(
     )
 
 
+def fill_repeating(t: torch.Tensor, gen: torch.Generator) -> None:
+    """Fills a contiguous tensor with a random pattern of a prime length, repeated: every KV
+    block differs from its neighbours, and gigabytes fill in a fraction of the time fresh random
+    numbers take (the kernel's work does not depend on the values)."""
+    import torch
+
+    flat, pattern = t.view(-1), torch.randn(_PATTERN_ELEMENTS, generator=gen)
+    whole = flat.numel() // _PATTERN_ELEMENTS * _PATTERN_ELEMENTS
+    flat[:whole].view(-1, _PATTERN_ELEMENTS).copy_(pattern)
+    flat[whole:].copy_(pattern[: flat.numel() - whole])
+
+
 def kernel_read_rates(
     cores: list[int], thread_counts: list[int], nbytes: int, repeats: int = 3
 ) -> list[float]:
@@ -155,10 +171,7 @@ def kernel_read_rates(
     num_blocks = per_request * _KERNEL_REQUESTS
     gen = torch.Generator().manual_seed(0)
     kv = torch.empty(num_blocks, 2, hkv, bs, d, dtype=torch.bfloat16)
-    flat, pattern = kv.view(-1), torch.empty(_PATTERN_ELEMENTS).uniform_(-1, 1, generator=gen)
-    whole = flat.numel() // _PATTERN_ELEMENTS * _PATTERN_ELEMENTS
-    flat[:whole].view(-1, _PATTERN_ELEMENTS).copy_(pattern)
-    flat[whole:].copy_(pattern[: flat.numel() - whole])
+    fill_repeating(kv, gen)
     q = torch.empty(_KERNEL_REQUESTS, shape["num_q_heads"], d, dtype=torch.bfloat16)
     q.uniform_(-1, 1, generator=gen)
     tables = torch.randperm(num_blocks, generator=gen).to(torch.int32)
