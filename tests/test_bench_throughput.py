@@ -83,6 +83,8 @@ def test_policies_are_measured_and_set_against_the_advisor(tmp_path, capsys):
     assert all(t["decode_cpu_b0"] + t["decode_cpu_b1"] == 0 for t in traces["gpu-only"])
     offloaded = [t for t in traces["neo"] if t["decode_cpu_b0"] + t["decode_cpu_b1"]]
     assert offloaded and all(t["cpu_batches"] and t["cpu_busy_ms"] > 0 for t in offloaded)
+    # The pool's work over its size fits within the time some step computed.
+    assert all(0 < t["cpu_work_ms"] <= t["cpu_busy_ms"] * 1.001 for t in offloaded)
     assert "neo: measured over predicted CPU time, by CPU decodes: " in out
     assert "gpu-only: measured over" not in out
     assert "advisor (steady state): gpu-only" in out and "measured in the steady window" in out

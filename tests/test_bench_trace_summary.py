@@ -10,13 +10,13 @@ from neod.bench import trace_summary
 
 
 def record(g=0, b0=0, b1=0, pipelined=False, prefill=0, chunked=0, swap=0, ms=10.0, pred=10.0,
-           cpu=0.0, cpu_pred=0.0, issue=0.0, host=1.0):  # fmt: skip
+           cpu=0.0, cpu_pred=0.0, issue=0.0, host=1.0, work=0.0):  # fmt: skip
     return {
         "pipelined": pipelined, "prefill_gpu": prefill, "prefill_cpu": 0, "chunked": chunked,
         "decode_gpu": g, "decode_cpu_b0": b0, "decode_cpu_b1": b1, "swap_in": swap,
         "swap_out": 0, "cpu_batches": [], "measured_ms": ms, "predicted_ms": pred,
         "gpu_alone_ms": 5.0, "predicted_cpu_ms": cpu_pred, "cpu_busy_ms": cpu,
-        "issue_ms": issue, "host_ms": host,
+        "cpu_work_ms": work, "issue_ms": issue, "host_ms": host,
     }  # fmt: skip
 
 
@@ -26,11 +26,11 @@ def test_kinds_rates_and_pipelined_medians(tmp_path, capsys):
             record(prefill=2, chunked=1, ms=29.0),  # one prompt done, one chunk under way
             record(g=2, swap=1, ms=9.0),
             record(g=3, b0=2, b1=2, pipelined=True, ms=20.0, pred=16.0, cpu=18.0, cpu_pred=12.0,
-                   issue=5.0),
+                   issue=5.0, work=13.2),
             record(g=3, b0=2, b1=2, pipelined=True, ms=15.0, pred=15.0, cpu=12.0, cpu_pred=12.0,
-                   issue=6.0),
+                   issue=6.0, work=10.8),
             record(g=3, b0=3, b1=2, pipelined=True, ms=12.0, pred=12.0, cpu=6.0, cpu_pred=6.0,
-                   issue=3.0),
+                   issue=3.0, work=5.4),
             record(g=1, b0=1, ms=4.0, pred=5.0),
             record(g=4, ms=9.0, pred=9.0),
         ]
@@ -51,10 +51,11 @@ def test_kinds_rates_and_pipelined_medians(tmp_path, capsys):
     assert p["measured_over_predicted"] == pytest.approx(1.0)  # medians of 1.25, 1.0, 1.0
     assert p["cpu_busy_share"] == pytest.approx(0.8)  # of 0.9, 0.8, 0.5
     assert p["cpu_over_predicted"] == pytest.approx(1.0)
+    assert p["cpu_work_over_predicted"] == pytest.approx(0.9)  # of 1.1, 0.9, 0.9
     assert p["issue_share"] == pytest.approx(0.25)  # of 0.25, 0.4, 0.25
     assert p["splits"] == [{
         "split": [3, 2, 2], "iterations": 2, "measured_ms": 17.5, "predicted_ms": 15.5,
-        "gpu_alone_ms": 5.0, "cpu_busy_ms": 15.0, "cpu_predicted_ms": 12.0,
+        "gpu_alone_ms": 5.0, "cpu_busy_ms": 15.0, "cpu_work_ms": 12.0, "cpu_predicted_ms": 12.0,
     }]  # fmt: skip
     out = capsys.readouterr().out
     assert "auto: 7 iterations" in out and "3 GPU + 2/2 CPU:     2 it" in out

@@ -40,3 +40,13 @@ def test_host_time_per_iteration_is_the_median_of_the_recent_ones():
     for host_s in (0.4e-3, 3e-3, 0.5e-3):  # one slow pass (a log line, a GC) does not move it
         stats.record_host(host_s)
     assert stats.snapshot()["median_host_ms"] == 0.5
+
+
+def test_the_trace_keeps_both_measures_of_the_cpu_program():
+    stats = EngineStats()
+    stats.trace = []
+    plan = Plan(decode_cpu_b0=[1, 2], predicted_cpu_s=1e-3, predicted_iter_s=2e-3)
+    stats.record_iteration(plan, 2e-3, 3, 1.2e-3, 0.1e-3, 0.9e-3)
+    (record,) = stats.trace
+    assert record["cpu_busy_ms"] == 1.2 and record["cpu_work_ms"] == 0.9
+    assert record["predicted_cpu_ms"] == 1.0

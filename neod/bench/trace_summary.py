@@ -69,6 +69,7 @@ def summarize(records: list[dict[str, Any]], num_splits: int = 8) -> dict[str, A
             "predicted_ms": statistics.median(r["predicted_ms"] for r in rs),
             "gpu_alone_ms": statistics.median(r["gpu_alone_ms"] for r in rs),
             "cpu_busy_ms": statistics.median(r["cpu_busy_ms"] for r in rs),
+            "cpu_work_ms": statistics.median(r.get("cpu_work_ms", 0.0) for r in rs),
             "cpu_predicted_ms": statistics.median(r["predicted_cpu_ms"] for r in rs),
         })  # fmt: skip
     return {
@@ -84,6 +85,10 @@ def summarize(records: list[dict[str, Any]], num_splits: int = 8) -> dict[str, A
             "cpu_over_predicted": _ratio(
                 [r["cpu_busy_ms"] / r["predicted_cpu_ms"]
                  for r in pipe if r["predicted_cpu_ms"] > 0]  # fmt: skip
+            ),
+            "cpu_work_over_predicted": _ratio(
+                [r["cpu_work_ms"] / r["predicted_cpu_ms"]
+                 for r in pipe if r.get("cpu_work_ms") and r["predicted_cpu_ms"] > 0]  # fmt: skip
             ),
             "issue_share": _ratio([r.get("issue_ms", 0.0) / r["measured_ms"] for r in pipe]),
             "splits": top,
@@ -115,14 +120,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         print(f"  pipelined decodes: measured / predicted {_fmt(p['measured_over_predicted'])}, "
               f"CPU pool busy {_fmt(p['cpu_busy_share'])} of each, CPU measured / predicted "
-              f"{_fmt(p['cpu_over_predicted'])}, engine thread issuing "
+              f"{_fmt(p['cpu_over_predicted'])} (its work over the pool's size "
+              f"{_fmt(p['cpu_work_over_predicted'])}), engine thread issuing "
               f"{_fmt(p['issue_share'])} of each (medians)")  # fmt: skip
         for t in p["splits"]:
             g, b0, b1 = t["split"]
             print(f"    {g} GPU + {b0}/{b1} CPU: {t['iterations']:5d} it, "
                   f"{t['measured_ms']:.2f} ms (predicted {t['predicted_ms']:.2f}, GPU alone "
                   f"{t['gpu_alone_ms']:.2f}), CPU "
-                  f"{t['cpu_busy_ms']:.2f} ms (predicted {t['cpu_predicted_ms']:.2f})")  # fmt: skip
+                  f"{t['cpu_busy_ms']:.2f} ms, work {t['cpu_work_ms']:.2f} ms (predicted "
+                  f"{t['cpu_predicted_ms']:.2f})")  # fmt: skip
     return report
 
 

@@ -102,6 +102,7 @@ class Engine:
         if order:
             start = time.perf_counter()
             cpu_busy_before = self.rt.executor.cpu_busy_s
+            cpu_worker_before = self.rt.executor.cpu_worker_s
             issue_before = self.rt.executor.issue_s
             logits = self.rt.forward(batches)
             sampling = [s for s in order if s.samples]
@@ -114,7 +115,8 @@ class Engine:
             elapsed = time.perf_counter() - start
             cpu_busy = self.rt.executor.cpu_busy_s - cpu_busy_before
             self.iteration_stats.record_iteration(
-                plan, elapsed, len(sampling), cpu_busy, self.rt.executor.issue_s - issue_before
+                plan, elapsed, len(sampling), cpu_busy, self.rt.executor.issue_s - issue_before,
+                self._cpu_work_s(self.rt.executor.cpu_worker_s - cpu_worker_before),
             )
             self._learn(plan, elapsed, cpu_busy, len(sampling))
             self.corrections.tick()
@@ -125,6 +127,12 @@ class Engine:
                 self._advance(seq, token, outputs)
             self.iteration_stats.record_host(time.perf_counter() - step_start - elapsed)
         return self._take_outbox()
+
+    def _cpu_work_s(self, worker_s: float) -> float:
+        """The pool's computing time over its size: what the CPU program would take with every
+        step's inputs waiting (as the profile times it), whatever the GPU's pacing."""
+        attention = self.rt.executor.cpu_attention
+        return worker_s / attention.num_threads if attention is not None else 0.0
 
     def _learn(self, plan: Plan, elapsed_s: float, cpu_busy_s: float, num_tokens: int) -> None:
         """Feed one iteration's measurements to the scheduler's cost corrections and the guard."""

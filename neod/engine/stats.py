@@ -37,8 +37,16 @@ class EngineStats:
             self.trace[-1]["host_ms"] = host_s * 1e3
 
     def record_iteration(
-        self, plan: Plan, elapsed_s: float, num_seqs: int, cpu_busy_s: float, issue_s: float
+        self,
+        plan: Plan,
+        elapsed_s: float,
+        num_seqs: int,
+        cpu_busy_s: float,
+        issue_s: float,
+        cpu_work_s: float = 0.0,
     ) -> None:
+        """cpu_busy_s: the time some CPU step computed; cpu_work_s: the pool's computing time
+        over its size (the two differ by the workers' idle time within steps)."""
         self.busy_s += elapsed_s
         self.cpu_busy_s += cpu_busy_s
         self.num_iterations += 1
@@ -50,7 +58,7 @@ class EngineStats:
         if num_cpu and not plan.prefill_cpu and cpu_busy_s > 0 and plan.predicted_cpu_s > 0:
             self._cpu_recent.append((num_cpu, cpu_busy_s, plan.predicted_cpu_s))
         if self.trace is not None:
-            self.trace.append(_trace_record(plan, elapsed_s, cpu_busy_s, issue_s))
+            self.trace.append(_trace_record(plan, elapsed_s, cpu_busy_s, cpu_work_s, issue_s))
 
     def snapshot(self) -> dict[str, Any]:
         recent = list(self._recent)
@@ -97,7 +105,7 @@ def _median(values: list[float]) -> float | None:
 
 
 def _trace_record(
-    plan: Plan, elapsed_s: float, cpu_busy_s: float, issue_s: float
+    plan: Plan, elapsed_s: float, cpu_busy_s: float, cpu_work_s: float, issue_s: float
 ) -> dict[str, Any]:
     return {
         "pipelined": plan.pipelined,
@@ -115,5 +123,6 @@ def _trace_record(
         "gpu_alone_ms": plan.predicted_gpu_alone_s * 1e3,
         "predicted_cpu_ms": plan.predicted_cpu_s * 1e3,
         "cpu_busy_ms": cpu_busy_s * 1e3,
+        "cpu_work_ms": cpu_work_s * 1e3,
         "issue_ms": issue_s * 1e3,
     }
