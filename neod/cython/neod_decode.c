@@ -93,13 +93,6 @@ static size_t scratch_floats(const struct NeodDecodeArgs *a) {
            tile_floats(a);
 }
 
-/* Bump allocation inside the workspace; every region starts 64-byte aligned. */
-static void *take(char **cursor, size_t bytes) {
-    void *p = *cursor;
-    *cursor += (bytes + 63) & ~(size_t)63;
-    return p;
-}
-
 /* Writes request b's new K and V (every KV head) at position seq_len - 1. */
 static void append_new_kv(const struct NeodDecodeArgs *a, int b) {
     int pos = a->seq_lens[b] - 1;
@@ -127,7 +120,8 @@ int neod_decode_plan_uses_amx(const neod_decode_plan *plan) {
 }
 
 void neod_decode_run_arm(const neod_decode_plan *plan, struct NeodDecodeRun *run) {
-    for (int s = 0; s < plan->num_splits; s++) run->split_remaining[s] = plan->splits[s].num_partials;
+    for (int s = 0; s < plan->num_splits; s++)
+        run->split_remaining[s] = plan->splits[s].num_partials;
 }
 
 void neod_decode_share(const neod_decode_plan *plan, const struct NeodDecodeArgs *a, int share,
@@ -227,9 +221,9 @@ struct NeodDecodeRun neod_decode_run_init(const neod_pool *pool, const struct Ne
     size_t partials = 2 * shares, hq = a->num_q_heads, d = a->head_dim;
     char *cursor = memory;
     struct NeodDecodeRun run;
-    run.partial_out = take(&cursor, partials * hq * d * sizeof(float));
-    run.partial_lse = take(&cursor, partials * hq * sizeof(float));
-    run.split_remaining = take(&cursor, shares * sizeof(int));
+    run.partial_out = neod_pool_take(&cursor, partials * hq * d * sizeof(float));
+    run.partial_lse = neod_pool_take(&cursor, partials * hq * sizeof(float));
+    run.split_remaining = neod_pool_take(&cursor, shares * sizeof(int));
     return run;
 }
 
@@ -244,12 +238,12 @@ neod_decode_plan *neod_decode_plan_init(neod_pool *pool, const struct NeodDecode
     size_t max_items = (size_t)a->batch + (size_t)max_shares;
 
     char *cursor = memory;
-    neod_decode_plan *plan = take(&cursor, sizeof(*plan));
+    neod_decode_plan *plan = neod_pool_take(&cursor, sizeof(*plan));
     plan->args = *a;
-    plan->items = take(&cursor, max_items * sizeof(struct NeodWorkItem));
-    plan->item_split = take(&cursor, max_items * sizeof(int));
-    plan->share_first = take(&cursor, ((size_t)max_shares + 1) * sizeof(int));
-    plan->splits = take(&cursor, (size_t)max_shares * sizeof(split_request));
+    plan->items = neod_pool_take(&cursor, max_items * sizeof(struct NeodWorkItem));
+    plan->item_split = neod_pool_take(&cursor, max_items * sizeof(int));
+    plan->share_first = neod_pool_take(&cursor, ((size_t)max_shares + 1) * sizeof(int));
+    plan->splits = neod_pool_take(&cursor, (size_t)max_shares * sizeof(split_request));
     plan->num_shares = (int)shares;
     plan->scratch_floats = scratch_floats(a);
     struct NeodWorkItem *items = plan->items;

@@ -115,7 +115,8 @@ static void store_rows(const step *s, int64_t first, int64_t last) {
         int64_t offset = f->prefill_slots[r] % a->block_size;
         for (int64_t kv = 0; kv < 2; kv++) {
             const char *src = (const char *)(kv ? f->prefill_v : f->prefill_k) + r * s->row_bytes;
-            char *dst = s->kv + ((block * 2 + kv) * a->num_kv_heads) * tile_bytes + offset * head_bytes;
+            char *dst = s->kv + ((block * 2 + kv) * a->num_kv_heads) * tile_bytes +
+                        offset * head_bytes;
             for (int64_t h = 0; h < a->num_kv_heads; h++)
                 memcpy(dst + h * tile_bytes, src + h * head_bytes, head_bytes);
         }
@@ -135,7 +136,8 @@ static void run_unit(const step *s, int unit, float *scratch) {
 static void program_task(void *ctx, int t) {
     program *p = ctx;
     float *scratch = NULL;
-    if (p->scratch_bytes > 0 && (scratch = neod_pool_scratch(p->pool, t, p->scratch_bytes)) == NULL) {
+    if (p->scratch_bytes > 0) scratch = neod_pool_scratch(p->pool, t, p->scratch_bytes);
+    if (p->scratch_bytes > 0 && scratch == NULL) {
         fail(p, -2, -1);
         return;
     }
@@ -204,13 +206,6 @@ static int64_t busy_time(const step *steps, int num_steps) {
     return busy;
 }
 
-/* Bump allocation inside the workspace; every region starts 64-byte aligned. */
-static void *take(char **cursor, size_t bytes) {
-    void *p = *cursor;
-    *cursor += (bytes + 63) & ~(size_t)63;
-    return p;
-}
-
 int neod_decode_layers(neod_pool *pool, const struct NeodFlight *flights, int num_flights,
                        int num_layers, int64_t layer_bytes, uint32_t seq, int64_t timeout_ns,
                        int64_t *busy_ns, int64_t *worker_ns, char *err, size_t err_len) {
@@ -247,9 +242,8 @@ int neod_decode_layers(neod_pool *pool, const struct NeodFlight *flights, int nu
     for (int i = 0; rc == 0 && i < num_flights; i++) {
         rc = check_prefill(&flights[i], i, err, err_len);
         if (rc != 0 || flights[i].decode.batch <= 0) continue;
-        plans[i] = neod_decode_plan_init(pool, &flights[i].decode,
-                                         take(&cursor, neod_decode_plan_bytes(pool, &flights[i].decode)),
-                                         err, err_len);
+        void *memory = neod_pool_take(&cursor, neod_decode_plan_bytes(pool, &flights[i].decode));
+        plans[i] = neod_decode_plan_init(pool, &flights[i].decode, memory, err, err_len);
         if (plans[i] == NULL) {
             rc = -1;
             break;
@@ -264,9 +258,9 @@ int neod_decode_layers(neod_pool *pool, const struct NeodFlight *flights, int nu
     }
     struct NeodDecodeRun parity[2] = {{0}};
     for (int k = 0; run_bytes > 0 && k < 2; k++)
-        parity[k] = neod_decode_run_init(pool, &widest, take(&cursor, run_bytes));
-    p.steps = take(&cursor, (size_t)num_steps * sizeof(step));
-    int *split_remaining = take(&cursor, (size_t)num_steps * countdowns * sizeof(int));
+        parity[k] = neod_decode_run_init(pool, &widest, neod_pool_take(&cursor, run_bytes));
+    p.steps = neod_pool_take(&cursor, (size_t)num_steps * sizeof(step));
+    int *split_remaining = neod_pool_take(&cursor, (size_t)num_steps * countdowns * sizeof(int));
 
     int64_t store_chunks = (int64_t)threads * STORE_CHUNKS_PER_WORKER;
     for (int j = 0; j < num_steps; j++) {
@@ -279,7 +273,8 @@ int neod_decode_layers(neod_pool *pool, const struct NeodFlight *flights, int nu
         s->args = f->decode;
         s->args.kv = s->kv;
         s->row_bytes = (int64_t)f->decode.num_kv_heads * f->decode.head_dim * 2;
-        s->rows_per_unit = f->num_prefill > 0 ? (f->num_prefill + store_chunks - 1) / store_chunks : 0;
+        s->rows_per_unit =
+            f->num_prefill > 0 ? (f->num_prefill + store_chunks - 1) / store_chunks : 0;
         s->store_units = f->num_prefill > 0
                              ? (int)((f->num_prefill + s->rows_per_unit - 1) / s->rows_per_unit)
                              : 0;

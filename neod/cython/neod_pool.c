@@ -20,7 +20,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#define SPIN_NS 50000L /* poll this long before sleeping: covers the gap between back-to-back calls */
+/* Poll this long before sleeping: covers the gap between back-to-back calls. */
+#define SPIN_NS 50000L
 
 typedef struct {
     neod_pool *pool;

@@ -41,4 +41,12 @@ void *neod_pool_scratch(neod_pool *pool, int thread_index, size_t bytes);
  * that calls neod_pool_run may use it, outside or around a run. NULL if out of memory. */
 void *neod_pool_workspace(neod_pool *pool, size_t bytes);
 
+/* Bump allocation inside a workspace: the region at *cursor, which then moves past it to the next
+ * 64-byte boundary (so every region starts 64-byte aligned). */
+static inline void *neod_pool_take(char **cursor, size_t bytes) {
+    void *p = *cursor;
+    *cursor += (bytes + 63) & ~(size_t)63;
+    return p;
+}
+
 #endif
