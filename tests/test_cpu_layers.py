@@ -297,3 +297,50 @@ def test_a_late_flight_times_out_after_the_others_ran(attn):
         attn.decode_layers(pool, [flight, late], 4, timeout_s=0.2)
     assert flight.done.tolist() == [4, 4, 4] and late.done.tolist() == [4, 4, 4]
     _check_layer(pool[0], flight, 16, torch.bfloat16)
+
+
+@pytest.mark.parametrize("pool_kind", ["attn", "crowded"])
+def test_flights_paced_as_the_gpu_paces_them_overlap_and_match_the_reference(
+    attn, crowded, pool_kind
+):
+    """One producer per flight, as the GPU's streams: each sets a layer's ready flag once its
+    previous layer is done (and after a random delay), so the flights' steps overlap in every
+    order the engine can produce; every layer's output is checked while its flight waits."""
+    attn = crowded if pool_kind == "crowded" else attn
+    gen = torch.Generator().manual_seed(21)
+    dtype, hq, hkv, head_dim, block_size = torch.bfloat16, 8, 2, 64, 16
+    num_layers, seq = 4, 5
+    lens_of = [[700, 20, 333], [129, 1], [40 * block_size, 17, 18, 19]]
+    blocks = [sum(-(-n // block_size) for n in lens) for lens in lens_of]
+    num_blocks = sum(blocks) + 2
+    pool = torch.randn(num_layers, num_blocks, 2, hkv, block_size, head_dim, generator=gen)
+    pool = pool.to(dtype)
+    flights = [
+        _flight(gen, lens, sum(blocks[:i]), num_layers, hq, hkv, head_dim, block_size, dtype,
+                fused=i == 1)
+        for i, lens in enumerate(lens_of)
+    ]  # fmt: skip
+    errors: list[BaseException] = []
+
+    def gpu(f: CpuFlight, seed: int) -> None:
+        local = torch.Generator().manual_seed(seed)
+        try:
+            for layer in range(num_layers):
+                _fill(local, f)
+                time.sleep(float(torch.rand(1, generator=local)) * 2e-3)
+                f.ready[layer] = seq
+                _wait(f.done[layer], seq)
+                _check_layer(pool[layer], f, block_size, dtype)
+        except BaseException as exc:  # reported on the test's thread
+            errors.append(exc)
+            for g in flights:
+                g.ready.fill_(seq)
+
+    producers = [threading.Thread(target=gpu, args=(f, 40 + i)) for i, f in enumerate(flights)]
+    for p in producers:
+        p.start()
+    attn.decode_layers(pool, flights, seq, timeout_s=30.0)
+    for p in producers:
+        p.join()
+    if errors:
+        raise errors[0]
