@@ -7,14 +7,16 @@ pool as it stands (the new token appended). Stored prefill rows are checked slot
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
 
-from neod.kernels.cpu_attention import CpuAttention, CpuFlight, reference_decode
+from neod.kernels.cpu_attention import CpuAttention, CpuFlight, LayersBusy, reference_decode
 
 CPUS = sorted(os.sched_getaffinity(0))
 RTOL = {torch.bfloat16: 2**-8, torch.float16: 2**-11}
@@ -85,6 +87,43 @@ def _wait(flag: torch.Tensor, value: int, timeout_s: float = 30.0) -> None:
         time.sleep(1e-5)
 
 
+def _fill(gen: torch.Generator, f: CpuFlight) -> None:
+    for t in (f.q, f.k_new, f.v_new, f.prefill_k, f.prefill_v):
+        if t is not None:
+            t.copy_(torch.randn(t.shape, generator=gen))
+
+
+def _decode_beside(
+    attn: CpuAttention,
+    pool: torch.Tensor,
+    flights: list[CpuFlight],
+    seq: int,
+    producers: list[Callable[[], None]],
+) -> LayersBusy:
+    """Runs the native program while each producer plays a GPU stream on its own thread; the
+    first producer failure is raised here, after it has released every ready flag so that the
+    program runs out instead of waiting for its timeout."""
+    errors: list[BaseException] = []
+
+    def guarded(producer: Callable[[], None]) -> None:
+        try:
+            producer()
+        except BaseException as exc:  # reported on the test's thread
+            errors.append(exc)
+            for f in flights:
+                f.ready.fill_(seq)
+
+    threads = [threading.Thread(target=guarded, args=(p,)) for p in producers]
+    for thread in threads:
+        thread.start()
+    busy = attn.decode_layers(pool, flights, seq, timeout_s=30.0)
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return busy
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hq,hkv,head_dim,block_size", [(8, 2, 64, 16), (4, 4, 128, 32)])
 def test_layers_match_the_reference_flight_by_flight(attn, dtype, hq, hkv, head_dim, block_size):
@@ -103,31 +142,15 @@ def test_layers_match_the_reference_flight_by_flight(attn, dtype, hq, hkv, head_
         _flight(gen, lens1, blocks0, num_layers, hq, hkv, head_dim, block_size, dtype,
                 fused=True),
     ]
-    errors: list[BaseException] = []
-
     def gpu() -> None:
-        try:
-            for layer in range(num_layers):
-                for f in flights:
-                    for t in (f.q, f.k_new, f.v_new):
-                        t.copy_(torch.randn(t.shape, generator=gen))
-                    if f.prefill_k is not None:
-                        f.prefill_k.copy_(torch.randn(f.prefill_k.shape, generator=gen))
-                        f.prefill_v.copy_(torch.randn(f.prefill_v.shape, generator=gen))
-                    f.ready[layer] = seq
-                    _wait(f.done[layer], seq)
-                    _check_layer(pool[layer], f, block_size, dtype)
-        except BaseException as exc:  # reported on the test's thread
-            errors.append(exc)
+        for layer in range(num_layers):
             for f in flights:
-                f.ready.fill_(seq)
+                _fill(gen, f)
+                f.ready[layer] = seq
+                _wait(f.done[layer], seq)
+                _check_layer(pool[layer], f, block_size, dtype)
 
-    producer = threading.Thread(target=gpu)
-    producer.start()
-    busy = attn.decode_layers(pool, flights, seq, timeout_s=30.0)
-    producer.join()
-    if errors:
-        raise errors[0]
+    busy = _decode_beside(attn, pool, flights, seq, [gpu])
     # The workers computed within the busy time: at most every thread for all of it. (The busy
     # time excludes the waits for the producer, which checks every layer in between.)
     assert busy.wall_s > 0 and 0 < busy.worker_s <= attn.num_threads * busy.wall_s
@@ -215,12 +238,6 @@ def test_a_flight_that_only_stores_prefill_rows_runs(attn):
     assert staged.done.tolist() == [seq] * num_layers
     for layer in range(num_layers):
         _check_layer(pool[layer], staged, 16, torch.bfloat16)
-
-
-def _fill(gen: torch.Generator, f: CpuFlight) -> None:
-    for t in (f.q, f.k_new, f.v_new, f.prefill_k, f.prefill_v):
-        if t is not None:
-            t.copy_(torch.randn(t.shape, generator=gen))
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -320,27 +337,14 @@ def test_flights_paced_as_the_gpu_paces_them_overlap_and_match_the_reference(
                 fused=i == 1)
         for i, lens in enumerate(lens_of)
     ]  # fmt: skip
-    errors: list[BaseException] = []
-
     def gpu(f: CpuFlight, seed: int) -> None:
         local = torch.Generator().manual_seed(seed)
-        try:
-            for layer in range(num_layers):
-                _fill(local, f)
-                time.sleep(float(torch.rand(1, generator=local)) * 2e-3)
-                f.ready[layer] = seq
-                _wait(f.done[layer], seq)
-                _check_layer(pool[layer], f, block_size, dtype)
-        except BaseException as exc:  # reported on the test's thread
-            errors.append(exc)
-            for g in flights:
-                g.ready.fill_(seq)
+        for layer in range(num_layers):
+            _fill(local, f)
+            time.sleep(float(torch.rand(1, generator=local)) * 2e-3)
+            f.ready[layer] = seq
+            _wait(f.done[layer], seq)
+            _check_layer(pool[layer], f, block_size, dtype)
 
-    producers = [threading.Thread(target=gpu, args=(f, 40 + i)) for i, f in enumerate(flights)]
-    for p in producers:
-        p.start()
-    attn.decode_layers(pool, flights, seq, timeout_s=30.0)
-    for p in producers:
-        p.join()
-    if errors:
-        raise errors[0]
+    producers = [functools.partial(gpu, f, 40 + i) for i, f in enumerate(flights)]
+    _decode_beside(attn, pool, flights, seq, producers)
