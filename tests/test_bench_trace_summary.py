@@ -47,6 +47,12 @@ def test_kinds_rates_and_pipelined_medians(tmp_path, capsys):
     assert pipe["tokens_per_s"] == pytest.approx(22 / 0.050)  # 47 ms measured + 3 ms own time
     assert pipe["time_share"] == pytest.approx(50.0 / 105.0)
     assert kinds["sequential+cpu"]["tokens"] == 2 and kinds["gpu"]["tokens"] == 4
+    # Against the GPU decodes alone (5 ms predicted each, GPU-only iterations on time): the
+    # pipelined ones made 22 tokens in 47 ms where the GPU alone makes 9 in 15 ms; the sequential
+    # one 2 in 4 ms where the GPU alone makes 1 in 5 ms. Kinds without CPU decodes have none.
+    assert pipe["over_gpu_alone"] == pytest.approx((22 / 47) / (9 / 15))
+    assert kinds["sequential+cpu"]["over_gpu_alone"] == pytest.approx((2 / 4) / (1 / 5))
+    assert kinds["gpu"]["over_gpu_alone"] is None and kinds["prefill"]["over_gpu_alone"] is None
     p = s["pipelined"]
     assert p["measured_over_predicted"] == pytest.approx(1.0)  # medians of 1.25, 1.0, 1.0
     assert p["cpu_busy_share"] == pytest.approx(0.8)  # of 0.9, 0.8, 0.5
@@ -59,6 +65,23 @@ def test_kinds_rates_and_pipelined_medians(tmp_path, capsys):
     }]  # fmt: skip
     out = capsys.readouterr().out
     assert "auto: 7 iterations" in out and "3 GPU + 2/2 CPU:     2 it" in out
+    assert "0.78x the GPU alone's rate" in out and "2.50x the GPU alone's rate" in out
+
+
+def test_the_gain_over_the_gpu_alone_is_corrected_as_the_guard_corrects_it(tmp_path):
+    """GPU-only iterations that ran 1.25x their prediction make the GPU alone's time 1.25x its
+    prediction too; iterations of a kind without CPU decodes do not dilute the kind's gain."""
+    trace = {"auto": [
+        record(g=4, ms=10.0, pred=8.0),
+        record(g=2, b0=2, ms=10.0),  # 4 tokens in 10 ms; alone: 2 in 5 * 1.25 ms
+        record(g=2, b0=2, swap=1, ms=10.0),
+        record(g=2, swap=1, ms=2.0),
+    ]}  # fmt: skip
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(trace))
+    kinds = trace_summary.main([str(path)])["auto"]["kinds"]
+    assert kinds["sequential+cpu"]["over_gpu_alone"] == pytest.approx((4 / 10) / (2 / 6.25))
+    assert kinds["swap"]["over_gpu_alone"] == pytest.approx((4 / 10) / (2 / 6.25))
 
 
 def test_a_trace_without_pipelined_iterations_has_no_medians(tmp_path, capsys):

@@ -3,11 +3,13 @@
     python -m neod.bench.trace_summary trace.json [--splits 8]
 
 Per policy: the iterations by kind (with prompts, with swaps, pipelined, sequential with CPU
-decodes, GPU only), each kind's share of the run's time and its tokens/s; then, over the pipelined
-pure-decode iterations, how they ran against their prediction, how busy the CPU pool was and
-against its own prediction, and what share of each the engine thread spent issuing it; and the
-most frequent splits (GPU decodes, CPU decodes in sub-batch 0 and 1) with their medians. It
-answers "was it the GPU, the CPU, the hand-off or Python" without rerunning anything.
+decodes, GPU only), each kind's share of the run's time and its tokens/s (where it had CPU
+decodes, also against the same iterations' GPU decodes alone, as the offload guard judges);
+then, over the pipelined pure-decode iterations, how they ran against their prediction, how busy
+the CPU pool was and against its own prediction, and what share of each the engine thread spent
+issuing it; and the most frequent splits (GPU decodes, CPU decodes in sub-batch 0 and 1) with
+their medians. It answers "was it the GPU, the CPU, the hand-off or Python" without rerunning
+anything.
 """
 
 from __future__ import annotations
@@ -37,6 +39,20 @@ def _tokens(record: dict[str, Any]) -> int:
     return decodes + record["prefill_gpu"] + record["prefill_cpu"] - record["chunked"]
 
 
+def _cpu_decodes(record: dict[str, Any]) -> int:
+    return record["decode_cpu_b0"] + record["decode_cpu_b1"]
+
+
+def _over_gpu_alone(sums: list[float] | None, gpu_fit: float) -> float | None:
+    """Token rate of iterations with CPU decodes over that of the same iterations without them:
+    their predicted GPU-alone time, corrected as the guard corrects it (by how far GPU-only
+    iterations ran from their predictions)."""
+    if not sums or not sums[0] or not sums[3]:
+        return None
+    measured_ms, alone_ms, tokens, gpu_tokens = sums
+    return (tokens / measured_ms) / (gpu_tokens / (alone_ms * gpu_fit))
+
+
 def _ratio(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -46,6 +62,9 @@ def summarize(records: list[dict[str, Any]], num_splits: int = 8) -> dict[str, A
     spent = [r["measured_ms"] + r.get("host_ms", 0.0) for r in records]
     total_ms = sum(spent)
     kinds: dict[str, dict[str, float]] = {}
+    # per kind, over its iterations with CPU decodes: measured ms, GPU-alone ms, tokens, tokens
+    # without the CPU decodes
+    offloaded: dict[str, list[float]] = {}
     for r, ms in zip(records, spent, strict=True):
         k = kinds.setdefault(kind(r), {"iterations": 0, "ms": 0.0, "measured_ms": 0.0,
                                        "predicted_ms": 0.0, "tokens": 0})  # fmt: skip
@@ -54,9 +73,18 @@ def summarize(records: list[dict[str, Any]], num_splits: int = 8) -> dict[str, A
         k["measured_ms"] += r["measured_ms"]
         k["predicted_ms"] += r["predicted_ms"]
         k["tokens"] += _tokens(r)
-    for k in kinds.values():
+        if _cpu_decodes(r):
+            beside = offloaded.setdefault(kind(r), [0.0, 0.0, 0, 0])
+            beside[0] += r["measured_ms"]
+            beside[1] += r["gpu_alone_ms"]
+            beside[2] += _tokens(r)
+            beside[3] += _tokens(r) - _cpu_decodes(r)
+    gpu = kinds.get("gpu")
+    gpu_fit = gpu["measured_ms"] / gpu["predicted_ms"] if gpu and gpu["predicted_ms"] else 1.0
+    for name, k in kinds.items():
         k["time_share"] = k["ms"] / total_ms if total_ms else 0.0
         k["tokens_per_s"] = k["tokens"] / (k["ms"] / 1e3) if k["ms"] else 0.0
+        k["over_gpu_alone"] = _over_gpu_alone(offloaded.get(name), gpu_fit)
     pipe = [r for r in records if kind(r) == "pipelined"]
     splits = Counter((r["decode_gpu"], r["decode_cpu_b0"], r["decode_cpu_b1"]) for r in pipe)
     top = []
@@ -113,8 +141,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{_fmt(s['median_host_ms'])} ms per iteration (median)")  # fmt: skip
         for name, k in s["kinds"].items():
             fit = k["measured_ms"] / k["predicted_ms"] if k["predicted_ms"] else None
+            beside = k["over_gpu_alone"]
+            gain = "" if beside is None else f", {beside:.2f}x the GPU alone's rate"
             print(f"  {name:15s} {k['iterations']:6d} it {100 * k['time_share']:5.1f}% of the time "
-                  f"{k['tokens_per_s']:8.1f} tok/s, measured / predicted {_fmt(fit)}")  # fmt: skip
+                  f"{k['tokens_per_s']:8.1f} tok/s, measured / predicted {_fmt(fit)}"
+                  f"{gain}")  # fmt: skip
         p = s["pipelined"]
         if not p["splits"]:
             continue
