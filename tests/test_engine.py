@@ -296,6 +296,41 @@ def test_auto_paused_by_the_guard_brings_cpu_requests_home(tmp_path):
     assert_greedy_equal(engine, {f"r{i}": p for i, p in enumerate(ps)}, expected, got)
 
 
+def test_the_guard_is_told_which_cpu_decodes_were_chosen(tmp_path):
+    """Under auto the guard judges offloading the scheduler chose; the aged decodes of requests on
+    their way home (here: offloading paused) reach it marked as such, and it keeps no sample of
+    them."""
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    engine = make_engine(tmp_path, **{"scheduler.policy": "neo"}, **SMALL_GPU_POOL)
+    for i, p in enumerate(prompts(24, seed=1)):
+        engine.add_request(f"r{i}", p, params)
+    calls: list[tuple[int, int, bool]] = []
+    engine.iteration_stats.trace = trace = []
+
+    def pause_once_on_the_cpu(engine: Engine) -> None:
+        if engine.limits.policy == "neo" and engine.stats()["decoding_cpu"] > 0:
+            engine.tune(policy="auto")
+            guard = engine.guard
+            guard._blocked_until = 10**9  # what a losing verdict sets
+            record = guard.record
+
+            def spy(step, num_tokens, elapsed_s, predicted_s, num_gpu_tokens, gpu_alone_s,
+                    chosen=True):  # fmt: skip
+                calls.append((num_tokens, num_gpu_tokens, chosen))
+                record(step, num_tokens, elapsed_s, predicted_s, num_gpu_tokens, gpu_alone_s,
+                       chosen=chosen)  # fmt: skip
+
+            guard.record = spy
+
+    run_all(engine, after_step=pause_once_on_the_cpu)
+    assert_all_free(engine)
+    with_cpu = [c for c in calls if c[1] < c[0]]
+    assert with_cpu, "aged CPU decodes should have run while offloading was paused"
+    assert not any(chosen for *_, chosen in with_cpu)
+    assert sum(r["sends_home"] for r in trace) >= len(with_cpu)
+    assert engine.guard.snapshot()["offload_gain"] is None
+
+
 def test_stop_conditions_and_finish_reasons(tmp_path):
     engine = make_engine(tmp_path, **{"scheduler.policy": "gpu-only"})
     p = prompts(1, seed=3)[0]

@@ -13,10 +13,10 @@ def gpu_only(guard: OffloadGuard, start: int, n: int, measured_over_predicted: f
 
 
 def offloaded(guard: OffloadGuard, start: int, n: int, elapsed_s: float,
-              predicted_s: float = 0.0, tokens: int = 15) -> int:
+              predicted_s: float = 0.0, tokens: int = 15, chosen: bool = True) -> int:
     """Iterations of 6 GPU decodes (predicted 40 ms alone) plus CPU decodes."""
     for step in range(start, start + n):
-        guard.record(step, tokens, elapsed_s, predicted_s or elapsed_s, 6, 0.04)
+        guard.record(step, tokens, elapsed_s, predicted_s or elapsed_s, 6, 0.04, chosen=chosen)
     return start + n
 
 
@@ -80,3 +80,22 @@ def test_repeated_losses_pause_longer_and_a_paying_trial_resets_the_pause():
     step = offloaded(guard, step, MIN_SAMPLES, 0.08)  # 187.5 tok/s: pays
     assert guard.allows_offload(step)
     assert pause_after_losing(guard, step)[0] == BACKOFF_STEPS
+
+
+def test_aged_cpu_decodes_of_requests_on_their_way_home_are_not_judged():
+    """While the scheduler brings the CPU's requests home, the aged ones decode where they are, at
+    a loss by design: however many such iterations, offloading is not stopped, and the gain the
+    next chosen offloading is judged on starts from its own iterations."""
+    guard = OffloadGuard(margin=0.05)
+    step = offloaded(guard, 0, 4 * MIN_SAMPLES, 0.12, chosen=False)  # 125 tok/s against 150
+    assert guard.allows_offload(step)
+    assert guard.snapshot()["offload_gain"] is None
+    step = offloaded(guard, step, 1, 0.08)  # 187.5 tok/s, chosen
+    assert guard.snapshot()["offload_gain"] == pytest.approx(1.25)
+    # GPU-only iterations still set how the GPU alone is judged in the meantime.
+    step = gpu_only(guard, step, 1, 1.2)
+    step = offloaded(guard, step, 2 * MIN_SAMPLES, 0.2, chosen=False)
+    assert guard.snapshot()["gpu_only_measured_over_predicted"] == pytest.approx(1.2)
+    # Chosen offloading that loses is stopped as before.
+    step = offloaded(guard, step, 2 * MIN_SAMPLES, 0.2)
+    assert not guard.allows_offload(step)

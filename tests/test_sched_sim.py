@@ -361,6 +361,21 @@ def test_pipelining_happens_when_the_cpu_can_hide_behind_the_projections():
 
 
 @pytest.mark.parametrize("policy", ["auto", "neo"])
+def test_offloading_that_pays_is_chosen_not_a_way_home(policy):
+    """Where the CPU hides behind the projections, auto's CPU decodes are chosen offloading (the
+    guard judges them); neo never sends the CPU's requests home."""
+    reqs = [Req(1, 100, 40) for _ in range(20)]
+    sched = Scheduler(ScriptedCost(lin=1e-3, cpu_per_token=1e-6), 4)
+    sim = Sim(sched, 2 * 36, 20000, 4, Limits(32, 4096, policy), reqs)
+    sim.run(5000)
+    offloaded = [p for p in sim.plans if p.decode_cpu_b0 or p.decode_cpu_b1]
+    assert len(offloaded) > 10
+    if policy == "neo":
+        assert not any(p.sends_home for p in sim.plans)
+    assert sum(not p.sends_home for p in offloaded) > 0.9 * len(offloaded)
+
+
+@pytest.mark.parametrize("policy", ["auto", "neo"])
 def test_lone_long_cpu_request_finishes(policy):
     """The reference hung: a lone CPU request longer than the swap-in threshold never ran."""
     bs, num_gpu = 4, 5  # 95% of 5 blocks = 4 blocks = 16 tokens
@@ -511,10 +526,12 @@ def test_auto_sends_cpu_requests_home_when_the_cpu_does_not_pay():
     assert plan.swap_in == [10] and sorted(plan.preempt) == [11, 12]
     assert not plan.decode_cpu_b0 and not plan.decode_cpu_b1
     assert 10 in plan.decode_gpu
+    assert plan.sends_home  # what the engine's guard is told: no offloading was chosen
     # Under neo the one with GPU room comes home too; the others stay and, aged, decode on the CPU.
     neo = sched.schedule([], running, cache, Limits(16, 512, "neo"), 10)
     assert neo.swap_in == [10] and not neo.preempt
     assert sorted(neo.decode_cpu_b0 + neo.decode_cpu_b1) == [11, 12]
+    assert not neo.sends_home
 
 
 def _two_cpu_requests_no_gpu_room(gpu_left: int, paused: bool = True) -> Plan:
@@ -541,6 +558,7 @@ def test_auto_leaves_on_the_cpu_what_costs_less_to_finish_there_than_to_recomput
     plan = _two_cpu_requests_no_gpu_room(48)
     assert plan.preempt == [10]
     assert plan.decode_cpu_b0 + plan.decode_cpu_b1 == [11]  # aged: forced, on the CPU
+    assert plan.sends_home  # so the guard does not judge offloading by this decode
 
 
 def test_auto_keeps_on_the_cpu_what_finds_gpu_room_soon_rather_than_recompute_it():
@@ -558,3 +576,4 @@ def test_auto_throws_no_cpu_work_away_on_a_prediction_alone():
     plan = _two_cpu_requests_no_gpu_room(48, paused=False)
     assert not plan.preempt
     assert sorted(plan.decode_cpu_b0 + plan.decode_cpu_b1) == [10, 11]
+    assert plan.sends_home  # aged decodes, not chosen: the guard leaves them out

@@ -157,6 +157,7 @@ class Engine:
                 plan.predicted_iter_s,
                 len(plan.decode_gpu),
                 plan.predicted_gpu_alone_s,
+                chosen=not plan.sends_home,
             )
 
     def _effective_limits(self) -> Limits:

@@ -11,6 +11,11 @@ at other moments, on other batches.) `auto` then places no new work on the CPU f
 trial costs slow iterations, so a pause after a repeated verdict lasts twice as long as the one
 before; a trial that pays resets it.
 
+Iterations in which the scheduler was already bringing the CPU's requests home are not judged:
+their CPU decodes are the aged ones, decoded where they are for fairness, and they lose to the GPU
+alone by design (0.8x on an H100 host); counting them stopped offloading as soon as the batch
+reached a stretch where it did not pay, and kept it stopped after it paid again.
+
 How far offloaded iterations run over their prediction is tracked, not judged: on the 70B shape
 they ran 1.25-1.3x over while beating the GPU alone by 1.2-1.3x, and stopping them then threw the
 gain away. The verdict is the measured rate alone.
@@ -47,14 +52,19 @@ class OffloadGuard:
         predicted_s: float,
         num_gpu_tokens: int,
         gpu_alone_s: float,
+        chosen: bool = True,
     ) -> None:
         """One pure decode iteration (prefills would skew the token rate). num_gpu_tokens and
         gpu_alone_s: the tokens of its GPU decodes and the predicted time of those alone; an
-        iteration that used no CPU has num_gpu_tokens == num_tokens."""
+        iteration that used no CPU has num_gpu_tokens == num_tokens. chosen: its CPU decodes were
+        offloading the scheduler chose, not the requests it was bringing home, decoded where they
+        are because ageing forced them."""
         if elapsed_s <= 0 or predicted_s <= 0:
             return
         if num_gpu_tokens == num_tokens:
             self._gpu_only_accuracy = _ewma(self._gpu_only_accuracy, elapsed_s / predicted_s)
+            return
+        if not chosen:
             return
         alone_s = gpu_alone_s * (self._gpu_only_accuracy or 1.0)
         alone_rate = num_gpu_tokens / alone_s if alone_s > 0 else 0.0

@@ -109,6 +109,7 @@ def _trace_record(
 ) -> dict[str, Any]:
     return {
         "pipelined": plan.pipelined,
+        "sends_home": plan.sends_home,
         "prefill_gpu": len(plan.prefill_gpu),
         "prefill_cpu": len(plan.prefill_cpu),
         "chunked": len(plan.chunked),

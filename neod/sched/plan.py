@@ -39,6 +39,9 @@ class Plan:  # every list holds seq_ids, oldest first
     # -> tokens. The rest follows in later iterations (waiting prompts start, running ones go on).
     chunked: dict[int, int] = field(default_factory=dict)
     pipelined: bool = False
+    # auto: bringing the CPU's requests home (offloading judged not to pay); the CPU decodes of
+    # such an iteration are those that ageing forces, not offloading that was chosen.
+    sends_home: bool = False
     predicted_iter_s: float = 0.0
     predicted_gpu_alone_s: float = 0.0  # the same iteration without its CPU decodes
     predicted_cpu_s: float = 0.0  # the CPU decodes' attention, all layers and sub-batches

@@ -213,6 +213,7 @@ class _Pass:
             self._admit_prefills()
         self._split()
         self._log_dropped()
+        self.plan.sends_home = self.sends_home
         return self.plan
 
     def _drop_unservable(self) -> None:
