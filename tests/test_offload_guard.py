@@ -99,3 +99,15 @@ def test_aged_cpu_decodes_of_requests_on_their_way_home_are_not_judged():
     # Chosen offloading that loses is stopped as before.
     step = offloaded(guard, step, 2 * MIN_SAMPLES, 0.2)
     assert not guard.allows_offload(step)
+
+
+def test_a_passing_slowdown_at_the_start_is_not_a_verdict():
+    """The CPU slow for the first 20 offloaded iterations (125 tok/s against 150 alone), then at
+    its usual pace (187.5 tok/s): offloading is never stopped, while a slowdown that lasts is."""
+    guard = OffloadGuard(margin=0.05)
+    step = offloaded(guard, 0, 20, 0.12)
+    step = offloaded(guard, step, 4 * MIN_SAMPLES, 0.08)
+    assert guard.snapshot()["stops"] == 0 and guard.allows_offload(step)
+    guard = OffloadGuard(margin=0.05)
+    step = offloaded(guard, 0, MIN_SAMPLES, 0.12)
+    assert guard.snapshot()["stops"] == 1
