@@ -54,6 +54,11 @@ while [ $# -gt 0 ]; do
         throughput)
             python3 -m neod.bench.throughput "$@" 2>&1 | tee -a "$out/throughput.log" \
                 | grep -v " INFO " | tee -a "$out/throughput.txt"
+            # The profiles the run used: with a --trace-out file they let the CPU correction be
+            # replayed offline (the trace has each iteration's CPU sub-batches and times).
+            profiles=$(python3 -c "from neod.config import load_config, profile_dir
+print(profile_dir(load_config(None)))")
+            cp "$profiles"/profile-*.json "$out/" 2>/dev/null
             break ;;
         *) echo "unknown step $what" >&2; exit 2 ;;
     esac
