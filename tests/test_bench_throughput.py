@@ -12,7 +12,8 @@ import pytest
 
 from neod.bench import throughput
 from neod.config import SchedulerConfig
-from neod.sched import SplitRule
+from neod.model.presets import PRESETS
+from neod.sched import Profile, SplitRule, TableCostModel
 
 
 def test_policies_are_measured_and_set_against_the_advisor(tmp_path, capsys):
@@ -85,6 +86,17 @@ def test_policies_are_measured_and_set_against_the_advisor(tmp_path, capsys):
     assert offloaded and all(t["cpu_batches"] and t["cpu_busy_ms"] > 0 for t in offloaded)
     # The pool's work over its size fits within the time some step computed.
     assert all(0 < t["cpu_work_ms"] <= t["cpu_busy_ms"] * 1.001 for t in offloaded)
+    # Each record carries the CPU correction its prediction was made with: with the stored
+    # profile it gives the prediction back, run by run (what a replay of the fit starts from).
+    (stored,) = tmp_path.glob("profile-*.json")
+    base = TableCostModel(Profile.from_json(json.loads(stored.read_text())))
+    layers = PRESETS["tiny"].num_hidden_layers
+    for t in offloaded:
+        runs = [base.cpu_decode_attn_s(n, ctx) for n, ctx in t["cpu_batches"]]
+        expected_s = layers * sum(t["cpu_scale"] * p + t["cpu_fixed_us"] * 1e-6 for p in runs)
+        assert t["predicted_cpu_ms"] == pytest.approx(expected_s * 1e3)
+    assert (offloaded[0]["cpu_scale"], offloaded[0]["cpu_fixed_us"]) == (1.0, 0.0)  # no samples
+    assert len({(t["cpu_scale"], t["cpu_fixed_us"]) for t in offloaded}) > 1  # then it learned
     assert "neo: measured over predicted CPU time, by CPU decodes: " in out
     assert "gpu-only: measured over" not in out
     assert "advisor (steady state): gpu-only" in out and "measured in the steady window" in out

@@ -3,6 +3,8 @@ engine's own time per iteration."""
 
 from __future__ import annotations
 
+import pytest
+
 from neod.engine.stats import EngineStats
 from neod.sched import Plan
 
@@ -46,7 +48,9 @@ def test_the_trace_keeps_both_measures_of_the_cpu_program():
     stats = EngineStats()
     stats.trace = []
     plan = Plan(decode_cpu_b0=[1, 2], predicted_cpu_s=1e-3, predicted_iter_s=2e-3)
-    stats.record_iteration(plan, 2e-3, 3, 1.2e-3, 0.1e-3, 0.9e-3)
+    stats.record_iteration(plan, 2e-3, 3, 1.2e-3, 0.1e-3, 0.9e-3, (0.8, 50e-6))
     (record,) = stats.trace
     assert record["cpu_busy_ms"] == 1.2 and record["cpu_work_ms"] == 0.9
     assert record["predicted_cpu_ms"] == 1.0
+    # The correction the prediction carried: 0.8 x profiled + 50 us per CPU run.
+    assert record["cpu_scale"] == 0.8 and record["cpu_fixed_us"] == pytest.approx(50.0)

@@ -117,6 +117,7 @@ class Engine:
             self.iteration_stats.record_iteration(
                 plan, elapsed, len(sampling), cpu_busy, self.rt.executor.issue_s - issue_before,
                 self._cpu_work_s(self.rt.executor.cpu_worker_s - cpu_worker_before),
+                self._cpu_correction(),
             )
             self._learn(plan, elapsed, cpu_busy, len(sampling))
             self.corrections.tick()
@@ -133,6 +134,14 @@ class Engine:
         step's inputs waiting (as the profile times it), whatever the GPU's pacing."""
         attention = self.rt.executor.cpu_attention
         return worker_s / attention.num_threads if attention is not None else 0.0
+
+    def _cpu_correction(self) -> tuple[float, float]:
+        """The (scale, fixed seconds) the scheduler's CPU costs carry now: those of this
+        iteration's plan, since the corrections learn only after it ran."""
+        cost = getattr(self.rt.scheduler, "cost", None)  # a scripted scheduler has none
+        if isinstance(cost, CalibratedCostModel):
+            return cost.cpu_scale, cost.cpu_fixed_s
+        return 1.0, 0.0
 
     def _learn(self, plan: Plan, elapsed_s: float, cpu_busy_s: float, num_tokens: int) -> None:
         """Feed one iteration's measurements to the scheduler's cost corrections and the guard."""

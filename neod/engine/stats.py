@@ -44,9 +44,12 @@ class EngineStats:
         cpu_busy_s: float,
         issue_s: float,
         cpu_work_s: float = 0.0,
+        cpu_correction: tuple[float, float] = (1.0, 0.0),
     ) -> None:
         """cpu_busy_s: the time some CPU step computed; cpu_work_s: the pool's computing time
-        over its size (the two differ by the workers' idle time within steps)."""
+        over its size (the two differ by the workers' idle time within steps); cpu_correction:
+        the (scale, fixed seconds) the plan's CPU time was predicted with, so that a trace gives
+        back each CPU run's profiled time and another correction can be replayed on it."""
         self.busy_s += elapsed_s
         self.cpu_busy_s += cpu_busy_s
         self.num_iterations += 1
@@ -58,7 +61,10 @@ class EngineStats:
         if num_cpu and not plan.prefill_cpu and cpu_busy_s > 0 and plan.predicted_cpu_s > 0:
             self._cpu_recent.append((num_cpu, cpu_busy_s, plan.predicted_cpu_s))
         if self.trace is not None:
-            self.trace.append(_trace_record(plan, elapsed_s, cpu_busy_s, cpu_work_s, issue_s))
+            record = _trace_record(plan, elapsed_s, cpu_busy_s, cpu_work_s, issue_s)
+            record["cpu_scale"], fixed_s = cpu_correction
+            record["cpu_fixed_us"] = fixed_s * 1e6
+            self.trace.append(record)
 
     def snapshot(self) -> dict[str, Any]:
         recent = list(self._recent)
