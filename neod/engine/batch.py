@@ -17,6 +17,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from neod.engine.sequence import Sequence
@@ -77,11 +78,13 @@ def _slots(seq: Sequence, start: int, end: int, block_size: int) -> list[int]:
 
 
 def _block_table(block_ids: list[list[int]]) -> torch.Tensor:
+    """[rows, widest] int32, zero-padded. Filled through numpy: a torch op per row took 0.25 ms
+    of the engine's 1.6 ms per iteration at 3 GPU + 12 CPU decodes (dev machine)."""
     width = max((len(ids) for ids in block_ids), default=0)
-    table = torch.zeros((len(block_ids), max(width, 1)), dtype=torch.int32)
+    table = np.zeros((len(block_ids), max(width, 1)), dtype=np.int32)
     for row, ids in enumerate(block_ids):
-        table[row, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
-    return table
+        table[row, : len(ids)] = ids
+    return torch.from_numpy(table)
 
 
 def batch_rows(
