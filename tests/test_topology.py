@@ -218,3 +218,10 @@ def test_cli_prints_topology_and_probe(tmp_path: Path):
     text = subprocess.run([sys.executable, "-m", "neod.cpu", "--reserve-cores", "0"], env=env,
                           capture_output=True, text=True, check=True, timeout=60).stdout
     assert "recommended CPU attention threads" in text
+    # One row per thread count, the kernel's own rate in the last column.
+    header = text.splitlines().index("threads   GB/s   of peak   attention kernel GB/s")
+    rows = text.splitlines()[header + 1 : header + 1 + len(probe["thread_counts"])]
+    assert [int(r.split()[0]) for r in rows] == probe["thread_counts"]
+    assert [float(r.split()[-1]) for r in rows] == pytest.approx(
+        [r / 1e9 for r in probe["kernel_bytes_per_s"]], abs=0.06
+    )

@@ -49,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nread bandwidth ({probe.buffer_bytes / 2**20:.0f} MiB buffer, cores "
               f"{','.join(map(str, probe.cores))})")
         print("threads   GB/s   of peak   attention kernel GB/s")
-        kernel = probe.kernel_bytes_per_s or (0.0,) * len(probe.thread_counts)
+        kernel = probe.kernel_bytes_per_s or (None,) * len(probe.thread_counts)
         for n, rate, attn in zip(probe.thread_counts, probe.read_bytes_per_s, kernel, strict=True):
-            print(f"{n:7d} {rate / 1e9:6.1f} {rate / probe.peak_bytes_per_s:8.0%} "
-                  f"{attn / 1e9:23.1f}")
+            timed = "-" if attn is None else f"{attn / 1e9:.1f}"  # a probe without the kernel's
+            print(f"{n:7d} {rate / 1e9:6.1f} {rate / probe.peak_bytes_per_s:8.0%} {timed:>23s}")
         print(f"\nrecommended CPU attention threads: {report['recommended_threads']} "
               f"(the kernel reaches {args.fraction:.0%} of its best rate, "
               f"{args.reserve_cores} core(s) reserved)")

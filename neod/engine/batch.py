@@ -78,8 +78,8 @@ def _slots(seq: Sequence, start: int, end: int, block_size: int) -> list[int]:
 
 
 def _block_table(block_ids: list[list[int]]) -> torch.Tensor:
-    """[rows, widest] int32, zero-padded. Filled through numpy: a torch op per row took 0.25 ms
-    of the engine's 1.6 ms per iteration at 3 GPU + 12 CPU decodes (dev machine)."""
+    """[rows, widest] int32, zero-padded. Filled through numpy: a torch op per row cost the
+    engine 0.4-0.5 ms per iteration at 3 GPU + ~12 CPU decodes (docs/perf.md)."""
     width = max((len(ids) for ids in block_ids), default=0)
     table = np.zeros((len(block_ids), max(width, 1)), dtype=np.int32)
     for row, ids in enumerate(block_ids):
