@@ -7,6 +7,7 @@ import json
 import pytest
 
 from neod.bench import trace_summary
+from neod.engine.guard import MIN_SAMPLES
 
 
 def record(g=0, b0=0, b1=0, pipelined=False, prefill=0, chunked=0, swap=0, ms=10.0, pred=10.0,
@@ -93,3 +94,20 @@ def test_a_trace_without_pipelined_iterations_has_no_medians(tmp_path, capsys):
     )
     assert s["pipelined"]["splits"] == [] and s["pipelined"]["issue_share"] is None
     assert "pipelined decodes" not in capsys.readouterr().out
+
+
+def test_the_guard_replayed_on_a_trace_stops_where_chosen_offloading_loses(tmp_path):
+    """Iterations of 2 GPU decodes (5 ms alone) + 2 CPU decodes in 20 ms lose (0.5x): the guard,
+    fed them as the engine feeds it, stops at the MIN_SAMPLES-th; the same iterations made while
+    sending the CPU's requests home, or with prompts, are not judged."""
+    losing = record(g=2, b0=2, ms=20.0, pred=20.0)
+    trace = {
+        "auto": [record(g=2, ms=5.0, pred=5.0)] + [losing] * (MIN_SAMPLES + 5),
+        "home": [{**losing, "sends_home": True}] * (MIN_SAMPLES + 5),
+        "prompts": [record(g=2, b0=2, prefill=1, ms=20.0, pred=20.0)] * (MIN_SAMPLES + 5),
+    }
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(trace))
+    report = trace_summary.main([str(path)])
+    assert report["auto"]["guard_stops"] == [1 + MIN_SAMPLES]
+    assert report["home"]["guard_stops"] == [] and report["prompts"]["guard_stops"] == []

@@ -8,7 +8,8 @@ decodes, also against the same iterations' GPU decodes alone, as the offload gua
 then, over the pipelined pure-decode iterations, how they ran against their prediction, how busy
 the CPU pool was and against its own prediction, and what share of each the engine thread spent
 issuing it; and the most frequent splits (GPU decodes, CPU decodes in sub-batch 0 and 1) with
-their medians. It answers "was it the GPU, the CPU, the hand-off or Python" without rerunning
+their medians; and where `auto`'s offload guard, fed the trace's iterations, would stop
+offloading. It answers "was it the GPU, the CPU, the hand-off or Python" without rerunning
 anything.
 """
 
@@ -51,6 +52,25 @@ def _over_gpu_alone(sums: list[float] | None, gpu_fit: float) -> float | None:
         return None
     measured_ms, alone_ms, tokens, gpu_tokens = sums
     return (tokens / measured_ms) / (gpu_tokens / (alone_ms * gpu_fit))
+
+
+def guard_stops(records: list[dict[str, Any]]) -> list[int]:
+    """The iterations (1-based) at which `auto`'s offload guard, fed these iterations as the
+    engine feeds it, would stop offloading: on any policy's trace, what the guard makes of it
+    (after a stop the recorded run goes on as it ran)."""
+    from neod.engine.guard import OffloadGuard
+
+    guard, stops = OffloadGuard(), []
+    for step, r in enumerate(records, 1):
+        if kind(r) == "prefill" or kind(r) == "swap":
+            continue
+        before = guard.snapshot()["stops"]
+        guard.record(step, _tokens(r), r["measured_ms"] / 1e3, r["predicted_ms"] / 1e3,
+                     r["decode_gpu"], r["gpu_alone_ms"] / 1e3,
+                     chosen=not r.get("sends_home", False))  # fmt: skip
+        if guard.snapshot()["stops"] > before:
+            stops.append(step)
+    return stops
 
 
 def _ratio(values: list[float]) -> float | None:
@@ -104,6 +124,7 @@ def summarize(records: list[dict[str, Any]], num_splits: int = 8) -> dict[str, A
         "iterations": len(records),
         "total_s": total_ms / 1e3,
         "median_host_ms": _ratio([r.get("host_ms", 0.0) for r in records]),
+        "guard_stops": guard_stops(records),
         "kinds": {name: kinds[name] for name in KINDS if name in kinds},
         "pipelined": {
             "measured_over_predicted": _ratio(
@@ -146,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"  {name:15s} {k['iterations']:6d} it {100 * k['time_share']:5.1f}% of the time "
                   f"{k['tokens_per_s']:8.1f} tok/s, measured / predicted {_fmt(fit)}"
                   f"{gain}")  # fmt: skip
+        stops = ", ".join(map(str, s["guard_stops"])) or "none"
+        print(f"  the offload guard, replayed on these iterations, stops offloading at: {stops}")
         p = s["pipelined"]
         if not p["splits"]:
             continue
