@@ -583,8 +583,12 @@ def test_resizing_the_cpu_pool_brings_its_profile_along(tmp_path, monkeypatch):
     resized = engine.rt.profile
     assert resized.key.pool_threads == 2 and set(timed_with) == {2} and full_runs == []
     assert resized.linear == start.linear and resized.gpu_decode_attn == start.gpu_decode_attn
+    assert resized.cpu_decode_attn(8, 4096) == pytest.approx(4e-3, rel=0.05)
+    # The paced fit (timed at start: it writes both pools) is the old size's, over the new table.
+    assert resized.cpu_paced == start.cpu_paced is not None
     cost = engine.rt.scheduler.cost
-    assert cost.cpu_decode_attn_s(8, 4096) == pytest.approx(4e-3, rel=0.05)
+    scale, fixed = resized.cpu_paced
+    assert cost.cpu_decode_attn_s(8, 4096) == pytest.approx(scale * 4e-3 + fixed, rel=0.05)
     assert len(list((tmp_path / "profiles").glob("profile-*.json"))) == 2
     shown = engine.stats()["profile"]
     assert shown["pool_threads"] == 2 and shown["cpu_measured_at"]

@@ -116,6 +116,26 @@ def test_the_pipeline_hand_off_round_trips_and_a_profile_from_before_it_has_none
     assert load_profile(path, profile.key).pipeline_handoff is None
 
 
+def test_the_paced_cpu_program_round_trips_and_prices_every_cpu_run(tmp_path):
+    profile = dataclasses.replace(make_profile(), pipeline_handoff=83e-6, cpu_paced=(0.8, 55e-6))
+    path = tmp_path / "p.json"
+    save_profile(profile, path)
+    loaded = load_profile(path, profile.key)
+    assert loaded.cpu_paced == (0.8, 55e-6)
+    table = profile.cpu_decode_attn(3, 3000)
+    assert TableCostModel(loaded).cpu_decode_attn_s(3, 3000) == pytest.approx(0.8 * table + 55e-6)
+    assert TableCostModel(loaded).cpu_decode_attn_s(0, 0) == 0.0  # no run, no fixed cost
+    # Unpaced (not timed yet): the table's own time.
+    unpaced = TableCostModel(dataclasses.replace(loaded, cpu_paced=None))
+    assert unpaced.cpu_decode_attn_s(3, 3000) == pytest.approx(table)
+    # Timed under the previous form (the hand-off over unpaced tables): both timed again.
+    data = json.loads(path.read_text())
+    data["pipeline_handoff_form"] -= 1
+    path.write_text(json.dumps(data))
+    older = load_profile(path, profile.key)
+    assert older.pipeline_handoff is None and older.cpu_paced is None
+
+
 def test_profile_without_host_pool_round_trips(tmp_path):
     profile = make_profile(with_cpu=False)
     save_profile(profile, tmp_path / "p.json")

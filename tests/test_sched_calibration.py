@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from test_profile import make_profile
@@ -15,6 +16,7 @@ from neod.sched import (
     Residence,
     Scheduler,
     SeqView,
+    TableCostModel,
     corrections_path,
     load_corrections,
     profile_path,
@@ -311,3 +313,24 @@ def test_corrections_stored_before_the_fixed_cpu_cost_restore_with_none(tmp_path
     model = CalibratedCostModel(FlatCost(), cpu_fixed_s=1e-5)
     assert load_corrections(model, profile, path)
     assert (model.cpu_scale, model.cpu_fixed_s) == (1.2, 0.0)
+
+
+def test_a_paced_profile_keeps_every_size_right_where_the_window_holds_one():
+    """Sub-batches of one size cannot tell a fixed cost from the scale: the fit over the table
+    alone gives it to the scale and prices a lone decode too cheap and a larger sub-batch too
+    dear (the split then keeps too few decodes on the CPU), while over the profile's paced
+    program it stays right at every size."""
+    table = make_profile()
+    truth = {n: 0.9 * table.cpu_decode_attn(n, 1000 * n) + 55e-6 for n in (1, 3, 8)}
+
+    def after_window(profile):
+        model = CalibratedCostModel(TableCostModel(profile))
+        for _ in range(200):  # sub-batches of 3 decodes at 1000 tokens each, 4 layers
+            model.record_cpu(4 * 2 * truth[3], [(3, 3000), (3, 3000)], 4)
+        return {n: model.cpu_decode_attn_s(n, 1000 * n) / t for n, t in truth.items()}
+
+    unpaced = after_window(table)
+    assert unpaced[3] == pytest.approx(1.0, rel=1e-3)
+    assert unpaced[1] < 0.8 and unpaced[8] > 1.1
+    paced = after_window(replace(table, cpu_paced=(0.9, 55e-6)))
+    assert all(r == pytest.approx(1.0, rel=1e-3) for r in paced.values())

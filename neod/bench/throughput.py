@@ -311,6 +311,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"in~{args.input_len} out~{args.output_len} "
         f"n={args.num_requests}"
     )
+    paced = runtime.profile.cpu_paced if runtime.profile is not None else None
+    if paced is not None:
+        print(f"profile: the CPU program as pipelined iterations pace it runs {paced[0]:.2f}x its "
+              f"table + {paced[1] * 1e6:.0f} us per sub-batch layer (CPU x corrects this)")
     print(
         f"{'policy':10} {'tok/s':>9} {'x':>6} {'steady':>8} {'TTFT p50':>9} {'p99':>8} "
         f"{'TPOT p50':>9} {'p99':>8} {'pipe%':>6} {'pred err':>8} {'CPU reqs':>8} {'CPU busy':>8} "

@@ -364,6 +364,12 @@ class Engine:
             "pool_threads": profile.key.pool_threads,
             "measured_at": profile.meta.get("measured_at"),
             "cpu_measured_at": profile.meta.get("cpu_measured_at"),
+            # The CPU program as pipelined iterations pace it, over the table: the cost the
+            # running corrections (cpu_cost_scale) correct.
+            "cpu_paced": None if profile.cpu_paced is None else {
+                "scale": round(profile.cpu_paced[0], 4),
+                "fixed_us": round(profile.cpu_paced[1] * 1e6, 1),
+            },
             "corrections_restored": self.corrections.restored,
         }
 

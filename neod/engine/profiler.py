@@ -19,7 +19,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -628,17 +628,23 @@ def load_or_profile(
 def store_pipeline_handoff(
     cfg: Any, profile: Profile, executor: Any, layout: KVLayout, vocab_size: int, max_rows: int
 ) -> Profile:
-    """`profile` with its pipeline hand-off timed, and stored: the engine's pipelined iteration,
-    run whole (after its CUDA graphs are captured, as it serves), against the bound the profile's
-    tables give it. Only at start: the probe writes K/V into both pools."""
+    """`profile` with the engine's pipelined iteration timed, and stored: run whole (after its
+    CUDA graphs are captured, as it serves) with a few sizes of CPU sub-batch, for the CPU
+    program as that iteration paces it (`cpu_paced`), and against the bound the paced tables
+    give it, for the hand-off. Only at start: the probes write K/V into both pools."""
     from neod.config import profile_dir
 
     start = time.perf_counter()
     with torch.inference_mode():
-        handoff = _pipeline_handoff(profile, executor, layout, vocab_size, max_rows)
+        probes = _pipelined_probes(executor, layout, vocab_size, max_rows)
+    paced = _cpu_paced(profile, probes)
+    profile = replace(profile, cpu_paced=paced)
+    handoff = _pipeline_handoff(profile, probes, layout.num_layers)
     logger.info(
-        "pipelined sub-batches hand off in %.0f us per layer beyond their copies on this host "
-        "(timed in %.1f s)",
+        "the CPU program as pipelined iterations pace it runs %.2fx the profile's table + %.0f us "
+        "per sub-batch layer; pipelined sub-batches hand off in %.0f us per layer beyond their "
+        "copies on this host (timed in %.1f s)",
+        *(paced or (1.0, 0.0)),
         handoff * 1e6,
         time.perf_counter() - start,
     )
@@ -651,45 +657,94 @@ def store_pipeline_handoff(
     return profile
 
 
-def _pipeline_handoff(
-    profile: Profile, executor: Any, layout: KVLayout, vocab_size: int, max_rows: int
-) -> float:
-    """The hand-off per sub-batch with CPU work and layer (neod.sched.cost) that makes the
-    predicted period of a pipelined iteration the measured one, within 0 and HANDOFF_MAX_S. The
-    probe is where the split starts to offload: HANDOFF_PROBE_DECODES GPU decodes in sub-batch 0,
-    as many CPU decodes shared by the two sub-batches, so the GPU's stream and the round trips,
-    not the CPU's own work, set its period. 0 where the pools cannot hold the probe."""
+@dataclass(frozen=True)
+class PipelinedProbe:
+    """One pipelined iteration, timed: `gpu_decodes` GPU decodes in sub-batch 0 and `per_side`
+    CPU decodes in each sub-batch, every request at `context` tokens."""
+
+    gpu_decodes: int
+    per_side: int
+    context: int
+    wall_s: float  # median iteration, to its sampled tokens on the host
+    cpu_run_s: float  # median CPU busy time per run: one sub-batch through one layer
+
+
+def _pipelined_probes(
+    executor: Any, layout: KVLayout, vocab_size: int, max_rows: int
+) -> list[PipelinedProbe]:
+    """The probes where the split starts to offload: HANDOFF_PROBE_DECODES GPU decodes and 1, half
+    as many and as many CPU decodes per sub-batch, so the GPU's stream and the round trips, not
+    the CPU's own work, set the hand-off probe's period; those the pools cannot hold left out."""
+    n = min(HANDOFF_PROBE_DECODES, max_rows // 2)
+    if n < 2:
+        return []
+    probes = (_probe(executor, layout, vocab_size, n, k) for k in sorted({1, n // 2, n}))
+    return [p for p in probes if p is not None]
+
+
+def _probe(
+    executor: Any, layout: KVLayout, vocab_size: int, gpu_decodes: int, per_side: int
+) -> PipelinedProbe | None:
     from neod.engine.batch import build_sub_batch
     from neod.engine.sequence import decoding_sequences
+
+    bs, n = layout.block_size, gpu_decodes
+    gpu_blocks, cpu_blocks = executor.gpu_pool.shape[1], executor.cpu_pool.shape[1]
+    ctx = min(HANDOFF_PROBE_CONTEXT, min(gpu_blocks // n, cpu_blocks // (2 * per_side)) * bs)
+    if ctx < bs:
+        return None
+    gpu_seqs = decoding_sequences(n, ctx, bs, 0, vocab_size)
+    cpu_seqs = decoding_sequences(2 * per_side, ctx, bs, 0, vocab_size, first_id=n)
+    device = executor.gpu_pool.device
+    batches = [
+        build_sub_batch([], [], gpu_seqs, cpu_seqs[:per_side], bs, device),
+        build_sub_batch([], [], [], cpu_seqs[per_side:], bs, device),
+    ]
+    walls, busy = [], []
+    counters = executor.cpu_busy_s, executor.cpu_worker_s, executor.cpu_capacity_s
+    for i in range(2 + HANDOFF_PROBE_REPEATS):  # two to warm up
+        begin, busy_before = time.perf_counter(), executor.cpu_busy_s
+        for logits in executor.run(batches):
+            logits.argmax(dim=-1).cpu()  # what sampling waits for
+        if i >= 2:
+            walls.append(time.perf_counter() - begin)
+            busy.append(executor.cpu_busy_s - busy_before)
+    # The pool's statistics are the serving's.
+    executor.cpu_busy_s, executor.cpu_worker_s, executor.cpu_capacity_s = counters
+    runs = 2 * layout.num_layers
+    return PipelinedProbe(
+        n, per_side, ctx, statistics.median(walls), statistics.median(busy) / runs
+    )
+
+
+def _cpu_paced(profile: Profile, probes: Sequence[PipelinedProbe]) -> tuple[float, float] | None:
+    """(scale, fixed) of the probes' CPU runs over the table's back-to-back time (neod.sched.
+    calibration's fit and bounds); None without a probe that ran CPU work."""
+    from neod.sched import TableCostModel
+    from neod.sched.calibration import fit_cpu_runs
+
+    table = TableCostModel(replace(profile, cpu_paced=None))
+    points = [
+        (table.cpu_decode_attn_s(p.per_side, p.per_side * p.context), p.cpu_run_s)
+        for p in probes
+        if p.cpu_run_s > 0.0
+    ]
+    return fit_cpu_runs(points) if points else None
+
+
+def _pipeline_handoff(profile: Profile, probes: Sequence[PipelinedProbe], layers: int) -> float:
+    """The hand-off per sub-batch with CPU work and layer (neod.sched.cost) that makes the
+    predicted period of the probe with half as many CPU decodes per sub-batch as GPU decodes the
+    measured one, within 0 and HANDOFF_MAX_S; 0 without that probe."""
     from neod.sched import TableCostModel
     from neod.sched.cost import BatchLoad, pipelined_s
 
-    bs, layers = layout.block_size, layout.num_layers
-    n = min(HANDOFF_PROBE_DECODES, max_rows // 2)
-    blocks = min(executor.gpu_pool.shape[1], executor.cpu_pool.shape[1])
-    ctx = min(HANDOFF_PROBE_CONTEXT, blocks // max(n, 1) * bs)
-    if n < 2 or ctx < bs:
+    probe = next((p for p in probes if p.per_side == p.gpu_decodes // 2), None)
+    if probe is None:
         return 0.0
-    gpu_seqs = decoding_sequences(n, ctx, bs, 0, vocab_size)
-    cpu_seqs = decoding_sequences(n, ctx, bs, 0, vocab_size, first_id=n)
-    b0, b1 = cpu_seqs[: n // 2], cpu_seqs[n // 2 :]
-    device = executor.gpu_pool.device
-    batches = [
-        build_sub_batch([], [], gpu_seqs, b0, bs, device),
-        build_sub_batch([], [], [], b1, bs, device),
-    ]
-    walls = []
-    counters = executor.cpu_busy_s, executor.cpu_worker_s, executor.cpu_capacity_s
-    for _ in range(2 + HANDOFF_PROBE_REPEATS):  # two to warm up
-        begin = time.perf_counter()
-        for logits in executor.run(batches):
-            logits.argmax(dim=-1).cpu()  # what sampling waits for
-        walls.append(time.perf_counter() - begin)
-    # The pool's statistics are the serving's.
-    executor.cpu_busy_s, executor.cpu_worker_s, executor.cpu_capacity_s = counters
-    measured = statistics.median(walls[2:])
-    load0 = BatchLoad().plus_gpu_decodes(n, n * ctx).plus_cpu_decodes(len(b0), len(b0) * ctx)
-    load1 = BatchLoad().plus_cpu_decodes(len(b1), len(b1) * ctx)
+    n, k, ctx = probe.gpu_decodes, probe.per_side, probe.context
+    load0 = BatchLoad().plus_gpu_decodes(n, n * ctx).plus_cpu_decodes(k, k * ctx)
+    load1 = BatchLoad().plus_cpu_decodes(k, k * ctx)
 
     def predicted(handoff: float) -> float:
         cost = TableCostModel(replace(profile, pipeline_handoff=handoff))
@@ -697,11 +752,11 @@ def _pipeline_handoff(
 
     # The period never falls as the hand-off grows: bisection.
     low, high = 0.0, HANDOFF_MAX_S
-    if predicted(low) >= measured:
+    if predicted(low) >= probe.wall_s:
         return low
-    if predicted(high) <= measured:
+    if predicted(high) <= probe.wall_s:
         return high
     for _ in range(40):
         mid = (low + high) / 2
-        low, high = (mid, high) if predicted(mid) < measured else (low, mid)
+        low, high = (mid, high) if predicted(mid) < probe.wall_s else (low, mid)
     return high

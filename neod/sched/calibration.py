@@ -94,6 +94,18 @@ class _CpuFit:
         return scale, fixed
 
 
+def fit_cpu_runs(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """(scale, fixed) of measured = scale x profiled + fixed over (profiled, measured) seconds of
+    CPU runs, within the corrections' bounds: the fixed cost only where the profiled times vary
+    enough to tell it from the scale, else 0."""
+    fit = _CpuFit()
+    for profiled, measured in points:
+        fit.add(profiled, measured)
+    if fit.w == 0.0 or fit.pp <= 0.0:
+        return 1.0, 0.0
+    return fit.solve(0.0)
+
+
 class CalibratedCostModel:
     def __init__(
         self,

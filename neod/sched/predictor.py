@@ -1,5 +1,9 @@
 """The production cost model: this host's measured profile, interpolated.
 
+CPU attention is the table's back-to-back time as the engine's pipelined iteration paces it (the
+profile's `cpu_paced`, timed at start): each layer's run there waits for its inputs and starts
+cold, a fixed cost per run that weighs most on the smallest sub-batches.
+
 Batched prefill attention is priced as one prompt doing the same causal work (sqrt of the sum of
 squared lengths): the table is measured one prompt at a time, and summing per-prompt times would
 charge every prompt the kernel's fixed cost again.
@@ -33,6 +37,7 @@ class TableCostModel:
         self._transfer = _remembered(profile.transfer)
         self._swap = _remembered(profile.swap)
         self._overhead = _remembered(profile.iteration_overhead)
+        self._cpu_paced = profile.cpu_paced or (1.0, 0.0)
 
     def linear_s(self, num_tokens: int) -> float:
         return self._linear(num_tokens)
@@ -51,7 +56,10 @@ class TableCostModel:
                 "this profile has no CPU attention table: it was measured without a host KV pool; "
                 "profile again with one (neoctl profile) before offloading"
             )
-        return self._cpu_decode(num_seqs, num_ctx_tokens)
+        if num_seqs <= 0:
+            return 0.0
+        scale, fixed = self._cpu_paced
+        return scale * self._cpu_decode(num_seqs, num_ctx_tokens) + fixed
 
     def transfer_s(self, num_cpu_seqs: int) -> float:
         return self._transfer(num_cpu_seqs)

@@ -27,9 +27,9 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 PROFILE_FORMAT = 1
-# How the cost model applies the hand-off (neod.sched.cost): one timed under another form is timed
-# again at the next start.
-HANDOFF_FORM = 2
+# How the cost model applies the hand-off (neod.sched.cost) and the paced CPU program: those timed
+# under another form are timed again at the next start (3: the hand-off over the paced CPU costs).
+HANDOFF_FORM = 3
 
 
 @dataclass(frozen=True)
@@ -197,6 +197,9 @@ class Profile:
     # iteration's predicted period (neod.sched.cost) the measured one; None until timed, which
     # needs the engine's captured graphs.
     pipeline_handoff: float | None = None
+    # (scale, fixed seconds): one CPU run (a sub-batch through a layer) as the engine's pipelined
+    # iteration paces it, over cpu_decode_attn's back-to-back time; timed with the hand-off.
+    cpu_paced: tuple[float, float] | None = None
     meta: Mapping[str, Any] = field(
         default_factory=dict
     )  # for operators: when, how long, which tool
@@ -213,6 +216,7 @@ class Profile:
             "tables": tables,
             "cpu_tile_path": self.cpu_tile_path,
             "pipeline_handoff": self.pipeline_handoff,
+            "cpu_paced": None if self.cpu_paced is None else list(self.cpu_paced),
             "pipeline_handoff_form": HANDOFF_FORM,
             "meta": dict(self.meta),
         }
@@ -221,15 +225,16 @@ class Profile:
     def from_json(cls, data: Mapping[str, Any]) -> Profile:
         tables = data["tables"]
         cpu = tables.get("cpu_decode_attn")
-        handoff = data.get("pipeline_handoff")
+        handoff, paced = data.get("pipeline_handoff"), data.get("cpu_paced")
         if data.get("pipeline_handoff_form") != HANDOFF_FORM:
-            handoff = None
+            handoff = paced = None
         return cls(
             key=ProfileKey.from_json(data["key"]),
             gpu_decode_attn=Table2D.from_json(tables["gpu_decode_attn"]),
             cpu_decode_attn=None if cpu is None else Table2D.from_json(cpu),
             cpu_tile_path=data.get("cpu_tile_path"),
             pipeline_handoff=None if handoff is None else float(handoff),
+            cpu_paced=None if paced is None else (float(paced[0]), float(paced[1])),
             meta=dict(data.get("meta", {})),
             **{name: Table1D.from_json(tables[name]) for name in _TABLES_1D},
         )
