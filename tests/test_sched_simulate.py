@@ -3,17 +3,14 @@ the clock and the comparison between policies that the throughput benchmark prin
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
+from test_sched_measured import measured_profile
 from test_sched_sim import COSTS
 
 from neod.sched import (
     CacheView,
     CalibratedCostModel,
     Limits,
-    Profile,
     Residence,
     Scheduler,
     SeqView,
@@ -65,8 +62,7 @@ def test_the_cpu_takes_the_queue_while_the_gpu_prefills_it():
     requests): every prompt is in before the first request finishes, instead of 15 of them
     waiting for the first ones to finish and then stalling the decodes a few prefills at a time
     (1.39x gpu-only before, 1.47x now)."""
-    path = Path(__file__).parent / "data" / "profile-h200-70b-host-k.json"
-    cost = CalibratedCostModel(TableCostModel(Profile.from_json(json.loads(path.read_text()))),
+    cost = CalibratedCostModel(TableCostModel(measured_profile("profile-h200-70b-host-k.json")),
                                0.86)  # fmt: skip
     lengths = batch_lengths(32, 1000, 200)
     sched = Scheduler(cost, 80, log_drops=False)
