@@ -46,6 +46,8 @@ def test_predict_needs_a_profile_then_uses_it(tmp_path):
     profile = orjson.loads(measured.stdout[measured.stdout.index("{") :])
     assert profile["tables"]["cpu_decode_attn"] is not None
     assert profile["pipeline_handoff"] >= 0  # timed once the runtime stood, stored with it
+    scale, fixed = profile["cpu_paced"]  # timed with it, within the corrections' bounds
+    assert 0.5 <= scale <= 2.0 and 0.0 <= fixed <= 5e-4
     assert list(tmp_path.joinpath("profiles").glob("profile-*.json"))
 
     predicted = runner.invoke(

@@ -199,11 +199,13 @@ def register(app: typer.Typer) -> None:
         if json_out:
             echo_json(stored.to_json())
             return
-        handoff = stored.pipeline_handoff
+        handoff, paced = stored.pipeline_handoff, stored.cpu_paced
         typer.echo(
             f"profile of {runtime.model_name} on {runtime.device} stored at {path} "
             f"(measured in {stored.meta.get('duration_s', '?')} s)"
             + ("" if handoff is None else f"; pipeline hand-offs +{handoff * 1e6:.0f} us")
+            + ("" if paced is None else f"; the CPU program as pipelined iterations pace it "
+               f"{paced[0]:.2f}x its table + {paced[1] * 1e6:.0f} us per sub-batch layer")
         )
 
     @app.command()
