@@ -44,8 +44,9 @@ while [ $# -gt 0 ]; do
                 --q-heads 64 --kv-heads 8 --head-dim 128 --no-torch --seconds 0.3 \
                 --reserve-cores 1 --products amx,amx-scores --kv-memory pageable,pinned \
                 --out "$out/kvmem.json" 2>&1 | tee "$out/kvmem.txt" ;;
-        program)  # the engine's CPU program, every layer ready, at the 8B/70B sub-batch sizes
-            python3 -m neod.bench.cpu_program --batch 4,8,16 --context 16,1100 \
+        program)  # the engine's CPU program at the 8B/70B sub-batch sizes, every layer ready
+            # and with its steps released one at a time (as a GPU-paced iteration)
+            python3 -m neod.bench.cpu_program --batch 1,3,4,8,16 --context 16,1100 --paced \
                 --out "$out/program.json" 2>&1 | tee "$out/program.txt" ;;
         pipeline)  # one iteration of G GPU and K CPU decodes, each mode, measured and predicted
             python3 -m neod.bench.pipeline --preset llama-3.1-8b --gpu-decodes 4 \

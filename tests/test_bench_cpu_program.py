@@ -53,3 +53,18 @@ def test_a_program_that_writes_nothing_fails_the_check(monkeypatch):
             "--q-heads", "4", "--kv-heads", "2", "--head-dim", "64", "--products", "fp32",
             "--probe-bytes", str(16 << 20),
         ])  # fmt: skip
+
+
+def test_paced_steps_are_released_one_at_a_time_and_timed_apart(tmp_path):
+    out = tmp_path / "report.json"
+    assert cpu_program.main([
+        "--flights", "2", "--batch", "2", "--context", "200", "--threads", "1",
+        "--reserve-cores", "0", "--q-heads", "8", "--kv-heads", "2", "--head-dim", "64",
+        "--layers", "4", "--repeats", "2", "--products", "fp32", "--probe-bytes", str(16 << 20),
+        "--paced", "--out", str(out),
+    ]) == 0  # fmt: skip
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["pace_us"] == pytest.approx(cpu_program.PACE_OVER_STEP * row["step_us"])
+    assert row["busy_step_us"] > 0 and row["paced_busy_step_us"] > 0
+    # The paced program waited for its last step's release (step 7 of 8, at 7 paces).
+    assert row["paced_step_us"] * 8 >= row["pace_us"] * 7

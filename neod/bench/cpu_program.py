@@ -8,8 +8,16 @@ this bench spells it out over a grid and next to the host's read rate, and an A/
 of the native module is two runs of it on one machine. Each point is first checked against the
 float64 reference.
 
+With --paced, each point is also run with its steps released one at a time, as the GPU releases
+them in a pipelined iteration where the GPU paces it: step j's inputs are marked ready at
+j x 1.5 x the point's back-to-back step time, so every step starts alone, on idle workers, and
+ends with its slowest one. The pool's busy time per step in both runs, and their difference, is
+the cost of a step that starts alone (the profile's `cpu_paced` fits the same over the engine's
+iterations).
+
     python -m neod.bench.cpu_program [--flights 2] [--batch 4,6,8] [--context 512,1100,4096]
         [--threads N] [--q-heads 64 --kv-heads 8 --head-dim 128] [--products amx-scores]
+        [--paced]
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import json
 import logging
 import platform
 import statistics
+import threading
 import time
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -38,6 +47,7 @@ from neod.kernels.cpu_attention import (
 )
 
 READ_BYTES = 1 << 30  # KV one timed program reads, at least: far beyond any last-level cache
+PACE_OVER_STEP = 1.5  # --paced: steps released this many back-to-back step times apart
 
 
 def flights_for(
@@ -92,46 +102,79 @@ def measure(
     seqs = itertools.count(1)
     layers = pool.shape[0]
 
-    def program() -> tuple[float, float, float]:
+    steps = layers * args.flights
+
+    def program(pace_s: float = 0.0) -> tuple[float, float, float]:
         seq = next(seqs)
-        for f in flights:
-            f.ready.fill_(seq)
+        release = None
+        if pace_s > 0.0:
+            release = threading.Thread(target=_release, args=(flights, layers, seq, pace_s))
+        else:
+            for f in flights:
+                f.ready.fill_(seq)
         start = time.perf_counter()
+        if release is not None:
+            release.start()
         busy = attn.decode_layers(pool, flights, seq)
+        if release is not None:
+            release.join()
         return time.perf_counter() - start, busy.wall_s, busy.worker_s
 
     validate(attn, pool, flights, next(seqs))
     program()  # warm-up: workspace, scratch, page faults
     samples = [program() for _ in range(args.repeats)]
     wall = statistics.median(s[0] for s in samples)
-    steps = layers * args.flights
     step_bytes = batch * context * args.kv_heads * args.head_dim * 2 * args.dtype.itemsize
     share = statistics.median(s[2] / (attn.num_threads * s[1]) for s in samples if s[1] > 0)
-    return {
+    row = {
         "flights": args.flights,
         "batch": batch,
         "context": context,
         "layers": layers,
         "step_mib": step_bytes / 2**20,
         "step_us": wall / steps * 1e6,
+        "busy_step_us": statistics.median(s[1] for s in samples) / steps * 1e6,
         "gbps": step_bytes * steps / wall / GB,
         "host_read_gbps": host_rate / GB,
         "share_of_host": step_bytes * steps / wall / host_rate,
         "pool_share": share,
     }
+    if args.paced:
+        pace = PACE_OVER_STEP * wall / steps
+        paced = [program(pace) for _ in range(args.repeats)]
+        row["pace_us"] = pace * 1e6
+        row["paced_step_us"] = statistics.median(s[0] for s in paced) / steps * 1e6
+        row["paced_busy_step_us"] = statistics.median(s[1] for s in paced) / steps * 1e6
+    return row
+
+
+def _release(flights: list[CpuFlight], layers: int, seq: int, pace_s: float) -> None:
+    """Marks step j's inputs ready at j x pace_s from now (layer j // F of flight j % F), as the
+    GPU would; it spins rather than sleeps, for microsecond timing."""
+    flags = [f.ready.numpy() for f in flights]
+    start = time.perf_counter()
+    for j in range(layers * len(flights)):
+        due = start + j * pace_s
+        while time.perf_counter() < due:
+            pass
+        flags[j % len(flights)][j // len(flights)] = seq
 
 
 HEADER = (
     f"{'flights':>7} {'batch':>5} {'context':>7} {'layers':>6} {'MiB/step':>8} {'us/step':>8} "
-    f"{'GB/s':>6} {'host GB/s':>9} {'of host':>7} {'busy':>5}"
+    f"{'GB/s':>6} {'host GB/s':>9} {'of host':>7} {'busy':>5} {'busy us':>8}"
 )
+PACED_HEADER = f" {'paced':>8} {'+us':>6}"
 
 
 def print_row(row: dict) -> None:
+    paced = row.get("paced_busy_step_us")
     print(
         f"{row['flights']:7d} {row['batch']:5d} {row['context']:7d} {row['layers']:6d} "
         f"{row['step_mib']:8.2f} {row['step_us']:8.1f} {row['gbps']:6.1f} "
-        f"{row['host_read_gbps']:9.1f} {row['share_of_host']:7.0%} {row['pool_share']:5.0%}",
+        f"{row['host_read_gbps']:9.1f} {row['share_of_host']:7.0%} {row['pool_share']:5.0%} "
+        f"{row['busy_step_us']:8.1f}"
+        + ("" if paced is None else f" {paced:8.1f} {paced - row['busy_step_us']:+6.1f}"),
         flush=True,
     )
 
@@ -162,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--products", default="amx-scores", choices=["amx", "amx-scores", "fp32"],
                         help="where the tile products run (AMX where the host has it)")  # fmt: skip
     parser.add_argument("--probe-bytes", type=int, default=1 << 30)
+    parser.add_argument("--paced", action="store_true",
+                        help="also time each point with its steps released one at a time")
     parser.add_argument("--out", help="also write the JSON report to this file")
     args = parser.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
@@ -182,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{list(attn.cores)}; Hq={args.q_heads} Hkv={args.kv_heads} D={args.head_dim} "
                 f"{args.dtype} block {args.block_size}; tile products {amx_in_use() or 'fp32'}"
             )
-            print(HEADER)
+            print(HEADER + (PACED_HEADER if args.paced else ""))
             for batch in args.batch:
                 for context in args.context:
                     rows.append(measure(args, attn, batch, context, host_rate))
