@@ -96,23 +96,31 @@ class DecodeSplit:
 
 
 class _Side:
-    """One sub-batch under construction, with its per-layer stage times kept current."""
+    """One sub-batch under construction, with its per-layer stage times kept current. A pass
+    tries every candidate on it: what one more CPU decode costs but its attention (projections,
+    copies) is the same for all of them and is looked up once per commit."""
 
-    __slots__ = ("num_tokens", "num_seqs", "num_cpu", "cpu_ctx", "now", "gpu_attn", "ids")
+    __slots__ = ("cost", "num_tokens", "num_seqs", "num_cpu", "cpu_ctx", "now", "gpu_attn", "ids",
+                 "next_linear", "next_xfer")  # fmt: skip
 
     def __init__(self, cost: CostModel, load: BatchLoad) -> None:
+        self.cost = cost
         self.num_tokens, self.num_seqs = load.num_tokens, load.num_seqs
         self.num_cpu, self.cpu_ctx = 0, 0
         self.now: Trial = (linear_s(cost, load.num_tokens), 0.0, 0.0)
         self.gpu_attn = gpu_attn_s(cost, load)
         self.ids: list[int] = []
+        self._look_ahead()
 
-    def trial(self, cost: CostModel, ctx_tokens: int) -> Trial:
+    def _look_ahead(self) -> None:
+        self.next_linear = self.cost.linear_s(self.num_tokens + 1)
+        self.next_xfer = self.cost.transfer_s(self.num_cpu + 1)
+
+    def trial(self, ctx_tokens: int) -> Trial:
         """The stage times with one more CPU decode."""
-        n = self.num_cpu + 1
-        xfer = cost.transfer_s(n)
-        cpu = cost.cpu_decode_attn_s(n, self.cpu_ctx + ctx_tokens) + xfer
-        return cost.linear_s(self.num_tokens + 1), cpu, xfer
+        xfer = self.next_xfer
+        cpu = self.cost.cpu_decode_attn_s(self.num_cpu + 1, self.cpu_ctx + ctx_tokens) + xfer
+        return self.next_linear, cpu, xfer
 
     def commit(self, c: CpuCandidate, trial: Trial) -> None:
         self.now = trial
@@ -121,6 +129,7 @@ class _Side:
         self.num_cpu += 1
         self.cpu_ctx += c.ctx_tokens
         self.ids.append(c.seq_id)
+        self._look_ahead()
 
 
 class _Builder:
@@ -129,31 +138,31 @@ class _Builder:
         self.num_layers = num_layers
         self.swap = cost.swap_s(swap_blocks) if swap_blocks else 0.0
         self.rule = rule
+        self.handoff = cost.pipeline_handoff_s()
 
-    def _total(self, layer_s: float, num_seqs: int) -> float:
-        return (
-            self.num_layers * layer_s + self.cost.iteration_overhead_s(num_seqs)
-            if num_seqs
-            else 0.0
-        )
+    def _totals(self, full_s: float, ref_s: float, num_seqs: int) -> tuple[float, float]:
+        """Two per-layer times as iteration times: `num_layers` of them plus the overhead."""
+        if not num_seqs:
+            return 0.0, 0.0
+        overhead = self.cost.iteration_overhead_s(num_seqs)
+        return self.num_layers * full_s + overhead, self.num_layers * ref_s + overhead
 
     def seq_times(self, s: _Side, t: Trial, num_seqs: int) -> tuple[float, float]:
         """(iteration, its GPU-bound part) of the sequential candidate."""
         full = sequential_layer_s(t[0], s.gpu_attn, t[1], t[2] + self.swap)
         ref = sequential_layer_s(t[0], s.gpu_attn, 0.0, self.swap)
-        return self._total(full, num_seqs), self._total(ref, num_seqs)
+        return self._totals(full, ref, num_seqs)
 
     def pipe_times(self, s0: _Side, t0: Trial, t1: Trial, num_seqs: int) -> tuple[float, float]:
         """(iteration, its GPU-bound part) of the pipelined candidate. The GPU-bound part carries
         the hand-offs of the sub-batches with CPU work, as it carries sub-batch 1's projections:
         both are the price of the pipelined form itself, which the choice between the forms
         weighs (split_cpu_decodes), not the price of one more CPU decode."""
-        handoff = self.cost.pipeline_handoff_s()
+        handoff = self.handoff
         copy = t0[2] + t1[2] + self.swap
         full = pipelined_layer_s(t0[0], t1[0], s0.gpu_attn, t0[1], t1[1], copy, handoff)
         gpu = pipelined_gpu_layer_s(t0[0], t1[0], s0.gpu_attn, t0[1], t1[1], handoff)
-        ref = max(gpu, self.swap)
-        return self._total(full, num_seqs), self._total(ref, num_seqs)
+        return self._totals(full, max(gpu, self.swap), num_seqs)
 
     def takes(self, gpu_work: bool, n: int, t: float, t_new: float, ref_new: float) -> bool:
         if t_new <= ref_new * (1.0 + 1e-9):
@@ -173,7 +182,7 @@ class _Builder:
     ) -> DecodeSplit:
         s = _Side(self.cost, base)
         for c in forced:
-            s.commit(c, s.trial(self.cost, c.ctx_tokens))
+            s.commit(c, s.trial(c.ctx_tokens))
         t = self.seq_times(s, s.now, s.num_seqs)[0]
         taken, shortest_rejected = 0, math.inf
         for c in optional:
@@ -181,7 +190,7 @@ class _Builder:
                 break
             if c.ctx_tokens >= shortest_rejected:
                 continue
-            trial = s.trial(self.cost, c.ctx_tokens)
+            trial = s.trial(c.ctx_tokens)
             t_new, ref_new = self.seq_times(s, trial, s.num_seqs + 1)
             if not self.takes(base.num_seqs > 0, s.num_seqs, t, t_new, ref_new):
                 shortest_rejected = c.ctx_tokens
@@ -224,7 +233,7 @@ class _Builder:
         """The sub-batch keeping most slack with c: (side, trial, iteration, its GPU-bound part)."""
         best = None
         for side in (s0, s1):
-            trial = side.trial(self.cost, c.ctx_tokens)
+            trial = side.trial(c.ctx_tokens)
             t0, t1 = (trial, s1.now) if side is s0 else (s0.now, trial)
             slack_b1 = t0[0] - t1[1]  # b0's projections cover b1's CPU path
             slack_b0 = (
