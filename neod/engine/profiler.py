@@ -40,7 +40,7 @@ from neod.sched.calibration import HANDOFF_MAX_S
 
 logger = logging.getLogger(__name__)
 
-KERNEL_VERSION = "7"  # bump when a kernel or what is measured changes: stored profiles go stale
+KERNEL_VERSION = "8"  # bump when a kernel or what is measured changes: stored profiles go stale
 REPEATS = 5
 # Layers cost the same, but a timed program must read more KV than the host's caches hold, as
 # serving does (a last-level cache of ~100 MB would otherwise serve small points from cache).
