@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Validates and times neod on a GPU host that has torch and a compiler but no ispc and no network
 # (the prebuilt build/ispc objects and build/libneod_cuda.so travel with the tree; docs/build.md).
-# Usage: scripts/gpu_check.sh OUTDIR [tests] [step] [cpu] [amx] [kvmem] [program] [pipeline]
-#        [throughput ARGS...]
+# Usage: scripts/gpu_check.sh OUTDIR [tests] [step] [cpu] [amx] [kvmem] [program]
+#        [program-ab REV] [pipeline] [throughput ARGS...]
 set -uo pipefail
-out=${1:?usage: scripts/gpu_check.sh OUTDIR [tests] [step] [cpu] [amx] [kvmem] [program] [pipeline] [throughput ARGS...]}
+out=${1:?usage: scripts/gpu_check.sh OUTDIR [tests] [step] [cpu] [amx] [kvmem] [program] [program-ab REV] [pipeline] [throughput ARGS...]}
 shift
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 mkdir -p "$out"
@@ -48,6 +48,19 @@ while [ $# -gt 0 ]; do
             # and with its steps released one at a time (as a GPU-paced iteration)
             python3 -m neod.bench.cpu_program --batch 1,3,4,8,16 --context 16,1100 --paced \
                 --out "$out/program.json" 2>&1 | tee "$out/program.txt" ;;
+        program-ab)  # the paced CPU program against the native build of the next argument, a
+            # revision exported with scripts/native_ab.sh; two rounds, the trees alternating
+            rev=${1:?program-ab needs a revision exported with scripts/native_ab.sh}
+            shift
+            scripts/native_ab.sh build "$rev" >/dev/null || exit 1
+            for round in 1 2; do
+                for tree in "$PWD" "/tmp/ab-$rev"; do
+                    echo "== $tree, round $round" | tee -a "$out/program-ab.txt"
+                    (cd "$tree" && PYTHONPATH=$tree:/tmp/neod-site python3 -m neod.bench.cpu_program \
+                        --batch 1,2,3,4,8,16 --context 1100 --paced --probe-bytes $((1 << 29)) \
+                        2>&1) | tee -a "$out/program-ab.txt"
+                done
+            done ;;
         pipeline)  # one iteration of G GPU and K CPU decodes, each mode, measured and predicted
             python3 -m neod.bench.pipeline --preset llama-3.1-8b --gpu-decodes 4 \
                 --cpu-decodes 0,1,2,4,8,16 --context 1100 --repeats 5 2>&1 \
