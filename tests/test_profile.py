@@ -128,8 +128,11 @@ def test_the_paced_cpu_program_round_trips_and_prices_every_cpu_run(tmp_path):
     # Unpaced (not timed yet): the table's own time.
     unpaced = TableCostModel(dataclasses.replace(loaded, cpu_paced=None))
     assert unpaced.cpu_decode_attn_s(3, 3000) == pytest.approx(table)
-    # Timed under the previous form (the hand-off over unpaced tables): both timed again.
     data = json.loads(path.read_text())
+    for malformed in ([0.8], "fast", 3):  # measured again
+        path.write_text(json.dumps({**data, "cpu_paced": malformed}))
+        assert load_profile(path, profile.key) is None
+    # Timed under the previous form (the hand-off over unpaced tables): both timed again.
     data["pipeline_handoff_form"] -= 1
     path.write_text(json.dumps(data))
     older = load_profile(path, profile.key)

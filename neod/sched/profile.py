@@ -228,13 +228,17 @@ class Profile:
         handoff, paced = data.get("pipeline_handoff"), data.get("cpu_paced")
         if data.get("pipeline_handoff_form") != HANDOFF_FORM:
             handoff = paced = None
+        if paced is not None:
+            paced = tuple(map(float, paced))
+            if len(paced) != 2:
+                raise ValueError(f"cpu_paced must be [scale, fixed seconds], got {paced}")
         return cls(
             key=ProfileKey.from_json(data["key"]),
             gpu_decode_attn=Table2D.from_json(tables["gpu_decode_attn"]),
             cpu_decode_attn=None if cpu is None else Table2D.from_json(cpu),
             cpu_tile_path=data.get("cpu_tile_path"),
             pipeline_handoff=None if handoff is None else float(handoff),
-            cpu_paced=None if paced is None else (float(paced[0]), float(paced[1])),
+            cpu_paced=paced,
             meta=dict(data.get("meta", {})),
             **{name: Table1D.from_json(tables[name]) for name in _TABLES_1D},
         )
