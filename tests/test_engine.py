@@ -592,6 +592,7 @@ def test_resizing_the_cpu_pool_brings_its_profile_along(tmp_path, monkeypatch):
     assert len(list((tmp_path / "profiles").glob("profile-*.json"))) == 2
     shown = engine.stats()["profile"]
     assert shown["pool_threads"] == 2 and shown["cpu_measured_at"]
+    assert shown["cpu_paced"] == {"scale": round(scale, 4), "fixed_us": round(fixed * 1e6, 1)}
     assert (tmp_path / "profiles" / f"profile-{shown['id']}.json").is_file()
     prompt = [5, 6, 7, 8]
     engine.add_request("after", prompt, GREEDY)
