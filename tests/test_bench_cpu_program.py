@@ -58,7 +58,7 @@ def test_a_program_that_writes_nothing_fails_the_check(monkeypatch):
 def test_paced_steps_are_released_one_at_a_time_and_timed_apart(tmp_path):
     out = tmp_path / "report.json"
     assert cpu_program.main([
-        "--flights", "2", "--batch", "2", "--context", "200", "--threads", "1",
+        "--flights", "2", "--batch", "4", "--context", "4000", "--threads", "1",
         "--reserve-cores", "0", "--q-heads", "8", "--kv-heads", "2", "--head-dim", "64",
         "--layers", "4", "--repeats", "2", "--products", "fp32", "--probe-bytes", str(16 << 20),
         "--paced", "--out", str(out),
@@ -66,5 +66,7 @@ def test_paced_steps_are_released_one_at_a_time_and_timed_apart(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["pace_us"] == pytest.approx(cpu_program.PACE_OVER_STEP * row["step_us"])
     assert row["busy_step_us"] > 0 and row["paced_busy_step_us"] > 0
-    # The paced program waited for its last step's release (step 7 of 8, at 7 paces).
+    # The paced program waited for its last step's release (step 7 of 8, at 7 paces): steps of
+    # ~1 ms, long enough that all 8 released at once would end well before.
+    assert row["layers"] == 4 and row["step_us"] > 200
     assert row["paced_step_us"] * 8 >= row["pace_us"] * 7
