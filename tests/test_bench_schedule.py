@@ -3,6 +3,8 @@ decided."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from neod.bench import schedule
 
 
@@ -22,3 +24,17 @@ def test_each_policy_is_timed_on_the_same_state(tmp_path, capsys):
     assert report["policies"]["neo"]["decode_cpu"] == 2
     assert out.exists()
     assert "one scheduling pass: 6 running (2 on the CPU)" in capsys.readouterr().out
+
+
+def test_timed_passes_force_only_the_cpu_requests_that_aged(capsys):
+    """Each timed pass sees the CPU's requests last decoded 1 to age_limit passes before, as in
+    serving: a quarter of them forced into the batch, not all (which a pass that aged everyone
+    timed before)."""
+    profile = Path(__file__).parent / "data" / "profile-h100-8b-host-e.json"
+    report = schedule.main([
+        "--running", "32", "--on-cpu", "29", "--waiting", "0", "--context", "1100",
+        "--seconds", "0.05", "--policies", "neo", "--profile", str(profile),
+    ])  # fmt: skip
+    timed = report["policies"]["neo"]["timed_cpu_decodes"]
+    assert 29 // 4 <= timed < 29
+    assert "timed passes:" in capsys.readouterr().out

@@ -87,21 +87,29 @@ def time_pass(
 ) -> dict[str, Any]:
     """Median host time of one pass over repeats in about `seconds`, and what the first decided.
     Each pass sees the running requests at other lengths (up to GROWTH tokens longer, at random),
-    so that context sums do not repeat from one pass to the next, as in serving."""
+    so that context sums do not repeat from one pass to the next, as in serving, and the CPU's
+    requests last decoded 1 to age_limit passes before, so that a share of them is aged (forced
+    into the batch) as in serving, not all of them."""
     waiting, running, cache = inputs
     plan = scheduler.schedule(waiting, running, cache, limits, 1)
     rng = random.Random(0)
-    samples = []
+    samples, cpu_decodes = [], []
     deadline = time.perf_counter() + seconds
     step = 2
     while time.perf_counter() < deadline or len(samples) < 20:
         grown = [
-            replace(s, num_computed_tokens=s.num_computed_tokens + rng.randrange(GROWTH))
-            for s in running
+            replace(
+                s,
+                num_computed_tokens=s.num_computed_tokens + rng.randrange(GROWTH),
+                last_progress_step=step - 1
+                - (i % scheduler.age_limit if s.residence == Residence.CPU else 0),
+            )
+            for i, s in enumerate(running)
         ]
         start = time.perf_counter()
-        scheduler.schedule(waiting, grown, cache, limits, step)
+        timed = scheduler.schedule(waiting, grown, cache, limits, step)
         samples.append(time.perf_counter() - start)
+        cpu_decodes.append(len(timed.decode_cpu_b0) + len(timed.decode_cpu_b1))
         step += 1
     return {
         "us_per_pass": statistics.median(samples) * 1e6,
@@ -110,6 +118,7 @@ def time_pass(
         "decode_cpu": len(plan.decode_cpu_b0) + len(plan.decode_cpu_b1),
         "prefill": len(plan.prefill_gpu) + len(plan.prefill_cpu),
         "pipelined": plan.pipelined,
+        "timed_cpu_decodes": statistics.median(cpu_decodes),  # the timed passes' CPU decodes
     }
 
 
@@ -158,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{policy:9} {r['us_per_pass']:8.1f} us   plan: {r['decode_gpu']} GPU + "
             f"{r['decode_cpu']} CPU decodes, {r['prefill']} prefills"
             + (", pipelined" if r["pipelined"] else "")
+            + f"; timed passes: {r['timed_cpu_decodes']:g} CPU decodes (median)"
         )
     return report
 
