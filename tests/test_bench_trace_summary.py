@@ -96,10 +96,13 @@ def test_a_trace_without_pipelined_iterations_has_no_medians(tmp_path, capsys):
     assert "pipelined decodes" not in capsys.readouterr().out
 
 
-def test_the_guard_replayed_on_a_trace_stops_where_chosen_offloading_loses(tmp_path):
+def test_the_guard_replayed_on_a_trace_stops_where_chosen_offloading_loses(
+    tmp_path, capsys, caplog
+):
     """Iterations of 2 GPU decodes (5 ms alone) + 2 CPU decodes in 20 ms lose (0.5x): the guard,
-    fed them as the engine feeds it, stops at the MIN_SAMPLES-th; the same iterations made while
-    sending the CPU's requests home, or with prompts, are not judged."""
+    fed them as the engine feeds it, stops at the MIN_SAMPLES-th, and the summary gives the gain
+    of the iterations before it; the same iterations made while sending the CPU's requests home,
+    or with prompts, are not judged."""
     losing = record(g=2, b0=2, ms=20.0, pred=20.0)
     trace = {
         "auto": [record(g=2, ms=5.0, pred=5.0)] + [losing] * (MIN_SAMPLES + 5),
@@ -109,5 +112,9 @@ def test_the_guard_replayed_on_a_trace_stops_where_chosen_offloading_loses(tmp_p
     path = tmp_path / "trace.json"
     path.write_text(json.dumps(trace))
     report = trace_summary.main([str(path)])
-    assert report["auto"]["guard_stops"] == [1 + MIN_SAMPLES]
+    assert report["auto"]["guard_stops"] == [
+        {"iteration": 1 + MIN_SAMPLES, "gain_before": pytest.approx((4 / 20) / (2 / 5))}
+    ]
+    assert f"stops offloading at: {1 + MIN_SAMPLES} (0.50x)" in capsys.readouterr().out
+    assert not caplog.records  # the replayed stop is reported, not logged as the engine's
     assert report["home"]["guard_stops"] == [] and report["prompts"]["guard_stops"] == []

@@ -13,6 +13,7 @@ from neod.sched import (
     Table1D,
     Table2D,
     TableCostModel,
+    describe_cpu_paced,
     load_profile,
     profile_key,
     profile_path,
@@ -218,3 +219,11 @@ def test_tables_reject_bad_grids():
 def test_profile_is_immutable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         make_profile().linear = None
+
+
+def test_the_paced_program_is_described_for_operators():
+    assert describe_cpu_paced((0.83, 64.4e-6)) == (
+        "the CPU program as pipelined iterations pace it runs 0.83x its table + 64 us per "
+        "sub-batch layer"
+    )
+    assert describe_cpu_paced(None).endswith("not timed yet")

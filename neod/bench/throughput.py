@@ -39,6 +39,7 @@ from neod.sched import (
     Limits,
     SplitRule,
     TableCostModel,
+    describe_cpu_paced,
     predict_workload,
 )
 from neod.sched.simulate import batch_lengths, simulate_policies
@@ -313,8 +314,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     paced = runtime.profile.cpu_paced if runtime.profile is not None else None
     if paced is not None:
-        print(f"profile: the CPU program as pipelined iterations pace it runs {paced[0]:.2f}x its "
-              f"table + {paced[1] * 1e6:.0f} us per sub-batch layer (CPU x corrects this)")
+        print(f"profile: {describe_cpu_paced(paced)} (CPU x corrects this)")
     print(
         f"{'policy':10} {'tok/s':>9} {'x':>6} {'steady':>8} {'TTFT p50':>9} {'p99':>8} "
         f"{'TPOT p50':>9} {'p99':>8} {'pipe%':>6} {'pred err':>8} {'CPU reqs':>8} {'CPU busy':>8} "

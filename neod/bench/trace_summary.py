@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 from collections import Counter
 from typing import Any
@@ -58,19 +59,40 @@ def guard_stops(records: list[dict[str, Any]]) -> list[int]:
     """The iterations (1-based) at which `auto`'s offload guard, fed these iterations as the
     engine feeds it, would stop offloading: on any policy's trace, what the guard makes of it
     (after a stop the recorded run goes on as it ran)."""
-    from neod.engine.guard import OffloadGuard
+    from neod.engine import guard as guard_module
 
-    guard, stops = OffloadGuard(), []
-    for step, r in enumerate(records, 1):
-        if kind(r) == "prefill" or kind(r) == "swap":
-            continue
-        before = guard.snapshot()["stops"]
-        guard.record(step, _tokens(r), r["measured_ms"] / 1e3, r["predicted_ms"] / 1e3,
-                     r["decode_gpu"], r["gpu_alone_ms"] / 1e3,
-                     chosen=not r.get("sends_home", False))  # fmt: skip
-        if guard.snapshot()["stops"] > before:
-            stops.append(step)
+    guard, stops = guard_module.OffloadGuard(), []
+    quiet = guard_module.logger.level
+    guard_module.logger.setLevel(logging.ERROR)  # a replayed stop is reported, not logged
+    try:
+        for step, r in enumerate(records, 1):
+            if kind(r) == "prefill" or kind(r) == "swap":
+                continue
+            before = guard.snapshot()["stops"]
+            guard.record(step, _tokens(r), r["measured_ms"] / 1e3, r["predicted_ms"] / 1e3,
+                         r["decode_gpu"], r["gpu_alone_ms"] / 1e3,
+                         chosen=not r.get("sends_home", False))  # fmt: skip
+            if guard.snapshot()["stops"] > before:
+                stops.append(step)
+    finally:
+        guard_module.logger.setLevel(quiet)
     return stops
+
+
+STOP_WINDOW = 20  # iterations before a replayed stop whose gain it prints
+
+
+def gain_before(records: list[dict[str, Any]], step: int, gpu_fit: float) -> float | None:
+    """Over the GPU alone (as `_over_gpu_alone`), the iterations with CPU decodes among the
+    STOP_WINDOW before iteration `step` (1-based): what a replayed stop judged."""
+    sums = [0.0, 0.0, 0, 0]
+    for r in records[max(0, step - STOP_WINDOW) : step]:
+        if _cpu_decodes(r) and kind(r) not in ("prefill", "swap"):
+            sums[0] += r["measured_ms"]
+            sums[1] += r["gpu_alone_ms"]
+            sums[2] += _tokens(r)
+            sums[3] += _tokens(r) - _cpu_decodes(r)
+    return _over_gpu_alone(sums, gpu_fit)
 
 
 def _ratio(values: list[float]) -> float | None:
@@ -124,7 +146,10 @@ def summarize(records: list[dict[str, Any]], num_splits: int = 8) -> dict[str, A
         "iterations": len(records),
         "total_s": total_ms / 1e3,
         "median_host_ms": _ratio([r.get("host_ms", 0.0) for r in records]),
-        "guard_stops": guard_stops(records),
+        "guard_stops": [
+            {"iteration": step, "gain_before": gain_before(records, step, gpu_fit)}
+            for step in guard_stops(records)
+        ],
         "kinds": {name: kinds[name] for name in KINDS if name in kinds},
         "pipelined": {
             "measured_over_predicted": _ratio(
@@ -167,8 +192,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"  {name:15s} {k['iterations']:6d} it {100 * k['time_share']:5.1f}% of the time "
                   f"{k['tokens_per_s']:8.1f} tok/s, measured / predicted {_fmt(fit)}"
                   f"{gain}")  # fmt: skip
-        stops = ", ".join(map(str, s["guard_stops"])) or "none"
-        print(f"  the offload guard, replayed on these iterations, stops offloading at: {stops}")
+        stops = ", ".join(
+            f"{g['iteration']} ({_fmt(g['gain_before'])}x)" for g in s["guard_stops"]
+        )
+        why = f" (in brackets: over the GPU alone, the {STOP_WINDOW} iterations before)"
+        print("  the offload guard, replayed on these iterations, stops offloading at: "
+              + (stops + why if stops else "none"))
         p = s["pipelined"]
         if not p["splits"]:
             continue

@@ -184,6 +184,7 @@ def register(app: typer.Typer) -> None:
 
         Loads the model and the KV pools: run it while neod is stopped."""
         from neod.engine.runtime import build_runtime
+        from neod.sched import describe_cpu_paced
 
         obj: Ctl = ctx.obj
         cfg = obj.config()
@@ -204,8 +205,7 @@ def register(app: typer.Typer) -> None:
             f"profile of {runtime.model_name} on {runtime.device} stored at {path} "
             f"(measured in {stored.meta.get('duration_s', '?')} s)"
             + ("" if handoff is None else f"; pipeline hand-offs +{handoff * 1e6:.0f} us")
-            + ("" if paced is None else f"; the CPU program as pipelined iterations pace it "
-               f"{paced[0]:.2f}x its table + {paced[1] * 1e6:.0f} us per sub-batch layer")
+            + ("" if paced is None else f"; {describe_cpu_paced(paced)}")
         )
 
     @app.command()

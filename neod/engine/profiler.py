@@ -31,6 +31,7 @@ from neod.sched import (
     Profile,
     Table1D,
     Table2D,
+    describe_cpu_paced,
     load_profile,
     profile_key,
     profile_path,
@@ -641,10 +642,9 @@ def store_pipeline_handoff(
     profile = replace(profile, cpu_paced=paced)
     handoff = _pipeline_handoff(profile, probes, layout.num_layers)
     logger.info(
-        "the CPU program as pipelined iterations pace it runs %.2fx the profile's table + %.0f us "
-        "per sub-batch layer; pipelined sub-batches hand off in %.0f us per layer beyond their "
-        "copies on this host (timed in %.1f s)",
-        *(paced or (1.0, 0.0)),
+        "%s; pipelined sub-batches hand off in %.0f us per layer beyond their copies on this "
+        "host (timed in %.1f s)",
+        describe_cpu_paced(paced),
         handoff * 1e6,
         time.perf_counter() - start,
     )

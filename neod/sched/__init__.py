@@ -18,6 +18,7 @@ from neod.sched.profile import (
     ProfileKey,
     Table1D,
     Table2D,
+    describe_cpu_paced,
     load_profile,
     profile_key,
     profile_path,
@@ -28,6 +29,7 @@ from neod.sched.split import SplitRule
 from neod.sched.views import POLICIES, CacheView, Limits, Residence, SeqView, blocks_for
 
 __all__ = [
+    "describe_cpu_paced",
     "POLICIES",
     "BatchLoad",
     "CacheView",

@@ -247,6 +247,15 @@ class Profile:
 _TABLES_1D = ("linear", "prefill_attn", "transfer", "swap", "iteration_overhead")
 
 
+def describe_cpu_paced(paced: tuple[float, float] | None) -> str:
+    """A profile's `cpu_paced` for operators, as the engine's log, `neoctl profile` and the
+    benchmarks print it."""
+    if paced is None:
+        return "the CPU program as pipelined iterations pace it: not timed yet"
+    return (f"the CPU program as pipelined iterations pace it runs {paced[0]:.2f}x its table + "
+            f"{paced[1] * 1e6:.0f} us per sub-batch layer")
+
+
 def profile_path(directory: str | os.PathLike[str], key: ProfileKey) -> Path:
     """One file per setup, so profiles of several models or thread counts live side by side."""
     return Path(directory) / f"profile-{key.short_id()}.json"
