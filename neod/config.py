@@ -131,6 +131,9 @@ class SchedulerConfig(_Section):
                                 "it takes prompts while the GPU prefills the queue (1: no more "
                                 "than it decodes every iteration)", lo=1,
                                 hi=MAX_CPU_ROUND_ROBIN)
+    plan_ahead: bool = _key(True, "on a GPU, plan each iteration while the GPU computes the one "
+                            "before, on the state it leaves if no request stops on a token; the "
+                            "plan is used only if that is the state")
 
 
 @dataclass(frozen=True)

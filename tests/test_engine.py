@@ -723,7 +723,7 @@ def test_a_failed_step_loses_no_final_output_and_no_block(tmp_path):
     engine.step()
     engine.abort_request("a")  # ends inside the next step, before the forward pass
 
-    def broken(batches):
+    def broken(batches, while_waiting):
         raise RuntimeError("device lost")
 
     engine.rt.executor.run = broken
@@ -823,3 +823,49 @@ def test_the_executor_refuses_cpu_rows_its_staging_buffers_cannot_hold(tmp_path)
     ):
         with pytest.raises(ValueError, match="staging buffers"):
             executor.run([bad])
+
+
+def test_planning_ahead_keeps_tokens_and_plans_again_where_the_state_differs(tmp_path):
+    """Each step planned while the previous one computes (forced on here, where the forward pass
+    is synchronous and nothing overlaps): the same tokens and ends as planning in the step. Every
+    step uses the plan made ahead, requests ending on length included (their blocks freed in
+    the plan's view), except the first, the one after requests arrived and the one after a
+    request stopped on a token: those plan again."""
+    ps = prompts(10, seed=5)
+    probe = make_engine(tmp_path, **{"scheduler.policy": "gpu-only"})
+    stops = {i: reference_greedy(probe, ps[i], 4)[3] for i in (0, 3)}
+
+    def params(i: int) -> SamplingParams:
+        stop = (stops[i],) if i in stops else ()
+        return SamplingParams(max_tokens=5 + 3 * i, temperature=0.0, ignore_eos=True,
+                              stop_token_ids=stop)  # fmt: skip
+
+    results, replanned = {}, {}
+    for ahead in (False, True):
+        engine = make_engine(tmp_path, **{"scheduler.policy": "neo"}, **SMALL_GPU_POOL)
+        engine.plan_ahead = ahead
+        engine.iteration_stats.trace = []
+        for i in range(8):
+            engine.add_request(f"r{i}", ps[i], params(i))
+        outs: dict[str, list[RequestOutput]] = {}
+        expect_replan = [True]  # per traced iteration: the first has no plan made ahead
+        for step in range(500):
+            if step == 6:
+                for i in (8, 9):
+                    engine.add_request(f"r{i}", ps[i], params(i))
+            new = engine.step()
+            for out in new:
+                outs.setdefault(out.request_id, []).append(out)
+            stopped = any(o.finish_reason == FinishReason.STOP for o in new)
+            expect_replan.append(step == 5 or stopped)
+            if not engine.has_unfinished():
+                break
+        results[ahead] = {k: (tokens_of(v), v[-1].finish_reason) for k, v in outs.items()}
+        replanned[ahead] = [not r["planned_ahead"] for r in engine.iteration_stats.trace]
+        assert_all_free(engine)
+        assert len(replanned[ahead]) == step + 1  # every step ran the model
+    assert results[True] == results[False]
+    assert sum(reason == FinishReason.STOP for _, reason in results[True].values()) >= 1
+    assert all(replanned[False])
+    assert replanned[True] == expect_replan[: len(replanned[True])]
+    assert engine.stats()["iterations"]["planned_ahead_share"] > 0.5

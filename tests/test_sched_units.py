@@ -207,6 +207,39 @@ def test_past_the_balance_point_the_minimum_gain_and_the_stretch_bound_decide():
             SplitRule(**knobs)
 
 
+class FixedRunCost(FlatCost):
+    """CPU attention with a fixed cost per run (one sub-batch through one layer), as the CPU
+    program has when GPU-paced iterations release its steps one at a time."""
+
+    def __init__(self, fixed, **costs):
+        super().__init__(**costs)
+        self.fixed = fixed
+
+    def cpu_decode_attn_s(self, num_seqs, num_ctx_tokens):
+        return self.fixed + self.cpu_per_seq * num_seqs if num_seqs else 0.0
+
+
+def test_split_takes_a_cpu_batch_whose_fixed_cost_one_decode_cannot_pay():
+    """A fixed CPU cost of a weight pass per run: one CPU decode lowers the rate (3 tokens in 2.1
+    against 2 in 1.0), twenty raise it 2.75x (22 in 4.0). Candidates are judged as prefixes of
+    the staleness order against the best shorter one, so the split reaches the batch that pays;
+    judged one decode at a time it refused the first and never got there."""
+    cost = FixedRunCost(1.0, lin=1.0, gpu_attn=0.0, cpu_per_seq=0.1, transfer_per_seq=0.0,
+                        overhead=0.0)  # fmt: skip
+    base = BatchLoad().plus_gpu_decodes(2, 200)
+    split = split_cpu_decodes(cost, 1, base, (), cands(20), 20, 0)
+    assert split.pipelined and len(split.b0_ids) == len(split.b1_ids) == 10
+    assert sorted(split.b0_ids + split.b1_ids) == [c.seq_id for c in cands(20)]
+    assert split.iter_s == pytest.approx(4.0) and split.num_tokens_out == 22
+    # The stalest come first: a slot limit of 12 takes the first 12.
+    capped = split_cpu_decodes(cost, 1, base, (), cands(20), 12, 0)
+    assert sorted(capped.b0_ids + capped.b1_ids) == [c.seq_id for c in cands(12)]
+    # One alone does not pay; nor does a batch whose every decode buys less than the minimum gain.
+    assert split_cpu_decodes(cost, 1, base, (), cands(1), 1, 0).num_tokens_out == 2
+    strict = split_cpu_decodes(cost, 1, base, (), cands(20), 20, 0, SplitRule(min_gain=0.2))
+    assert strict.num_tokens_out == 2
+
+
 def test_split_leaves_out_cpu_work_that_lowers_the_rate_but_keeps_forced():
     cost = FlatCost(lin=1.0, gpu_attn=0.0, cpu_per_seq=5.0, overhead=0.0)
     base = BatchLoad().plus_gpu_decodes(4, 400)
@@ -216,7 +249,7 @@ def test_split_leaves_out_cpu_work_that_lowers_the_rate_but_keeps_forced():
     assert forced.b0_ids + forced.b1_ids == [7] and forced.num_tokens_out == 5
 
 
-def test_split_respects_the_slot_limit_and_prunes_longer_candidates():
+def test_split_respects_the_slot_limit():
     cost = FlatCost(lin=1.0, gpu_attn=0.0, cpu_per_seq=0.0, transfer_per_seq=0.0, overhead=0.0)
     split = split_cpu_decodes(cost, 1, BatchLoad().plus_gpu_decodes(1, 10), (), cands(10), 4, 0)
     assert len(split.b0_ids) + len(split.b1_ids) == 4 and split.num_tokens_out == 5

@@ -146,6 +146,11 @@ def summarize(records: list[dict[str, Any]], num_splits: int = 8) -> dict[str, A
         "iterations": len(records),
         "total_s": total_ms / 1e3,
         "median_host_ms": _ratio([r.get("host_ms", 0.0) for r in records]),
+        # plans made during the step before (traces before planning ahead have no such field)
+        "planned_ahead_share": (
+            sum(bool(r.get("planned_ahead")) for r in records) / len(records) if records else None
+        ),
+        "median_ahead_ms": _ratio([r["ahead_ms"] for r in records if r.get("ahead_ms")]),
         "guard_stops": [
             {"iteration": step, "gain_before": gain_before(records, step, gpu_fit)}
             for step in guard_stops(records)
@@ -184,7 +189,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {policy: summarize(records, args.splits) for policy, records in traces.items()}
     for policy, s in report.items():
         print(f"{policy}: {s['iterations']} iterations, {s['total_s']:.2f} s, engine's own time "
-              f"{_fmt(s['median_host_ms'])} ms per iteration (median)")  # fmt: skip
+              f"{_fmt(s['median_host_ms'])} ms per iteration (median); planned ahead "
+              f"{_fmt(s['planned_ahead_share'], '.0%')} of them, "
+              f"{_fmt(s['median_ahead_ms'])} ms in the previous one's wait")  # fmt: skip
         for name, k in s["kinds"].items():
             fit = k["measured_ms"] / k["predicted_ms"] if k["predicted_ms"] else None
             beside = k["over_gpu_alone"]

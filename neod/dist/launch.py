@@ -20,6 +20,7 @@ import os
 import signal
 import time
 from dataclasses import replace
+from collections.abc import Callable
 from typing import Any
 
 import torch.distributed as dist
@@ -153,7 +154,9 @@ class Leader:
             if pairs:
                 self._swaps.append(Swap(to_host, [list(p) for p in pairs]))
 
-    def run(self, executor: Any, batches: list[Any]) -> list[Any]:
+    def run(
+        self, executor: Any, batches: list[Any], while_waiting: Callable[[], None] | None = None
+    ) -> list[Any]:
         """Send the step to every rank, then run rank 0's forward; returns its logits."""
         self.check()
         if self._out_of_step is not None:
@@ -161,7 +164,7 @@ class Leader:
         try:
             send(Step(self._swaps, [b.rows for b in batches]), self.group.messages)
             self._swaps = []
-            return executor.run(batches)
+            return executor.run(batches, while_waiting)
         except Exception as exc:
             self._out_of_step = (
                 f"tensor-parallel ranks are out of step since a step failed ({exc}); restart neod"

@@ -10,6 +10,7 @@ error).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import queue
@@ -36,6 +37,7 @@ from neod.sched import (
     Limits,
     Plan,
     Residence,
+    SeqView,
     SplitRule,
 )
 
@@ -67,6 +69,12 @@ class Engine:
         self.corrections.restore()
         self._default_generator = torch.Generator(device=rt.device)
         self._default_generator.manual_seed(cfg.model.seed)
+        # Plan each step while the GPU computes the previous one (`_plan_ahead`); on a CPU the
+        # forward pass returns only once computed, so there is nothing to overlap.
+        self.plan_ahead = cfg.scheduler.plan_ahead and rt.device.type == "cuda"
+        # (the pass's arguments, its plan) made for the next step; None: none made
+        self._ahead: tuple[tuple[Any, ...], Plan] | None = None
+        self._ahead_s = 0.0  # what planning ahead took in this step
 
     # ---- any thread ------------------------------------------------------------------------------
     def add_request(
@@ -87,24 +95,29 @@ class Engine:
         outputs = self._outbox
         while not self._inbox.empty():
             self._inbox.get_nowait()(outputs)
+        ahead, self._ahead = self._ahead, None
         if not self._by_request:
             return self._take_outbox()
         self.step_index += 1
         step_start = time.perf_counter()
-        plan = self.rt.scheduler.schedule(
+        inputs = self._pass_inputs(
             [s.view() for s in self.waiting],
             [s.view() for s in self.running.values()],
             self._cache_view(),
-            self._effective_limits(),
             self.step_index,
         )
+        planned_ahead = ahead is not None and ahead[0] == inputs
+        plan = ahead[1] if planned_ahead else self.rt.scheduler.schedule(*inputs)
         batches, order = self._apply(plan, outputs)
         if order:
             start = time.perf_counter()
             cpu_busy_before = self.rt.executor.cpu_busy_s
             cpu_worker_before = self.rt.executor.cpu_worker_s
             issue_before = self.rt.executor.issue_s
-            logits = self.rt.forward(batches)
+            self._ahead_s = 0.0
+            logits = self.rt.forward(
+                batches, functools.partial(self._plan_ahead, order) if self.plan_ahead else None
+            )
             sampling = [s for s in order if s.samples]
             tokens = sample(
                 torch.cat(logits) if len(logits) > 1 else logits[0],
@@ -126,8 +139,47 @@ class Engine:
                     self._advance_chunk(seq)
             for seq, token in zip(sampling, tokens, strict=True):
                 self._advance(seq, token, outputs)
-            self.iteration_stats.record_host(time.perf_counter() - step_start - elapsed)
+            self.iteration_stats.record_host(
+                time.perf_counter() - step_start - elapsed, planned_ahead, self._ahead_s
+            )
         return self._take_outbox()
+
+    def _pass_inputs(
+        self, waiting: list[SeqView], running: list[SeqView], cache: CacheView, step: int
+    ) -> tuple[list[SeqView], list[SeqView], CacheView, Limits, int]:
+        """A scheduling pass's arguments, all of them: equal arguments give an equal plan."""
+        return waiting, running, cache, self._effective_limits(), step
+
+    def _plan_ahead(self, order: list[Sequence]) -> None:
+        """Plan the next step while the device computes this one (`order`), on the state this
+        step leaves if none of its tokens is a stop token. The next step uses the plan only if
+        its own arguments turn out the same (no stop token, no request added or aborted, no change
+        of the guard's verdict), so the plan is the one it would have made, but for the cost
+        corrections, which learn from this step only once it ends."""
+        start = time.perf_counter()
+        try:
+            inputs = self._next_pass_inputs(order)
+            self._ahead = (inputs, self.rt.scheduler.schedule(*inputs))
+        except Exception:  # the next step's own pass meets it where a failure belongs
+            logger.debug("planning the next step ahead failed", exc_info=True)
+        self._ahead_s = time.perf_counter() - start
+
+    def _next_pass_inputs(self, order: list[Sequence]) -> tuple[Any, ...]:
+        after = {s.seq_id: s.view_after_step(self.step_index) for s in order}
+        running, freed = [], {Residence.GPU: 0, Residence.CPU: 0}
+        for seq in self.running.values():
+            view = after[seq.seq_id] if seq.seq_id in after else seq.view()
+            if view is None:  # ends on length
+                freed[seq.residence] += len(seq.block_ids)
+            else:
+                running.append(view)
+        cache = replace(
+            self._cache_view(),
+            num_free_gpu_blocks=self.gpu_blocks.num_free + freed[Residence.GPU],
+            num_free_cpu_blocks=self.cpu_blocks.num_free + freed[Residence.CPU],
+        )
+        waiting = [s.view() for s in self.waiting]
+        return self._pass_inputs(waiting, running, cache, self.step_index + 1)
 
     def _cpu_work_s(self, worker_s: float) -> float:
         """The pool's computing time over its size: what the CPU program would take with every
@@ -249,6 +301,7 @@ class Engine:
             max_batch_size=max_batch, max_tokens_in_batch=max_tokens, policy=policy
         )
         self.rt.scheduler.split_rule = rule
+        self._ahead = None  # planned with the knobs before
         return {
             "policy": policy,
             "max_batch_size": max_batch,

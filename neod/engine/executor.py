@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -444,8 +445,11 @@ class Executor:
 
     # ---- the iteration ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, batches: list[SubBatch]) -> list[torch.Tensor]:
-        """Forward one or two sub-batches; returns fp32 logits [num seqs, vocab] per sub-batch."""
+    def run(
+        self, batches: list[SubBatch], while_waiting: Callable[[], None] | None = None
+    ) -> list[torch.Tensor]:
+        """Forward one or two sub-batches; returns fp32 logits [num seqs, vocab] per sub-batch.
+        while_waiting runs once every GPU stage is issued, before the wait for the CPU's part."""
         compute = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         self._compute = 0 if compute is None else compute.cuda_stream
         if compute is not None:
@@ -453,7 +457,10 @@ class Executor:
                 compute.wait_event(event)
         if self.graphs is not None and len(batches) == 1 and self.graphs.accepts(batches[0]):
             self._pending_swaps.clear()
-            return [self.graphs.run(batches[0])]
+            logits = [self.graphs.run(batches[0])]
+            if while_waiting is not None:
+                while_waiting()
+            return logits
         flights = [self._start_flight(i, b) for i, b in enumerate(batches)]
         self._pending_swaps.clear()
         program = self._start_cpu_program(flights)
@@ -470,6 +477,8 @@ class Executor:
                     program.result()
             raise
         self.issue_s += time.perf_counter() - start
+        if while_waiting is not None:
+            while_waiting()
         if program is not None:
             busy = program.result()
             self.cpu_busy_s += busy.wall_s

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -84,11 +85,14 @@ class EngineRuntime:
         if self.tp is not None:
             self.tp.swapped(out_pairs, in_pairs)
 
-    def forward(self, batches: list[Any]) -> list[torch.Tensor]:
-        """The executor's forward pass; with tensor parallelism, on every rank at once."""
+    def forward(
+        self, batches: list[Any], while_waiting: Callable[[], None] | None = None
+    ) -> list[torch.Tensor]:
+        """The executor's forward pass; with tensor parallelism, on every rank at once.
+        while_waiting runs on this thread once the pass is issued, while the devices compute."""
         if self.tp is None:
-            return self.executor.run(batches)
-        return self.tp.run(self.executor, batches)
+            return self.executor.run(batches, while_waiting)
+        return self.tp.run(self.executor, batches, while_waiting)
 
     def close(self) -> None:
         """Stops the other tensor-parallel ranks, the CPU attention pool and the executor's helper

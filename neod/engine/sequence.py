@@ -47,7 +47,7 @@ class Sequence:
 
     @property
     def is_prefill(self) -> bool:
-        return self.num_computed_tokens == 0 or self.num_computed_tokens < len(self.token_ids) - 1
+        return _prefilling(self.num_computed_tokens, len(self.token_ids))
 
     def tokens_to_compute(self) -> int:
         """Tokens left before it samples: the rest of its history while prefilling, else the last
@@ -70,20 +70,40 @@ class Sequence:
         return -(-num_tokens // block_size)
 
     def view(self) -> SeqView:
-        chunking = self.residence != Residence.WAITING and self.is_prefill
+        return self._view(self.num_computed_tokens, len(self.token_ids), self.last_progress_step)
+
+    def view_after_step(self, step: int) -> SeqView | None:
+        """Its view once this step, which runs it, is in, unless it samples a stop token; None
+        when the step ends it on length. What the engine plans the next step on while the GPU is
+        still busy with this one."""
+        if not self.samples:
+            num_computed = self.num_computed_tokens + self.step_tokens
+            return self._view(num_computed, len(self.token_ids), step)
+        num_tokens = len(self.token_ids) + 1
+        if num_tokens >= self.max_total_tokens:
+            return None
+        return self._view(len(self.token_ids), num_tokens, step)
+
+    def _view(self, num_computed: int, num_tokens: int, last_progress_step: int) -> SeqView:
+        prefill = _prefilling(num_computed, num_tokens)
+        chunking = self.residence != Residence.WAITING and prefill
         return SeqView(
             seq_id=self.seq_id,
             arrival=self.seq_id,
             # For a waiting sequence the "prompt" is all it must prefill: after a recompute that
             # includes the tokens it generated before.
-            num_prompt_tokens=len(self.token_ids) if self.is_prefill else self.num_prompt_tokens,
-            num_computed_tokens=self.num_computed_tokens,
+            num_prompt_tokens=num_tokens if prefill else self.num_prompt_tokens,
+            num_computed_tokens=num_computed,
             max_total_tokens=self.max_total_tokens,
             residence=self.residence,
-            last_progress_step=self.last_progress_step,
-            num_prefill_left=self.tokens_to_compute() if chunking else 0,
+            last_progress_step=last_progress_step,
+            num_prefill_left=num_tokens - num_computed if chunking else 0,
         )
 
+
+def _prefilling(num_computed: int, num_tokens: int) -> bool:
+    """Whether more than the last of num_tokens is still to compute (or nothing was yet)."""
+    return num_computed == 0 or num_computed < num_tokens - 1
 
 def decoding_sequences(
     num: int, length: int, block_size: int, first_block: int, vocab: int, first_id: int = 0

@@ -28,13 +28,19 @@ class EngineStats:
         # The engine thread's own time per recent iteration around the timed forward and sampling
         # (scheduling, applying the plan, building the batches, outputs): no prediction has it.
         self._host_recent: deque[float] = deque(maxlen=WINDOW)
+        self._planned_ahead: deque[bool] = deque(maxlen=WINDOW)  # plan made during the step before
         # Every iteration's plan and times, for a benchmark to study offline; None: not kept.
         self.trace: list[dict[str, Any]] | None = None
 
-    def record_host(self, host_s: float) -> None:
+    def record_host(self, host_s: float, planned_ahead: bool = False, ahead_s: float = 0.0) -> None:
+        """planned_ahead: the step's plan was made during the step before (not in host_s);
+        ahead_s: the time this step spent planning the next one while the devices computed."""
         self._host_recent.append(host_s)
+        self._planned_ahead.append(planned_ahead)
         if self.trace:
             self.trace[-1]["host_ms"] = host_s * 1e3
+            self.trace[-1]["planned_ahead"] = planned_ahead
+            self.trace[-1]["ahead_ms"] = ahead_s * 1e3
 
     def record_iteration(
         self,
@@ -81,6 +87,9 @@ class EngineStats:
                 None if not self._host_recent else _median(sorted(self._host_recent)) * 1e3
             ),
             "median_prediction_error": _median(errors),
+            "planned_ahead_share": (
+                sum(self._planned_ahead) / len(self._planned_ahead) if self._planned_ahead else None
+            ),
             "mean_cpu_decodes": self.num_cpu_decodes / max(1, self.num_iterations),
             "cpu_busy_share": self.cpu_busy_s / self.busy_s if self.busy_s else None,
             "cpu_fit": self._cpu_fit(),

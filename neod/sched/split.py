@@ -2,29 +2,30 @@
 
 The GPU work (prefills, GPU decodes) is fixed before this runs; only the CPU decodes vary, so every
 candidate plan is rated on the same requests and the rates compare honestly. Two candidates are
-built greedily, a CPU decode at a time:
+built a CPU decode at a time:
 
 - sequential: one batch; the CPU attention overlaps the GPU attention of the same layer;
 - pipelined: each CPU decode goes to the sub-batch that keeps the most slack; b1 only ever holds
   CPU decodes, b0 holds the GPU work.
 
-A CPU decode is taken when its work hides under the GPU work it overlaps (NEO's balance rule, PCIe
-copies included), or past that balance point when it raises the candidate's tokens per second by at
-least `SplitRule.min_gain` without stretching its GPU-bound time (the same candidate without CPU
-attention and copies) by more than `SplitRule.stretch`. The gain, not the stretch, is what stops
-the CPU batch: a stretch bound alone would admit fewer CPU decodes the cheaper the hand-offs are,
-since they are part of the GPU-bound time. With no GPU work at all there is nothing to slow down,
-and CPU decodes are taken while they raise the rate. The faster candidate wins; ties go to
-sequential.
+Candidates are judged as prefixes of the optional CPU decodes in staleness order, each against
+the best shorter one: a prefix is taken when its work hides under the GPU work it overlaps (NEO's
+balance rule, PCIe copies included), or past that balance point when it raises the candidate's
+tokens per second by at least `SplitRule.min_gain` per decode it adds without stretching its
+GPU-bound time (the same candidate without CPU attention and copies) by more than
+`SplitRule.stretch`; past that bound the scan stops, as more decodes only widen it. Judged one
+decode at a time, a fixed cost per CPU run (what a GPU-paced CPU program has) made the first decode
+of a batch refuse a batch that pays. The gain, not the stretch, is what stops the CPU batch: a
+stretch bound alone would admit fewer CPU decodes the cheaper the hand-offs are, since they are
+part of the GPU-bound time. With no GPU work at all there is nothing to slow down, and CPU decodes
+are taken while they do not lower the rate. The faster candidate wins; ties go to sequential.
 
 Forced sequences (aged CPU requests) are in both candidates whatever they cost, so a CPU request
-always progresses, alone or not. A candidate at least as long as one already rejected is skipped
-without being costed: attention cost grows with context.
+always progresses, alone or not.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -164,14 +165,19 @@ class _Builder:
         gpu = pipelined_gpu_layer_s(t0[0], t1[0], s0.gpu_attn, t0[1], t1[1], handoff)
         return self._totals(full, max(gpu, self.swap), num_seqs)
 
-    def takes(self, gpu_work: bool, n: int, t: float, t_new: float, ref_new: float) -> bool:
-        if t_new <= ref_new * (1.0 + 1e-9):
+    def verdict(
+        self, gpu_work: bool, best_n: int, best_t: float, n: int, t: float, ref: float
+    ) -> bool | None:
+        """Whether a candidate of n tokens in t seconds (ref its GPU-bound part) beats the best
+        shorter one (best_n tokens in best_t); None: it is past the stretch bound, which more CPU
+        decodes only widen."""
+        if t <= ref * (1.0 + 1e-9):
             return True  # hidden under the GPU work
         if not gpu_work:
-            return not rate_beats(n, t, n + 1, t_new)
-        return t_new <= (1.0 + self.rule.stretch) * ref_new and rate_beats(
-            n + 1, t_new, n, t, self.rule.min_gain
-        )
+            return not rate_beats(best_n, best_t, n, t)
+        if t > (1.0 + self.rule.stretch) * ref:
+            return None
+        return rate_beats(n, t, best_n, best_t, self.rule.min_gain * (n - best_n))
 
     def sequential(
         self,
@@ -183,21 +189,18 @@ class _Builder:
         s = _Side(self.cost, base)
         for c in forced:
             s.commit(c, s.trial(c.ctx_tokens))
-        t = self.seq_times(s, s.now, s.num_seqs)[0]
-        taken, shortest_rejected = 0, math.inf
-        for c in optional:
-            if taken == max_optional:
-                break
-            if c.ctx_tokens >= shortest_rejected:
-                continue
+        best_t = self.seq_times(s, s.now, s.num_seqs)[0]
+        best_n, best_ids = s.num_seqs, len(s.ids)
+        for c in optional[:max_optional]:
             trial = s.trial(c.ctx_tokens)
-            t_new, ref_new = self.seq_times(s, trial, s.num_seqs + 1)
-            if not self.takes(base.num_seqs > 0, s.num_seqs, t, t_new, ref_new):
-                shortest_rejected = c.ctx_tokens
-                continue
+            t, ref = self.seq_times(s, trial, s.num_seqs + 1)
             s.commit(c, trial)
-            t, taken = t_new, taken + 1
-        return DecodeSplit(s.ids, [], False, t, s.num_seqs)
+            better = self.verdict(base.num_seqs > 0, best_n, best_t, s.num_seqs, t, ref)
+            if better is None:
+                break
+            if better:
+                best_t, best_n, best_ids = t, s.num_seqs, len(s.ids)
+        return DecodeSplit(s.ids[:best_ids], [], False, best_t, best_n)
 
     def pipelined(
         self,
@@ -210,22 +213,21 @@ class _Builder:
         for c in forced:
             side, trial, _, _ = self._best_side(s0, s1, c)
             side.commit(c, trial)
-        t = self.pipe_times(s0, s0.now, s1.now, s0.num_seqs + s1.num_seqs)[0]
-        taken, shortest_rejected = 0, math.inf
-        for c in optional:
-            if taken == max_optional:
-                break
-            if c.ctx_tokens >= shortest_rejected:
-                continue
-            side, trial, t_new, ref_new = self._best_side(s0, s1, c)
-            if not self.takes(base.num_seqs > 0, s0.num_seqs + s1.num_seqs, t, t_new, ref_new):
-                shortest_rejected = c.ctx_tokens
-                continue
+        best_t = self.pipe_times(s0, s0.now, s1.now, s0.num_seqs + s1.num_seqs)[0]
+        best = (s0.num_seqs + s1.num_seqs, len(s0.ids), len(s1.ids))
+        for c in optional[:max_optional]:
+            side, trial, t, ref = self._best_side(s0, s1, c)
             side.commit(c, trial)
-            t, taken = t_new, taken + 1
-        if not s1.ids or not s0.num_seqs:
+            n = s0.num_seqs + s1.num_seqs
+            better = self.verdict(base.num_seqs > 0, best[0], best_t, n, t, ref)
+            if better is None:
+                break
+            if better:
+                best_t, best = t, (n, len(s0.ids), len(s1.ids))
+        n, n0, n1 = best
+        if not n1 or n == n1:  # no CPU decode in b1, or nothing in b0
             return None
-        return DecodeSplit(s0.ids, s1.ids, True, t, s0.num_seqs + s1.num_seqs)
+        return DecodeSplit(s0.ids[:n0], s1.ids[:n1], True, best_t, n)
 
     def _best_side(
         self, s0: _Side, s1: _Side, c: CpuCandidate
