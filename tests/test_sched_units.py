@@ -221,9 +221,9 @@ class FixedRunCost(FlatCost):
 
 def test_split_takes_a_cpu_batch_whose_fixed_cost_one_decode_cannot_pay():
     """A fixed CPU cost of a weight pass per run: one CPU decode lowers the rate (3 tokens in 2.1
-    against 2 in 1.0), twenty raise it 2.75x (22 in 4.0). Candidates are judged as prefixes of
-    the staleness order against the best shorter one, so the split reaches the batch that pays;
-    judged one decode at a time it refused the first and never got there."""
+    against 2 in 1.0), twenty raise it 2.75x (22 in 4.0). Judged one decode at a time the split
+    refuses the first and never gets there; judged by prefixes of the staleness order, against
+    the best shorter one, it reaches the batch that pays."""
     cost = FixedRunCost(1.0, lin=1.0, gpu_attn=0.0, cpu_per_seq=0.1, transfer_per_seq=0.0,
                         overhead=0.0)  # fmt: skip
     base = BatchLoad().plus_gpu_decodes(2, 200)
@@ -238,6 +238,24 @@ def test_split_takes_a_cpu_batch_whose_fixed_cost_one_decode_cannot_pay():
     assert split_cpu_decodes(cost, 1, base, (), cands(1), 1, 0).num_tokens_out == 2
     strict = split_cpu_decodes(cost, 1, base, (), cands(20), 20, 0, SplitRule(min_gain=0.2))
     assert strict.num_tokens_out == 2
+
+
+class ContextCost(FlatCost):
+    def cpu_decode_attn_s(self, num_seqs, num_ctx_tokens):
+        return self.cpu_per_seq * num_ctx_tokens
+
+
+def test_split_skips_a_long_decode_that_prefixes_would_have_to_carry():
+    """CPU attention at 0.003 a token hides three decodes of 100 tokens under the GPU's attention
+    (1.0), not one of 1000 (3.0 more). One decode at a time skips the long one and takes the three
+    short ones; the prefixes stop at the long one, past the stretch bound, with one short one."""
+    cost = ContextCost(lin=1.0, gpu_attn=1.0, cpu_per_seq=0.003, transfer_per_seq=0.0,
+                       overhead=0.0)  # fmt: skip
+    base = BatchLoad().plus_gpu_decodes(2, 200)
+    mixed = [CpuCandidate(100, 100), CpuCandidate(101, 1000), *cands(2, start=102)]
+    split = split_cpu_decodes(cost, 1, base, (), mixed, 4, 0)
+    assert not split.pipelined and split.b0_ids == [100, 102, 103]
+    assert split.iter_s == pytest.approx(2.0)
 
 
 def test_split_leaves_out_cpu_work_that_lowers_the_rate_but_keeps_forced():

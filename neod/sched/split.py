@@ -8,14 +8,17 @@ built a CPU decode at a time:
 - pipelined: each CPU decode goes to the sub-batch that keeps the most slack; b1 only ever holds
   CPU decodes, b0 holds the GPU work.
 
-Candidates are judged as prefixes of the optional CPU decodes in staleness order, each against
-the best shorter one: a prefix is taken when its work hides under the GPU work it overlaps (NEO's
-balance rule, PCIe copies included), or past that balance point when it raises the candidate's
-tokens per second by at least `SplitRule.min_gain` per decode it adds without stretching its
-GPU-bound time (the same candidate without CPU attention and copies) by more than
-`SplitRule.stretch`; past that bound the scan stops, as more decodes only widen it. Judged one
-decode at a time, a fixed cost per CPU run (what a GPU-paced CPU program has) made the first decode
-of a batch refuse a batch that pays. The gain, not the stretch, is what stops the CPU batch: a
+Each is built twice. One decode at a time: a CPU decode is taken when its work hides under the
+GPU work it overlaps (NEO's balance rule, PCIe copies included), or past that balance point when
+it raises the candidate's tokens per second by at least `SplitRule.min_gain` without stretching
+its GPU-bound time (the same candidate without CPU attention and copies) by more than
+`SplitRule.stretch`; once one is refused, none at least as long is tried (attention cost grows
+with context). By prefixes of the staleness order: each prefix is judged by the same rule against
+the best shorter one, the gain counted per decode it adds, until one is past the stretch bound. A
+fixed cost per CPU run (what a GPU-paced CPU program has) makes the first decode of a batch lower
+the rate where the whole batch raises it: one decode at a time refuses that batch, the prefixes
+find it; one decode at a time, in turn, skips long decodes the prefixes must carry. The build with
+more tokens per second is the candidate. The gain, not the stretch, is what stops the CPU batch: a
 stretch bound alone would admit fewer CPU decodes the cheaper the hand-offs are, since they are
 part of the GPU-bound time. With no GPU work at all there is nothing to slow down, and CPU decodes
 are taken while they do not lower the rate. The faster candidate wins; ties go to sequential.
@@ -26,7 +29,8 @@ always progresses, alone or not.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,22 +189,19 @@ class _Builder:
         forced: Sequence[CpuCandidate],
         optional: Sequence[CpuCandidate],
         max_optional: int,
+        prefixes: bool,
     ) -> DecodeSplit:
         s = _Side(self.cost, base)
         for c in forced:
             s.commit(c, s.trial(c.ctx_tokens))
-        best_t = self.seq_times(s, s.now, s.num_seqs)[0]
-        best_n, best_ids = s.num_seqs, len(s.ids)
-        for c in optional[:max_optional]:
+
+        def attempt(c: CpuCandidate) -> tuple[_Side, Trial, float, float]:
             trial = s.trial(c.ctx_tokens)
-            t, ref = self.seq_times(s, trial, s.num_seqs + 1)
-            s.commit(c, trial)
-            better = self.verdict(base.num_seqs > 0, best_n, best_t, s.num_seqs, t, ref)
-            if better is None:
-                break
-            if better:
-                best_t, best_n, best_ids = t, s.num_seqs, len(s.ids)
-        return DecodeSplit(s.ids[:best_ids], [], False, best_t, best_n)
+            return s, trial, *self.seq_times(s, trial, s.num_seqs + 1)
+
+        t = self.seq_times(s, s.now, s.num_seqs)[0]
+        t, n, (n0,) = self._scan(base, (s,), attempt, t, optional, max_optional, prefixes)
+        return DecodeSplit(s.ids[:n0], [], False, t, n)
 
     def pipelined(
         self,
@@ -208,26 +209,58 @@ class _Builder:
         forced: Sequence[CpuCandidate],
         optional: Sequence[CpuCandidate],
         max_optional: int,
+        prefixes: bool,
     ) -> DecodeSplit | None:
         s0, s1 = _Side(self.cost, base), _Side(self.cost, BatchLoad())
         for c in forced:
             side, trial, _, _ = self._best_side(s0, s1, c)
             side.commit(c, trial)
-        best_t = self.pipe_times(s0, s0.now, s1.now, s0.num_seqs + s1.num_seqs)[0]
-        best = (s0.num_seqs + s1.num_seqs, len(s0.ids), len(s1.ids))
-        for c in optional[:max_optional]:
-            side, trial, t, ref = self._best_side(s0, s1, c)
-            side.commit(c, trial)
-            n = s0.num_seqs + s1.num_seqs
-            better = self.verdict(base.num_seqs > 0, best[0], best_t, n, t, ref)
-            if better is None:
-                break
-            if better:
-                best_t, best = t, (n, len(s0.ids), len(s1.ids))
-        n, n0, n1 = best
+        t = self.pipe_times(s0, s0.now, s1.now, s0.num_seqs + s1.num_seqs)[0]
+        t, n, (n0, n1) = self._scan(
+            base, (s0, s1), lambda c: self._best_side(s0, s1, c), t, optional, max_optional,
+            prefixes,
+        )  # fmt: skip
         if not n1 or n == n1:  # no CPU decode in b1, or nothing in b0
             return None
-        return DecodeSplit(s0.ids[:n0], s1.ids[:n1], True, best_t, n)
+        return DecodeSplit(s0.ids[:n0], s1.ids[:n1], True, t, n)
+
+    def _scan(
+        self,
+        base: BatchLoad,
+        sides: tuple[_Side, ...],
+        attempt: Callable[[CpuCandidate], tuple[_Side, Trial, float, float]],
+        t: float,
+        optional: Sequence[CpuCandidate],
+        max_optional: int,
+        prefixes: bool,
+    ) -> tuple[float, int, tuple[int, ...]]:
+        """Adds optional CPU decodes to the sides (attempt: the side one goes to, its trial, the
+        iteration and its GPU-bound part with it); returns the best candidate's (iteration,
+        tokens, CPU decodes per side, the first of each side's ids). prefixes: every decode is
+        added and each prefix judged against the best shorter one; else a decode is added only
+        if it beats the candidate without it, and once one is refused none as long is tried."""
+        gpu_work = base.num_seqs > 0
+        n = sum(s.num_seqs for s in sides)
+        best_t, best_n, best_ids = t, n, tuple(len(s.ids) for s in sides)
+        taken, shortest_refused = 0, math.inf
+        for c in optional[:max_optional] if prefixes else optional:
+            if taken == max_optional:
+                break
+            if c.ctx_tokens >= shortest_refused:
+                continue
+            side, trial, t_new, ref_new = attempt(c)
+            better = self.verdict(gpu_work, best_n, best_t, n + 1, t_new, ref_new)
+            if prefixes or better:
+                side.commit(c, trial)
+                n += 1
+            if better:
+                best_t, best_n, best_ids = t_new, n, tuple(len(s.ids) for s in sides)
+                taken += not prefixes
+            elif prefixes and better is None:
+                break
+            elif not prefixes:
+                shortest_refused = c.ctx_tokens
+        return best_t, best_n, best_ids
 
     def _best_side(
         self, s0: _Side, s1: _Side, c: CpuCandidate
@@ -261,10 +294,28 @@ def split_candidates(
     """The sequential and the pipelined candidate (None when no pipelined split exists); see
     `split_cpu_decodes` for the arguments."""
     builder = _Builder(cost, num_layers, swap_blocks, rule)
-    seq = builder.sequential(base, forced, optional, max_optional)
+    args = (base, forced, optional, max_optional)
+    all_optional = min(len(optional), max_optional) + len(forced)
+
+    def best(build: Callable[..., DecodeSplit | None]) -> DecodeSplit | None:
+        """One decode at a time, or by prefixes where that may find a faster candidate (one
+        decode at a time left some out): the one with more tokens per second, the first on a
+        tie."""
+        one_by_one = build(*args, False)
+        if one_by_one is not None and len(one_by_one.b0_ids + one_by_one.b1_ids) == all_optional:
+            return one_by_one
+        by_prefix = build(*args, True)
+        if one_by_one is None or (by_prefix is not None and rate_beats(
+            by_prefix.num_tokens_out, by_prefix.iter_s, one_by_one.num_tokens_out,
+            one_by_one.iter_s,
+        )):  # fmt: skip
+            return by_prefix
+        return one_by_one
+
+    seq = best(builder.sequential)
     if not forced and not optional:
         return seq, None
-    return seq, builder.pipelined(base, forced, optional, max_optional)
+    return seq, best(builder.pipelined)
 
 
 def split_cpu_decodes(
