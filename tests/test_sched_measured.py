@@ -88,3 +88,19 @@ def test_the_split_takes_the_cpu_decodes_that_paid_on_the_host(host, taken):
     assert len(split.b0_ids) + len(split.b1_ids) == taken
     alone = sequential_s(cost, LAYERS, _base(), 0)
     assert split.num_tokens_out / split.iter_s > GPU_DECODES / alone
+
+
+def test_a_host_whose_cpu_runs_carry_a_fixed_cost_still_gets_its_cpu_batch():
+    """Host S (H100, 2026-12-07) profiled its paced CPU program at 0.64x its table + 94 us per
+    sub-batch layer: a lone CPU decode costs ~154 us a layer, more than it buys beside 3 GPU
+    decodes, and a split judging one decode at a time took none of 29. The pipelined iterations
+    that serving's aged requests forced on it measured 14 CPU + 3 GPU decodes in 30.6 ms against
+    7.0 ms for the 3 alone (1.39x the rate); the split must find such a batch itself."""
+    cost = TableCostModel(Profile.from_json(json.loads(
+        (DATA / "profile-h100-8b-host-s.json").read_text())))  # fmt: skip
+    base = BatchLoad().plus_gpu_decodes(3, 3 * CONTEXT)
+    optional = [CpuCandidate(100 + i, CONTEXT) for i in range(29)]
+    split = split_cpu_decodes(cost, LAYERS, base, (), optional, 29, 0)
+    assert split.pipelined and len(split.b0_ids) + len(split.b1_ids) >= 12
+    alone = sequential_s(cost, LAYERS, base, 0)
+    assert split.num_tokens_out / split.iter_s > 1.25 * 3 / alone
