@@ -869,3 +869,28 @@ def test_planning_ahead_keeps_tokens_and_plans_again_where_the_state_differs(tmp
     assert all(replanned[False])
     assert replanned[True] == expect_replan[: len(replanned[True])]
     assert engine.stats()["iterations"]["planned_ahead_share"] > 0.5
+
+
+def test_a_failed_plan_ahead_leaves_the_step_to_plan_itself(tmp_path):
+    """Planning ahead runs while the device computes: a pass failing there must not fail the step
+    in flight; the next step plans in its own time (where a failure would belong to it)."""
+    engine = make_engine(tmp_path, **{"scheduler.policy": "neo"}, **SMALL_GPU_POOL)
+    engine.plan_ahead = True
+    engine.iteration_stats.trace = []
+    schedule, calls = engine.rt.scheduler.schedule, []
+
+    def flaky(*args):
+        calls.append(args[-1])  # the step planned for
+        if len(calls) == 2:  # the first pass made ahead
+            raise RuntimeError("pass failed")
+        return schedule(*args)
+
+    engine.rt.scheduler.schedule = flaky
+    for i, p in enumerate(prompts(4, seed=7)):
+        engine.add_request(f"r{i}", p, SamplingParams(max_tokens=6, temperature=0.0))
+    outs = run_all(engine)
+    assert all(v[-1].finished and v[-1].error is None for v in outs.values())
+    planned = [r["planned_ahead"] for r in engine.iteration_stats.trace]
+    assert planned[:3] == [False, False, True]  # the failed one replanned, later ones used
+    assert calls[:4] == [1, 2, 2, 3]
+    assert_all_free(engine)
