@@ -13,8 +13,10 @@ GPU work it overlaps (NEO's balance rule, PCIe copies included), or past that ba
 it raises the candidate's tokens per second by at least `SplitRule.min_gain` without stretching
 its GPU-bound time (the same candidate without CPU attention and copies) by more than
 `SplitRule.stretch`; once one is refused, none at least as long is tried (attention cost grows
-with context). By prefixes of the staleness order: each prefix is judged by the same rule against
-the best shorter one, the gain counted per decode it adds, until one is past the stretch bound. A
+with context). By prefixes: from where one decode at a time first refuses a decode for its rate,
+every further decode is added in staleness order and each prefix so made is judged by the same
+rule against the best shorter one, the gain counted per decode it adds, until one is past the
+stretch bound. A
 fixed cost per CPU run (what a GPU-paced CPU program has) makes the first decode of a batch lower
 the rate where the whole batch raises it: one decode at a time refuses that batch, the prefixes
 find it; one decode at a time, in turn, skips long decodes the prefixes must carry. The build with
@@ -127,6 +129,14 @@ class _Side:
         cpu = self.cost.cpu_decode_attn_s(self.num_cpu + 1, self.cpu_ctx + ctx_tokens) + xfer
         return self.next_linear, cpu, xfer
 
+    def fork(self) -> _Side:
+        """A copy to build on apart."""
+        other = object.__new__(_Side)
+        for name in self.__slots__:
+            setattr(other, name, getattr(self, name))
+        other.ids = list(self.ids)
+        return other
+
     def commit(self, c: CpuCandidate, trial: Trial) -> None:
         self.now = trial
         self.num_tokens += 1
@@ -189,19 +199,22 @@ class _Builder:
         forced: Sequence[CpuCandidate],
         optional: Sequence[CpuCandidate],
         max_optional: int,
-        prefixes: bool,
     ) -> DecodeSplit:
         s = _Side(self.cost, base)
         for c in forced:
             s.commit(c, s.trial(c.ctx_tokens))
 
-        def attempt(c: CpuCandidate) -> tuple[_Side, Trial, float, float]:
-            trial = s.trial(c.ctx_tokens)
-            return s, trial, *self.seq_times(s, trial, s.num_seqs + 1)
+        def attempt(sides: tuple[_Side, ...], c: CpuCandidate) -> tuple[_Side, Trial, float, float]:
+            (side,) = sides
+            trial = side.trial(c.ctx_tokens)
+            return side, trial, *self.seq_times(side, trial, side.num_seqs + 1)
 
         t = self.seq_times(s, s.now, s.num_seqs)[0]
-        t, n, (n0,) = self._scan(base, (s,), attempt, t, optional, max_optional, prefixes)
-        return DecodeSplit(s.ids[:n0], [], False, t, n)
+        splits = [
+            DecodeSplit(side.ids[:n0], [], False, t, n)
+            for t, n, (n0,), (side,) in self._builds(base, (s,), attempt, t, optional, max_optional)
+        ]
+        return _faster(splits)
 
     def pipelined(
         self,
@@ -209,58 +222,70 @@ class _Builder:
         forced: Sequence[CpuCandidate],
         optional: Sequence[CpuCandidate],
         max_optional: int,
-        prefixes: bool,
     ) -> DecodeSplit | None:
         s0, s1 = _Side(self.cost, base), _Side(self.cost, BatchLoad())
         for c in forced:
             side, trial, _, _ = self._best_side(s0, s1, c)
             side.commit(c, trial)
         t = self.pipe_times(s0, s0.now, s1.now, s0.num_seqs + s1.num_seqs)[0]
-        t, n, (n0, n1) = self._scan(
-            base, (s0, s1), lambda c: self._best_side(s0, s1, c), t, optional, max_optional,
-            prefixes,
-        )  # fmt: skip
-        if not n1 or n == n1:  # no CPU decode in b1, or nothing in b0
-            return None
-        return DecodeSplit(s0.ids[:n0], s1.ids[:n1], True, t, n)
+        builds = self._builds(
+            base, (s0, s1), lambda sides, c: self._best_side(*sides, c), t, optional, max_optional
+        )
+        splits = [
+            DecodeSplit(b0.ids[:n0], b1.ids[:n1], True, t, n)
+            for t, n, (n0, n1), (b0, b1) in builds
+            if n1 and n > n1  # CPU decodes in b1, and something in b0
+        ]
+        return _faster(splits) if splits else None
 
-    def _scan(
+    def _builds(
         self,
         base: BatchLoad,
         sides: tuple[_Side, ...],
-        attempt: Callable[[CpuCandidate], tuple[_Side, Trial, float, float]],
+        attempt: Callable[[tuple[_Side, ...], CpuCandidate], tuple[_Side, Trial, float, float]],
         t: float,
         optional: Sequence[CpuCandidate],
         max_optional: int,
-        prefixes: bool,
-    ) -> tuple[float, int, tuple[int, ...]]:
-        """Adds optional CPU decodes to the sides (attempt: the side one goes to, its trial, the
-        iteration and its GPU-bound part with it); returns the best candidate's (iteration,
-        tokens, CPU decodes per side, the first of each side's ids). prefixes: every decode is
-        added and each prefix judged against the best shorter one; else a decode is added only
-        if it beats the candidate without it, and once one is refused none as long is tried."""
+    ) -> list[tuple[float, int, tuple[int, ...], tuple[_Side, ...]]]:
+        """The builds of one candidate (module docstring), each as (iteration, tokens, CPU decodes
+        per side, counted from the start of each side's ids, the sides). attempt: the side a
+        decode goes to, its trial, the iteration and its GPU-bound part with it. The prefixes
+        start from one decode at a time's state at its first refusal for the rate, on copies of
+        the sides; where nothing is refused for its rate they cannot differ and are not built."""
         gpu_work = base.num_seqs > 0
         n = sum(s.num_seqs for s in sides)
-        best_t, best_n, best_ids = t, n, tuple(len(s.ids) for s in sides)
+        best = (t, n, tuple(len(s.ids) for s in sides))
+        fork = None
         taken, shortest_refused = 0, math.inf
-        for c in optional[:max_optional] if prefixes else optional:
+        for i, c in enumerate(optional):
             if taken == max_optional:
                 break
             if c.ctx_tokens >= shortest_refused:
                 continue
-            side, trial, t_new, ref_new = attempt(c)
-            better = self.verdict(gpu_work, best_n, best_t, n + 1, t_new, ref_new)
-            if prefixes or better:
-                side.commit(c, trial)
-                n += 1
+            side, trial, t_new, ref_new = attempt(sides, c)
+            better = self.verdict(gpu_work, best[1], best[0], n + 1, t_new, ref_new)
             if better:
-                best_t, best_n, best_ids = t_new, n, tuple(len(s.ids) for s in sides)
-                taken += not prefixes
-            elif prefixes and better is None:
+                side.commit(c, trial)
+                n, taken = n + 1, taken + 1
+                best = (t_new, n, tuple(len(s.ids) for s in sides))
+                continue
+            if fork is None and better is not None:  # past the stretch, prefixes stop too
+                fork = (tuple(s.fork() for s in sides), n, best, i)
+            shortest_refused = c.ctx_tokens
+        builds = [(*best, sides)]
+        if fork is None:
+            return builds
+        sides, n, best, first = fork
+        for c in optional[first:max_optional]:
+            side, trial, t_new, ref_new = attempt(sides, c)
+            side.commit(c, trial)
+            n += 1
+            better = self.verdict(gpu_work, best[1], best[0], n, t_new, ref_new)
+            if better is None:
                 break
-            elif not prefixes:
-                shortest_refused = c.ctx_tokens
-        return best_t, best_n, best_ids
+            if better:
+                best = (t_new, n, tuple(len(s.ids) for s in sides))
+        return [*builds, (*best, sides)]
 
     def _best_side(
         self, s0: _Side, s1: _Side, c: CpuCandidate
@@ -294,28 +319,19 @@ def split_candidates(
     """The sequential and the pipelined candidate (None when no pipelined split exists); see
     `split_cpu_decodes` for the arguments."""
     builder = _Builder(cost, num_layers, swap_blocks, rule)
-    args = (base, forced, optional, max_optional)
-    all_optional = min(len(optional), max_optional) + len(forced)
-
-    def best(build: Callable[..., DecodeSplit | None]) -> DecodeSplit | None:
-        """One decode at a time, or by prefixes where that may find a faster candidate (one
-        decode at a time left some out): the one with more tokens per second, the first on a
-        tie."""
-        one_by_one = build(*args, False)
-        if one_by_one is not None and len(one_by_one.b0_ids + one_by_one.b1_ids) == all_optional:
-            return one_by_one
-        by_prefix = build(*args, True)
-        if one_by_one is None or (by_prefix is not None and rate_beats(
-            by_prefix.num_tokens_out, by_prefix.iter_s, one_by_one.num_tokens_out,
-            one_by_one.iter_s,
-        )):  # fmt: skip
-            return by_prefix
-        return one_by_one
-
-    seq = best(builder.sequential)
+    seq = builder.sequential(base, forced, optional, max_optional)
     if not forced and not optional:
         return seq, None
-    return seq, best(builder.pipelined)
+    return seq, builder.pipelined(base, forced, optional, max_optional)
+
+
+def _faster(splits: list[DecodeSplit]) -> DecodeSplit:
+    """The one with the most tokens per second, the first on a tie."""
+    best = splits[0]
+    for s in splits[1:]:
+        if rate_beats(s.num_tokens_out, s.iter_s, best.num_tokens_out, best.iter_s):
+            best = s
+    return best
 
 
 def split_cpu_decodes(
