@@ -67,6 +67,20 @@ def test_kinds_rates_and_pipelined_medians(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "auto: 7 iterations" in out and "3 GPU + 2/2 CPU:     2 it" in out
     assert "0.78x the GPU alone's rate" in out and "2.50x the GPU alone's rate" in out
+    assert s["planned_ahead_share"] == 0.0 and s["median_ahead_ms"] is None  # an older trace
+
+
+def test_plans_made_ahead_and_the_time_they_took(tmp_path, capsys):
+    records = [record(g=2), record(g=2), record(g=2), record(g=2)]
+    for r, ahead, ms in zip(records, (False, True, True, False), (0.5, 0.7, 0.0, 0.9), strict=True):
+        r["planned_ahead"], r["ahead_ms"] = ahead, ms
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"neo": records}))
+    s = trace_summary.main([str(path)])["neo"]
+    assert s["planned_ahead_share"] == 0.5
+    assert s["median_ahead_ms"] == pytest.approx(0.7)  # of the steps that planned: 0.5, 0.7, 0.9
+    out = capsys.readouterr().out
+    assert "planned ahead 50% of them, 0.70 ms in the previous one's wait" in out
 
 
 def test_the_gain_over_the_gpu_alone_is_corrected_as_the_guard_corrects_it(tmp_path):
