@@ -44,6 +44,14 @@ def test_host_time_per_iteration_is_the_median_of_the_recent_ones():
     assert stats.snapshot()["median_host_ms"] == 0.5
 
 
+def test_the_share_of_recent_plans_made_ahead():
+    stats = EngineStats()
+    assert stats.snapshot()["planned_ahead_share"] is None
+    for ahead in (False, True, True, True):
+        stats.record_host(0.5e-3, ahead, 0.8e-3)
+    assert stats.snapshot()["planned_ahead_share"] == 0.75
+
+
 def test_the_trace_keeps_both_measures_of_the_cpu_program():
     stats = EngineStats()
     stats.trace = []
