@@ -894,3 +894,37 @@ def test_a_failed_plan_ahead_leaves_the_step_to_plan_itself(tmp_path):
     assert planned[:3] == [False, False, True]  # the failed one replanned, later ones used
     assert calls[:4] == [1, 2, 2, 3]
     assert_all_free(engine)
+
+
+def test_requests_posted_while_a_step_computes_join_the_plan_made_ahead(tmp_path):
+    """Posted while the device computes step 3, a request is admitted before the next step is
+    planned, which then keeps its plan. During step 5 come an addition, an abort of it and
+    another addition: the first is admitted at once, the abort and what follows it wait for the
+    next step's start (the step's own sequences must stay as they are), which then plans again."""
+    engine = make_engine(tmp_path, **{"scheduler.policy": "neo"}, **SMALL_GPU_POOL)
+    engine.plan_ahead = True
+    engine.iteration_stats.trace = []
+    ps = prompts(7, seed=11)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    for i in range(4):
+        engine.add_request(f"r{i}", ps[i], params)
+    posts = {3: [("add", "late")], 5: [("add", "x"), ("abort", "x"), ("add", "y")]}
+    forward = engine.rt.forward
+
+    def posting(batches, while_waiting=None):
+        for kind, rid in posts.get(engine.step_index, ()):
+            if kind == "add":
+                engine.add_request(rid, ps[{"late": 4, "x": 5, "y": 6}[rid]], params)
+            else:
+                engine.abort_request(rid)
+        return forward(batches, while_waiting)
+
+    engine.rt.forward = posting
+    outs = run_all(engine)
+    planned = [r["planned_ahead"] for r in engine.iteration_stats.trace]
+    assert planned[:7] == [False, True, True, True, True, False, True]  # steps 1 to 7
+    assert outs["x"][-1].finish_reason == FinishReason.ABORT and tokens_of(outs["x"]) == []
+    for rid in ("r0", "late", "y"):
+        assert outs[rid][-1].finish_reason == FinishReason.LENGTH
+        assert len(tokens_of(outs[rid])) == 12
+    assert_all_free(engine)

@@ -43,6 +43,9 @@ from neod.sched import (
 
 logger = logging.getLogger(__name__)
 
+# An item another thread posts to the engine: (safe to apply while a step is under way, apply).
+_Posted = tuple[bool, Callable[[list[RequestOutput]], None]]
+
 
 class Engine:
     def __init__(self, cfg: Any, runtime: EngineRuntime | None = None) -> None:
@@ -56,7 +59,9 @@ class Engine:
             max_tokens_in_batch=cfg.scheduler.max_tokens_in_batch,
             policy=cfg.scheduler.policy if rt.cpu_pool is not None else "gpu-only",
         )
-        self._inbox: queue.SimpleQueue[Callable[[list[RequestOutput]], None]] = queue.SimpleQueue()
+        # What other threads post, in order: (safe while a step is under way, apply).
+        self._inbox: queue.SimpleQueue[_Posted] = queue.SimpleQueue()
+        self._held: list[_Posted] = []  # taken from the inbox mid-step, applied at the next start
         self._next_seq_id = 0
         self._outbox: list[RequestOutput] = []  # this step's outputs, until returned
         self._by_request: dict[str, Sequence] = {}
@@ -80,21 +85,21 @@ class Engine:
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> None:
-        self._inbox.put(lambda out: self._admit(request_id, list(prompt_token_ids), params, out))
+        prompt = list(prompt_token_ids)
+        self._inbox.put((True, lambda out: self._admit(request_id, prompt, params, out)))
 
     def abort_request(self, request_id: str) -> None:
-        self._inbox.put(lambda out: self._abort(request_id, FinishReason.ABORT, None, out))
+        self._inbox.put((False, lambda out: self._abort(request_id, FinishReason.ABORT, None, out)))
 
     def has_unfinished(self) -> bool:
-        return bool(self._by_request) or not self._inbox.empty()
+        return bool(self._by_request or self._held) or not self._inbox.empty()
 
     # ---- engine thread ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         # Outputs collect on the engine, not in a local: if the step fails half-way, fail_all()
         # still delivers the ends of requests it had already finished.
         outputs = self._outbox
-        while not self._inbox.empty():
-            self._inbox.get_nowait()(outputs)
+        self._apply_posted(outputs)
         ahead, self._ahead = self._ahead, None
         if not self._by_request:
             return self._take_outbox()
@@ -144,6 +149,21 @@ class Engine:
             )
         return self._take_outbox()
 
+    def _apply_posted(self, outputs: list[RequestOutput], mid_step: bool = False) -> None:
+        """Apply what other threads posted, in order. While a step is under way only new requests
+        may be admitted (the step's own sequences must stay as they are): from the first other
+        item on, the rest waits for the next step's start."""
+        if not mid_step:
+            held, self._held = self._held, []
+            for _, apply in held:
+                apply(outputs)
+        while not self._held and not self._inbox.empty():
+            safe, apply = self._inbox.get_nowait()
+            if mid_step and not safe:
+                self._held.append((safe, apply))
+            else:
+                apply(outputs)
+
     def _pass_inputs(
         self, waiting: list[SeqView], running: list[SeqView], cache: CacheView, step: int
     ) -> tuple[list[SeqView], list[SeqView], CacheView, Limits, int]:
@@ -152,12 +172,15 @@ class Engine:
 
     def _plan_ahead(self, order: list[Sequence]) -> None:
         """Plan the next step while the device computes this one (`order`), on the state this
-        step leaves if none of its tokens is a stop token. The next step uses the plan only if
-        its own arguments turn out the same (no stop token, no request added or aborted, no change
-        of the guard's verdict), so the plan is the one it would have made, but for the cost
-        corrections, which learn from this step only once it ends."""
+        step leaves if none of its tokens is a stop token, requests posted meanwhile admitted
+        first. The next step uses the plan only if its own arguments turn out the same (no stop
+        token, nothing else posted, no change of the guard's verdict), so the plan is the one it
+        would have made, but for the cost corrections, which learn from this step only once it
+        ends."""
         start = time.perf_counter()
         try:
+            # Requests that arrived meanwhile join the queue now, so that they do not cost the plan.
+            self._apply_posted(self._outbox, mid_step=True)
             inputs = self._next_pass_inputs(order)
             self._ahead = (inputs, self.rt.scheduler.schedule(*inputs))
         except Exception:  # the next step's own pass meets it where a failure belongs
@@ -243,8 +266,7 @@ class Engine:
         """End every request with an error, freeing its blocks: the last resort after a failed
         step."""
         outputs = self._outbox
-        while not self._inbox.empty():
-            self._inbox.get_nowait()(outputs)
+        self._apply_posted(outputs)
         for request_id in list(self._by_request):
             self._abort(request_id, FinishReason.ERROR, message, outputs)
         return self._take_outbox()
