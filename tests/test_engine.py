@@ -928,3 +928,36 @@ def test_requests_posted_while_a_step_computes_join_the_plan_made_ahead(tmp_path
         assert outs[rid][-1].finish_reason == FinishReason.LENGTH
         assert len(tokens_of(outs[rid])) == 12
     assert_all_free(engine)
+
+
+def test_an_admission_failing_while_a_step_computes_is_retried_at_the_next_start(tmp_path):
+    """A request posted during a step whose admission fails there (here once, as a device error
+    would) is neither lost nor fails the step: it is admitted at the next step's start."""
+    engine = make_engine(tmp_path, **{"scheduler.policy": "neo"}, **SMALL_GPU_POOL)
+    engine.plan_ahead = True
+    ps = prompts(2, seed=13)
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    engine.add_request("a", ps[0], params)
+    admit, forward, failures, computing = engine._admit, engine.rt.forward, [], []
+
+    def admit_failing_once(*args):
+        if computing and not failures:
+            failures.append(engine.step_index)
+            raise RuntimeError("device busy")
+        return admit(*args)
+
+    def posting(batches, while_waiting=None):
+        if engine.step_index == 2:
+            engine.add_request("b", ps[1], params)
+        computing.append(True)
+        try:
+            return forward(batches, while_waiting)
+        finally:
+            computing.pop()
+
+    engine._admit, engine.rt.forward = admit_failing_once, posting
+    outs = run_all(engine)
+    assert failures == [2]  # failed in step 2's wait, admitted at step 3's start
+    assert outs["b"][-1].finish_reason == FinishReason.LENGTH and len(tokens_of(outs["b"])) == 5
+    assert outs["a"][-1].finish_reason == FinishReason.LENGTH
+    assert_all_free(engine)

@@ -19,8 +19,8 @@ import multiprocessing
 import os
 import signal
 import time
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch.distributed as dist

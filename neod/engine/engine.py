@@ -153,16 +153,23 @@ class Engine:
         """Apply what other threads posted, in order. While a step is under way only new requests
         may be admitted (the step's own sequences must stay as they are): from the first other
         item on, the rest waits for the next step's start."""
-        if not mid_step:
-            held, self._held = self._held, []
-            for _, apply in held:
-                apply(outputs)
+        while self._held and not mid_step:
+            _, apply = self._held.pop(0)
+            apply(outputs)
         while not self._held and not self._inbox.empty():
             safe, apply = self._inbox.get_nowait()
             if mid_step and not safe:
                 self._held.append((safe, apply))
-            else:
+                continue
+            try:
                 apply(outputs)
+            except Exception:
+                if not mid_step:
+                    raise
+                # An admission changes nothing until it succeeds: it is applied again at the next
+                # step's start, where a failure belongs to that step.
+                self._held.append((safe, apply))
+                logger.debug("admitting a request while a step computes failed", exc_info=True)
 
     def _pass_inputs(
         self, waiting: list[SeqView], running: list[SeqView], cache: CacheView, step: int

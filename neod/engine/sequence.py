@@ -105,6 +105,7 @@ def _prefilling(num_computed: int, num_tokens: int) -> bool:
     """Whether more than the last of num_tokens is still to compute (or nothing was yet)."""
     return num_computed == 0 or num_computed < num_tokens - 1
 
+
 def decoding_sequences(
     num: int, length: int, block_size: int, first_block: int, vocab: int, first_id: int = 0
 ) -> list[Sequence]:
